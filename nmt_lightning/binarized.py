@@ -47,15 +47,22 @@ class TokenArrayWriter:
 
     def add(self, sentences: Sequence[Sequence[int]]) -> None:
         """Append a chunk of sentences (a list of id lists, as sentencepiece returns)."""
-        if not sentences:
-            return
         lengths = np.fromiter((len(s) for s in sentences), dtype=np.int64, count=len(sentences))
         flat = np.fromiter((t for s in sentences for t in s), dtype=np.int64, count=int(lengths.sum()))
+        self.add_flat(flat, lengths)
+
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append sentences given as their concatenated ids and their lengths (no Python loop)."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != len(flat):
+            raise ValueError(f"lengths add up to {int(lengths.sum())} but {len(flat)} ids were given")
+        if len(lengths) == 0:
+            return
         if flat.size and (flat.min() < 0 or flat.max() >= self.vocab_size):
             raise ValueError(f"token id out of range [0, {self.vocab_size}) while writing {self.prefix}")
-        self._bin.write(flat.astype(self.dtype).tobytes())
+        self._bin.write(np.asarray(flat).astype(self.dtype, copy=False).tobytes())
         self._idx.write((self.num_tokens + np.cumsum(lengths)).tobytes())
-        self.num_sentences += len(sentences)
+        self.num_sentences += len(lengths)
         self.num_tokens += int(lengths.sum())
 
     def __exit__(self, *exc_info) -> None:

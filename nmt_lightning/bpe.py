@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,6 +54,21 @@ def train_sentencepiece(
     if vocab_size < 8:
         raise ValueError(f"vocab_size must be >= 8, got {vocab_size}")
     buffer = io.BytesIO()
+    try:
+        _train(sentences, buffer, vocab_size, input_sentence_size, character_coverage, seed_sentencepiece_size, num_threads)
+    except RuntimeError as error:
+        match = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", str(error))
+        if match:
+            raise ValueError(
+                f"vocab_size={vocab_size} is too small: the training text has {match.group(2)} distinct "
+                "characters and special pieces, and each needs a vocabulary entry"
+            ) from None
+        raise
+    with atomic_open(model_path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def _train(sentences, buffer, vocab_size, input_sentence_size, character_coverage, seed_sentencepiece_size, num_threads) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
         model_writer=buffer,
@@ -70,8 +86,6 @@ def train_sentencepiece(
         num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=2,
     )
-    with atomic_open(model_path, "wb") as handle:
-        handle.write(buffer.getvalue())
 
 
 @lru_cache(maxsize=8)

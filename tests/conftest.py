@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny synthetic parallel corpora, help trees and prepared data directories."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from nmt_lightning.prepare import PrepareConfig, prepare
+
+_EN = "the a file menu click open save cell table insert format sheet page style text window select choose".split()
+_CS = "ten jeden soubor nabídka klepněte otevřít uložit buňka tabulka vložit formát list stránka styl text okno vyberte zvolte".split()
+
+
+def synthetic_pairs(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Distinct pairs of 3-12 pseudo-words; the 'translation' maps word i to word i."""
+    rng = random.Random(seed)
+    pairs, seen = [], set()
+    while len(pairs) < count:
+        ids = [rng.randrange(len(_EN)) for _ in range(rng.randint(3, 12))]
+        pair = (" ".join(_EN[i] for i in ids).capitalize() + ".", " ".join(_CS[i] for i in ids).capitalize() + ".")
+        if pair not in seen:
+            seen.add(pair)
+            pairs.append(pair)
+    return pairs
+
+
+def write_parallel(prefix: Path, pairs: list[tuple[str, str]], src: str = "en", tgt: str = "cs") -> Path:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{prefix}.{src}").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    Path(f"{prefix}.{tgt}").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    return prefix
+
+
+@pytest.fixture
+def parallel_files(tmp_path: Path) -> dict[str, Path]:
+    """train (400 pairs), valid (30) and test (40) prefixes of a synthetic en-cs corpus."""
+    pairs = synthetic_pairs(470)
+    return {
+        "train": write_parallel(tmp_path / "raw" / "train", pairs[:400]),
+        "valid": write_parallel(tmp_path / "raw" / "valid", pairs[400:430]),
+        "test": write_parallel(tmp_path / "raw" / "test", pairs[430:]),
+    }
+
+
+def prepare_config(files: dict[str, Path], out_dir: Path, **overrides) -> PrepareConfig:
+    options = dict(out_dir=str(out_dir), train=str(files["train"]), valid=str(files["valid"]),
+                   test=str(files["test"]), vocab_size=64)
+    options.update(overrides)
+    return PrepareConfig(**options)
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared data directory (synthetic en-cs, 600 train pairs, vocab 64), shared by tests."""
+    root = tmp_path_factory.mktemp("prepared")
+    pairs = synthetic_pairs(700, seed=1)
+    files = {
+        "train": write_parallel(root / "raw" / "train", pairs[:600]),
+        "valid": write_parallel(root / "raw" / "valid", pairs[600:650]),
+        "test": write_parallel(root / "raw" / "test", pairs[650:]),
+    }
+    prepare(prepare_config(files, root / "data"))
+    return root / "data"
