@@ -1,13 +1,17 @@
 """The ``nmt-lightning`` command.
 
-``prepare`` builds a data directory. Training commands (fit/validate/test/predict) go
-through LightningCLI and arrive with the model.
+- ``prepare``: build a data directory (text splits, BPE, memory-mapped ids);
+- ``fit | validate | test | predict``: LightningCLI with YAML recipes;
+- ``translate``: translate a file (or stdin) with a checkpoint, optionally scoring it;
+- ``average``: average the weights of several checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from nmt_lightning.errors import CorpusError
@@ -57,13 +61,87 @@ def prepare_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": prepare_main}
+def translate_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nmt-lightning translate",
+                                     description="Translate detokenized lines, one sentence a line.")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by 'nmt-lightning fit' (or average)")
+    parser.add_argument("--input", help="source file (default: stdin)")
+    parser.add_argument("--output", help="output file (default: stdout)")
+    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: %(default)s)")
+    parser.add_argument("--ref", help="reference file: print cased/uncased BLEU and chrF2 on stderr")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.evaluation import read_lines, score
+    from nmt_lightning.translate import translate_lines
+
+    try:
+        if args.beam < 1 or args.batch_size < 1:
+            raise ValueError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
+        module = load_translation_module(args.checkpoint).to(args.device)
+        lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
+        references = read_lines(args.ref) if args.ref else None
+        if references is not None and len(references) != len(lines):
+            raise CorpusError(f"{args.ref} has {len(references)} lines but the input has {len(lines)}")
+        started = time.perf_counter()
+        translations = translate_lines(module, lines, beam=args.beam, batch_size=args.batch_size)
+        seconds = time.perf_counter() - started
+    except (CorpusError, ValueError, FileNotFoundError) as error:
+        print(f"nmt-lightning translate: error: {error}", file=sys.stderr)
+        return 2
+    text = "".join(line + "\n" for line in translations)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    print(f"translated {len(lines)} sentences in {seconds:.1f}s ({len(lines) / max(seconds, 1e-9):.1f} sentences/s, "
+          f"beam {args.beam})", file=sys.stderr)
+    if references is not None:
+        print(score(translations, references).report(), file=sys.stderr)
+    return 0
+
+
+def average_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nmt-lightning average", description="Average the weights of checkpoints.")
+    parser.add_argument("checkpoints", nargs="*", help="checkpoint files")
+    parser.add_argument("--dir", help="take checkpoints from this directory instead (newest first, see --last)")
+    parser.add_argument("--last", type=int, default=5, help="with --dir: how many of the newest (default: %(default)s)")
+    parser.add_argument("--output", required=True, help="the averaged checkpoint")
+    args = parser.parse_args(argv)
+    from nmt_lightning.checkpoints import average_checkpoints
+
+    paths = list(args.checkpoints)
+    if args.dir:
+        found = sorted((p for p in Path(args.dir).glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime)
+        paths += [str(p) for p in found[-args.last:]]
+    try:
+        output = average_checkpoints(paths, args.output)
+    except (CorpusError, ValueError) as error:
+        print(f"nmt-lightning average: error: {error}", file=sys.stderr)
+        return 2
+    print(f"averaged {len(paths)} checkpoints into {output}: " + ", ".join(paths), file=sys.stderr)
+    return 0
+
+
+def lightning_main(argv: Sequence[str]) -> int:
+    from nmt_lightning.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0
+
+
+COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main}
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: nmt-lightning {" + ",".join(COMMANDS) + "} ...", file=sys.stderr)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return lightning_main(argv)
+    if not argv or argv[0] not in COMMANDS:
+        print("usage: nmt-lightning {" + ",".join([*COMMANDS, *LIGHTNING_COMMANDS]) + "} ... (--help on each)", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return COMMANDS[argv[0]](argv[1:])
 

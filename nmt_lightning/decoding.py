@@ -1,0 +1,129 @@
+"""Greedy and batched beam search over a ``Transformer``, with or without the key/value cache.
+
+Beam search keeps ``beam`` hypotheses per sentence; a hypothesis that emitted eos stays in
+its slot and is only extended with pad at no cost, so finished and open hypotheses compete
+on the same footing. The winner maximises ``log p / length ** length_penalty`` (fairseq's
+--lenpen; 0 means raw log-probability). With ``beam=1`` this is exactly greedy search.
+Output length is capped at ``max_len_a * source_length + max_len_b`` per sentence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID
+from nmt_lightning.model import Transformer
+
+
+@dataclass
+class SearchResult:
+    tokens: list[list[int]]  # one id list per sentence, without bos/eos/pad
+    scores: torch.Tensor  # (B,) length-normalised log-probabilities of the returned hypotheses
+
+
+def _max_lengths(source: torch.Tensor, max_len_a: float, max_len_b: int, model: Transformer) -> torch.Tensor:
+    source_lengths = (source != PAD_ID).sum(1)
+    limit = (max_len_a * source_lengths.float() + max_len_b).long()
+    return limit.clamp(min=1, max=model.config.max_positions - 1)
+
+
+def _step_log_probs(model: Transformer, tokens: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
+                    caches, step: int) -> torch.Tensor:
+    """log p(next | tokens[:, :step + 1]) (N, V), from the cache or by re-running the whole prefix."""
+    if caches is not None:
+        logits = model.decode_step(tokens[:, step : step + 1], memory, mask, caches, step)
+    else:
+        logits = model.decode(tokens[:, : step + 1], memory, mask)[:, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
+                max_len_a: float = 1.2, max_len_b: int = 10, use_cache: bool = True) -> SearchResult:
+    """Translate ``source`` (B, S) with a beam of ``beam`` hypotheses per sentence."""
+    if beam < 1:
+        raise ValueError(f"beam must be >= 1, got {beam}")
+    batch, device = source.shape[0], source.device
+    memory, mask = model.encode(source)
+    # Every sentence's encoder output repeated for its beam: row b * beam + k.
+    memory, mask = memory.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
+    max_lengths = _max_lengths(source, max_len_a, max_len_b, model).repeat_interleave(beam)
+    steps = int(max_lengths.max())
+    tokens = torch.full((batch * beam, steps + 1), PAD_ID, dtype=torch.long, device=device)
+    tokens[:, 0] = BOS_ID
+    # Only the first copy of each sentence is live at step 0, so the beam does not fill with duplicates.
+    scores = torch.full((batch, beam), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    scores = scores.view(-1)
+    lengths = torch.zeros(batch * beam, dtype=torch.long, device=device)  # tokens emitted incl. eos
+    finished = torch.zeros(batch * beam, dtype=torch.bool, device=device)
+    caches = model.new_cache() if use_cache else None
+    for step in range(steps):
+        log_probs = _step_log_probs(model, tokens, memory, mask, caches, step)  # (B*K, V)
+        vocab = log_probs.shape[-1]
+        _constrain(log_probs, finished, ~finished & (step + 1 >= max_lengths))
+        candidates = (scores.unsqueeze(1) + log_probs).view(batch, beam * vocab)
+        top_scores, top_indices = candidates.topk(beam, dim=1)  # (B, K)
+        origin = (top_indices // vocab) + torch.arange(batch, device=device).unsqueeze(1) * beam
+        origin, next_tokens = origin.view(-1), (top_indices % vocab).view(-1)
+        tokens = tokens.index_select(0, origin)
+        tokens[:, step + 1] = next_tokens
+        was_finished = finished.index_select(0, origin)
+        lengths = lengths.index_select(0, origin) + (~was_finished).long()
+        finished = was_finished | (next_tokens == EOS_ID)
+        scores = top_scores.view(-1)
+        if caches is not None:
+            model.reorder_cache(caches, origin)
+        if bool(finished.all()):
+            break
+    normalised = scores / lengths.clamp(min=1).float() ** length_penalty if length_penalty else scores
+    best = normalised.view(batch, beam).argmax(1) + torch.arange(batch, device=device) * beam
+    return SearchResult([_hypothesis(tokens[row, 1:].tolist()) for row in best.tolist()], normalised[best])
+
+
+def _hypothesis(ids: list[int]) -> list[int]:
+    """The ids before eos (every hypothesis ends in eos: the length cap forces it)."""
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+def _constrain(log_probs: torch.Tensor, finished: torch.Tensor, at_limit: torch.Tensor) -> None:
+    """In place: live hypotheses never emit pad or bos; one at its length cap can only emit
+    eos (at its own probability); a finished one continues with pad at no cost."""
+    live = ~finished
+    log_probs[live, PAD_ID] = float("-inf")
+    log_probs[live, BOS_ID] = float("-inf")
+    if bool(at_limit.any()):
+        eos = log_probs[at_limit, EOS_ID].clone()
+        log_probs[at_limit] = float("-inf")
+        log_probs[at_limit, EOS_ID] = eos
+    log_probs[finished] = float("-inf")
+    log_probs[finished, PAD_ID] = 0.0
+
+
+@torch.no_grad()
+def greedy_search(model: Transformer, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: int = 10,
+                  use_cache: bool = True) -> SearchResult:
+    """Pick the most probable token at every step (the validation-time decoder)."""
+    batch, device = source.shape[0], source.device
+    memory, mask = model.encode(source)
+    max_lengths = _max_lengths(source, max_len_a, max_len_b, model)
+    steps = int(max_lengths.max())
+    tokens = torch.full((batch, steps + 1), PAD_ID, dtype=torch.long, device=device)
+    tokens[:, 0] = BOS_ID
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    scores = torch.zeros(batch, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    caches = model.new_cache() if use_cache else None
+    for step in range(steps):
+        log_probs = _step_log_probs(model, tokens, memory, mask, caches, step)
+        _constrain(log_probs, finished, ~finished & (step + 1 >= max_lengths))
+        best_scores, next_tokens = log_probs.max(-1)
+        scores = scores + best_scores
+        lengths = lengths + (~finished).long()
+        tokens[:, step + 1] = next_tokens
+        finished = finished | (next_tokens == EOS_ID)
+        if bool(finished.all()):
+            break
+    return SearchResult([_hypothesis(row) for row in tokens[:, 1:].tolist()], scores / lengths.clamp(min=1).float())

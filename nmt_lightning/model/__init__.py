@@ -1,0 +1,5 @@
+"""The Transformer of Vaswani et al. (2017) in plain nn.Modules (no Lightning import)."""
+
+from nmt_lightning.model.transformer import PRESETS, Transformer, TransformerConfig
+
+__all__ = ["PRESETS", "Transformer", "TransformerConfig"]

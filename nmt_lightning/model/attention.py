@@ -1,0 +1,63 @@
+"""Multi-head attention over torch's scaled_dot_product_attention, with a key/value cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Per-layer cache for incremental decoding: name -> (B, heads, time, head_dim).
+LayerCache = dict[str, torch.Tensor]
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention. Four nn.Linear leaves so compression callbacks find them."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if d_model % heads:
+            raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
+        self.heads, self.head_dim, self.dropout = heads, d_model // heads, dropout
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, T, D) -> (B, heads, T, head_dim)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_value: torch.Tensor,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        cache: Optional[LayerCache] = None,
+        cache_prefix: str = "",
+        static_kv: bool = False,
+    ) -> torch.Tensor:
+        """query (B, T, D), key_value (B, S, D) -> (B, T, D).
+
+        attn_mask: boolean, True where attention is allowed, broadcastable to (B, heads, T, S).
+        cache: for incremental decoding. Self-attention (static_kv=False) appends this step's
+            keys/values to the cache; cross-attention (static_kv=True) computes the encoder's
+            keys/values once and reuses them.
+        """
+        q = self._split(self.q_proj(query))
+        key_name, value_name = f"{cache_prefix}k", f"{cache_prefix}v"
+        if cache is not None and static_kv and key_name in cache:
+            k, v = cache[key_name], cache[value_name]
+        else:
+            k, v = self._split(self.k_proj(key_value)), self._split(self.v_proj(key_value))
+            if cache is not None:
+                if not static_kv and key_name in cache:
+                    k = torch.cat([cache[key_name], k], dim=2)
+                    v = torch.cat([cache[value_name], v], dim=2)
+                cache[key_name], cache[value_name] = k, v
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )
+        return self.out_proj(out.transpose(1, 2).flatten(-2))

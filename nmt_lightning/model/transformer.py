@@ -1,0 +1,175 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017) with sinusoidal positions and tied embeddings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from nmt_lightning.model.attention import LayerCache
+from nmt_lightning.model.layers import DecoderLayer, EncoderLayer
+
+SHARE_CHOICES = ("none", "decoder", "all")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """Architecture. ``share_embeddings``: "none"; "decoder" ties the target embedding and
+    the output projection (Press & Wolf 2017); "all" also shares the source embedding (needs
+    a joint vocabulary)."""
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    d_model: int = 512
+    ffn_dim: int = 2048
+    heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    pre_norm: bool = False
+    share_embeddings: str = "all"
+    max_positions: int = 1024
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "ffn_dim", "heads", "encoder_layers",
+                     "decoder_layers", "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.share_embeddings not in SHARE_CHOICES:
+            raise ValueError(f"share_embeddings must be one of {SHARE_CHOICES}, got '{self.share_embeddings}'")
+        if self.share_embeddings == "all" and self.src_vocab_size != self.tgt_vocab_size:
+            raise ValueError(
+                f"share_embeddings='all' needs one joint vocabulary, but the source has {self.src_vocab_size} "
+                f"entries and the target {self.tgt_vocab_size}; use 'decoder' or 'none'"
+            )
+
+
+# Architectures of the paper (base, big) and a CPU-sized one. The seed experiments' big model
+# uses 16 heads, as the paper does.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(d_model=256, ffn_dim=1024, heads=4, encoder_layers=3, decoder_layers=3, dropout=0.1),
+    "base": dict(d_model=512, ffn_dim=2048, heads=8, encoder_layers=6, decoder_layers=6, dropout=0.1),
+    "big": dict(d_model=1024, ffn_dim=4096, heads=16, encoder_layers=6, decoder_layers=6, dropout=0.3),
+}
+
+
+def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
+    """(length, d_model): sin on even dimensions, cos on odd ones, as in the paper."""
+    position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(length, d_model)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: d_model // 2])
+    return table
+
+
+class Transformer(nn.Module):
+    """``forward(source, decoder_input) -> logits (B, T, tgt_vocab)``.
+
+    For decoding: ``encode`` once, then ``decode_step`` one position at a time with a cache
+    from ``new_cache`` (keys/values of every layer), reordered with ``reorder_cache`` when
+    beam search reshuffles hypotheses.
+    """
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.src_embed = nn.Embedding(config.src_vocab_size, d, padding_idx=config.pad_id)
+        self.tgt_embed = (self.src_embed if config.share_embeddings == "all"
+                          else nn.Embedding(config.tgt_vocab_size, d, padding_idx=config.pad_id))
+        self.output_projection = nn.Linear(d, config.tgt_vocab_size, bias=False)
+        if config.share_embeddings in ("decoder", "all"):
+            self.output_projection.weight = self.tgt_embed.weight
+        self.register_buffer("positions", sinusoidal_positions(config.max_positions, d), persistent=False)
+        layer_args = (d, config.heads, config.ffn_dim, config.dropout, config.attention_dropout,
+                      config.activation_dropout, config.pre_norm)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
+        # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised.
+        self.encoder_norm = nn.LayerNorm(d) if config.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(d) if config.pre_norm else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout)
+        self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, preset: str, src_vocab_size: int, tgt_vocab_size: int, **overrides) -> "Transformer":
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset '{preset}'; choose from {sorted(PRESETS)}")
+        return cls(TransformerConfig(src_vocab_size, tgt_vocab_size, **{**PRESETS[preset], **overrides}))
+
+    def reset_parameters(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for embedding in {id(e): e for e in (self.src_embed, self.tgt_embed)}.values():
+            nn.init.normal_(embedding.weight, mean=0.0, std=self.config.d_model ** -0.5)
+            with torch.no_grad():
+                embedding.weight[self.config.pad_id].zero_()
+
+    def _embed(self, embedding: nn.Embedding, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        length = tokens.shape[1]
+        if start + length > self.config.max_positions:
+            raise ValueError(f"sequence of {start + length} positions exceeds max_positions={self.config.max_positions}")
+        x = embedding(tokens) * math.sqrt(self.config.d_model) + self.positions[start : start + length].to(embedding.weight.dtype)
+        return self.dropout(x)
+
+    def source_mask(self, source: torch.Tensor) -> torch.Tensor:
+        """(B, S) ids -> (B, 1, 1, S) boolean, True at real tokens (broadcast over heads and queries)."""
+        return (source != self.config.pad_id)[:, None, None, :]
+
+    def encode(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S) -> (memory (B, S, D), source_mask (B, 1, 1, S))."""
+        mask = self.source_mask(source)
+        x = self._embed(self.src_embed, source)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x), mask
+
+    def decode(self, decoder_input: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
+               caches: Optional[list[LayerCache]] = None, start: int = 0) -> torch.Tensor:
+        """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only."""
+        x = self._embed(self.tgt_embed, decoder_input, start)
+        for index, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, source_mask, None if caches is None else caches[index])
+        return self.output_projection(self.decoder_norm(x))
+
+    def forward(self, source: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
+        memory, mask = self.encode(source)
+        return self.decode(decoder_input, memory, mask)
+
+    # ---------------------------------------------------------------- incremental decoding
+    def new_cache(self) -> list[LayerCache]:
+        return [{} for _ in self.decoder_layers]
+
+    def decode_step(self, last_tokens: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
+                    caches: list[LayerCache], step: int) -> torch.Tensor:
+        """last_tokens (B, 1) at position ``step`` -> logits (B, V) for position step + 1."""
+        return self.decode(last_tokens, memory, source_mask, caches, start=step)[:, -1]
+
+    @staticmethod
+    def reorder_cache(caches: list[LayerCache], order: torch.Tensor) -> None:
+        """Keep the cache rows of ``order`` (beam search survivors), in place."""
+        for cache in caches:
+            for name, value in cache.items():
+                cache[name] = value.index_select(0, order)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def config_dict(self) -> dict:
+        return asdict(self.config)
+

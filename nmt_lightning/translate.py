@@ -1,0 +1,42 @@
+"""Translating lists of detokenized lines with a trained TranslationModule."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nmt_lightning.bpe import EOS_ID
+from nmt_lightning.data.dataset import pad_batch
+from nmt_lightning.decoding import beam_search, greedy_search
+from nmt_lightning.module import TranslationModule
+
+
+def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, batch_size: int = 32,
+                    progress: bool = True, use_cache: bool = True) -> list[str]:
+    """Translate ``lines``, returned in the same order. Batches group sentences of similar
+    length to limit padding; greedy search when ``beam == 1``."""
+    if beam < 1 or batch_size < 1:
+        raise ValueError(f"beam and batch_size must be >= 1, got beam={beam}, batch_size={batch_size}")
+    module.eval()
+    limit = module.model.config.max_positions - 1
+    ids = [np.array(s[:limit] + [EOS_ID]) for s in module.tokenization.encode_source(lines)]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    results: list[str] = [""] * len(lines)
+    hp = module.hparams
+    with torch.inference_mode(), tqdm(total=len(lines), desc="translating", unit=" sent", file=sys.stderr,
+                                      disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            source = pad_batch([ids[i] for i in chunk]).to(module.device)
+            if beam == 1:
+                found = greedy_search(module.model, source, hp.max_len_a, hp.max_len_b, use_cache=use_cache)
+            else:
+                found = beam_search(module.model, source, beam, hp.length_penalty, hp.max_len_a, hp.max_len_b,
+                                    use_cache=use_cache)
+            for index, text in zip(chunk, module.tokenization.decode(found.tokens)):
+                results[index] = text
+            bar.update(len(chunk))
+    return results
