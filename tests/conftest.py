@@ -63,3 +63,35 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     prepare(prepare_config(files, root / "data"))
     return root / "data"
+
+
+TINY_MODEL = dict(d_model=32, ffn_dim=64, heads=2, encoder_layers=1, decoder_layers=1, dropout=0.0,
+                  lr=3e-3, warmup_steps=10, val_bleu_sentences=20, beam_size=2)
+
+
+def tiny_trainer(root: Path, **overrides):
+    import lightning as L
+
+    options = dict(accelerator="cpu", devices=1, max_steps=30, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                   num_sanity_val_steps=0, limit_val_batches=0)
+    options.update(overrides)
+    return L.Trainer(**options)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained 30 steps on ``prepared_dir``, saved as a Lightning checkpoint."""
+    import lightning as L
+
+    from nmt_lightning.data import TranslationDataModule
+    from nmt_lightning.module import TranslationModule
+
+    L.seed_everything(0)
+    root = tmp_path_factory.mktemp("trained")
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
+    trainer = tiny_trainer(root)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(root / "model.ckpt")
+    return root / "model.ckpt"

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID
+from nmt_lightning.decoding import beam_search, greedy_search
+from nmt_lightning.model import Transformer, TransformerConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(60, 60, d_model=32, ffn_dim=64, heads=4, encoder_layers=2,
+                                         decoder_layers=2, dropout=0.0)).eval()
+
+
+@pytest.fixture(scope="module")
+def source() -> torch.Tensor:
+    torch.manual_seed(1)
+    source = torch.randint(4, 60, (6, 9))
+    source[:, -1] = EOS_ID
+    source[0, 5:] = PAD_ID  # a shorter sentence in the batch
+    source[0, 4] = EOS_ID
+    return source
+
+
+def test_beam_one_is_greedy(model: Transformer, source: torch.Tensor) -> None:
+    greedy = greedy_search(model, source)
+    beam = beam_search(model, source, beam=1)
+    assert beam.tokens == greedy.tokens
+    torch.testing.assert_close(beam.scores, greedy.scores)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_cache_gives_the_same_result_as_recomputing(model: Transformer, source: torch.Tensor, beam: int) -> None:
+    cached = beam_search(model, source, beam=beam, use_cache=True)
+    recomputed = beam_search(model, source, beam=beam, use_cache=False)
+    assert cached.tokens == recomputed.tokens
+    torch.testing.assert_close(cached.scores, recomputed.scores, rtol=1e-5, atol=1e-5)
+    greedy_cached, greedy_full = greedy_search(model, source), greedy_search(model, source, use_cache=False)
+    assert greedy_cached.tokens == greedy_full.tokens
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_scores_are_the_model_log_probability_of_the_output(model: Transformer, source: torch.Tensor, beam: int) -> None:
+    result = beam_search(model, source, beam=beam, length_penalty=0.0)
+    for row, tokens in enumerate(result.tokens):
+        target = torch.tensor([tokens + [EOS_ID]])
+        decoder_input = torch.tensor([[BOS_ID] + tokens])
+        log_probs = torch.log_softmax(model(source[row : row + 1], decoder_input), -1)
+        expected = log_probs.gather(-1, target.unsqueeze(-1)).sum()
+        torch.testing.assert_close(result.scores[row], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_length_cap(model: Transformer, source: torch.Tensor) -> None:
+    result = beam_search(model, source, beam=3, max_len_a=0.0, max_len_b=3)
+    assert all(len(tokens) <= 2 for tokens in result.tokens)  # 3 positions, the last forced to eos
+    with pytest.raises(ValueError, match="beam must be >= 1"):
+        beam_search(model, source, beam=0)
