@@ -52,19 +52,27 @@ def fetch_help_tree(cache_dir: str | os.PathLike, langs: list[str]) -> Path:
         download_dir = cache_dir / "debs"
         download_dir.mkdir(parents=True, exist_ok=True)
         package = debian_package(lang)
-        result = subprocess.run(
-            ["apt-get", "download", package], cwd=download_dir, capture_output=True, text=True
-        )
-        debs = sorted(download_dir.glob(f"{package}_*.deb"))
-        if result.returncode != 0 or not debs:
-            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no .deb file"
-            raise CorpusError(
-                f"'apt-get download {package}' failed: {message} "
-                "(run 'apt-get update' first, or pass --help-root DIR)"
-            )
+        debs = _apt_download(package, download_dir)
         subprocess.run(["dpkg", "-x", str(debs[-1]), str(unpacked)], check=True)
         marker.touch()
     return unpacked / HELP_SUBDIR
+
+
+def _apt_download(package: str, download_dir: Path) -> list[Path]:
+    """``apt-get download PACKAGE`` into ``download_dir``; on a fresh machine whose package
+    lists are empty, run ``apt-get update`` once (as root) and try again."""
+    for attempt in range(2):
+        result = subprocess.run(["apt-get", "download", package], cwd=download_dir, capture_output=True, text=True)
+        debs = sorted(download_dir.glob(f"{package}_*.deb"))
+        if result.returncode == 0 and debs:
+            return debs
+        if attempt == 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            print(f"apt-get download {package} failed; running 'apt-get update' once and retrying", flush=True)
+            subprocess.run(["apt-get", "update"], capture_output=True, text=True)
+    message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no .deb file"
+    raise CorpusError(
+        f"'apt-get download {package}' failed: {message} (run 'apt-get update' first, or pass --help-root DIR)"
+    )
 
 
 def language_dir(help_root: str | os.PathLike, lang: str) -> Path:

@@ -1,0 +1,5 @@
+"""Compression callbacks for any LightningModule built from nn.Linear / nn.Embedding leaves.
+
+Each method lives in a file of its own and imports only torch and lightning, never
+nmt_lightning, so it works on models that are not ours. (None has landed yet.)
+"""

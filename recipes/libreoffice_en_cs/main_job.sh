@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job on the embedded corpus: prepare LibreOffice help en-cs, train the tiny
+# Transformer on CPU (recipes/libreoffice_en_cs/tiny.yaml), translate the test split with
+# beam 4 and print BLEU/chrF with sacrebleu signatures.
+#   bash recipes/libreoffice_en_cs/main_job.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=data/libreoffice_en_cs
+RUN=runs/libreoffice_en_cs_tiny
+
+nmt-lightning prepare --corpus libreoffice --src en --tgt cs --out "$DATA"
+nmt-lightning fit --config recipes/libreoffice_en_cs/tiny.yaml
+nmt-lightning translate --checkpoint "$RUN/checkpoints/last.ckpt" --beam 4 \
+    --input "$DATA/test.en" --output "$RUN/test.hyp.cs" --ref "$DATA/test.cs"
+echo "hypotheses: $RUN/test.hyp.cs (check: sacrebleu $DATA/test.cs -i $RUN/test.hyp.cs -m bleu chrf)"
