@@ -1,5 +1,9 @@
 """Compression callbacks for any LightningModule built from nn.Linear / nn.Embedding leaves.
 
 Each method lives in a file of its own and imports only torch and lightning, never
-nmt_lightning, so it works on models that are not ours. (None has landed yet.)
+nmt_lightning, so it works on models that are not ours.
 """
+
+from callbacks.quantization_aware_training import QuantizationAwareTraining
+
+__all__ = ["QuantizationAwareTraining"]

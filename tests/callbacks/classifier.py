@@ -1,0 +1,40 @@
+"""A small LightningModule that is not ours, to show callbacks work on any model."""
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class BagOfWordsClassifier(L.LightningModule):
+    """Embedding -> mean -> 2 Linear layers -> 3 classes."""
+
+    def __init__(self, vocab_size: int = 30, dim: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(torch.relu(self.hidden(self.embed(tokens).mean(1)))))
+
+    def training_step(self, batch, batch_index):
+        tokens, labels = batch
+        loss = nn.functional.cross_entropy(self(tokens), labels)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_index):
+        tokens, labels = batch
+        self.log("val_acc", (self(tokens).argmax(-1) == labels).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def classification_data(samples: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    """Label = (sum of tokens) mod 3: learnable from a bag of words. Fixed order (no shuffling)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 30, (samples, 6), generator=generator)
+    return DataLoader(TensorDataset(tokens, tokens.sum(1) % 3), batch_size=batch_size, shuffle=False)
