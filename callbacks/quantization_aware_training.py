@@ -203,6 +203,10 @@ class QuantizationAwareTraining(L.Callback):
         return swapped + [name for name, _ in targets]
 
     # ------------------------------------------------------------------ Lightning hooks
+    def state_dict(self) -> dict:
+        # Saved with the checkpoint so an exporter knows the integer grid the model trained on.
+        return {"bits": self.bits, "per_channel": self.per_channel, "start_step": self.start_step}
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before weights are restored and before optimizers exist: both see the final structure.
         self.quantized_names = self.quantize_modules(pl_module)

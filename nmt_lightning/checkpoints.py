@@ -13,10 +13,15 @@ from nmt_lightning.module import TranslationModule
 
 
 def load_translation_module(path: str | os.PathLike, map_location: str = "cpu") -> TranslationModule:
-    """A TranslationModule (eval mode) with its tokenization, from a Lightning checkpoint."""
+    """A TranslationModule (eval mode) with its tokenization, from a Lightning checkpoint or a
+    file written by ``nmt-lightning export`` (fp32 or int8)."""
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
+    from nmt_lightning.export import QAT_BUFFERS, is_export_file, load_exported
+
+    if is_export_file(path):
+        return load_exported(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # a truncated or foreign file: say which, in one line
@@ -25,7 +30,12 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu") 
         raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
     if "nmt_lightning_tokenization" not in checkpoint:
         raise CorpusError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
-    module = TranslationModule(**checkpoint["hyper_parameters"])
+    if any(name.endswith(QAT_BUFFERS) for name in checkpoint["state_dict"]):
+        raise CorpusError(
+            f"{path}: trained with QuantizationAwareTraining; export it to the int8 model first "
+            f"(nmt-lightning export --checkpoint {path} --output model.int8.safetensors)"
+        )
+    module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.eval()

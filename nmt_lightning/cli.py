@@ -3,7 +3,8 @@
 - ``prepare``: build a data directory (text splits, BPE, memory-mapped ids);
 - ``fit | validate | test | predict``: LightningCLI with YAML recipes;
 - ``translate``: translate a file (or stdin) with a checkpoint, optionally scoring it;
-- ``average``: average the weights of several checkpoints.
+- ``average``: average the weights of several checkpoints;
+- ``export``: write a model to one safetensors file, fp32 or int8.
 """
 
 from __future__ import annotations
@@ -125,6 +126,28 @@ def average_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def export_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="nmt-lightning export",
+                                     description="Write a trained model to one safetensors file (fp32 or int8).")
+    parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint of a translation model")
+    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+    parser.add_argument("--quantize", choices=["int8", "fp32"],
+                        help="int8: quantize the weights (post-training for an fp32 checkpoint). Default: int8 for a "
+                             "checkpoint trained with QuantizationAwareTraining, else fp32")
+    args = parser.parse_args(argv)
+    from nmt_lightning.export import export_checkpoint
+
+    try:
+        report = export_checkpoint(args.checkpoint, args.output, args.quantize)
+    except (CorpusError, ValueError) as error:
+        print(f"nmt-lightning export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.output}: {report.quantization}, {report.bytes_on_disk:,} bytes "
+          f"({report.bytes_on_disk / report.weight_bytes_fp32:.1%} of the {report.weight_bytes_fp32:,} bytes of fp32 weights)",
+          file=sys.stderr)
+    return 0
+
+
 def lightning_main(argv: Sequence[str]) -> int:
     from nmt_lightning.lightning_cli import run_lightning_cli
 
@@ -132,7 +155,7 @@ def lightning_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main}
+COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main, "export": export_main}
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 

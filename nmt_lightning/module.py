@@ -93,6 +93,11 @@ class TranslationModule(L.LightningModule):
         self.val_bleu_metric = SacreBLEUScore(tokenize="13a")
         self.val_chrf_metric = CHRFScore(n_word_order=0)  # chrF2, as sacrebleu's default
 
+    @classmethod
+    def from_hyperparameters(cls, hyper_parameters: dict) -> "TranslationModule":
+        """Rebuild from saved hyper-parameters (LightningCLI adds private keys such as _instantiator)."""
+        return cls(**{k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")})
+
     # ------------------------------------------------------------------ extension point
     def register_loss_term(self, name: str, fn: LossTerm) -> None:
         """Add ``fn(module, batch, logits)`` to the training loss; re-registering a name replaces it."""

@@ -1,0 +1,179 @@
+"""Exporting a trained model to one safetensors file: fp32, or int8 weights with their scales.
+
+The file holds only tensors and string metadata (safetensors never unpickles): the weights,
+the sentencepiece models (as uint8 tensors), the model's hyper-parameters and, for int8, the
+scales. Tied weights are stored once.
+
+int8 (symmetric, as Q8BERT): every 2-D weight of an nn.Linear or nn.Embedding is stored as
+``q = clamp(round(W / scale), -M, M)`` in int8 with ``scale = max|W| / M`` per tensor (or per
+row, when the QAT callback used per-channel scales); biases and LayerNorm stay fp32.
+
+- a checkpoint trained with ``callbacks.QuantizationAwareTraining`` exports these int8
+  weights by default: they are exactly the weights its forward pass used;
+- ``--quantize int8`` on an fp32 checkpoint is post-training quantization of the weights
+  (Q8BERT's "DQ" baseline: no training, activations quantized dynamically at run time).
+
+At load time the int8 weights become ``torch.ao.nn.quantized.dynamic.Linear`` modules (fbgemm /
+onednn int8 matrix products on CPU) with the very same integer grid; activations are
+quantized per batch by that runtime (QAT used a static EMA range instead, which is why a few
+translations can differ from the fake-quantized model's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nmt_lightning.atomic import atomic_path
+from nmt_lightning.errors import CorpusError
+from nmt_lightning.module import TranslationModule
+from nmt_lightning.tokenization import Tokenization
+
+FORMAT = "nmt-lightning-export/1"
+QAT_BUFFERS = ("input_absmax", "fake_quant_enabled")
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    quantization: str
+    bytes_on_disk: int
+    weight_bytes_fp32: int  # the same weights in fp32 (what a weights-only fp32 export holds)
+
+
+def is_export_file(path: str | os.PathLike) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _qat_settings(checkpoint: dict) -> Optional[dict]:
+    """The QuantizationAwareTraining settings saved in the checkpoint, if it was trained with it."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if key.startswith("QuantizationAwareTraining") and isinstance(state, dict) and "bits" in state:
+            return state
+    if any(key.endswith(QAT_BUFFERS) for key in checkpoint.get("state_dict", {})):
+        return {"bits": 8, "per_channel": False}
+    return None
+
+
+def _quantizable(model: nn.Module) -> set[str]:
+    """Qualified names of the 2-D weights of nn.Linear / nn.Embedding leaves."""
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 values, float32 scale) with ``weight ~= values * scale``; scale is () or (rows, 1)."""
+    limit = 2 ** (bits - 1) - 1
+    absmax = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().max()
+    scale = (absmax / limit).clamp(min=1e-12).float()
+    return torch.clamp(torch.round(weight / scale), -limit, limit).to(torch.int8), scale
+
+
+def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike,
+                      quantize: Optional[str] = None) -> ExportReport:
+    """Write ``output`` (safetensors) from a Lightning checkpoint of a TranslationModule."""
+    if quantize not in (None, "int8", "fp32"):
+        raise ValueError(f"quantize must be 'int8' or 'fp32', got {quantize!r}")
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such checkpoint")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CorpusError(f"{path}: not a checkpoint of a translation model")
+    qat = _qat_settings(checkpoint)
+    mode = quantize or ("int8" if qat else "fp32")
+    bits, per_channel = (qat["bits"], qat["per_channel"]) if qat else (8, False)
+
+    hyper_parameters = checkpoint["hyper_parameters"]
+    module = TranslationModule.from_hyperparameters(hyper_parameters)
+    quantizable = _quantizable(module.model)
+    state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
+             if name.startswith("model.") and not name.endswith(QAT_BUFFERS)}
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    fp32_bytes = 0
+    for name, tensor in state.items():
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:  # a tied weight: store once, remember the alias
+            tied[name] = seen[pointer]
+            continue
+        seen[pointer] = name
+        fp32_bytes += tensor.numel() * 4
+        if mode == "int8" and name in quantizable:
+            values, scale = quantize_weight(tensor.float(), bits, per_channel)
+            tensors[name] = values
+            tensors[f"{name}.scale"] = scale
+        else:
+            tensors[name] = tensor.float().contiguous()
+    tokenization = checkpoint["nmt_lightning_tokenization"]
+    tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
+    tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
+    metadata = {
+        "format": FORMAT,
+        "quantization": mode,
+        "bits": str(bits),
+        "per_channel": json.dumps(per_channel),
+        "hyper_parameters": json.dumps({k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")}),
+        "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
+        "tied": json.dumps(tied),
+        "source_checkpoint": str(path),
+    }
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return ExportReport(output, mode, output.stat().st_size, fp32_bytes)
+
+
+def _dynamic_int8_linear(linear: nn.Linear, values: torch.Tensor, scale: torch.Tensor) -> nn.Module:
+    """An int8 dynamic-quantized Linear whose weight grid is exactly ``values * scale``."""
+    if scale.dim() == 0:
+        weight = torch._make_per_tensor_quantized_tensor(values, float(scale), 0)
+    else:
+        scales = scale.flatten().double()
+        weight = torch._make_per_channel_quantized_tensor(values, scales, torch.zeros_like(scales, dtype=torch.long), 0)
+    quantized = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features,
+                                                      bias_=linear.bias is not None, dtype=torch.qint8)
+    quantized.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().float())
+    return quantized
+
+
+def load_exported(path: str | os.PathLike) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from an exported file; int8 Linear layers when int8."""
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        raise CorpusError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
+    tensors = load_file(str(path))
+    module = TranslationModule.from_hyperparameters(json.loads(metadata["hyper_parameters"]))
+    token_info = json.loads(metadata["tokenization"])
+    module.tokenization = Tokenization(
+        src_model=tensors.pop("tokenization.src_model").numpy().tobytes(),
+        tgt_model=tensors.pop("tokenization.tgt_model").numpy().tobytes(), **token_info)
+    scales = {name[: -len(".scale")]: tensors.pop(name) for name in list(tensors) if name.endswith(".scale")}
+    # fp32 (dequantized) values for every parameter: embeddings look rows up from them.
+    state = {name: (tensor.float() * scales[name]) if name in scales else tensor for name, tensor in tensors.items()}
+    for alias, original in json.loads(metadata["tied"]).items():
+        state[alias] = state[original]
+    module.model.load_state_dict(state, strict=True)
+    if metadata["quantization"] == "int8":
+        for name, linear in list(module.model.named_modules()):
+            weight_name = f"{name}.weight"
+            if isinstance(linear, nn.Linear):
+                source = weight_name if weight_name in scales else json.loads(metadata["tied"]).get(weight_name)
+                replacement = _dynamic_int8_linear(linear, tensors[source], scales[source])
+                parent, _, attribute = name.rpartition(".")
+                setattr(module.model.get_submodule(parent) if parent else module.model, attribute, replacement)
+    return module.eval()
