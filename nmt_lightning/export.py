@@ -96,9 +96,13 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
 
     hyper_parameters = checkpoint["hyper_parameters"]
     module = TranslationModule.from_hyperparameters(hyper_parameters)
-    quantizable = _quantizable(module.model)
     state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
              if name.startswith("model.") and not name.endswith(QAT_BUFFERS)}
+    if qat and mode == "int8":  # exactly the modules the callback quantized (its include/exclude)
+        quantizable = {name[len("model."):-len("fake_quant_enabled")] + "weight"
+                       for name in checkpoint["state_dict"] if name.startswith("model.") and name.endswith(".fake_quant_enabled")}
+    else:
+        quantizable = _quantizable(module.model)
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -118,7 +122,8 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
             tensors[name] = tensor.float().contiguous()
     tokenization = checkpoint["nmt_lightning_tokenization"]
     tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
-    tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
+    if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
+        tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
     metadata = {
         "format": FORMAT,
         "quantization": mode,
@@ -159,9 +164,9 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
     tensors = load_file(str(path))
     module = TranslationModule.from_hyperparameters(json.loads(metadata["hyper_parameters"]))
     token_info = json.loads(metadata["tokenization"])
-    module.tokenization = Tokenization(
-        src_model=tensors.pop("tokenization.src_model").numpy().tobytes(),
-        tgt_model=tensors.pop("tokenization.tgt_model").numpy().tobytes(), **token_info)
+    src_model = tensors.pop("tokenization.src_model").numpy().tobytes()
+    tgt_model = tensors.pop("tokenization.tgt_model").numpy().tobytes() if "tokenization.tgt_model" in tensors else src_model
+    module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
     scales = {name[: -len(".scale")]: tensors.pop(name) for name in list(tensors) if name.endswith(".scale")}
     # fp32 (dequantized) values for every parameter: embeddings look rows up from them.
     state = {name: (tensor.float() * scales[name]) if name in scales else tensor for name, tensor in tensors.items()}
@@ -169,10 +174,10 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
         state[alias] = state[original]
     module.model.load_state_dict(state, strict=True)
     if metadata["quantization"] == "int8":
+        tied = json.loads(metadata["tied"])
         for name, linear in list(module.model.named_modules()):
-            weight_name = f"{name}.weight"
-            if isinstance(linear, nn.Linear):
-                source = weight_name if weight_name in scales else json.loads(metadata["tied"]).get(weight_name)
+            source = tied.get(f"{name}.weight", f"{name}.weight")
+            if isinstance(linear, nn.Linear) and source in scales:
                 replacement = _dynamic_int8_linear(linear, tensors[source], scales[source])
                 parent, _, attribute = name.rpartition(".")
                 setattr(module.model.get_submodule(parent) if parent else module.model, attribute, replacement)

@@ -36,6 +36,10 @@ class TranslationModule(L.LightningModule):
 
     Extension point for compression callbacks: ``register_loss_term(name, fn)`` adds
     ``fn(module, batch, logits)`` to the training loss (logged as ``train/<name>``).
+
+    ``init_from`` starts from the weights of another checkpoint of the same architecture (a
+    fine-tuning run, e.g. quantization-aware fine-tuning): unlike ``ckpt_path``, the optimiser,
+    the schedule and the step count start afresh.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class TranslationModule(L.LightningModule):
         max_len_a: float = 1.2,
         max_len_b: int = 10,
         test_output: Optional[str] = None,
+        init_from: Optional[str] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -92,11 +97,33 @@ class TranslationModule(L.LightningModule):
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self.val_bleu_metric = SacreBLEUScore(tokenize="13a")
         self.val_chrf_metric = CHRFScore(n_word_order=0)  # chrF2, as sacrebleu's default
+        if init_from is not None:
+            self._load_initial_weights(Path(init_from))
 
     @classmethod
     def from_hyperparameters(cls, hyper_parameters: dict) -> "TranslationModule":
         """Rebuild from saved hyper-parameters (LightningCLI adds private keys such as _instantiator)."""
-        return cls(**{k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")})
+        # init_from is not followed: the weights come from the checkpoint being loaded.
+        options = {k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")}
+        return cls(**{**options, "init_from": None})
+
+    def _load_initial_weights(self, path: Path) -> None:
+        """Copy the Transformer weights of the checkpoint ``path`` (fp32 or trained with QAT)."""
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: {path}: no such checkpoint")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
+        # Fake-quantization buffers of a QAT run are not weights; a callback adds its own.
+        state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
+                 if name.startswith("model.") and not name.endswith(("input_absmax", "fake_quant_enabled"))}
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[1:2] or [""]
+            raise ValueError(f"init_from: {path}: weights do not fit this model ({first[0].strip()})") from None
+        if "nmt_lightning_tokenization" in checkpoint:
+            self.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
 
     # ------------------------------------------------------------------ extension point
     def register_loss_term(self, name: str, fn: LossTerm) -> None:
@@ -107,7 +134,13 @@ class TranslationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
-            self.tokenization = Tokenization.from_datamodule(datamodule)
+            data_tokenization = Tokenization.from_datamodule(datamodule)
+            initial = self.tokenization if self.hparams.get("init_from") else None
+            if initial is not None and (initial.src_model, initial.tgt_model) != (
+                    data_tokenization.src_model, data_tokenization.tgt_model):
+                raise ValueError(f"init_from: {self.hparams.init_from} was trained with other sentencepiece models "
+                                 f"than the data in {datamodule.data_dir}: its token ids would mean other words")
+            self.tokenization = data_tokenization
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The sentencepiece models travel in the checkpoint: it translates on its own.

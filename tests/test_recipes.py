@@ -12,8 +12,9 @@ from nmt_lightning.module import TranslationModule
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
 ALL_YAML = sorted(RECIPES.rglob("*.yaml"))
-# Add-ons (loggers, compression) are combined with a full recipe.
-ADD_ONS = {p for p in ALL_YAML if p.parent.name in ("loggers", "compress")}
+# Add-ons (loggers, compression, fine-tuning) are combined with a full recipe: their first line
+# names more than one --config.
+ADD_ONS = {p for p in ALL_YAML if p.read_text().splitlines()[0].count("--config") > 1}
 SMALL = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
          "--model.decoder_layers=1"]
 
@@ -33,6 +34,8 @@ def test_recipe_instantiates(recipe: Path, prepared_dir: Path, tmp_path: Path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     configs = ["--config", str(TINY), "--config", str(recipe)] if recipe in ADD_ONS else ["--config", str(recipe)]
+    if "init_from:" in recipe.read_text():  # the checkpoint it fine-tunes does not exist here
+        configs.append("--model.init_from=null")
     # GPU recipes are checked for their keys and types on this CPU machine.
     cli = TranslationCLI(TranslationModule, TranslationDataModule, run=False,
                          args=[*configs, f"--data.data_dir={prepared_dir}", "--trainer.accelerator=cpu",
@@ -44,3 +47,26 @@ def test_tiny_recipe_fast_dev_run(prepared_dir: Path, tmp_path: Path, monkeypatc
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "--config", str(TINY), "--trainer.fast_dev_run=true", f"--data.data_dir={prepared_dir}",
                  "--trainer.enable_progress_bar=false", *SMALL]) == 0
+
+
+def test_train_then_qat_finetune_then_export(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """The main job's path through the CLI: fit, QAT fine-tune from it, export int8, translate both."""
+    monkeypatch.chdir(tmp_path)
+    quick = [f"--data.data_dir={prepared_dir}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
+             "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4", *SMALL]
+    assert main(["fit", "--config", str(TINY), *quick]) == 0
+    fp32 = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    assert fp32.is_file()
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "finetune.yaml"),
+                 "--config", str(RECIPES / "compress" / "qat.yaml"), *quick]) == 0
+    qat = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+    assert main(["export", "--checkpoint", str(qat), "--output", "model.int8.safetensors"]) == 0
+    assert ": int8," in capsys.readouterr().err
+    # A checkpoint written by LightningCLI (it carries the CLI's private hyper-parameters) and
+    # the exported file both translate.
+    for checkpoint in (fp32, Path("model.int8.safetensors")):
+        assert main(["translate", "--checkpoint", str(checkpoint), "--input", str(prepared_dir / "test.en"),
+                     "--output", "hyp.cs", "--beam", "2"]) == 0
+        assert len(Path("hyp.cs").read_text(encoding="utf-8").splitlines()) == len(
+            (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines())

@@ -1,0 +1,192 @@
+"""fp32 against int8 (post-training and quantization-aware) on the embedded en->cs corpus.
+
+    python recipes/benchmarks/int8_quantization.py --out runs/int8_benchmark --control
+
+1. the fp32 model: ``--fp32-checkpoint`` (default: the tiny recipe's last.ckpt; trained with
+   ``nmt-lightning fit --config recipes/libreoffice_en_cs/tiny.yaml`` if missing);
+2. QAT: 8-bit quantization-aware fine-tuning from it (tiny.yaml + libreoffice_en_cs/finetune.yaml
+   + compress/qat.yaml, through the CLI), unless ``--qat-checkpoint`` is given; ``--control``
+   also runs the same fine-tuning without the callback, so the extra steps are not credited
+   to quantization;
+3. exports with ``nmt-lightning export``'s code: fp32, post-training int8 of the fp32 model
+   (Q8BERT's "DQ" column) and the QAT int8 model;
+4. translates the test split with each (beam 4) for BLEU/chrF, and measures CPU speed by
+   translating the same sentences with the same batch size, models taking turns, several rounds;
+5. writes ``OUT/int8_table.md`` and ``OUT/int8_table.csv`` (and the hypotheses).
+
+Rows are written as soon as each is measured, so an interrupted run keeps what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
+
+from callbacks import QuantizationAwareTraining  # noqa: E402
+from nmt_lightning.evaluation import read_lines, score  # noqa: E402
+from nmt_lightning.export import export_checkpoint, load_exported  # noqa: E402
+from nmt_lightning.module import TranslationModule  # noqa: E402
+from nmt_lightning.translate import translate_lines  # noqa: E402
+
+RECIPES = ROOT / "recipes"
+TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
+FINETUNE = RECIPES / "libreoffice_en_cs" / "finetune.yaml"
+QAT = RECIPES / "compress" / "qat.yaml"
+FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to the run's directory
+
+
+@dataclass
+class Row:
+    name: str
+    model_file: Path
+    bleu: float = float("nan")
+    bleu_uncased: float = float("nan")
+    chrf: float = float("nan")
+    speeds: list[float] = field(default_factory=list)
+
+    @property
+    def speed(self) -> float:
+        return statistics.median(self.speeds) if self.speeds else float("nan")
+
+
+def run_cli(arguments: list[str], cwd: Path) -> None:
+    cwd.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "nmt_lightning.cli", *arguments]
+    print(f"$ (cd {cwd} && nmt-lightning {' '.join(arguments)})", flush=True)
+    subprocess.run(command, cwd=cwd, check=True)
+
+
+def finetune(fp32_checkpoint: Path, data_dir: Path, run_dir: Path, quantize: bool) -> Path:
+    """The fine-tuning recipe, run in ``run_dir`` (its relative paths land there)."""
+    checkpoint = run_dir / FINETUNED
+    if checkpoint.is_file():
+        print(f"reusing {checkpoint} (delete {run_dir} to fine-tune again)")
+        return checkpoint
+    configs = ["--config", str(TINY), "--config", str(FINETUNE)] + (["--config", str(QAT)] if quantize else [])
+    run_cli(["fit", *configs, f"--data.data_dir={data_dir}", f"--model.init_from={fp32_checkpoint}"], run_dir)
+    return checkpoint
+
+
+def load_fake_quantized(path: Path) -> TranslationModule:
+    """The QAT checkpoint as it trained: fp32 weights, fake quantization with the EMA input ranges."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    settings = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("QuantizationAwareTraining"))
+    names = [name[: -len(".fake_quant_enabled")] for name in checkpoint["state_dict"] if name.endswith(".fake_quant_enabled")]
+    module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
+    QuantizationAwareTraining(bits=settings["bits"], per_channel=settings["per_channel"], include=names).quantize_modules(module)
+    module.load_state_dict(checkpoint["state_dict"])
+    module.on_load_checkpoint(checkpoint)
+    return module.eval()
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the model's tensors in an exported file (without the sentencepiece models)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return sum(handle.get_tensor(name).nbytes for name in handle.keys() if not name.startswith("tokenization."))
+
+
+def write_table(rows: list[Row], out: Path, baseline: Row, notes: list[str]) -> str:
+    header = ["model", "BLEU", "BLEU (uncased)", "chrF2", "file bytes", "weight bytes", "weights vs fp32",
+              "sentences/s (median)", "speed vs fp32"]
+    table = []
+    for row in rows:
+        size, weights = row.model_file.stat().st_size, weight_bytes(row.model_file)
+        table.append([row.name, f"{row.bleu:.2f}", f"{row.bleu_uncased:.2f}", f"{row.chrf:.2f}", f"{size:,}", f"{weights:,}",
+                      f"{weights / weight_bytes(baseline.model_file):.1%}", f"{row.speed:.2f}",
+                      f"{row.speed / baseline.speed:.2f}x" if row.speeds and baseline.speeds else ""])
+    markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                          *("| " + " | ".join(line) + " |" for line in table), "", *notes]) + "\n"
+    (out / "int8_table.md").write_text(markdown, encoding="utf-8")
+    with open(out / "int8_table.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([[cell.replace(",", "") for cell in line] for line in table])
+    return markdown
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/int8_benchmark", help="output directory (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data/libreoffice_en_cs", help="prepared data (default: %(default)s)")
+    parser.add_argument("--fp32-checkpoint", default="runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    parser.add_argument("--qat-checkpoint", help="a checkpoint trained with QuantizationAwareTraining (skips fine-tuning)")
+    parser.add_argument("--control", action="store_true", help="also fine-tune fp32 with the same budget, no QAT")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--speed-sentences", type=int, default=300, help="test sentences timed per round")
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    out, data_dir = Path(args.out).resolve(), Path(args.data_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    fp32_checkpoint = Path(args.fp32_checkpoint).resolve()
+    if not fp32_checkpoint.is_file():
+        if not (data_dir / "prepare.json").is_file():
+            run_cli(["prepare", "--corpus", "libreoffice", "--src", "en", "--tgt", "cs", "--out", str(data_dir)], Path.cwd())
+        run_cli(["fit", "--config", str(TINY), f"--data.data_dir={data_dir}"], Path.cwd())
+        if not fp32_checkpoint.is_file():
+            raise SystemExit(f"{fp32_checkpoint}: still missing after training tiny.yaml (pass --fp32-checkpoint)")
+    qat_checkpoint = (Path(args.qat_checkpoint).resolve() if args.qat_checkpoint
+                      else finetune(fp32_checkpoint, data_dir, out / "qat_finetune", quantize=True))
+
+    exports = {
+        "fp32": export_checkpoint(fp32_checkpoint, out / "fp32.safetensors", "fp32"),
+        "PTQ int8 (dynamic, no training)": export_checkpoint(fp32_checkpoint, out / "ptq.int8.safetensors", "int8"),
+        "QAT int8": export_checkpoint(qat_checkpoint, out / "qat.int8.safetensors"),
+    }
+    if args.control:
+        control = finetune(fp32_checkpoint, data_dir, out / "fp32_finetune", quantize=False)
+        exports["fp32 + same fine-tuning (control)"] = export_checkpoint(control, out / "control.fp32.safetensors", "fp32")
+    rows = [Row(name, report.output) for name, report in exports.items()]
+    models = {row.name: load_exported(row.model_file) for row in rows}
+    sources, references = read_lines(data_dir / "test.en"), read_lines(data_dir / "test.cs")
+    threads = torch.get_num_threads()
+    notes = [f"Test split: {len(sources)} sentences of {data_dir}; beam {args.beam}, batch {args.batch_size}, "
+             f"{threads} CPU threads, torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}.",
+             f"Speed: median over {args.speed_rounds} rounds of the first {args.speed_sentences} test sentences, "
+             f"models taking turns. Weight bytes: the tensors of the exported file without the sentencepiece models.",
+             f"The fp32 Lightning checkpoint ({fp32_checkpoint.name}, with optimiser state) is "
+             f"{fp32_checkpoint.stat().st_size:,} bytes.",
+             "Reproduce: python recipes/benchmarks/int8_quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)]
+
+    hypotheses: dict[str, list[str]] = {}
+    for index, row in enumerate(rows):
+        hypotheses[row.name] = translate_lines(models[row.name], sources, beam=args.beam, batch_size=args.batch_size)
+        (out / f"test.hyp{index}.cs").write_text("".join(h + "\n" for h in hypotheses[row.name]), encoding="utf-8")
+        scores = score(hypotheses[row.name], references)
+        row.bleu, row.bleu_uncased, row.chrf = scores.bleu, scores.bleu_uncased, scores.chrf
+        print(f"{row.name}: {scores.bleu_text}", flush=True)
+        write_table(rows[: index + 1], out, rows[0], notes)
+
+    # The exported int8 model against the graph it was trained in (fake quantization, static ranges).
+    fake = translate_lines(load_fake_quantized(qat_checkpoint), sources, beam=args.beam, batch_size=args.batch_size)
+    same = sum(a == b for a, b in zip(fake, hypotheses["QAT int8"]))
+    fake_bleu = score(fake, references).bleu
+    notes.append(f"QAT int8 export vs the fake-quantized training graph: {same}/{len(sources)} identical translations "
+                 f"(BLEU {fake_bleu:.2f} fake-quantized); the export quantizes activations per batch at run time "
+                 f"instead of with the EMA ranges.")
+
+    timed = sources[: args.speed_sentences]
+    for _ in range(args.speed_rounds):
+        for row in rows:
+            started = time.perf_counter()
+            translate_lines(models[row.name], timed, beam=args.beam, batch_size=args.batch_size, progress=False)
+            row.speeds.append(len(timed) / (time.perf_counter() - started))
+        print("speeds so far: " + ", ".join(f"{row.name} {row.speed:.2f}" for row in rows), flush=True)
+    print(write_table(rows, out, rows[0], notes))
+
+
+if __name__ == "__main__":
+    main()
