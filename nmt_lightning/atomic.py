@@ -25,12 +25,13 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".tmp-{destination.name}.", dir=destination.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp creates 0600 files; give the result the permissions an ordinary open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        # mkstemp creates 0600 files, and some writers (safetensors) recreate the file 0600 too:
+        # give the result the permissions an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, destination)

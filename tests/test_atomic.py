@@ -25,3 +25,19 @@ def test_interruption_keeps_old_file_and_leaves_no_temporary(tmp_path: Path, err
             raise error()
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_result_has_ordinary_permissions_even_if_the_writer_recreates_the_file(tmp_path: Path) -> None:
+    import os
+
+    from nmt_lightning.atomic import atomic_path
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.unlink()  # as safetensors does: a new file, created 0600
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644

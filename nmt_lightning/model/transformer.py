@@ -162,10 +162,16 @@ class Transformer(nn.Module):
 
     @staticmethod
     def reorder_cache(caches: list[LayerCache], order: torch.Tensor) -> None:
-        """Keep the cache rows of ``order`` (beam search survivors), in place."""
+        """Keep the self-attention cache rows of ``order`` (beam search survivors), in place.
+
+        The cross-attention keys/values are left alone, as the encoder output is: beam search
+        only reorders hypotheses within a sentence, whose rows hold identical copies of them.
+        Copying them every step was most of the decoding time (they are as long as the source).
+        """
         for cache in caches:
             for name, value in cache.items():
-                cache[name] = value.index_select(0, order)
+                if not name.startswith("cross_"):
+                    cache[name] = value.index_select(0, order)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

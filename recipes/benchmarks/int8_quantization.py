@@ -105,7 +105,7 @@ def write_table(rows: list[Row], out: Path, baseline: Row, notes: list[str]) -> 
     for row in rows:
         size, weights = row.model_file.stat().st_size, weight_bytes(row.model_file)
         table.append([row.name, f"{row.bleu:.2f}", f"{row.bleu_uncased:.2f}", f"{row.chrf:.2f}", f"{size:,}", f"{weights:,}",
-                      f"{weights / weight_bytes(baseline.model_file):.1%}", f"{row.speed:.2f}",
+                      f"{weights / weight_bytes(baseline.model_file):.1%}", f"{row.speed:.2f}" if row.speeds else "",
                       f"{row.speed / baseline.speed:.2f}x" if row.speeds and baseline.speeds else ""])
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(line) + " |" for line in table), "", *notes]) + "\n"
