@@ -79,19 +79,23 @@ def tiny_trainer(root: Path, **overrides):
     return L.Trainer(**options)
 
 
-@pytest.fixture(scope="session")
-def trained_checkpoint(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model trained 30 steps on ``prepared_dir``, saved as a Lightning checkpoint."""
+def train_tiny_checkpoint(prepared_dir: Path, root: Path, callbacks: tuple = ()) -> Path:
+    """Train the tiny model 30 steps on ``prepared_dir`` (seed 0) and save ``root/model.ckpt``."""
     import lightning as L
 
     from nmt_lightning.data import TranslationDataModule
     from nmt_lightning.module import TranslationModule
 
     L.seed_everything(0)
-    root = tmp_path_factory.mktemp("trained")
     datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
     module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
-    trainer = tiny_trainer(root)
+    trainer = tiny_trainer(root, callbacks=list(callbacks))
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(root / "model.ckpt")
     return root / "model.ckpt"
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained 30 steps on ``prepared_dir``, saved as a Lightning checkpoint."""
+    return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("trained"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from safetensors import safe_open
@@ -15,12 +14,11 @@ from callbacks import QuantizationAwareTraining
 from callbacks.quantization_aware_training import QATLinear, weight_absmax
 from nmt_lightning.checkpoints import load_translation_module
 from nmt_lightning.cli import main
-from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export import export_checkpoint, load_exported
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.translate import translate_lines
-from tests.conftest import TINY_MODEL, tiny_trainer
+from tests.conftest import train_tiny_checkpoint
 
 DynamicInt8Linear = torch.ao.nn.quantized.dynamic.Linear
 
@@ -28,15 +26,8 @@ DynamicInt8Linear = torch.ao.nn.quantized.dynamic.Linear
 @pytest.fixture(scope="module")
 def qat_checkpoint(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model trained 30 steps with per-channel 8-bit QAT of everything but the encoder's FFN."""
-    L.seed_everything(0)
-    root = tmp_path_factory.mktemp("qat")
-    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
     callback = QuantizationAwareTraining(per_channel=True, include=["model.*"], exclude=["model.encoder_layers.*.ffn.*"])
-    trainer = tiny_trainer(root, callbacks=[callback])
-    trainer.fit(module, datamodule=datamodule)
-    trainer.save_checkpoint(root / "qat.ckpt")
-    return root / "qat.ckpt"
+    return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("qat"), callbacks=(callback,))
 
 
 def source_lines(prepared_dir: Path, count: int = 12) -> list[str]:
