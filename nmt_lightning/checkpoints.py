@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.module import TranslationModule
+from nmt_lightning.module import QAT_BUFFERS, TranslationModule
 
 
 def load_translation_module(path: str | os.PathLike, map_location: str = "cpu") -> TranslationModule:
@@ -18,7 +18,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
-    from nmt_lightning.export import QAT_BUFFERS, is_export_file, load_exported
+    from nmt_lightning.export import is_export_file, load_exported
 
     if is_export_file(path):
         return load_exported(path)

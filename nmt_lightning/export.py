@@ -34,11 +34,10 @@ from torch import nn
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.module import TranslationModule
+from nmt_lightning.module import QAT_BUFFERS, TranslationModule, fake_quantized_modules, transformer_weights
 from nmt_lightning.tokenization import Tokenization
 
 FORMAT = "nmt-lightning-export/1"
-QAT_BUFFERS = ("input_absmax", "fake_quant_enabled")
 
 
 @dataclass
@@ -56,7 +55,7 @@ def is_export_file(path: str | os.PathLike) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _qat_settings(checkpoint: dict) -> Optional[dict]:
+def qat_settings(checkpoint: dict) -> Optional[dict]:
     """The QuantizationAwareTraining settings saved in the checkpoint, if it was trained with it."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if key.startswith("QuantizationAwareTraining") and isinstance(state, dict) and "bits" in state:
@@ -90,17 +89,16 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CorpusError(f"{path}: not a checkpoint of a translation model")
-    qat = _qat_settings(checkpoint)
+    qat = qat_settings(checkpoint)
     mode = quantize or ("int8" if qat else "fp32")
     bits, per_channel = (qat["bits"], qat["per_channel"]) if qat else (8, False)
 
     hyper_parameters = checkpoint["hyper_parameters"]
     module = TranslationModule.from_hyperparameters(hyper_parameters)
-    state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
-             if name.startswith("model.") and not name.endswith(QAT_BUFFERS)}
+    state = transformer_weights(checkpoint["state_dict"])
     if qat and mode == "int8":  # exactly the modules the callback quantized (its include/exclude)
-        quantizable = {name[len("model."):-len("fake_quant_enabled")] + "weight"
-                       for name in checkpoint["state_dict"] if name.startswith("model.") and name.endswith(".fake_quant_enabled")}
+        quantizable = {f"{name[len('model.'):]}.weight" for name in fake_quantized_modules(checkpoint["state_dict"])
+                       if name.startswith("model.")}
     else:
         quantizable = _quantizable(module.model)
     tensors: dict[str, torch.Tensor] = {}

@@ -21,6 +21,22 @@ from nmt_lightning.tokenization import Tokenization
 # fn(module, batch, logits) -> scalar tensor, added to the training loss.
 LossTerm = Callable[["TranslationModule", dict, torch.Tensor], torch.Tensor]
 
+# Buffers that callbacks.QuantizationAwareTraining adds to the modules it fake-quantizes.
+QAT_BUFFERS = ("input_absmax", "fake_quant_enabled")
+
+
+def transformer_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The Transformer's own tensors from a TranslationModule state_dict ("model." prefix
+    removed, fake-quantization buffers of a QAT run left out)."""
+    return {name[len("model."):]: tensor for name, tensor in state_dict.items()
+            if name.startswith("model.") and not name.endswith(QAT_BUFFERS)}
+
+
+def fake_quantized_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Qualified names (as in ``state_dict``) of the modules a QAT run fake-quantized."""
+    suffix = ".fake_quant_enabled"
+    return [name[: -len(suffix)] for name in state_dict if name.endswith(suffix)]
+
 
 class TranslationModule(L.LightningModule):
     """Trains a Transformer with label-smoothed cross-entropy and Adam with inverse-sqrt warm-up.
@@ -115,10 +131,8 @@ class TranslationModule(L.LightningModule):
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
         # Fake-quantization buffers of a QAT run are not weights; a callback adds its own.
-        state = {name[len("model."):]: tensor for name, tensor in checkpoint["state_dict"].items()
-                 if name.startswith("model.") and not name.endswith(("input_absmax", "fake_quant_enabled"))}
         try:
-            self.model.load_state_dict(state)
+            self.model.load_state_dict(transformer_weights(checkpoint["state_dict"]))
         except RuntimeError as error:
             first = str(error).strip().splitlines()[1:2] or [""]
             raise ValueError(f"init_from: {path}: weights do not fit this model ({first[0].strip()})") from None

@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the r
 
 from callbacks import QuantizationAwareTraining  # noqa: E402
 from nmt_lightning.evaluation import read_lines, score  # noqa: E402
-from nmt_lightning.export import export_checkpoint, load_exported  # noqa: E402
-from nmt_lightning.module import TranslationModule  # noqa: E402
+from nmt_lightning.export import export_checkpoint, load_exported, qat_settings  # noqa: E402
+from nmt_lightning.module import TranslationModule, fake_quantized_modules  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
 
 RECIPES = ROOT / "recipes"
@@ -83,10 +83,12 @@ def finetune(fp32_checkpoint: Path, data_dir: Path, run_dir: Path, quantize: boo
 def load_fake_quantized(path: Path) -> TranslationModule:
     """The QAT checkpoint as it trained: fp32 weights, fake quantization with the EMA input ranges."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    settings = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("QuantizationAwareTraining"))
-    names = [name[: -len(".fake_quant_enabled")] for name in checkpoint["state_dict"] if name.endswith(".fake_quant_enabled")]
+    settings = qat_settings(checkpoint)
+    if settings is None:
+        raise SystemExit(f"{path}: not trained with QuantizationAwareTraining")
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
-    QuantizationAwareTraining(bits=settings["bits"], per_channel=settings["per_channel"], include=names).quantize_modules(module)
+    QuantizationAwareTraining(bits=settings["bits"], per_channel=settings["per_channel"],
+                              include=fake_quantized_modules(checkpoint["state_dict"])).quantize_modules(module)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.eval()

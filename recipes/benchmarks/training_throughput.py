@@ -12,7 +12,6 @@ comparison is about the training step.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import lightning as L
@@ -20,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from nmt_lightning.data import TranslationDataModule
+from side_by_side import median_table  # recipes/benchmarks/side_by_side.py
 from nmt_lightning.module import TranslationModule, inverse_sqrt_schedule
 
 
@@ -82,12 +82,9 @@ def main() -> None:
     for _ in range(args.repeats):
         rates["plain PyTorch"].append(target_tokens / plain_loop(fresh(), batches))
         rates["Lightning"].append(target_tokens / lightning_loop(fresh(), batches))
-    medians = {name: statistics.median(values) for name, values in rates.items()}
+    medians, table = median_table("loop", rates, "target tokens/s", digits=0)
     print(f"\n{args.steps} steps, {target_tokens} target tokens, preset {args.preset}, {torch.get_num_threads()} threads")
-    print("| loop | target tokens/s (median) | runs |")
-    print("|---|---|---|")
-    for name, values in rates.items():
-        print(f"| {name} | {medians[name]:.0f} | {', '.join(f'{v:.0f}' for v in values)} |")
+    print(table)
     print(f"Lightning / plain = {medians['Lightning'] / medians['plain PyTorch']:.3f}")
 
 

@@ -10,13 +10,13 @@ reports the medians, their ratio, and whether both produced the same translation
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 
 from nmt_lightning.checkpoints import load_translation_module
 from nmt_lightning.translate import translate_lines
+from side_by_side import median_table  # recipes/benchmarks/side_by_side.py
 
 
 def main() -> None:
@@ -38,13 +38,10 @@ def main() -> None:
             outputs[name] = translate_lines(module, lines, beam=args.beam, batch_size=args.batch_size, progress=False,
                                             use_cache=use_cache)
             speeds[name].append(len(lines) / (time.perf_counter() - started))
-    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    medians, table = median_table("decoder", speeds, "sentences/s", digits=2)
     same = sum(a == b for a, b in zip(outputs["with cache"], outputs["without cache"]))
     print(f"{len(lines)} sentences, beam {args.beam}, batch {args.batch_size}, {torch.get_num_threads()} threads")
-    print("| decoder | sentences/s (median) | runs |")
-    print("|---|---|---|")
-    for name, values in speeds.items():
-        print(f"| {name} | {medians[name]:.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+    print(table)
     print(f"cache speed-up = {medians['with cache'] / medians['without cache']:.2f}x; identical translations: {same}/{len(lines)}")
 
 
