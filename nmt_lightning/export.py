@@ -94,13 +94,14 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     bits, per_channel = (qat["bits"], qat["per_channel"]) if qat else (8, False)
 
     hyper_parameters = checkpoint["hyper_parameters"]
-    module = TranslationModule.from_hyperparameters(hyper_parameters)
     state = transformer_weights(checkpoint["state_dict"])
-    if qat and mode == "int8":  # exactly the modules the callback quantized (its include/exclude)
+    if mode == "fp32":
+        quantizable: set[str] = set()
+    elif qat:  # exactly the modules the callback quantized (its include/exclude)
         quantizable = {f"{name[len('model.'):]}.weight" for name in fake_quantized_modules(checkpoint["state_dict"])
                        if name.startswith("model.")}
-    else:
-        quantizable = _quantizable(module.model)
+    else:  # post-training: every nn.Linear / nn.Embedding weight of the architecture
+        quantizable = _quantizable(TranslationModule.from_hyperparameters(hyper_parameters).model)
     tensors: dict[str, torch.Tensor] = {}
     tied: dict[str, str] = {}
     seen: dict[int, str] = {}
@@ -112,7 +113,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
             continue
         seen[pointer] = name
         fp32_bytes += tensor.numel() * 4
-        if mode == "int8" and name in quantizable:
+        if name in quantizable:
             values, scale = quantize_weight(tensor.float(), bits, per_channel)
             tensors[name] = values
             tensors[f"{name}.scale"] = scale
