@@ -23,11 +23,29 @@ def source() -> torch.Tensor:
     return source
 
 
-def test_beam_one_is_greedy(model: Transformer, source: torch.Tensor) -> None:
-    greedy = greedy_search(model, source)
-    beam = beam_search(model, source, beam=1)
-    assert beam.tokens == greedy.tokens
-    torch.testing.assert_close(beam.scores, greedy.scores)
+def test_greedy_takes_the_most_probable_token_at_every_step(model: Transformer, source: torch.Tensor) -> None:
+    found = greedy_search(model, source, max_len_a=0.0, max_len_b=6)
+    for row, tokens in enumerate(found.tokens):
+        prefix = [BOS_ID]
+        while len(prefix) < 6:  # the cap: 6 positions, the last one forced to eos
+            log_probs = torch.log_softmax(model(source[row : row + 1], torch.tensor([prefix]))[0, -1], -1)
+            log_probs[[PAD_ID, BOS_ID]] = float("-inf")
+            prefix.append(int(log_probs.argmax()))
+            if prefix[-1] == EOS_ID:
+                break
+        assert tokens == [token for token in prefix[1:] if token != EOS_ID]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_sentence_translates_the_same_alone_or_in_a_batch(model: Transformer, source: torch.Tensor,
+                                                             beam: int, use_cache: bool) -> None:
+    """Sentences leave the batch as they finish; that must not change anyone's result."""
+    batched = beam_search(model, source, beam=beam, use_cache=use_cache)
+    for row in range(len(source)):
+        alone = beam_search(model, source[row : row + 1], beam=beam, use_cache=use_cache)
+        assert alone.tokens == [batched.tokens[row]]
+        torch.testing.assert_close(alone.scores, batched.scores[row : row + 1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("beam", [1, 4])

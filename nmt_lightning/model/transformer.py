@@ -161,16 +161,18 @@ class Transformer(nn.Module):
         return self.decode(last_tokens, memory, source_mask, caches, start=step)[:, -1]
 
     @staticmethod
-    def reorder_cache(caches: list[LayerCache], order: torch.Tensor) -> None:
-        """Keep the self-attention cache rows of ``order`` (beam search survivors), in place.
+    def reorder_cache(caches: list[LayerCache], order: torch.Tensor, encoder_too: bool = False) -> None:
+        """Keep the cache rows of ``order``, in place: the self-attention keys/values, and with
+        ``encoder_too`` the cross-attention ones as well (when beam search drops sentences).
 
-        The cross-attention keys/values are left alone, as the encoder output is: beam search
-        only reorders hypotheses within a sentence, whose rows hold identical copies of them.
-        Copying them every step was most of the decoding time (they are as long as the source).
+        Beam search's per-step reorder leaves the cross-attention keys/values alone, as it does
+        the encoder output: it only reorders hypotheses within a sentence, whose rows hold
+        identical copies of them. Copying them every step was most of the decoding time (they
+        are as long as the source).
         """
         for cache in caches:
             for name, value in cache.items():
-                if not name.startswith("cross_"):
+                if encoder_too or not name.startswith("cross_"):
                     cache[name] = value.index_select(0, order)
 
     def num_parameters(self) -> int:
