@@ -12,7 +12,9 @@
    (Q8BERT's "DQ" column) and the QAT int8 model;
 4. translates the test split with each (beam 4) for BLEU/chrF, and measures CPU speed by
    translating the same sentences with the same batch size, models taking turns, several rounds;
-5. writes ``OUT/int8_table.md`` and ``OUT/int8_table.csv`` (and the hypotheses).
+5. writes ``OUT/int8_table.md`` and ``OUT/int8_table.csv`` (and the hypotheses), and below the
+   table where the decoding time goes: one more pass per model with timers around its linear
+   layers, the only part int8 makes faster.
 
 Rows are written as soon as each is measured, so an interrupted run keeps what it has.
 """
@@ -27,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors import safe_open
@@ -92,6 +94,41 @@ def load_fake_quantized(path: Path) -> TranslationModule:
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.eval()
+
+
+def time_in_linear_layers(model: torch.nn.Module, work: Callable[[], object]) -> tuple[float, float]:
+    """(seconds of ``work()``, seconds of it spent inside the model's fp32 or int8 Linear layers)."""
+    linear_types = (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+    inside, started = [0.0], [0.0]
+
+    def enter(*_: object) -> None:
+        started[0] = time.perf_counter()
+
+    def leave(*_: object) -> None:
+        inside[0] += time.perf_counter() - started[0]
+
+    handles = [hook for layer in model.modules() if isinstance(layer, linear_types)
+               for hook in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    try:
+        begin = time.perf_counter()
+        work()
+        return time.perf_counter() - begin, inside[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def breakdown_table(rows: list[Row], timings: dict[str, tuple[float, float]]) -> list[str]:
+    """Markdown lines: per model, decoding seconds inside and outside the linear layers."""
+    lines = ["", "Where decoding time goes (one extra pass over the timed sentences, timers around every linear layer):",
+             "", "| model | total s | linear layers s | everything else s | linear share |", "|---|---|---|---|---|"]
+    for row in rows:
+        total, linear = timings[row.name]
+        lines.append(f"| {row.name} | {total:.2f} | {linear:.2f} | {total - linear:.2f} | {linear / total:.0%} |")
+    fp32_linear, int8_linear = timings[rows[0].name][1], timings["QAT int8"][1]
+    lines += ["", f"The int8 linear layers are {fp32_linear / int8_linear:.2f}x as fast as the fp32 ones: the most "
+                  "the whole model could gain if nothing else took any time."]
+    return lines
 
 
 def weight_bytes(path: Path) -> int:
@@ -187,7 +224,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             translate_lines(models[row.name], timed, beam=args.beam, batch_size=args.batch_size, progress=False)
             row.speeds.append(len(timed) / (time.perf_counter() - started))
         print("speeds so far: " + ", ".join(f"{row.name} {row.speed:.2f}" for row in rows), flush=True)
-    print(write_table(rows, out, rows[0], notes))
+    timings = {row.name: time_in_linear_layers(models[row.name].model, lambda row=row: translate_lines(
+        models[row.name], timed, beam=args.beam, batch_size=args.batch_size, progress=False)) for row in rows}
+    print(write_table(rows, out, rows[0], notes + breakdown_table(rows, timings)))
 
 
 if __name__ == "__main__":
