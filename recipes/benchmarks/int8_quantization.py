@@ -96,36 +96,51 @@ def load_fake_quantized(path: Path) -> TranslationModule:
     return module.eval()
 
 
-def time_in_linear_layers(model: torch.nn.Module, work: Callable[[], object]) -> tuple[float, float]:
-    """(seconds of ``work()``, seconds of it spent inside the model's fp32 or int8 Linear layers)."""
+LAYER_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attention", "out_proj": "attention",
+                "fc1": "feed-forward", "fc2": "feed-forward", "output_projection": "output projection"}
+
+
+def time_in_linear_layers(model: torch.nn.Module, work: Callable[[], object]) -> tuple[float, dict[str, float]]:
+    """(seconds of ``work()``, seconds of it spent inside the model's fp32 or int8 Linear layers,
+    by group of ``LAYER_GROUPS``: attention projections, feed-forward, output projection, other)."""
     linear_types = (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
-    inside, started = [0.0], [0.0]
+    inside: dict[str, float] = {}
+    started = [0.0]
 
     def enter(*_: object) -> None:
         started[0] = time.perf_counter()
 
-    def leave(*_: object) -> None:
-        inside[0] += time.perf_counter() - started[0]
+    def leave_for(group: str) -> Callable[..., None]:
+        def leave(*_: object) -> None:
+            inside[group] = inside.get(group, 0.0) + time.perf_counter() - started[0]
+        return leave
 
-    handles = [hook for layer in model.modules() if isinstance(layer, linear_types)
-               for hook in (layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave))]
+    handles = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, linear_types):
+            group = LAYER_GROUPS.get(name.rpartition(".")[2], "other linear")
+            handles += [layer.register_forward_pre_hook(enter), layer.register_forward_hook(leave_for(group))]
     try:
         begin = time.perf_counter()
         work()
-        return time.perf_counter() - begin, inside[0]
+        return time.perf_counter() - begin, inside
     finally:
         for handle in handles:
             handle.remove()
 
 
-def breakdown_table(rows: list[Row], timings: dict[str, tuple[float, float]]) -> list[str]:
-    """Markdown lines: per model, decoding seconds inside and outside the linear layers."""
+def breakdown_table(rows: list[Row], timings: dict[str, tuple[float, dict[str, float]]]) -> list[str]:
+    """Markdown lines: per model, decoding seconds inside each group of linear layers and outside."""
+    groups = sorted({group for _, inside in timings.values() for group in inside})
     lines = ["", "Where decoding time goes (one extra pass over the timed sentences, timers around every linear layer):",
-             "", "| model | total s | linear layers s | everything else s | linear share |", "|---|---|---|---|---|"]
+             "", "| model | total s | " + " | ".join(f"{group} s" for group in groups)
+             + " | all linear layers s | everything else s | linear share |", "|---" * (len(groups) + 5) + "|"]
     for row in rows:
-        total, linear = timings[row.name]
-        lines.append(f"| {row.name} | {total:.2f} | {linear:.2f} | {total - linear:.2f} | {linear / total:.0%} |")
-    fp32_linear, int8_linear = timings[rows[0].name][1], timings["QAT int8"][1]
+        total, inside = timings[row.name]
+        linear = sum(inside.values())
+        lines.append(f"| {row.name} | {total:.2f} | " + " | ".join(f"{inside.get(group, 0.0):.2f}" for group in groups)
+                     + f" | {linear:.2f} | {total - linear:.2f} | {linear / total:.0%} |")
+    fp32_linear, int8_linear = (sum(timings[name][1].values()) for name in (rows[0].name, "QAT int8"))
     lines += ["", f"The int8 linear layers are {fp32_linear / int8_linear:.2f}x as fast as the fp32 ones: the most "
                   "the whole model could gain if nothing else took any time."]
     return lines
