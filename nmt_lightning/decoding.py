@@ -43,8 +43,10 @@ def _step_log_probs(model: Transformer, tokens: torch.Tensor, memory: torch.Tens
 
 @torch.no_grad()
 def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
-                max_len_a: float = 1.2, max_len_b: int = 10, use_cache: bool = True) -> SearchResult:
-    """Translate ``source`` (B, S) with a beam of ``beam`` hypotheses per sentence.
+                max_len_a: float = 1.2, max_len_b: int = 10, use_cache: bool = True,
+                min_length: int = 0) -> SearchResult:
+    """Translate ``source`` (B, S) with a beam of ``beam`` hypotheses per sentence; eos is
+    forbidden before ``min_length`` tokens (eos included), unless the length cap comes first.
 
     A sentence leaves the batch as soon as all its hypotheses have finished, so the remaining
     steps only compute the sentences still open (its result cannot change any more).
@@ -72,7 +74,7 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     for step in range(steps):
         log_probs = _step_log_probs(model, tokens, memory, mask, caches, step)  # (n*K, V), n open sentences
         count, vocab = len(open_sentences), log_probs.shape[-1]
-        _constrain(log_probs, finished, ~finished & (step + 1 >= max_lengths))
+        _constrain(log_probs, finished, ~finished & (step + 1 >= max_lengths), step + 1 < min_length)
         candidates = (scores.unsqueeze(1) + log_probs).view(count, beam * vocab)
         top_scores, top_indices = candidates.topk(beam, dim=1)  # (n, K)
         origin = (top_indices // vocab) + torch.arange(count, device=device).unsqueeze(1) * beam
@@ -110,12 +112,15 @@ def _hypothesis(ids: list[int]) -> list[int]:
     return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
 
 
-def _constrain(log_probs: torch.Tensor, finished: torch.Tensor, at_limit: torch.Tensor) -> None:
-    """In place: live hypotheses never emit pad or bos; one at its length cap can only emit
-    eos (at its own probability); a finished one continues with pad at no cost."""
+def _constrain(log_probs: torch.Tensor, finished: torch.Tensor, at_limit: torch.Tensor, too_short: bool) -> None:
+    """In place: live hypotheses never emit pad or bos, nor eos while ``too_short``; one at its
+    length cap can only emit eos (at its own probability); a finished one continues with pad at
+    no cost."""
     live = ~finished
     log_probs[live, PAD_ID] = float("-inf")
     log_probs[live, BOS_ID] = float("-inf")
+    if too_short:
+        log_probs[live, EOS_ID] = float("-inf")
     if bool(at_limit.any()):
         eos = log_probs[at_limit, EOS_ID].clone()
         log_probs[at_limit] = float("-inf")

@@ -174,10 +174,19 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
     module.model.load_state_dict(state, strict=True)
     if metadata["quantization"] == "int8":
         tied = json.loads(metadata["tied"])
-        for name, linear in list(module.model.named_modules()):
+        int8_weights = {}
+        for name, linear in module.model.named_modules():
             source = tied.get(f"{name}.weight", f"{name}.weight")
             if isinstance(linear, nn.Linear) and source in scales:
-                replacement = _dynamic_int8_linear(linear, tensors[source], scales[source])
-                parent, _, attribute = name.rpartition(".")
-                setattr(module.model.get_submodule(parent) if parent else module.model, attribute, replacement)
+                int8_weights[name] = (tensors[source], scales[source])
+        use_int8_linears(module.model, int8_weights)
     return module.eval()
+
+
+def use_int8_linears(model: nn.Module, int8_weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """In place: each nn.Linear named in ``int8_weights`` (name -> (int8 values, scale)) becomes
+    torch.ao's dynamic int8 Linear on that grid."""
+    for name, (values, scale) in int8_weights.items():
+        replacement = _dynamic_int8_linear(model.get_submodule(name), values, scale)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attribute, replacement)

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -74,3 +76,12 @@ def test_length_cap(model: Transformer, source: torch.Tensor) -> None:
     assert all(len(tokens) <= 2 for tokens in result.tokens)  # 3 positions, the last forced to eos
     with pytest.raises(ValueError, match="beam must be >= 1"):
         beam_search(model, source, beam=0)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_min_length_keeps_eos_out_until_then(model: Transformer, source: torch.Tensor, beam: int) -> None:
+    eager = copy.deepcopy(model)
+    eager.output_projection.register_forward_hook(lambda _, __, logits: logits.index_add(
+        -1, torch.tensor([EOS_ID]), torch.full((*logits.shape[:-1], 1), 100.0)))  # eos is always the favourite
+    assert beam_search(eager, source, beam=beam).tokens == [[]] * len(source)
+    assert all(len(tokens) == 3 for tokens in beam_search(eager, source, beam=beam, min_length=4).tokens)
