@@ -8,12 +8,17 @@ from torch import nn
 BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
 
 
-def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
+def import_benchmark():
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        from int8_quantization import time_in_linear_layers
+        import int8_quantization
     finally:
         sys.path.pop(0)
+    return int8_quantization
+
+
+def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
+    time_in_linear_layers = import_benchmark().time_in_linear_layers
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     model[2] = torch.ao.quantization.quantize_dynamic(nn.Sequential(model[2]), {nn.Linear}, dtype=torch.qint8)
 
@@ -25,3 +30,17 @@ def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
     assert set(inside) == {"other linear"}  # neither name is one of the Transformer's
     assert 0.0 < inside["other linear"] < total and total - inside["other linear"] >= 0.05
     assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in model.modules())
+
+
+def test_breakdown_says_how_small_the_rest_must_be_for_the_target() -> None:
+    benchmark = import_benchmark()
+    rows = [benchmark.Row("fp32", Path("fp32")), benchmark.Row("QAT int8", Path("int8"))]
+    timings = {"fp32": [(5.0, {"attention": 1.0, "output projection": 2.0}), (6.0, {"attention": 1.0, "output projection": 2.0})],
+               "QAT int8": [(3.5, {"attention": 0.5, "output projection": 1.0})]}
+    lines = benchmark.breakdown_table(rows, timings)
+    assert "| fp32 | 5.50 | 1.00 | 2.00 | 3.00 | 2.50 | 55% |" in lines
+    assert "| QAT int8 | 3.50 | 0.50 | 1.00 | 1.50 | 2.00 | 43% |" in lines
+    assert lines[-1].startswith("The int8 linear layers are 2.00x as fast")
+    assert lines[-1].endswith("for 1.8x it would have to fall to 0.37 s.")  # (3.0 - 1.8 * 1.5) / 0.8 = 0.375 less a rounding error
+    timings["QAT int8"] = [(3.5, {"attention": 1.0, "output projection": 1.0})]
+    assert benchmark.breakdown_table(rows, timings)[-1].endswith("1.8x is out of reach whatever it costs.")
