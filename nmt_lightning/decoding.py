@@ -119,8 +119,8 @@ def _constrain(log_probs: torch.Tensor, finished: torch.Tensor, at_limit: torch.
     live = ~finished
     log_probs[live, PAD_ID] = float("-inf")
     log_probs[live, BOS_ID] = float("-inf")
-    if too_short:
-        log_probs[live, EOS_ID] = float("-inf")
+    if too_short:  # the length cap wins over min_length
+        log_probs[live & ~at_limit, EOS_ID] = float("-inf")
     if bool(at_limit.any()):
         eos = log_probs[at_limit, EOS_ID].clone()
         log_probs[at_limit] = float("-inf")

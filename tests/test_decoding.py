@@ -85,3 +85,5 @@ def test_min_length_keeps_eos_out_until_then(model: Transformer, source: torch.T
         -1, torch.tensor([EOS_ID]), torch.full((*logits.shape[:-1], 1), 100.0)))  # eos is always the favourite
     assert beam_search(eager, source, beam=beam).tokens == [[]] * len(source)
     assert all(len(tokens) == 3 for tokens in beam_search(eager, source, beam=beam, min_length=4).tokens)
+    capped = beam_search(eager, source, beam=beam, min_length=9, max_len_a=0.0, max_len_b=3)
+    assert all(len(tokens) == 2 for tokens in capped.tokens)  # the cap (3 with eos) wins
