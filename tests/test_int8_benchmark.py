@@ -34,13 +34,13 @@ def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
 
 def test_breakdown_says_how_small_the_rest_must_be_for_the_target() -> None:
     benchmark = import_benchmark()
-    rows = [benchmark.Row("fp32", Path("fp32")), benchmark.Row("QAT int8", Path("int8"))]
+    rows = [benchmark.Row("fp32", Path("fp32")), benchmark.Row(benchmark.PTQ_ROW, Path("int8"))]
     timings = {"fp32": [(5.0, {"attention": 1.0, "output projection": 2.0}), (6.0, {"attention": 1.0, "output projection": 2.0})],
-               "QAT int8": [(3.5, {"attention": 0.5, "output projection": 1.0})]}
+               benchmark.PTQ_ROW: [(3.5, {"attention": 0.5, "output projection": 1.0})]}
     lines = benchmark.breakdown_table(rows, timings)
     assert "| fp32 | 5.50 | 1.00 | 2.00 | 3.00 | 2.50 | 55% |" in lines
-    assert "| QAT int8 | 3.50 | 0.50 | 1.00 | 1.50 | 2.00 | 43% |" in lines
-    assert lines[-1].startswith("The int8 linear layers are 2.00x as fast")
+    assert f"| {benchmark.PTQ_ROW} | 3.50 | 0.50 | 1.00 | 1.50 | 2.00 | 43% |" in lines
+    assert lines[-1].startswith("The int8 linear layers of the post-training copy are 2.00x as fast")
     assert lines[-1].endswith("for 1.8x it would have to fall to 0.37 s.")  # (3.0 - 1.8 * 1.5) / 0.8 = 0.375 less a rounding error
-    timings["QAT int8"] = [(3.5, {"attention": 1.0, "output projection": 1.0})]
+    timings[benchmark.PTQ_ROW] = [(3.5, {"attention": 1.0, "output projection": 1.0})]
     assert benchmark.breakdown_table(rows, timings)[-1].endswith("1.8x is out of reach whatever it costs.")
