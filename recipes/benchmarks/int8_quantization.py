@@ -149,8 +149,9 @@ def breakdown_table(rows: list[Row], timings: dict[str, list[tuple[float, dict[s
                      + " | ".join(f"{statistics.median(inside.get(group, 0.0) for _, inside in passes):.2f}" for group in groups)
                      + f" | {linear_seconds[row.name]:.2f} | {other_seconds[row.name]:.2f} "
                      + f"| {linear_seconds[row.name] / total:.0%} |")
-    # fp32 against its own post-training int8 copy: same weights up to rounding, so the same
-    # translations nearly always and the same decoding steps; only the arithmetic differs.
+    # fp32 against its own post-training int8 copy: the same weights up to rounding, hence close
+    # to the same decoding steps, so the difference is the arithmetic (the QAT model is fine-tuned
+    # and writes other translations, of other lengths).
     fp32, int8 = linear_seconds[rows[0].name], linear_seconds[PTQ_ROW]
     rest_allowed = (fp32 - target * int8) / (target - 1)  # (fp32 + rest) / (int8 + rest) = target
     lines += ["", f"The int8 linear layers of the post-training copy are {fp32 / int8:.2f}x as fast as the fp32 ones, "
