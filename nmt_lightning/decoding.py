@@ -53,6 +53,8 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     """
     if beam < 1:
         raise ValueError(f"beam must be >= 1, got {beam}")
+    if min_length < 0:
+        raise ValueError(f"min_length must be >= 0, got {min_length}")
     batch, device = source.shape[0], source.device
     memory, mask = model.encode(source)
     # Every sentence's encoder output repeated for its beam: row b * beam + k.

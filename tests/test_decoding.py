@@ -76,6 +76,8 @@ def test_length_cap(model: Transformer, source: torch.Tensor) -> None:
     assert all(len(tokens) <= 2 for tokens in result.tokens)  # 3 positions, the last forced to eos
     with pytest.raises(ValueError, match="beam must be >= 1"):
         beam_search(model, source, beam=0)
+    with pytest.raises(ValueError, match="min_length must be >= 0"):
+        beam_search(model, source, min_length=-1)
 
 
 @pytest.mark.parametrize("beam", [1, 3])
