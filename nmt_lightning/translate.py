@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,6 +15,17 @@ from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.module import TranslationModule
 
 
+def source_batches(token_ids: list[list[int]], batch_size: int,
+                   limit: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices into ``token_ids``, source (B, S)) batches of sentences of similar length, to
+    limit padding; every sentence is cut to ``limit`` tokens and ends with eos."""
+    ids = [np.array(tokens[:limit] + [EOS_ID]) for tokens in token_ids]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        yield chunk, pad_batch([ids[i] for i in chunk])
+
+
 def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, batch_size: int = 32,
                     progress: bool = True, use_cache: bool = True) -> list[str]:
     """Translate ``lines``, returned in the same order. Batches group sentences of similar
@@ -21,16 +33,14 @@ def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, 
     if beam < 1 or batch_size < 1:
         raise ValueError(f"beam and batch_size must be >= 1, got beam={beam}, batch_size={batch_size}")
     module.eval()
-    limit = module.model.config.max_positions - 1
-    ids = [np.array(s[:limit] + [EOS_ID]) for s in module.tokenization.encode_source(lines)]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = source_batches(module.tokenization.encode_source(lines), batch_size,
+                             limit=module.model.config.max_positions - 1)
     results: list[str] = [""] * len(lines)
     hp = module.hparams
     with torch.inference_mode(), tqdm(total=len(lines), desc="translating", unit=" sent", file=sys.stderr,
                                       disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            source = pad_batch([ids[i] for i in chunk]).to(module.device)
+        for chunk, source in batches:
+            source = source.to(module.device)
             if beam == 1:
                 found = greedy_search(module.model, source, hp.max_len_a, hp.max_len_b, use_cache=use_cache)
             else:

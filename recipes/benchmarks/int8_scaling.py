@@ -24,20 +24,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from int8_quantization import time_in_linear_layers  # noqa: E402  (recipes/benchmarks/)
-from nmt_lightning.bpe import EOS_ID  # noqa: E402
 from nmt_lightning.data import TranslationDataModule  # noqa: E402
-from nmt_lightning.data.dataset import pad_batch  # noqa: E402
 from nmt_lightning.decoding import beam_search  # noqa: E402
 from nmt_lightning.export import quantize_weight, use_int8_linears  # noqa: E402
 from nmt_lightning.model import Transformer  # noqa: E402
 from nmt_lightning.model.transformer import PRESETS  # noqa: E402
+from nmt_lightning.translate import source_batches  # noqa: E402
 
 
 def int8_copy(model: Transformer) -> Transformer:
@@ -73,8 +71,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     data = TranslationDataModule(args.data_dir, src_lang=args.src, tgt_lang=args.tgt)
     tokenizer = data.tokenizer(args.src)
     lines = Path(args.data_dir, f"test.{args.src}").read_text(encoding="utf-8").splitlines()[: args.sentences]
-    ids = sorted((np.array(tokenizer.encode(line)[:255] + [EOS_ID]) for line in lines), key=len)  # as translate_lines
-    batches = [pad_batch(ids[i : i + args.batch_size]) for i in range(0, len(ids), args.batch_size)]
+    token_ids = [tokenizer.encode(line) for line in lines]
 
     header = ("| preset | d_model | parameters | fp32 sentences/s | int8 sentences/s | int8 vs fp32 "
               "| fp32 time in linear layers |\n|---|---|---|---|---|---|---|")
@@ -83,6 +80,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.manual_seed(0)
         fp32 = Transformer.from_preset(preset, data.src_vocab_size, data.tgt_vocab_size, dropout=0.0).eval()
         models = {"fp32": fp32, "int8": int8_copy(fp32)}
+        batches = [source for _, source in source_batches(token_ids, args.batch_size, fp32.config.max_positions - 1)]
         speeds: dict[str, list[float]] = {name: [] for name in models}
         with torch.inference_mode():
             decode_all(fp32, batches[:1], args.beam, 2)  # warm-up
