@@ -17,6 +17,11 @@
    around its linear layers, the only part int8 makes faster.
 
 Rows are written as soon as each is measured, so an interrupted run keeps what it has.
+
+To measure the same models on another CPU (a deployment machine, say), copy the exported files
+and the prepared test split there and pass ``--exports DIR``: nothing is trained or exported,
+and the fake-quantized comparison (which needs the QAT checkpoint) is left out. Pin the cores
+the way they will be used, e.g. ``OMP_NUM_THREADS=2 taskset -c 0,2 python ...``.
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
 FINETUNE = RECIPES / "libreoffice_en_cs" / "finetune.yaml"
 QAT = RECIPES / "compress" / "qat.yaml"
 PTQ_ROW = "PTQ int8 (dynamic, no training)"  # the fp32 model's own int8 copy: the same decoding work, int8 arithmetic
+CONTROL_ROW = "fp32 + same fine-tuning (control)"
+EXPORT_FILES = {"fp32": "fp32.safetensors", PTQ_ROW: "ptq.int8.safetensors", "QAT int8": "qat.int8.safetensors",
+                CONTROL_ROW: "control.fp32.safetensors"}  # row -> file name in OUT
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to the run's directory
 
 
@@ -162,6 +170,18 @@ def breakdown_table(rows: list[Row], timings: dict[str, list[tuple[float, dict[s
     return lines
 
 
+def cpu_description() -> str:
+    """The processor's model name and the instruction sets int8 matrix products use (Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    int8_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
+    return f"{name} ({', '.join(int8_flags) or 'no AVX2'})"
+
+
 def weight_bytes(path: Path) -> int:
     """Bytes of the model's tensors in an exported file (without the sentencepiece models)."""
     with safe_open(str(path), framework="pt") as handle:
@@ -187,20 +207,8 @@ def write_table(rows: list[Row], out: Path, baseline: Row, notes: list[str]) -> 
     return markdown
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/int8_benchmark", help="output directory (default: %(default)s)")
-    parser.add_argument("--data-dir", default="data/libreoffice_en_cs", help="prepared data (default: %(default)s)")
-    parser.add_argument("--fp32-checkpoint", default="runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
-    parser.add_argument("--qat-checkpoint", help="a checkpoint trained with QuantizationAwareTraining (skips fine-tuning)")
-    parser.add_argument("--control", action="store_true", help="also fine-tune fp32 with the same budget, no QAT")
-    parser.add_argument("--beam", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--speed-sentences", type=int, default=300, help="test sentences timed per round")
-    parser.add_argument("--speed-rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    out, data_dir = Path(args.out).resolve(), Path(args.data_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+def train_and_export(args: argparse.Namespace, out: Path, data_dir: Path) -> tuple[dict[str, Path], Path]:
+    """Train (or reuse) the fp32, QAT and control models and export them: (row -> file, QAT checkpoint)."""
     fp32_checkpoint = Path(args.fp32_checkpoint).resolve()
     if not fp32_checkpoint.is_file():
         if not (data_dir / "prepare.json").is_file():
@@ -212,23 +220,53 @@ def main(argv: Optional[list[str]] = None) -> None:
                       else finetune(fp32_checkpoint, data_dir, out / "qat_finetune", quantize=True))
 
     exports = {
-        "fp32": export_checkpoint(fp32_checkpoint, out / "fp32.safetensors", "fp32"),
-        PTQ_ROW: export_checkpoint(fp32_checkpoint, out / "ptq.int8.safetensors", "int8"),
-        "QAT int8": export_checkpoint(qat_checkpoint, out / "qat.int8.safetensors"),
+        "fp32": export_checkpoint(fp32_checkpoint, out / EXPORT_FILES["fp32"], "fp32"),
+        PTQ_ROW: export_checkpoint(fp32_checkpoint, out / EXPORT_FILES[PTQ_ROW], "int8"),
+        "QAT int8": export_checkpoint(qat_checkpoint, out / EXPORT_FILES["QAT int8"]),
     }
     if args.control:
-        control = finetune(fp32_checkpoint, data_dir, out / "fp32_finetune", quantize=False)
-        exports["fp32 + same fine-tuning (control)"] = export_checkpoint(control, out / "control.fp32.safetensors", "fp32")
-    rows = [Row(name, report.output) for name, report in exports.items()]
+        control, name = finetune(fp32_checkpoint, data_dir, out / "fp32_finetune", quantize=False), CONTROL_ROW
+        exports[name] = export_checkpoint(control, out / EXPORT_FILES[name], "fp32")
+    return {name: report.output for name, report in exports.items()}, qat_checkpoint
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/int8_benchmark", help="output directory (default: %(default)s)")
+    parser.add_argument("--data-dir", default="data/libreoffice_en_cs", help="prepared data (default: %(default)s)")
+    parser.add_argument("--fp32-checkpoint", default="runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    parser.add_argument("--qat-checkpoint", help="a checkpoint trained with QuantizationAwareTraining (skips fine-tuning)")
+    parser.add_argument("--control", action="store_true", help="also fine-tune fp32 with the same budget, no QAT")
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--speed-sentences", type=int, default=300, help="test sentences timed per round")
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--exports", help="measure the exported files of an earlier run in this directory "
+                                          "(fp32.safetensors, ptq.int8.safetensors, ...) instead of training")
+    args = parser.parse_args(argv)
+    out, data_dir = Path(args.out).resolve(), Path(args.data_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.exports:
+        model_files = {name: Path(args.exports) / file for name, file in EXPORT_FILES.items()
+                       if (Path(args.exports) / file).is_file()}
+        if not {"fp32", PTQ_ROW} <= set(model_files):
+            raise SystemExit(f"{args.exports}: needs at least fp32.safetensors and ptq.int8.safetensors")
+        qat_checkpoint, origin = None, f"Exported files of {Path(args.exports).resolve()}."
+    else:
+        model_files, qat_checkpoint = train_and_export(args, out, data_dir)
+        fp32_checkpoint = Path(args.fp32_checkpoint).resolve()
+        origin = (f"The fp32 Lightning checkpoint ({fp32_checkpoint.name}, with optimiser state) is "
+                  f"{fp32_checkpoint.stat().st_size:,} bytes.")
+    rows = [Row(name, path) for name, path in model_files.items()]
     models = {row.name: load_exported(row.model_file) for row in rows}
     sources, references = read_lines(data_dir / "test.en"), read_lines(data_dir / "test.cs")
     threads = torch.get_num_threads()
     notes = [f"Test split: {len(sources)} sentences of {data_dir}; beam {args.beam}, batch {args.batch_size}, "
-             f"{threads} CPU threads, torch {torch.__version__}, quantized engine {torch.backends.quantized.engine}.",
+             f"{threads} CPU threads on {cpu_description()}, torch {torch.__version__}, quantized engine "
+             f"{torch.backends.quantized.engine}.",
              f"Speed: median over {args.speed_rounds} rounds of the first {args.speed_sentences} test sentences, "
              f"models taking turns. Weight bytes: the tensors of the exported file without the sentencepiece models.",
-             f"The fp32 Lightning checkpoint ({fp32_checkpoint.name}, with optimiser state) is "
-             f"{fp32_checkpoint.stat().st_size:,} bytes.",
+             origin,
              "Reproduce: python recipes/benchmarks/int8_quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)]
 
     hypotheses: dict[str, list[str]] = {}
@@ -240,13 +278,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{row.name}: {scores.bleu_text}", flush=True)
         write_table(rows[: index + 1], out, rows[0], notes)
 
-    # The exported int8 model against the graph it was trained in (fake quantization, static ranges).
-    fake = translate_lines(load_fake_quantized(qat_checkpoint), sources, beam=args.beam, batch_size=args.batch_size)
-    same = sum(a == b for a, b in zip(fake, hypotheses["QAT int8"]))
-    fake_bleu = score(fake, references).bleu
-    notes.append(f"QAT int8 export vs the fake-quantized training graph: {same}/{len(sources)} identical translations "
-                 f"(BLEU {fake_bleu:.2f} fake-quantized); the export quantizes activations per batch at run time "
-                 f"instead of with the EMA ranges.")
+    if qat_checkpoint is not None:  # the exported int8 model against the graph it was trained in
+        fake = translate_lines(load_fake_quantized(qat_checkpoint), sources, beam=args.beam, batch_size=args.batch_size)
+        same = sum(a == b for a, b in zip(fake, hypotheses["QAT int8"]))
+        fake_bleu = score(fake, references).bleu
+        notes.append(f"QAT int8 export vs the fake-quantized training graph: {same}/{len(sources)} identical "
+                     f"translations (BLEU {fake_bleu:.2f} fake-quantized); the export quantizes activations per batch "
+                     f"at run time instead of with the EMA ranges.")
 
     timed = sources[: args.speed_sentences]
     timings: dict[str, list[tuple[float, dict[str, float]]]] = {row.name: [] for row in rows}
