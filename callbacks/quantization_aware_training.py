@@ -24,6 +24,9 @@ share the very same parameters (tied weights stay tied) and add two buffers: the
 range ``input_absmax`` and the switch ``fake_quant_enabled``. Being buffers, they are in the
 model's state_dict: the ordinary checkpoint carries them and resume restores them. Ranges
 are reduced across DDP ranks before they enter the EMA, so every rank holds the same scales.
+Nothing in a step reads a buffer back to Python, since on a GPU every such read waits for the
+device and a model has dozens of these layers: the switch is mirrored in a plain attribute
+(refreshed whenever a state_dict is loaded), and "no range yet" is decided with torch.where.
 """
 
 from __future__ import annotations
@@ -67,9 +70,21 @@ class _QuantState:
     def _init_quant_state(self, bits: int, per_channel: bool, ema_decay: float) -> None:
         self.bits, self.per_channel, self.ema_decay = bits, per_channel, ema_decay
         self.register_buffer("fake_quant_enabled", torch.tensor(False))
+        self.fake_quant_on = False  # mirror of the buffer, read without a device sync
+
+    def set_fake_quant(self, enabled: bool) -> None:
+        self.fake_quant_enabled.fill_(enabled)
+        self.fake_quant_on = enabled
+
+    def _refresh_mirrors(self) -> None:
+        self.fake_quant_on = bool(self.fake_quant_enabled)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_mirrors()
 
     def quantized_weight(self) -> torch.Tensor:
-        if not bool(self.fake_quant_enabled):
+        if not self.fake_quant_on:
             return self.weight
         return fake_quantize(self.weight, weight_absmax(self.weight, self.per_channel), self.bits)
 
@@ -90,24 +105,26 @@ class QATLinear(_QuantState, nn.Linear):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        current = None
         if self.training:
             # The range is folded into the EMA after the step, by the callback, with the
             # maximum over all DDP ranks, so every rank keeps the same scale.
             current = x.detach().abs().max().float()
             self.pending_absmax = current if self.pending_absmax is None else torch.maximum(self.pending_absmax, current)
-        if bool(self.fake_quant_enabled):
-            # The EMA of the steps so far; only the very first batch has none and uses its own range.
-            absmax = self.input_absmax if bool(self.input_absmax > 0) else x.detach().abs().max().float()
+        if self.fake_quant_on:
+            # The EMA of the steps so far; only the very first batch has none and uses its own
+            # range (chosen on the device: no sync).
+            if current is None:
+                current = x.detach().abs().max().float()
+            absmax = torch.where(self.input_absmax > 0, self.input_absmax, current)
             x = fake_quantize(x, absmax.to(x.dtype), self.bits)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @torch.no_grad()
     def update_input_range(self, batch_absmax: torch.Tensor) -> None:
-        """Fold one step's max|x| into the EMA (the first value initialises it)."""
-        if bool(self.input_absmax == 0):
-            self.input_absmax.copy_(batch_absmax)
-        else:
-            self.input_absmax.mul_(self.ema_decay).add_((1.0 - self.ema_decay) * batch_absmax)
+        """Fold one step's max|x| into the EMA (the first value, while the range is 0, initialises it)."""
+        average = self.input_absmax * self.ema_decay + (1.0 - self.ema_decay) * batch_absmax
+        self.input_absmax.copy_(torch.where(self.input_absmax > 0, average, batch_absmax))
         self.pending_absmax = None
 
     def extra_repr(self) -> str:
@@ -213,8 +230,8 @@ class QuantizationAwareTraining(L.Callback):
 
     def _set_enabled(self, pl_module: L.LightningModule, enabled: bool) -> None:
         for module in pl_module.modules():
-            if isinstance(module, (QATLinear, QATEmbedding)):
-                module.fake_quant_enabled.fill_(enabled)
+            if isinstance(module, (QATLinear, QATEmbedding)) and module.fake_quant_on != enabled:
+                module.set_fake_quant(enabled)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         self._set_enabled(pl_module, trainer.global_step >= self.start_step)

@@ -149,3 +149,31 @@ def test_two_process_ddp_keeps_ranges_identical(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("input_absmax") for k in ranks[0])
     assert ranks[0] == ranks[1]
+
+
+def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU, every bool()/item() of a tensor waits for the device; a QAT step has none."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    QuantizationAwareTraining().quantize_modules(model)
+    for module in model:
+        module.set_fake_quant(True)
+    reads: list[str] = []
+    for name in ("__bool__", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    ids = torch.randint(0, 10, (4, 3))
+    for _ in range(2):  # the first step initialises the range, the second averages into it
+        model(ids).sum().backward()
+        model[1].update_input_range(model[1].pending_absmax)
+    monkeypatch.undo()
+    assert reads == []
+    assert model[1].input_absmax > 0
+
+
+def test_loading_a_state_dict_restores_the_switch() -> None:
+    trained, fresh = (nn.ModuleDict({"layer": nn.Linear(4, 4)}) for _ in range(2))
+    for model in (trained, fresh):
+        QuantizationAwareTraining().quantize_modules(model)
+    trained["layer"].set_fake_quant(True)
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh["layer"].fake_quant_on and bool(fresh["layer"].fake_quant_enabled)
