@@ -56,9 +56,9 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     if min_length < 0:
         raise ValueError(f"min_length must be >= 0, got {min_length}")
     batch, device = source.shape[0], source.device
+    # One encoder output per sentence, shared by its hypotheses (rows b * beam + k): the decoder
+    # groups their cross-attention queries, so the encoder keys/values are not copied per beam.
     memory, mask = model.encode(source)
-    # Every sentence's encoder output repeated for its beam: row b * beam + k.
-    memory, mask = memory.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
     max_lengths = _max_lengths(source, max_len_a, max_len_b, model).repeat_interleave(beam)
     steps = int(max_lengths.max())
     tokens = torch.full((batch * beam, steps + 1), PAD_ID, dtype=torch.long, device=device)
@@ -77,7 +77,7 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
         log_probs = _step_log_probs(model, tokens, memory, mask, caches, step)  # (n*K, V), n open sentences
         count, vocab = len(open_sentences), log_probs.shape[-1]
         _constrain(log_probs, finished, ~finished & (step + 1 >= max_lengths), step + 1 < min_length)
-        candidates = (scores.unsqueeze(1) + log_probs).view(count, beam * vocab)
+        candidates = log_probs.add_(scores.unsqueeze(1)).view(count, beam * vocab)  # in place: (n*K, V) is large
         top_scores, top_indices = candidates.topk(beam, dim=1)  # (n, K)
         origin = (top_indices // vocab) + torch.arange(count, device=device).unsqueeze(1) * beam
         origin, next_tokens = origin.view(-1), (top_indices % vocab).view(-1)
@@ -102,10 +102,11 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
             keep = (~done).nonzero().flatten()
             rows = (keep.unsqueeze(1) * beam + torch.arange(beam, device=device)).flatten()  # their hypotheses
             open_sentences = open_sentences.index_select(0, keep)
-            tokens, scores, lengths, finished, max_lengths, memory, mask = (
-                value.index_select(0, rows) for value in (tokens, scores, lengths, finished, max_lengths, memory, mask))
+            tokens, scores, lengths, finished, max_lengths = (
+                value.index_select(0, rows) for value in (tokens, scores, lengths, finished, max_lengths))
+            memory, mask = memory.index_select(0, keep), mask.index_select(0, keep)
             if caches is not None:
-                model.reorder_cache(caches, rows, encoder_too=True)
+                model.reorder_cache(caches, rows, encoder_order=keep)
     return SearchResult(best_tokens, best_scores)
 
 

@@ -39,12 +39,15 @@ class MultiHeadAttention(nn.Module):
         cache_prefix: str = "",
         static_kv: bool = False,
     ) -> torch.Tensor:
-        """query (B, T, D), key_value (B, S, D) -> (B, T, D).
+        """query (B, T, D), key_value (B', S, D) -> (B, T, D).
 
-        attn_mask: boolean, True where attention is allowed, broadcastable to (B, heads, T, S).
+        attn_mask: boolean, True where attention is allowed, broadcastable to (B', heads, T, S).
         cache: for incremental decoding. Self-attention (static_kv=False) appends this step's
             keys/values to the cache; cross-attention (static_kv=True) computes the encoder's
             keys/values once and reuses them.
+        B may be a multiple g of B' (beam search: the g hypotheses of a sentence, in consecutive
+        rows, attend to that sentence's one copy of the encoder output); then is_causal must be
+        False, as the g queries of a row become g * T queries of one attention.
         """
         q = self._split(self.q_proj(query))
         key_name, value_name = f"{cache_prefix}k", f"{cache_prefix}v"
@@ -57,7 +60,17 @@ class MultiHeadAttention(nn.Module):
                     k = torch.cat([cache[key_name], k], dim=2)
                     v = torch.cat([cache[value_name], v], dim=2)
                 cache[key_name], cache[value_name] = k, v
+        group = q.shape[0] // k.shape[0]
+        if group * k.shape[0] != q.shape[0]:
+            raise ValueError(f"{q.shape[0]} query rows cannot share {k.shape[0]} key/value rows")
+        if group > 1:
+            if is_causal:
+                raise ValueError("grouped queries (more query rows than key/value rows) need is_causal=False")
+            # (g * B', h, T, hd) -> (B', h, g * T, hd): rows b * g + j become query j * T + t of row b.
+            q = q.unflatten(0, (k.shape[0], group)).transpose(1, 2).flatten(2, 3)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )
+        if group > 1:  # back to (g * B', h, T, hd)
+            out = out.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out.transpose(1, 2).flatten(-2))

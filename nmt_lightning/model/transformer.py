@@ -141,7 +141,12 @@ class Transformer(nn.Module):
 
     def decode(self, decoder_input: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
                caches: Optional[list[LayerCache]] = None, start: int = 0) -> torch.Tensor:
-        """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only."""
+        """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only.
+
+        memory (B', S, D) and source_mask (B', 1, 1, S) may hold one row per sentence for g
+        hypotheses each (B = g * B', a sentence's hypotheses in consecutive rows): beam search
+        then computes and caches the encoder keys/values once per sentence, not once per beam.
+        """
         x = self._embed(self.tgt_embed, decoder_input, start)
         for index, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, source_mask, None if caches is None else caches[index])
@@ -161,19 +166,21 @@ class Transformer(nn.Module):
         return self.decode(last_tokens, memory, source_mask, caches, start=step)[:, -1]
 
     @staticmethod
-    def reorder_cache(caches: list[LayerCache], order: torch.Tensor, encoder_too: bool = False) -> None:
+    def reorder_cache(caches: list[LayerCache], order: torch.Tensor, encoder_order: Optional[torch.Tensor] = None) -> None:
         """Keep the cache rows of ``order``, in place: the self-attention keys/values, and with
-        ``encoder_too`` the cross-attention ones as well (when beam search drops sentences).
+        ``encoder_order`` the cross-attention ones, by their own rows (beam search keeps one
+        copy of the encoder keys/values per sentence, and reorders them only when it drops
+        sentences).
 
         Beam search's per-step reorder leaves the cross-attention keys/values alone, as it does
-        the encoder output: it only reorders hypotheses within a sentence, whose rows hold
-        identical copies of them. Copying them every step was most of the decoding time (they
-        are as long as the source).
+        the encoder output: it only reorders hypotheses within a sentence, which share them.
         """
         for cache in caches:
             for name, value in cache.items():
-                if encoder_too or not name.startswith("cross_"):
+                if not name.startswith("cross_"):
                     cache[name] = value.index_select(0, order)
+                elif encoder_order is not None:
+                    cache[name] = value.index_select(0, encoder_order)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

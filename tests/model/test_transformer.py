@@ -84,3 +84,31 @@ def test_presets() -> None:
     assert (big.config.d_model, big.config.ffn_dim, big.config.heads) == (1024, 4096, 16)
     with pytest.raises(ValueError, match="unknown preset"):
         Transformer.from_preset("huge", 10, 10)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_hypotheses_can_share_their_sentence_encoder_output(use_cache: bool) -> None:
+    """Beam search passes one memory row per sentence for g hypothesis rows: the same logits
+    as repeating the memory g times."""
+    model, group = tiny(), 3
+    source = torch.randint(4, 50, (2, 6))
+    source[1, 4:] = 0  # padding: the mask must follow its sentence
+    decoder_input = torch.randint(4, 50, (2 * group, 4))
+    memory, mask = model.encode(source)
+    repeated = model.decode(decoder_input, memory.repeat_interleave(group, 0), mask.repeat_interleave(group, 0))
+    if use_cache:
+        caches = model.new_cache()
+        shared = torch.stack([model.decode_step(decoder_input[:, t : t + 1], memory, mask, caches, t)
+                              for t in range(4)], 1)
+        assert caches[0]["cross_k"].shape[0] == 2  # one copy of the encoder keys per sentence
+    else:
+        shared = model.decode(decoder_input, memory, mask)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_queries_must_divide_and_not_be_causal() -> None:
+    attention = tiny().decoder_layers[0].cross_attn
+    with pytest.raises(ValueError, match="5 query rows cannot share 2 key/value rows"):
+        attention(torch.randn(5, 1, 32), torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="need is_causal=False"):
+        attention(torch.randn(4, 3, 32), torch.randn(2, 3, 32), is_causal=True)
