@@ -204,20 +204,37 @@ class QuantizationAwareTraining(L.Callback):
 
         Idempotent: modules already swapped are kept (so ``setup`` may run more than once).
         """
-        swapped = [name for name, module in root.named_modules() if isinstance(module, (QATLinear, QATEmbedding))]
-        targets = [(name, module) for name, module in root.named_modules()
-                   if not isinstance(module, (QATLinear, QATEmbedding)) and self._selected(name, module)]
+        # Every name of every module: one module may sit under several (a shared source/target
+        # embedding), and each of them must lead to the same quantized replacement.
+        names = list(root.named_modules(remove_duplicate=False))
+        swapped = [name for name, module in names if isinstance(module, (QATLinear, QATEmbedding))]
+        aliases: dict[int, list[str]] = {}
+        for name, module in names:
+            if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, (QATLinear, QATEmbedding)):
+                aliases.setdefault(id(module), []).append(name)
+        targets = []
+        for module_names in aliases.values():
+            module = root.get_submodule(module_names[0])
+            selected = [name for name in module_names if self._selected(name, module)]
+            if selected and len(selected) < len(module_names):
+                raise ValueError(
+                    f"QuantizationAwareTraining: one module is shared as {module_names}, and include={self.include} "
+                    f"exclude={self.exclude} select it as {selected} only; select all its names or none"
+                )
+            if selected:
+                targets.append((module_names, module))
         if not targets and not swapped:
             raise ValueError(
                 f"QuantizationAwareTraining selected no nn.Linear{'/nn.Embedding' if self.quantize_embeddings else ''} "
                 f"module with include={self.include} exclude={self.exclude}"
             )
-        for name, module in targets:
+        for module_names, module in targets:
             cls = QATEmbedding if isinstance(module, nn.Embedding) else QATLinear
             replacement = cls.from_float(module, self.bits, self.per_channel, self.ema_decay)
-            parent_name, _, attribute = name.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, attribute, replacement)
-        return swapped + [name for name, _ in targets]
+            for name in module_names:
+                parent_name, _, attribute = name.rpartition(".")
+                setattr(root.get_submodule(parent_name) if parent_name else root, attribute, replacement)
+        return swapped + [name for module_names, _ in targets for name in module_names]
 
     # ------------------------------------------------------------------ Lightning hooks
     def state_dict(self) -> dict:

@@ -13,10 +13,11 @@ row, when the QAT callback used per-channel scales); biases and LayerNorm stay f
 - ``--quantize int8`` on an fp32 checkpoint is post-training quantization of the weights
   (Q8BERT's "DQ" baseline: no training, activations quantized dynamically at run time).
 
-At load time the int8 weights become ``torch.ao.nn.quantized.dynamic.Linear`` modules (fbgemm /
-onednn int8 matrix products on CPU) with the very same integer grid; activations are
-quantized per batch by that runtime (QAT used a static EMA range instead, which is why a few
-translations can differ from the fake-quantized model's).
+A QAT export also stores each quantized layer's activation range (``{layer}.input_absmax``,
+the EMA of max|x| it trained with). At load time the int8 weights become
+``nmt_lightning.int8.Int8Linear`` modules (FBGEMM int8 matrix products on CPU) on the very
+same integer grid; with a stored range the input is quantized on the training grid too
+(static, as Q8BERT deploys), without one (post-training) per batch at run time (dynamic).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from torch import nn
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.module import QAT_BUFFERS, TranslationModule, fake_quantized_modules, transformer_weights
+from nmt_lightning.int8 import Int8Weight, quantize_weight, use_int8_linears
+from nmt_lightning.module import QAT_BUFFERS, QAT_INPUT_RANGE, TranslationModule, fake_quantized_modules, transformer_weights
 from nmt_lightning.tokenization import Tokenization
 
 FORMAT = "nmt-lightning-export/1"
@@ -70,12 +72,13 @@ def _quantizable(model: nn.Module) -> set[str]:
     return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Embedding))}
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values, float32 scale) with ``weight ~= values * scale``; scale is () or (rows, 1)."""
-    limit = 2 ** (bits - 1) - 1
-    absmax = weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().max()
-    scale = (absmax / limit).clamp(min=1e-12).float()
-    return torch.clamp(torch.round(weight / scale), -limit, limit).to(torch.int8), scale
+def activation_ranges(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Transformer layer name -> the input range (EMA of max|x|, float32 scalar) QAT learnt for it;
+    layers that never saw a training batch (range still 0) are left out and run dynamic."""
+    suffix = f".{QAT_INPUT_RANGE}"
+    return {name[len("model."): -len(suffix)]: value.detach().float().reshape(())
+            for name, value in state_dict.items()
+            if name.startswith("model.") and name.endswith(suffix) and float(value) > 0}
 
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike,
@@ -119,6 +122,8 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
             tensors[f"{name}.scale"] = scale
         else:
             tensors[name] = tensor.float().contiguous()
+    ranges = activation_ranges(checkpoint["state_dict"]) if mode == "int8" and qat else {}
+    tensors.update({f"{name}.{QAT_INPUT_RANGE}": value for name, value in ranges.items()})
     tokenization = checkpoint["nmt_lightning_tokenization"]
     tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
     if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
@@ -128,6 +133,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
         "quantization": mode,
         "bits": str(bits),
         "per_channel": json.dumps(per_channel),
+        "activations": ("static" if ranges else "dynamic") if mode == "int8" else "fp32",
         "hyper_parameters": json.dumps({k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")}),
         "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
         "tied": json.dumps(tied),
@@ -140,21 +146,9 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     return ExportReport(output, mode, output.stat().st_size, fp32_bytes)
 
 
-def _dynamic_int8_linear(linear: nn.Linear, values: torch.Tensor, scale: torch.Tensor) -> nn.Module:
-    """An int8 dynamic-quantized Linear whose weight grid is exactly ``values * scale``."""
-    if scale.dim() == 0:
-        weight = torch._make_per_tensor_quantized_tensor(values, float(scale), 0)
-    else:
-        scales = scale.flatten().double()
-        weight = torch._make_per_channel_quantized_tensor(values, scales, torch.zeros_like(scales, dtype=torch.long), 0)
-    quantized = torch.ao.nn.quantized.dynamic.Linear(linear.in_features, linear.out_features,
-                                                      bias_=linear.bias is not None, dtype=torch.qint8)
-    quantized.set_weight_bias(weight, None if linear.bias is None else linear.bias.detach().float())
-    return quantized
-
-
 def load_exported(path: str | os.PathLike) -> TranslationModule:
-    """A TranslationModule (eval mode, CPU) from an exported file; int8 Linear layers when int8."""
+    """A TranslationModule (eval mode, CPU) from an exported file; Int8Linear layers when int8
+    (static activation ranges where the file has them, dynamic elsewhere)."""
     path = Path(path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
@@ -167,6 +161,8 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
     tgt_model = tensors.pop("tokenization.tgt_model").numpy().tobytes() if "tokenization.tgt_model" in tensors else src_model
     module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
     scales = {name[: -len(".scale")]: tensors.pop(name) for name in list(tensors) if name.endswith(".scale")}
+    suffix = f".{QAT_INPUT_RANGE}"
+    ranges = {name[: -len(suffix)]: float(tensors.pop(name)) for name in list(tensors) if name.endswith(suffix)}
     # fp32 (dequantized) values for every parameter: embeddings look rows up from them.
     state = {name: (tensor.float() * scales[name]) if name in scales else tensor for name, tensor in tensors.items()}
     for alias, original in json.loads(metadata["tied"]).items():
@@ -174,19 +170,11 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
     module.model.load_state_dict(state, strict=True)
     if metadata["quantization"] == "int8":
         tied = json.loads(metadata["tied"])
+        bits = int(metadata.get("bits", 8))
         int8_weights = {}
         for name, linear in module.model.named_modules():
             source = tied.get(f"{name}.weight", f"{name}.weight")
             if isinstance(linear, nn.Linear) and source in scales:
-                int8_weights[name] = (tensors[source], scales[source])
+                int8_weights[name] = Int8Weight(tensors[source], scales[source], ranges.get(name), bits)
         use_int8_linears(module.model, int8_weights)
     return module.eval()
-
-
-def use_int8_linears(model: nn.Module, int8_weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """In place: each nn.Linear named in ``int8_weights`` (name -> (int8 values, scale)) becomes
-    torch.ao's dynamic int8 Linear on that grid."""
-    for name, (values, scale) in int8_weights.items():
-        replacement = _dynamic_int8_linear(model.get_submodule(name), values, scale)
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attribute, replacement)

@@ -21,8 +21,10 @@ from nmt_lightning.tokenization import Tokenization
 # fn(module, batch, logits) -> scalar tensor, added to the training loss.
 LossTerm = Callable[["TranslationModule", dict, torch.Tensor], torch.Tensor]
 
-# Buffers that callbacks.QuantizationAwareTraining adds to the modules it fake-quantizes.
-QAT_BUFFERS = ("input_absmax", "fake_quant_enabled")
+# Buffers that callbacks.QuantizationAwareTraining adds to the modules it fake-quantizes: the
+# activation range of a Linear's input (EMA of max|x|) and the on/off switch.
+QAT_INPUT_RANGE = "input_absmax"
+QAT_BUFFERS = (QAT_INPUT_RANGE, "fake_quant_enabled")
 
 
 def transformer_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
+
 BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
 
 
@@ -20,7 +22,7 @@ def import_benchmark():
 def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
     time_in_linear_layers = import_benchmark().time_in_linear_layers
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
-    model[2] = torch.ao.quantization.quantize_dynamic(nn.Sequential(model[2]), {nn.Linear}, dtype=torch.qint8)
+    model[2] = Int8Linear(Int8Weight(*quantize_weight(model[2].weight.detach(), bits=8, per_channel=False)), model[2].bias)
 
     def work() -> None:
         model(torch.randn(8, 16))

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the r
 from callbacks import QuantizationAwareTraining  # noqa: E402
 from nmt_lightning.evaluation import read_lines, score  # noqa: E402
 from nmt_lightning.export import export_checkpoint, load_exported, qat_settings  # noqa: E402
+from nmt_lightning.int8 import Int8Linear  # noqa: E402
 from nmt_lightning.module import TranslationModule, fake_quantized_modules  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
 
@@ -112,7 +113,7 @@ LAYER_GROUPS = {"q_proj": "attention", "k_proj": "attention", "v_proj": "attenti
 def time_in_linear_layers(model: torch.nn.Module, work: Callable[[], object]) -> tuple[float, dict[str, float]]:
     """(seconds of ``work()``, seconds of it spent inside the model's fp32 or int8 Linear layers,
     by group of ``LAYER_GROUPS``: attention projections, feed-forward, output projection, other)."""
-    linear_types = (torch.nn.Linear, torch.ao.nn.quantized.dynamic.Linear)
+    linear_types = (torch.nn.Linear, Int8Linear)
     inside: dict[str, float] = {}
     started = [0.0]
 

@@ -6,7 +6,7 @@ The embedded corpus trains only the tiny model on CPU, and there int8 decodes ab
 as fp32 (recipes/benchmarks/int8_quantization.py shows why: only the linear layers get faster,
 and they are about half of the decoding time). This script asks how that changes with width.
 For each preset it builds a model with random weights and the corpus's vocabulary, makes its
-post-training int8 copy (the same int8 grid and torch.ao dynamic Linear as
+post-training int8 copy (the same int8 grid and dynamic ``Int8Linear`` as
 ``nmt-lightning export --quantize int8``) and translates the same test sentences with both,
 taking turns. The translations of an untrained model mean nothing, so it times decoding at a
 fixed output length instead: every sentence runs to ``--steps`` target tokens (eos is forbidden
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from int8_quantization import time_in_linear_layers  # noqa: E402  (recipes/benchmarks/)
 from nmt_lightning.data import TranslationDataModule  # noqa: E402
 from nmt_lightning.decoding import beam_search  # noqa: E402
-from nmt_lightning.export import quantize_weight, use_int8_linears  # noqa: E402
+from nmt_lightning.int8 import Int8Weight, quantize_weight, use_int8_linears  # noqa: E402
 from nmt_lightning.model import Transformer  # noqa: E402
 from nmt_lightning.model.transformer import PRESETS  # noqa: E402
 from nmt_lightning.translate import source_batches  # noqa: E402
@@ -41,7 +41,7 @@ from nmt_lightning.translate import source_batches  # noqa: E402
 def int8_copy(model: Transformer) -> Transformer:
     """Post-training int8: every nn.Linear (the output projection too) on the per-tensor grid."""
     quantized = copy.deepcopy(model)
-    weights = {name: quantize_weight(layer.weight.detach().float(), bits=8, per_channel=False)
+    weights = {name: Int8Weight(*quantize_weight(layer.weight.detach().float(), bits=8, per_channel=False))
                for name, layer in quantized.named_modules() if isinstance(layer, torch.nn.Linear)}
     use_int8_linears(quantized, weights)
     return quantized.eval()

@@ -99,6 +99,29 @@ def test_tied_weights_stay_tied() -> None:
     assert len(list(model.parameters())) == 1
 
 
+class SharedEmbedding(nn.Module):
+    """One nn.Embedding under two names, as the Transformer's source and target embeddings with
+    share_embeddings='all'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src_embed = nn.Embedding(10, 4)
+        self.tgt_embed = self.src_embed
+
+
+def test_a_module_shared_under_two_names_is_quantized_under_both() -> None:
+    model = SharedEmbedding()
+    names = QuantizationAwareTraining().quantize_modules(model)
+    assert names == ["src_embed", "tgt_embed"]
+    assert isinstance(model.tgt_embed, QATEmbedding) and model.tgt_embed is model.src_embed
+    assert QuantizationAwareTraining().quantize_modules(model) == names  # idempotent
+
+
+def test_selecting_a_shared_module_under_one_name_only_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"shared as \['src_embed', 'tgt_embed'\].*as \['src_embed'\] only"):
+        QuantizationAwareTraining(exclude=["tgt_embed"]).quantize_modules(SharedEmbedding())
+
+
 def test_delayed_start_collects_ranges_first(tmp_path: Path) -> None:
     model = BagOfWordsClassifier()
     states = []
