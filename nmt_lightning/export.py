@@ -48,6 +48,7 @@ class ExportReport:
     quantization: str
     bytes_on_disk: int
     weight_bytes_fp32: int  # the same weights in fp32 (what a weights-only fp32 export holds)
+    activations: str = "fp32"  # int8: "static" (QAT's trained ranges stored) or "dynamic" (measured per batch)
 
 
 def is_export_file(path: str | os.PathLike) -> bool:
@@ -143,7 +144,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-    return ExportReport(output, mode, output.stat().st_size, fp32_bytes)
+    return ExportReport(output, mode, output.stat().st_size, fp32_bytes, metadata["activations"])
 
 
 def load_exported(path: str | os.PathLike) -> TranslationModule:

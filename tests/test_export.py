@@ -50,7 +50,7 @@ def test_fp32_export_round_trip(trained_checkpoint: Path, prepared_dir: Path, tm
 def test_ptq_int8_export(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
     fp32 = export_checkpoint(trained_checkpoint, tmp_path / "fp32.safetensors")
     int8 = export_checkpoint(trained_checkpoint, tmp_path / "int8.safetensors", quantize="int8")
-    assert int8.quantization == "int8"
+    assert int8.quantization == "int8" and int8.activations == "dynamic"
     with safe_open(str(tmp_path / "int8.safetensors"), framework="pt") as handle:
         names = list(handle.keys())
         weights = {name: handle.get_tensor(name) for name in names}
@@ -84,7 +84,7 @@ def test_ptq_int8_export(trained_checkpoint: Path, prepared_dir: Path, tmp_path:
 
 def test_qat_checkpoint_exports_int8_by_default(qat_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
     report = export_checkpoint(qat_checkpoint, tmp_path / "qat.safetensors")
-    assert report.quantization == "int8"
+    assert report.quantization == "int8" and report.activations == "static"
     checkpoint = torch.load(qat_checkpoint, map_location="cpu", weights_only=False)
     with safe_open(str(tmp_path / "qat.safetensors"), framework="pt") as handle:
         weights = {name: handle.get_tensor(name) for name in handle.keys()}
@@ -135,7 +135,7 @@ def test_export_and_translate_from_the_command_line(trained_checkpoint: Path, pr
                                                      capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "model.int8.safetensors"
     assert main(["export", "--checkpoint", str(trained_checkpoint), "--output", str(output), "--quantize", "int8"]) == 0
-    assert "int8" in capsys.readouterr().err
+    assert "int8, dynamic activation ranges" in capsys.readouterr().err
     hypotheses = tmp_path / "hyp.cs"
     assert main(["translate", "--checkpoint", str(output), "--input", str(prepared_dir / "test.en"),
                  "--output", str(hypotheses), "--beam", "2", "--ref", str(prepared_dir / "test.cs")]) == 0
