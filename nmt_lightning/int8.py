@@ -106,16 +106,14 @@ class Int8Linear(nn.Module):
         return self.input_absmax is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
+        if x.dtype != torch.float32:  # the kernels take fp32; hand back the caller's dtype
+            return self(x.float()).to(x.dtype)
         if not self.static:
-            y = torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True)
-        else:
-            if self.activation_bits < 8:  # uint8 codes reach far beyond +-M: clip as training did
-                x = x.clamp(-self.input_absmax, self.input_absmax)
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                x, self._input_step, self._zero_point, self._packed)
-        return y.to(dtype)
+            return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True)
+        if self.activation_bits < 8:  # uint8 codes reach far beyond +-M: clip as training did
+            x = x.clamp(-self.input_absmax, self.input_absmax)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, self._input_step, self._zero_point, self._packed)
 
     def weight_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 values (out, in), scale () or (out, 1)) as packed: the grid the kernel multiplies with."""

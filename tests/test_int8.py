@@ -92,6 +92,7 @@ def test_dynamic_int8_linear_is_close_to_fp32(per_channel: bool) -> None:
         expected = linear(x)
     error = (layer(x) - expected).abs().max() / expected.abs().max()
     assert error < 0.05  # 8-bit weights, 7-bit activations
+    assert layer(x.bfloat16()).dtype == torch.bfloat16  # the kernels run fp32; the caller's dtype comes back
 
 
 def test_weight_values_are_the_stored_grid() -> None:
