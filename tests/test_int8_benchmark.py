@@ -46,3 +46,13 @@ def test_breakdown_says_how_small_the_rest_must_be_for_the_target() -> None:
     assert lines[-1].endswith("for 1.8x it would have to fall to 0.37 s.")  # (3.0 - 1.8 * 1.5) / 0.8 = 0.375 less a rounding error
     timings[benchmark.PTQ_ROW] = [(3.5, {"attention": 1.0, "output projection": 1.0})]
     assert benchmark.breakdown_table(rows, timings)[-1].endswith("1.8x is out of reach whatever it costs.")
+
+
+def test_speed_ratio_pairs_each_round_with_the_baselines_same_round() -> None:
+    benchmark = import_benchmark()
+    fp32, int8 = benchmark.Row("fp32", Path("fp32")), benchmark.Row("int8", Path("int8"))
+    # The host slows down after round 2: both models feel it in the same rounds.
+    fp32.speeds, int8.speeds = [80.0, 80.0, 60.0, 60.0, 60.0], [160.0, 160.0, 120.0, 120.0, 120.0]
+    assert int8.speed_ratio(fp32) == 2.0
+    int8.speeds = [160.0, 160.0, 160.0, 120.0, 120.0]  # its slow spell started a round later
+    assert int8.speed_ratio(fp32) == 2.0 and int8.speed / fp32.speed > 2.5

@@ -73,6 +73,12 @@ class Row:
     def speed(self) -> float:
         return statistics.median(self.speeds) if self.speeds else float("nan")
 
+    def speed_ratio(self, baseline: "Row") -> float:
+        """Median over the rounds of this row's speed over the baseline's in the same round: the
+        two ran seconds apart, so a slow spell of the shared host hits both, where a ratio of
+        separate medians can pair a fast round of one with a slow round of the other."""
+        return statistics.median(mine / theirs for mine, theirs in zip(self.speeds, baseline.speeds))
+
 
 def run_cli(arguments: list[str], cwd: Path) -> None:
     cwd.mkdir(parents=True, exist_ok=True)
@@ -191,13 +197,13 @@ def weight_bytes(path: Path) -> int:
 
 def write_table(rows: list[Row], out: Path, baseline: Row, notes: list[str]) -> str:
     header = ["model", "BLEU", "BLEU (uncased)", "chrF2", "file bytes", "weight bytes", "weights vs fp32",
-              "sentences/s (median)", "speed vs fp32"]
+              "sentences/s (median)", "speed vs fp32 (median of rounds)"]
     table = []
     for row in rows:
         size, weights = row.model_file.stat().st_size, weight_bytes(row.model_file)
         table.append([row.name, f"{row.bleu:.2f}", f"{row.bleu_uncased:.2f}", f"{row.chrf:.2f}", f"{size:,}", f"{weights:,}",
                       f"{weights / weight_bytes(baseline.model_file):.1%}", f"{row.speed:.2f}" if row.speeds else "",
-                      f"{row.speed / baseline.speed:.2f}x" if row.speeds and baseline.speeds else ""])
+                      f"{row.speed_ratio(baseline):.2f}x" if row.speeds and baseline.speeds else ""])
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(line) + " |" for line in table), "", *notes]) + "\n"
     (out / "int8_table.md").write_text(markdown, encoding="utf-8")
@@ -265,8 +271,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     notes = [f"Test split: {len(sources)} sentences of {data_dir}; beam {args.beam}, batch {args.batch_size}, "
              f"{threads} CPU threads on {cpu_description()}, torch {torch.__version__}, quantized engine "
              f"{torch.backends.quantized.engine}.",
-             f"Speed: median over {args.speed_rounds} rounds of the first {args.speed_sentences} test sentences, "
-             f"models taking turns. Weight bytes: the tensors of the exported file without the sentencepiece models.",
+             f"Speed: {args.speed_rounds} rounds over the first {args.speed_sentences} test sentences, models taking "
+             f"turns; sentences/s is the median round, the speed ratio the median of the rounds' ratios. Weight bytes: "
+             f"the tensors of the exported file without the sentencepiece models.",
              origin,
              "Reproduce: python recipes/benchmarks/int8_quantization.py " + " ".join(sys.argv[1:] if argv is None else argv)]
 
@@ -295,15 +302,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     timed = sources[: args.speed_sentences]
     timings: dict[str, list[tuple[float, dict[str, float]]]] = {row.name: [] for row in rows}
     for _ in range(args.speed_rounds):
-        for row in rows:
-            model = models[row.name]
+        for row in rows:  # the timed passes of a round back to back, so they share the host's state
             started = time.perf_counter()
-            translate_lines(model, timed, beam=args.beam, batch_size=args.batch_size, progress=False)
+            translate_lines(models[row.name], timed, beam=args.beam, batch_size=args.batch_size, progress=False)
             row.speeds.append(len(timed) / (time.perf_counter() - started))
-            # Timers cost a little, so the speed above comes from a pass without them.
+        for row in rows:  # timers cost a little: the breakdown comes from separate passes
+            model = models[row.name]
             timings[row.name].append(time_in_linear_layers(model.model, lambda: translate_lines(
                 model, timed, beam=args.beam, batch_size=args.batch_size, progress=False)))
-        print("speeds so far: " + ", ".join(f"{row.name} {row.speed:.2f}" for row in rows), flush=True)
+        print("sentences/s this round: " + ", ".join(f"{row.name} {row.speeds[-1]:.2f}" for row in rows), flush=True)
+    notes.append("Sentences/s by round: " + "; ".join(f"{row.name} " + ", ".join(f"{speed:.1f}" for speed in row.speeds)
+                                                    for row in rows) + ".")
     print(write_table(rows, out, rows[0], notes + breakdown_table(rows, timings)))
 
 
