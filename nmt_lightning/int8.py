@@ -14,7 +14,7 @@ the result back to fp32 in one operator. Two ways to quantize the input:
 
 8-bit activations need a CPU with VNNI (AVX512_VNNI, AVX-VNNI or AMX). Without it, FBGEMM
 (and oneDNN) add pairs of uint8 x int8 products in 16 bits, which saturate when inputs and
-weights are both large: most outputs of a real layer come out wrong. ``static_activation_bits()``
+weights are both large (a third of the outputs of a per-channel test layer came out wrong). ``static_activation_bits()``
 tries the kernel once on such a pair; where it saturates, static layers quantize to 7 bits
 (codes within [-63, 63] around zero point 64, clipped to the trained range): the trained
 range, one bit coarser. ``tests/test_int8.py`` checks both against integer arithmetic. Where
