@@ -208,13 +208,12 @@ class QuantizationAwareTraining(L.Callback):
         # embedding), and each of them must lead to the same quantized replacement.
         names = list(root.named_modules(remove_duplicate=False))
         swapped = [name for name, module in names if isinstance(module, (QATLinear, QATEmbedding))]
-        aliases: dict[int, list[str]] = {}
+        aliases: dict[int, tuple[nn.Module, list[str]]] = {}  # id -> (module, all its names)
         for name, module in names:
             if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, (QATLinear, QATEmbedding)):
-                aliases.setdefault(id(module), []).append(name)
+                aliases.setdefault(id(module), (module, []))[1].append(name)
         targets = []
-        for module_names in aliases.values():
-            module = root.get_submodule(module_names[0])
+        for module, module_names in aliases.values():
             selected = [name for name in module_names if self._selected(name, module)]
             if selected and len(selected) < len(module_names):
                 raise ValueError(
