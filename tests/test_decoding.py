@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID
-from nmt_lightning.decoding import beam_search, greedy_search
+from nmt_lightning.decoding import beam_search, greedy_search, top_k_of_rows
 from nmt_lightning.model import Transformer, TransformerConfig
 
 
@@ -89,3 +89,20 @@ def test_min_length_keeps_eos_out_until_then(model: Transformer, source: torch.T
     assert all(len(tokens) == 3 for tokens in beam_search(eager, source, beam=beam, min_length=4).tokens)
     capped = beam_search(eager, source, beam=beam, min_length=9, max_len_a=0.0, max_len_b=3)
     assert all(len(tokens) == 2 for tokens in capped.tokens)  # the cap (3 with eos) wins
+
+
+@pytest.mark.parametrize("width", [8000, 3000, 300, 20])
+@pytest.mark.parametrize("k", [1, 4])
+def test_top_k_of_rows_is_torch_topk(width: int, k: int) -> None:
+    """Blocked (3000 columns: the last block padded) or not (300 and 20: too few blocks), with -inf entries."""
+    torch.manual_seed(width)
+    values = torch.randn(37, width) * 4
+    values[:, :3] = float("-inf")  # banned tokens
+    values[5, :] = float("-inf")
+    values[5, -1] = 0.0  # a single finite entry, in the padded last block
+    best, indices = top_k_of_rows(values, k)
+    expected = values.topk(k, dim=-1)
+    torch.testing.assert_close(best, expected.values)
+    finite = expected.values.isfinite()  # the order among -inf is arbitrary
+    assert torch.equal(indices[finite], expected.indices[finite])
+    assert torch.equal(values.gather(1, indices), best)
