@@ -7,8 +7,11 @@ on the same footing. The winner maximises ``log p / length ** length_penalty`` (
 Output length is capped at ``max_len_a * source_length + max_len_b`` per sentence. A sentence
 whose hypotheses have all finished leaves the batch (its result is final), so long sentences do
 not keep short ones computing; that made translation about a third faster on the test split.
-Each step takes every hypothesis's best ``beam`` tokens first and ranks a sentence's K * K
-candidates, instead of adding scores to, masking and ranking all its K * V log-probabilities.
+Each step takes every hypothesis's best ``beam`` tokens first (``top_k_of_rows``, faster than
+torch.topk over a vocabulary) and ranks a sentence's K * K candidates, instead of adding scores
+to, masking and ranking all its K * V log-probabilities. The key/value cache
+(``nmt_lightning.model.cache``) follows the hypotheses through a small lineage table rather
+than by copying.
 """
 
 from __future__ import annotations
