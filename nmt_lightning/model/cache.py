@@ -67,7 +67,8 @@ class LayerCache:
     def _grown(self, buffer: Optional[torch.Tensor], sentences: int, heads: int, head_dim: int,
                like: torch.Tensor) -> torch.Tensor:
         """A buffer of twice the capacity (or the initial one), holding what ``buffer`` holds."""
-        capacity = max(self.shared.capacity, 2 * buffer.shape[2] // self.shared.beam if buffer is not None else 0)
+        current = 0 if buffer is None else buffer.shape[2] // self.shared.beam  # positions
+        capacity = max(self.shared.capacity, 2 * current)
         grown = like.new_zeros(sentences, heads, capacity * self.shared.beam, head_dim)
         if buffer is not None:
             grown[:, :, : buffer.shape[2]] = buffer
@@ -119,12 +120,11 @@ class DecoderCache:
     def reorder(self, order: torch.Tensor) -> None:
         """Row i continues the history of row ``order[i]``, which must be a hypothesis of the
         same sentence (beam search only reshuffles within a sentence)."""
-        if self.beam == 1:
-            return
         rows = torch.arange(len(order), device=order.device)
         if not bool((order // self.beam == rows // self.beam).all()):
             raise ValueError("a cache reorder can only move hypotheses within their sentence")
-        self.lineage = self.lineage.index_select(0, order)
+        if self.lineage is not None:  # a beam of one has nothing to reorder
+            self.lineage = self.lineage.index_select(0, order)
 
     def keep_sentences(self, keep: torch.Tensor) -> None:
         """Drop every sentence but ``keep`` (indices into the current ones, in their new order)."""

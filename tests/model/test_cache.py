@@ -36,13 +36,14 @@ def test_reordered_hypotheses_decode_as_their_own_histories() -> None:
             history, memory, mask = history[beam:], memory[1:], mask[1:]
 
 
-def test_a_reorder_cannot_move_a_hypothesis_to_another_sentence() -> None:
-    model, beam = tiny(), 2
-    memory, mask = model.encode(torch.randint(4, 50, (2, 5)))
+@pytest.mark.parametrize("beam, order", [(2, [0, 2, 2, 3]), (1, [1, 0, 2, 3])])
+def test_a_reorder_cannot_move_a_hypothesis_to_another_sentence(beam: int, order: list[int]) -> None:
+    model = tiny()
+    memory, mask = model.encode(torch.randint(4, 50, (4 // beam, 5)))
     cache = model.new_cache(beam)
     model.decode_step(torch.randint(4, 50, (4, 1)), memory, mask, cache)
     with pytest.raises(ValueError, match="within their sentence"):
-        cache.reorder(torch.tensor([0, 2, 2, 3]))
+        cache.reorder(torch.tensor(order))
 
 
 def test_rows_must_split_into_sentences_of_the_beam() -> None:
