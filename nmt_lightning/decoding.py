@@ -9,21 +9,17 @@ whose hypotheses have all finished leaves the batch (its result is final), so lo
 not keep short ones computing; that made translation about a third faster on the test split.
 Each step takes every hypothesis's best ``beam`` tokens first (``top_k_of_rows``, faster than
 torch.topk over a vocabulary) and ranks a sentence's K * K candidates, instead of adding scores
-to, masking and ranking all its K * V log-probabilities. The key/value cache
-(``nmt_lightning.model.cache``) follows the hypotheses through a small lineage table rather
-than by copying.
+to, masking and ranking all its K * V log-probabilities.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID
 from nmt_lightning.model import Transformer
-from nmt_lightning.model.cache import DecoderCache
 
 
 @dataclass
@@ -39,11 +35,11 @@ def _max_lengths(source: torch.Tensor, max_len_a: float, max_len_b: int, model: 
 
 
 def _step_logits(model: Transformer, tokens: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-                 cache: Optional[DecoderCache], step: int) -> torch.Tensor:
+                 caches, step: int) -> torch.Tensor:
     """Logits of the next token after ``tokens[:, :step + 1]`` (N, V) in fp32, from the cache or
     by re-running the whole prefix."""
-    if cache is not None:
-        logits = model.decode_step(tokens[:, step : step + 1], memory, mask, cache)
+    if caches is not None:
+        logits = model.decode_step(tokens[:, step : step + 1], memory, mask, caches, step)
     else:
         logits = model.decode(tokens[:, : step + 1], memory, mask)[:, -1]
     return logits.float()
@@ -77,12 +73,12 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     scores = scores.view(-1)
     lengths = torch.zeros(batch * beam, dtype=torch.long, device=device)  # tokens emitted incl. eos
     finished = torch.zeros(batch * beam, dtype=torch.bool, device=device)
-    cache = model.new_cache(beam, capacity=steps + 1) if use_cache else None
+    caches = model.new_cache() if use_cache else None
     open_sentences = torch.arange(batch, device=device)  # original index of each sentence still in the batch
     best_tokens: list[list[int]] = [[] for _ in range(batch)]
     best_scores = torch.zeros(batch, device=device)
     for step in range(steps):
-        logits = _step_logits(model, tokens, memory, mask, cache, step)  # (n*K, V), n open sentences
+        logits = _step_logits(model, tokens, memory, mask, caches, step)  # (n*K, V), n open sentences
         count = len(open_sentences)
         row_scores, row_tokens = _best_continuations(logits, scores, finished, ~finished & (step + 1 >= max_lengths),
                                                      step + 1 < min_length, beam)  # (n*K, K) each
@@ -98,8 +94,8 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
         lengths = lengths.index_select(0, origin) + (~was_finished).long()
         finished = was_finished | (next_tokens == EOS_ID)
         scores = top_scores.view(-1)
-        if cache is not None:
-            cache.reorder(origin)
+        if caches is not None:
+            model.reorder_cache(caches, origin)
         done = finished.view(count, beam).all(1)  # (n,) sentences whose every hypothesis has ended
         if bool(done.any()):
             normalised = scores / lengths.clamp(min=1).float() ** length_penalty if length_penalty else scores
@@ -116,8 +112,8 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
             tokens, scores, lengths, finished, max_lengths = (
                 value.index_select(0, rows) for value in (tokens, scores, lengths, finished, max_lengths))
             memory, mask = memory.index_select(0, keep), mask.index_select(0, keep)
-            if cache is not None:
-                cache.keep_sentences(keep)
+            if caches is not None:
+                model.reorder_cache(caches, rows, encoder_order=keep)
     return SearchResult(best_tokens, best_scores)
 
 
@@ -166,7 +162,7 @@ def top_k_of_rows(values: torch.Tensor, k: int, block: int = 64) -> tuple[torch.
         return values.topk(k, dim=-1)
     if width % block:  # pad with -inf up to whole blocks: never among the k largest
         values = torch.nn.functional.pad(values, (0, block - width % block), value=float("-inf"))
-    blocks = values.view(rows, -1, block)  # (N, V / block, block)
+    blocks = values.reshape(rows, -1, block)  # (N, V / block, block)
     top_blocks = blocks.amax(dim=-1).topk(k, dim=-1).indices  # (N, k)
     candidates = blocks.gather(1, top_blocks.unsqueeze(-1).expand(rows, k, block)).flatten(1)  # (N, k * block)
     best, position = candidates.topk(k, dim=-1)

@@ -1,5 +1,4 @@
-"""Multi-head attention over torch's scaled_dot_product_attention, with a key/value cache
-(``nmt_lightning.model.cache``) for incremental decoding."""
+"""Multi-head attention over torch's scaled_dot_product_attention, with a key/value cache."""
 
 from __future__ import annotations
 
@@ -9,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmt_lightning.model.cache import LayerCache
+# Per-layer cache for incremental decoding: name -> (B, heads, time, head_dim).
+LayerCache = dict[str, torch.Tensor]
 
 
 class MultiHeadAttention(nn.Module):
@@ -36,27 +36,30 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Optional[torch.Tensor] = None,
         is_causal: bool = False,
         cache: Optional[LayerCache] = None,
+        cache_prefix: str = "",
         static_kv: bool = False,
     ) -> torch.Tensor:
         """query (B, T, D), key_value (B', S, D) -> (B, T, D).
 
         attn_mask: boolean, True where attention is allowed, broadcastable to (B', heads, T, S).
-        cache: for incremental decoding (T = 1). Self-attention (static_kv=False) appends this
-            step's keys/values to the cache and attends to the sentence's history there;
-            cross-attention (static_kv=True) computes the encoder's keys/values once and reuses them.
+        cache: for incremental decoding. Self-attention (static_kv=False) appends this step's
+            keys/values to the cache; cross-attention (static_kv=True) computes the encoder's
+            keys/values once and reuses them.
         B may be a multiple g of B' (beam search: the g hypotheses of a sentence, in consecutive
-        rows, attend to that sentence's one copy of the encoder output, or of the cached
-        history); then is_causal must be False, as the g queries of a row become g * T queries
-        of one attention.
+        rows, attend to that sentence's one copy of the encoder output); then is_causal must be
+        False, as the g queries of a row become g * T queries of one attention.
         """
         q = self._split(self.q_proj(query))
-        if cache is None:
-            k, v = self._split(self.k_proj(key_value)), self._split(self.v_proj(key_value))
-        elif static_kv:
-            k, v = cache.encoder_keys_values(lambda: (self._split(self.k_proj(key_value)),
-                                                      self._split(self.v_proj(key_value))))
+        key_name, value_name = f"{cache_prefix}k", f"{cache_prefix}v"
+        if cache is not None and static_kv and key_name in cache:
+            k, v = cache[key_name], cache[value_name]
         else:
-            k, v, attn_mask = cache.append(self._split(self.k_proj(key_value)), self._split(self.v_proj(key_value)))
+            k, v = self._split(self.k_proj(key_value)), self._split(self.v_proj(key_value))
+            if cache is not None:
+                if not static_kv and key_name in cache:
+                    k = torch.cat([cache[key_name], k], dim=2)
+                    v = torch.cat([cache[value_name], v], dim=2)
+                cache[key_name], cache[value_name] = k, v
         group = q.shape[0] // k.shape[0]
         if group * k.shape[0] != q.shape[0]:
             raise ValueError(f"{q.shape[0]} query rows cannot share {k.shape[0]} key/value rows")

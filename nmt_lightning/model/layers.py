@@ -7,8 +7,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from nmt_lightning.model.attention import MultiHeadAttention
-from nmt_lightning.model.cache import LayerCache
+from nmt_lightning.model.attention import LayerCache, MultiHeadAttention
 
 
 class FeedForward(nn.Module):
@@ -65,10 +64,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
                 cache: Optional[LayerCache] = None) -> torch.Tensor:
-        """x (B, T, D), memory (B', S, D). With a cache, x holds only the newest position (T = 1)
-        and attends to every cached one, so no causal mask is needed."""
-        causal = cache is None
-        x = self.self_block(x, lambda h: self.self_attn(h, h, is_causal=causal, cache=cache))
+        """x (B, T, D), memory (B, S, D). With a cache, x holds only the newest position(s)
+        and attends to every cached one, so no causal mask is needed for a single step."""
+        causal = cache is None or x.shape[1] > 1
+        if cache is not None and causal and "self_k" in cache:
+            raise ValueError("incremental decoding feeds one position at a time")
+        x = self.self_block(x, lambda h: self.self_attn(h, h, is_causal=causal, cache=cache, cache_prefix="self_"))
         x = self.cross_block(x, lambda h: self.cross_attn(h, memory, attn_mask=source_mask, cache=cache,
-                                                          static_kv=True))
+                                                          cache_prefix="cross_", static_kv=True))
         return self.ffn_block(x, self.ffn)

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nmt_lightning.model.cache import DecoderCache
+from nmt_lightning.model.attention import LayerCache
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer
 
 SHARE_CHOICES = ("none", "decoder", "all")
@@ -78,7 +78,8 @@ class Transformer(nn.Module):
     """``forward(source, decoder_input) -> logits (B, T, tgt_vocab)``.
 
     For decoding: ``encode`` once, then ``decode_step`` one position at a time with a cache
-    from ``new_cache`` (keys/values of every layer, see ``nmt_lightning.model.cache``).
+    from ``new_cache`` (keys/values of every layer), reordered with ``reorder_cache`` when
+    beam search reshuffles hypotheses.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -139,23 +140,16 @@ class Transformer(nn.Module):
         return self.encoder_norm(x), mask
 
     def decode(self, decoder_input: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
-               cache: Optional[DecoderCache] = None) -> torch.Tensor:
-        """decoder_input (B, T) -> logits (B, T, V). With a ``cache``, T = 1: the position after
-        the cached ones.
+               caches: Optional[list[LayerCache]] = None, start: int = 0) -> torch.Tensor:
+        """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only.
 
         memory (B', S, D) and source_mask (B', 1, 1, S) may hold one row per sentence for g
         hypotheses each (B = g * B', a sentence's hypotheses in consecutive rows): beam search
         then computes and caches the encoder keys/values once per sentence, not once per beam.
         """
-        if cache is None:
-            x = self._embed(self.tgt_embed, decoder_input)
-        else:
-            cache.begin_step(decoder_input.shape[0], decoder_input.device)
-            x = self._embed(self.tgt_embed, decoder_input, start=cache.position)
+        x = self._embed(self.tgt_embed, decoder_input, start)
         for index, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, source_mask, None if cache is None else cache.layers[index])
-        if cache is not None:
-            cache.end_step()
+            x = layer(x, memory, source_mask, None if caches is None else caches[index])
         return self.output_projection(self.decoder_norm(x))
 
     def forward(self, source: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
@@ -163,17 +157,32 @@ class Transformer(nn.Module):
         return self.decode(decoder_input, memory, mask)
 
     # ---------------------------------------------------------------- incremental decoding
-    def new_cache(self, beam: int = 1, capacity: int = 64) -> DecoderCache:
-        """An empty cache for decoding sentences with ``beam`` hypotheses each (rows
-        b * beam + k), ``capacity`` positions allocated at first (it grows as needed)."""
-        return DecoderCache(len(self.decoder_layers), beam, capacity)
+    def new_cache(self) -> list[LayerCache]:
+        return [{} for _ in self.decoder_layers]
 
     def decode_step(self, last_tokens: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
-                    cache: DecoderCache) -> torch.Tensor:
-        """last_tokens (B, 1) at position ``cache.position`` -> logits (B, V) for the next one.
-        Between steps, ``cache.reorder`` follows beam search's reshuffling of hypotheses and
-        ``cache.keep_sentences`` drops finished sentences."""
-        return self.decode(last_tokens, memory, source_mask, cache)[:, -1]
+                    caches: list[LayerCache], step: int) -> torch.Tensor:
+        """last_tokens (B, 1) at position ``step`` -> logits (B, V) for position step + 1."""
+        return self.decode(last_tokens, memory, source_mask, caches, start=step)[:, -1]
+
+    @staticmethod
+    def reorder_cache(caches: list[LayerCache], order: torch.Tensor, encoder_order: Optional[torch.Tensor] = None) -> None:
+        """Keep the cache rows of ``order``, in place: the self-attention keys/values, and with
+        ``encoder_order`` the cross-attention ones, by their own rows (beam search keeps one
+        copy of the encoder keys/values per sentence, and reorders them only when it drops
+        sentences).
+
+        Beam search's per-step reorder leaves the cross-attention keys/values alone, as it does
+        the encoder output: it only reorders hypotheses within a sentence, which share them.
+        """
+        if encoder_order is None and bool((order == torch.arange(len(order), device=order.device)).all()):
+            return  # every hypothesis continues its own history (about one beam step in six)
+        for cache in caches:
+            for name, value in cache.items():
+                if not name.startswith("cross_"):
+                    cache[name] = value.index_select(0, order)
+                elif encoder_order is not None:
+                    cache[name] = value.index_select(0, encoder_order)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -57,8 +57,8 @@ def test_incremental_decoding_matches_full_decoding() -> None:
     source, decoder_input = torch.randint(4, 50, (2, 6)), torch.randint(4, 50, (2, 5))
     full = model(source, decoder_input)
     memory, mask = model.encode(source)
-    cache = model.new_cache(capacity=2)  # grows twice on the way
-    steps = [model.decode_step(decoder_input[:, t : t + 1], memory, mask, cache) for t in range(5)]
+    caches = model.new_cache()
+    steps = [model.decode_step(decoder_input[:, t : t + 1], memory, mask, caches, t) for t in range(5)]
     torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
 
 
@@ -97,10 +97,10 @@ def test_hypotheses_can_share_their_sentence_encoder_output(use_cache: bool) -> 
     memory, mask = model.encode(source)
     repeated = model.decode(decoder_input, memory.repeat_interleave(group, 0), mask.repeat_interleave(group, 0))
     if use_cache:
-        cache = model.new_cache()
-        shared = torch.stack([model.decode_step(decoder_input[:, t : t + 1], memory, mask, cache)
+        caches = model.new_cache()
+        shared = torch.stack([model.decode_step(decoder_input[:, t : t + 1], memory, mask, caches, t)
                               for t in range(4)], 1)
-        assert cache.layers[0].encoder[0].shape[0] == 2  # one copy of the encoder keys per sentence
+        assert caches[0]["cross_k"].shape[0] == 2  # one copy of the encoder keys per sentence
     else:
         shared = model.decode(decoder_input, memory, mask)
     torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
