@@ -107,7 +107,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # the kernels take fp32; hand back the caller's dtype
-            return self(x.float()).to(x.dtype)
+            return self.forward(x.float()).to(x.dtype)  # forward, not __call__: hooks fire once
         if not self.static:
             return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=True)
         if self.activation_bits < 8:  # uint8 codes reach far beyond +-M: clip as training did

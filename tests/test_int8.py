@@ -92,7 +92,10 @@ def test_dynamic_int8_linear_is_close_to_fp32(per_channel: bool) -> None:
         expected = linear(x)
     error = (layer(x) - expected).abs().max() / expected.abs().max()
     assert error < 0.05  # 8-bit weights, 7-bit activations
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
     assert layer(x.bfloat16()).dtype == torch.bfloat16  # the kernels run fp32; the caller's dtype comes back
+    assert len(calls) == 1  # the fp32 detour does not run the module's hooks a second time
 
 
 def test_weight_values_are_the_stored_grid() -> None:

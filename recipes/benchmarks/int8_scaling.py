@@ -2,7 +2,7 @@
 
     python recipes/benchmarks/int8_scaling.py --data-dir data/libreoffice_en_cs --presets tiny base big
 
-The embedded corpus trains only the tiny model on CPU, and there int8 decodes 1.7-1.8x as fast as
+The embedded corpus trains only the tiny model on CPU, and there int8 decodes 1.8-1.9x as fast as
 fp32 on a CPU with VNNI (recipes/benchmarks/int8_quantization.py shows why not more: only the
 linear layers get faster, and they are under two thirds of the fp32 decoding time). This script
 asks how that changes with width.
