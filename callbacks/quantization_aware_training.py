@@ -7,150 +7,125 @@ Symmetric linear quantization with ``M = 2**(bits - 1) - 1``::
 - weights: ``S_W = M / max|W|`` (per tensor, or per output channel / embedding row);
 - activations (the inputs of every quantized nn.Linear): ``S_x = M / EMA(max|x|)``, the
   exponential moving average updated after every training step with the maximum over all
-  DDP ranks (one all-reduce for all layers), and used from the next step on;
+  DDP ranks (one reduction for all layers, through the trainer's strategy), and used from
+  the next step on;
 - the rounding is bypassed in the backward pass (straight-through estimator), so the fp32
   weights keep learning while the forward pass sees their int8 version.
 
 LayerNorm, softmax, the loss and biases stay in floating point, as in Q8BERT (which keeps
-biases in int32 at inference; their quantization error is negligible).
+biases in int32 at inference; their quantization error is negligible). The rounding always
+runs in fp32, also under bf16-mixed or 16-mixed, so the integer codes are the ones the int8
+export stores.
 
 This is written out rather than taken from ``torch.ao.quantization.FakeQuantize`` because
 Q8BERT's scheme is specific (EMA of max|x| for symmetric ranges, scales recomputed from
 max|W| at every step) and the callback must work on any model; the few lines below are the
 whole scheme.
 
-The callback swaps selected ``nn.Linear`` / ``nn.Embedding`` modules for subclasses that
-share the very same parameters (tied weights stay tied) and add two buffers: the activation
-range ``input_absmax`` and the switch ``fake_quant_enabled``. Being buffers, they are in the
-model's state_dict: the ordinary checkpoint carries them and resume restores them. Ranges
-are reduced across DDP ranks before they enter the EMA, so every rank holds the same scales.
-Nothing in a step reads a buffer back to Python, since on a GPU every such read waits for the
-device and a model has dozens of these layers: the switch is mirrored in a plain attribute
-(refreshed whenever a state_dict is loaded), and "no range yet" is decided with torch.where.
+How it sits in the model: the weight's fake quantization is a ``FakeQuantizedWeight`` in the
+shared transform chain (``callbacks/_transforms.py``: after a pruning mask or Quant-Noise,
+whatever the order of the callbacks list); the input's is an ``InputQuantizer`` child of the
+nn.Linear, called by a forward pre-hook, whose buffer ``absmax`` is the EMA of max|x|. Both
+live in the model, so the ordinary checkpoint carries them and resume restores them. Nothing
+in a step reads a tensor back to Python (on a GPU each such read waits for the device): the
+on/off switch is a plain attribute set from ``trainer.global_step``, and "no range yet" is
+decided with torch.where. The checkpoint also gets a ``compression`` entry per quantized
+weight, which ``nmt-lightning export`` reads to write the int8 model.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizationAwareTraining", "QATLinear", "QATEmbedding", "fake_quantize", "weight_absmax"]
+from callbacks._compression import record_codec
+from callbacks._transforms import QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform
+
+__all__ = ["QuantizationAwareTraining", "FakeQuantizedWeight", "InputQuantizer", "fake_quantize", "weight_absmax"]
 
 
 def fake_quantize(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize-dequantize ``x`` symmetrically to ``bits`` with range ``absmax`` (broadcastable).
 
-    Forward: ``clamp(round(x * S), -M, M) / S`` with ``S = M / absmax``. Backward: identity
-    (straight-through estimator).
+    Forward: ``clamp(round(x * S), -M, M) / S`` with ``S = M / absmax``, computed in fp32 and
+    returned in x's dtype. Backward: identity (straight-through estimator).
     """
     limit = 2 ** (bits - 1) - 1
-    scale = limit / absmax.clamp(min=1e-8)
-    quantized = torch.clamp(torch.round(x * scale), -limit, limit) / scale
+    x32 = x.float()
+    scale = limit / absmax.float().clamp(min=1e-8)
+    quantized = (torch.clamp(torch.round(x32 * scale), -limit, limit) / scale).to(x.dtype)
     return x + (quantized - x).detach()
 
 
 def weight_absmax(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """max|W| over the whole tensor, or per row (output channel / embedding entry) as (rows, 1)."""
-    weight = weight.detach()
+    weight = weight.detach().float()
     return weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().max()
 
 
-class _QuantState:
-    """Settings and buffers shared by the quantized module types."""
+class FakeQuantizedWeight(WeightTransform):
+    """The weight rounded onto its int8 grid (scale from max|W|), last in the transform chain."""
 
-    bits: int
-    per_channel: bool
-    ema_decay: float
+    stage = QUANTIZE
 
-    def _init_quant_state(self, bits: int, per_channel: bool, ema_decay: float) -> None:
-        self.bits, self.per_channel, self.ema_decay = bits, per_channel, ema_decay
-        self.register_buffer("fake_quant_enabled", torch.tensor(False))
-        self.fake_quant_on = False  # mirror of the buffer, read without a device sync
+    def __init__(self, bits: int, per_channel: bool) -> None:
+        super().__init__()
+        self.bits, self.per_channel = bits, per_channel
+        self.enabled = True  # set by the callback from the global step (a plain bool: no device sync)
 
-    def set_fake_quant(self, enabled: bool) -> None:
-        self.fake_quant_enabled.fill_(enabled)
-        self.fake_quant_on = enabled
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return weight
+        return fake_quantize(weight, weight_absmax(weight, self.per_channel), self.bits)
 
-    def _refresh_mirrors(self) -> None:
-        self.fake_quant_on = bool(self.fake_quant_enabled)
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_mirrors()
-
-    def quantized_weight(self) -> torch.Tensor:
-        if not self.fake_quant_on:
-            return self.weight
-        return fake_quantize(self.weight, weight_absmax(self.weight, self.per_channel), self.bits)
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}"
 
 
-class QATLinear(_QuantState, nn.Linear):
-    """nn.Linear whose input and weight are fake-quantized (shares the original's parameters)."""
+class InputQuantizer(nn.Module):
+    """Fake quantization of an nn.Linear's input on the range ``absmax`` (EMA of max|x|).
 
-    @classmethod
-    def from_float(cls, linear: nn.Linear, bits: int, per_channel: bool, ema_decay: float) -> "QATLinear":
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight, module.bias = linear.weight, linear.bias
-        module._init_quant_state(bits, per_channel, ema_decay)
-        # EMA(max|x|) of this layer's input; 0 means "no batch seen yet".
-        module.register_buffer("input_absmax", torch.zeros((), device=linear.weight.device))
-        module.pending_absmax = None  # max|x| seen since the last EMA update (not saved)
-        return module
+    In training it also records max|x| of the step (``pending``); the callback folds the maximum
+    over ranks into the EMA after the step, so every rank keeps the same scale.
+    """
+
+    def __init__(self, bits: int, ema_decay: float) -> None:
+        super().__init__()
+        self.bits, self.ema_decay = bits, ema_decay
+        self.register_buffer("absmax", torch.zeros(()))  # 0 means "no batch seen yet"
+        self.enabled = True
+        self.pending: Optional[torch.Tensor] = None  # max|x| since the last EMA update (not saved)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = None
         if self.training:
-            # The range is folded into the EMA after the step, by the callback, with the
-            # maximum over all DDP ranks, so every rank keeps the same scale.
             current = x.detach().abs().max().float()
-            self.pending_absmax = current if self.pending_absmax is None else torch.maximum(self.pending_absmax, current)
-        if self.fake_quant_on:
-            # The EMA of the steps so far; only the very first batch has none and uses its own
-            # range (chosen on the device: no sync).
-            if current is None:
-                current = x.detach().abs().max().float()
-            absmax = torch.where(self.input_absmax > 0, self.input_absmax, current)
-            x = fake_quantize(x, absmax.to(x.dtype), self.bits)
-        return F.linear(x, self.quantized_weight(), self.bias)
+            self.pending = current if self.pending is None else torch.maximum(self.pending, current)
+        if not self.enabled:
+            return x
+        if current is None:
+            current = x.detach().abs().max().float()
+        # The EMA of the steps so far; only the very first batch has none and uses its own range.
+        absmax = torch.where(self.absmax > 0, self.absmax, current)
+        return fake_quantize(x, absmax, self.bits)
 
     @torch.no_grad()
-    def update_input_range(self, batch_absmax: torch.Tensor) -> None:
+    def update_range(self, batch_absmax: torch.Tensor) -> None:
         """Fold one step's max|x| into the EMA (the first value, while the range is 0, initialises it)."""
-        average = self.input_absmax * self.ema_decay + (1.0 - self.ema_decay) * batch_absmax
-        self.input_absmax.copy_(torch.where(self.input_absmax > 0, average, batch_absmax))
-        self.pending_absmax = None
+        average = self.absmax * self.ema_decay + (1.0 - self.ema_decay) * batch_absmax
+        self.absmax.copy_(torch.where(self.absmax > 0, average, batch_absmax))
+        self.pending = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, per_channel={self.per_channel}"
+        return f"bits={self.bits}, ema_decay={self.ema_decay}"
 
 
-class QATEmbedding(_QuantState, nn.Embedding):
-    """nn.Embedding whose table is fake-quantized (shares the original's weight)."""
-
-    @classmethod
-    def from_float(cls, embedding: nn.Embedding, bits: int, per_channel: bool, ema_decay: float) -> "QATEmbedding":
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        for name in ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type",
-                     "scale_grad_by_freq", "sparse"):
-            setattr(module, name, getattr(embedding, name))
-        module.weight = embedding.weight
-        module._init_quant_state(bits, per_channel, ema_decay)
-        return module
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
-                           self.scale_grad_by_freq, self.sparse)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, per_channel={self.per_channel}"
+def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quantizer(args[0]), *args[1:])
 
 
 class QuantizationAwareTraining(L.Callback):
@@ -192,6 +167,8 @@ class QuantizationAwareTraining(L.Callback):
         self.bits, self.per_channel = bits, per_channel
         self.include, self.exclude = list(include), list(exclude)
         self.quantize_embeddings, self.ema_decay, self.start_step = quantize_embeddings, ema_decay, start_step
+        self.quantized_names: list[str] = []
+        self._quantized_modules: list[nn.Module] = []
 
     def _selected(self, name: str, module: nn.Module) -> bool:
         kinds = (nn.Linear, nn.Embedding) if self.quantize_embeddings else (nn.Linear,)
@@ -200,17 +177,14 @@ class QuantizationAwareTraining(L.Callback):
                 and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude))
 
     def quantize_modules(self, root: nn.Module) -> list[str]:
-        """Swap the selected modules of ``root`` in place; returns their qualified names.
+        """Add fake quantization to the selected modules of ``root``; returns their qualified names.
 
-        Idempotent: modules already swapped are kept (so ``setup`` may run more than once).
+        Idempotent (``setup`` may run more than once). A module shared under several names (a
+        source/target embedding) is quantized once, under all of them.
         """
-        # Every name of every module: one module may sit under several (a shared source/target
-        # embedding), and each of them must lead to the same quantized replacement.
-        names = list(root.named_modules(remove_duplicate=False))
-        swapped = [name for name, module in names if isinstance(module, (QATLinear, QATEmbedding))]
         aliases: dict[int, tuple[nn.Module, list[str]]] = {}  # id -> (module, all its names)
-        for name, module in names:
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not isinstance(module, (QATLinear, QATEmbedding)):
+        for name, module in root.named_modules(remove_duplicate=False):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
                 aliases.setdefault(id(module), (module, []))[1].append(name)
         targets = []
         for module, module_names in aliases.values():
@@ -222,50 +196,75 @@ class QuantizationAwareTraining(L.Callback):
                 )
             if selected:
                 targets.append((module_names, module))
-        if not targets and not swapped:
+        if not targets:
             raise ValueError(
                 f"QuantizationAwareTraining selected no nn.Linear{'/nn.Embedding' if self.quantize_embeddings else ''} "
                 f"module with include={self.include} exclude={self.exclude}"
             )
-        for module_names, module in targets:
-            cls = QATEmbedding if isinstance(module, nn.Embedding) else QATLinear
-            replacement = cls.from_float(module, self.bits, self.per_channel, self.ema_decay)
-            for name in module_names:
-                parent_name, _, attribute = name.rpartition(".")
-                setattr(root.get_submodule(parent_name) if parent_name else root, attribute, replacement)
-        return swapped + [name for module_names, _ in targets for name in module_names]
+        self._quantized_modules = []
+        for _, module in targets:
+            transform = add_weight_transform(module, FakeQuantizedWeight(self.bits, self.per_channel))
+            if (transform.bits, transform.per_channel) != (self.bits, self.per_channel):
+                raise ValueError(f"QuantizationAwareTraining: the model is already fake-quantized with bits="
+                                 f"{transform.bits}, per_channel={transform.per_channel}; this callback has "
+                                 f"bits={self.bits}, per_channel={self.per_channel}")
+            self._quantized_modules.append(module)
+            if isinstance(module, nn.Linear) and not isinstance(getattr(module, "input_quantizer", None), InputQuantizer):
+                module.input_quantizer = InputQuantizer(self.bits, self.ema_decay).to(module.weight.device)
+                module.register_forward_pre_hook(_quantize_input_hook)
+        return [name for module_names, _ in targets for name in module_names]
 
-    # ------------------------------------------------------------------ Lightning hooks
-    def state_dict(self) -> dict:
-        # Saved with the checkpoint so an exporter knows the integer grid the model trained on.
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        # The integer grid the model trained on; a resume with another one is refused.
         return {"bits": self.bits, "per_channel": self.per_channel, "start_step": self.start_step}
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {key: state_dict.get(key) for key in ("bits", "per_channel")}
+        mine = {"bits": self.bits, "per_channel": self.per_channel}
+        if saved != mine:
+            raise ValueError(f"QuantizationAwareTraining: the checkpoint trained with {saved} but this callback has "
+                             f"{mine}; resuming would mix two integer grids (start a new run with init_from instead)")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Tell the exporter what each quantized weight is: an int8 grid, and for nn.Linear the
+        # activation range it trained with (the state_dict key of the EMA buffer).
+        for name in self.quantized_names:
+            module = pl_module.get_submodule(name)
+            spec = {"bits": self.bits, "per_channel": self.per_channel}
+            if isinstance(module, nn.Linear):
+                spec["activation_range"] = f"{name}.input_quantizer.absmax"
+            record_codec(checkpoint, f"{name}.weight", "int8", QUANTIZE, **spec)
+
+    # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Before weights are restored and before optimizers exist: both see the final structure.
         self.quantized_names = self.quantize_modules(pl_module)
 
-    def _set_enabled(self, pl_module: L.LightningModule, enabled: bool) -> None:
-        for module in pl_module.modules():
-            if isinstance(module, (QATLinear, QATEmbedding)) and module.fake_quant_on != enabled:
-                module.set_fake_quant(enabled)
+    def _set_enabled(self, trainer: L.Trainer) -> None:
+        enabled = trainer.global_step >= self.start_step
+        for module in self._quantized_modules:
+            find_weight_transform(module, FakeQuantizedWeight).enabled = enabled
+            if isinstance(module, nn.Linear):
+                module.input_quantizer.enabled = enabled
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
-        self._set_enabled(pl_module, trainer.global_step >= self.start_step)
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._set_enabled(trainer)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        modules = [m for m in pl_module.modules() if isinstance(m, QATLinear) and m.pending_absmax is not None]
-        if not modules:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        quantizers = [m.input_quantizer for m in self._quantized_modules
+                      if isinstance(m, nn.Linear) and m.input_quantizer.pending is not None]
+        if not quantizers:
             return
-        # One collective for all layers: the maximum over ranks of every layer's input range.
-        maxima = torch.stack([m.pending_absmax for m in modules])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
-        for module, value in zip(modules, maxima):
-            module.update_input_range(value)
+        # One reduction for all layers: the maximum over ranks of every layer's input range.
+        maxima = trainer.strategy.reduce(torch.stack([q.pending for q in quantizers]), reduce_op="max")
+        for quantizer, value in zip(quantizers, maxima):
+            quantizer.update_range(value)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Evaluate the model as it will be deployed once quantization has started.
-        self._set_enabled(pl_module, trainer.global_step >= self.start_step)
+        self._set_enabled(trainer)
 
     on_test_start = on_validation_start
     on_predict_start = on_validation_start

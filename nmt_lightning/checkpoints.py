@@ -4,60 +4,86 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from nmt_lightning.checkpoint_file import is_parametrized, read_checkpoint
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.module import QAT_BUFFERS, TranslationModule
+from nmt_lightning.module import TranslationModule
 
 
-def load_translation_module(path: str | os.PathLike, map_location: str = "cpu") -> TranslationModule:
+def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
+                            quantize: Optional[str] = None) -> TranslationModule:
     """A TranslationModule (eval mode) with its tokenization, from a Lightning checkpoint or a
-    file written by ``nmt-lightning export`` (fp32 or int8)."""
+    file written by ``nmt-lightning export``.
+
+    A checkpoint trained with compression callbacks (or any checkpoint, when ``quantize`` is
+    given) is deployed as ``export`` would write it, without writing a file: a QAT-trained model
+    translates with its int8 layers. ``quantize="fp32"`` keeps dense fp32 weights instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
-    from nmt_lightning.export import is_export_file, load_exported
+    from nmt_lightning.export import build_module, encode_checkpoint, is_export_file, load_exported
 
     if is_export_file(path):
         return load_exported(path)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # a truncated or foreign file: say which, in one line
-        raise CorpusError(f"{path}: not a readable checkpoint ({type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+    checkpoint = read_checkpoint(path, map_location)
+    if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
     if "nmt_lightning_tokenization" not in checkpoint:
         raise CorpusError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
-    if any(name.endswith(QAT_BUFFERS) for name in checkpoint["state_dict"]):
-        raise CorpusError(
-            f"{path}: trained with QuantizationAwareTraining; export it to the int8 model first "
-            f"(nmt-lightning export --checkpoint {path} --output model.int8.safetensors)"
-        )
+    if quantize is not None or checkpoint.get("compression") or is_parametrized(checkpoint["state_dict"]):
+        encoded = encode_checkpoint(checkpoint, str(path), quantize)
+        return build_module(encoded.tensors, encoded.metadata)
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.eval()
 
 
+def _model_identity(checkpoint: dict) -> dict:
+    """The hyper-parameters that decide the architecture and vocabulary (what averaging must keep equal)."""
+    ignored = {"init_from", "test_output", "val_bleu", "val_bleu_sentences"}
+    return {k: v for k, v in dict(checkpoint.get("hyper_parameters", {})).items()
+            if not k.startswith("_") and k not in ignored}
+
+
 def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:
     """Write a checkpoint whose weights are the mean of ``paths`` (the last one supplies the rest).
 
     Averaging the last few checkpoints of a run smooths out the noise of the final updates
-    (Vaswani et al. average the last 5 or 20). Integer buffers are taken from the last file.
+    (Vaswani et al. average the last 5 or 20). Integer and boolean tensors are taken from the
+    last file. Checkpoints of different models (hyper-parameters, tensor names or shapes) are
+    refused, naming both files.
     """
     if len(paths) < 1:
         raise ValueError("average needs at least one checkpoint")
     sums: dict[str, torch.Tensor] = {}
+    first_path, first = None, None
     last: dict = {}
     for path in paths:
-        if not Path(path).is_file():
-            raise CorpusError(f"{path}: no such checkpoint")
-        last = torch.load(path, map_location="cpu", weights_only=False)
+        last = read_checkpoint(path)
+        if "state_dict" not in last:
+            raise CorpusError(f"{path}: not a Lightning checkpoint")
         state = last["state_dict"]
-        if sums and state.keys() != sums.keys():
-            raise CorpusError(f"{path}: its weights do not match the first checkpoint's (different model?)")
+        if first is None:
+            first_path, first = path, last
+        else:
+            if _model_identity(last) != _model_identity(first):
+                differing = sorted(k for k in set(_model_identity(last)) | set(_model_identity(first))
+                                   if _model_identity(last).get(k) != _model_identity(first).get(k))
+                raise CorpusError(f"{path} and {first_path} are different models (hyper-parameters differ: "
+                                  + ", ".join(f"{k}={_model_identity(last).get(k)!r} vs {_model_identity(first).get(k)!r}"
+                                              for k in differing) + ")")
+            if state.keys() != sums.keys():
+                only = sorted(set(state) ^ set(sums))
+                raise CorpusError(f"{path} and {first_path} hold different tensors (e.g. {only[0]})")
+            for name, tensor in state.items():
+                if tensor.shape != sums[name].shape:
+                    raise CorpusError(f"{path} and {first_path} differ in the shape of {name}: "
+                                      f"{tuple(tensor.shape)} vs {tuple(sums[name].shape)}")
         for name, tensor in state.items():
             if tensor.is_floating_point():
                 sums[name] = sums.get(name, 0) + tensor.double()
@@ -76,3 +102,23 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     with atomic_path(output) as tmp:
         torch.save(last, tmp)
     return output
+
+
+def last_checkpoints_by_step(directory: str | os.PathLike, count: int) -> list[Path]:
+    """The ``count`` checkpoints of ``directory`` with the highest training steps, oldest first.
+
+    ModelCheckpoint names and keeps files by a metric (the best 3 by BLEU), and ``last.ckpt``
+    repeats one of them; so files are ordered by the ``global_step`` stored inside, and of
+    several files of one step the first by name is taken.
+    """
+    if count < 1:
+        raise ValueError(f"--last must be >= 1, got {count}")
+    by_step: dict[int, Path] = {}
+    for path in sorted(Path(directory).glob("*.ckpt")):
+        step = read_checkpoint(path).get("global_step")
+        if not isinstance(step, int):
+            raise CorpusError(f"{path}: no global_step inside: not a Lightning checkpoint")
+        by_step.setdefault(step, path)
+    if not by_step:
+        raise CorpusError(f"{directory}: no .ckpt files")
+    return [by_step[step] for step in sorted(by_step)[-count:]]

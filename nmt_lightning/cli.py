@@ -65,7 +65,7 @@ def prepare_main(argv: Sequence[str]) -> int:
 def translate_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="nmt-lightning translate",
                                      description="Translate detokenized lines, one sentence a line.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by 'nmt-lightning fit' (or average)")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by 'nmt-lightning fit' or 'average', or a file written by 'export'")
     parser.add_argument("--input", help="source file (default: stdin)")
     parser.add_argument("--output", help="output file (default: stdout)")
     parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search (default: %(default)s)")
@@ -107,17 +107,16 @@ def translate_main(argv: Sequence[str]) -> int:
 def average_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="nmt-lightning average", description="Average the weights of checkpoints.")
     parser.add_argument("checkpoints", nargs="*", help="checkpoint files")
-    parser.add_argument("--dir", help="take checkpoints from this directory instead (newest first, see --last)")
-    parser.add_argument("--last", type=int, default=5, help="with --dir: how many of the newest (default: %(default)s)")
+    parser.add_argument("--dir", help="also take checkpoints from this directory: the last --last by training step")
+    parser.add_argument("--last", type=int, default=5, help="with --dir: how many, by training step (default: %(default)s)")
     parser.add_argument("--output", required=True, help="the averaged checkpoint")
     args = parser.parse_args(argv)
-    from nmt_lightning.checkpoints import average_checkpoints
+    from nmt_lightning.checkpoints import average_checkpoints, last_checkpoints_by_step
 
     paths = list(args.checkpoints)
-    if args.dir:
-        found = sorted((p for p in Path(args.dir).glob("*.ckpt") if p.name != "last.ckpt"), key=lambda p: p.stat().st_mtime)
-        paths += [str(p) for p in found[-args.last:]]
     try:
+        if args.dir:
+            paths += [str(p) for p in last_checkpoints_by_step(args.dir, args.last)]
         output = average_checkpoints(paths, args.output)
     except (CorpusError, ValueError) as error:
         print(f"nmt-lightning average: error: {error}", file=sys.stderr)
@@ -132,8 +131,9 @@ def export_main(argv: Sequence[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint of a translation model")
     parser.add_argument("--output", required=True, help="the .safetensors file to write")
     parser.add_argument("--quantize", choices=["int8", "fp32"],
-                        help="int8: quantize the weights (post-training for an fp32 checkpoint). Default: int8 for a "
-                             "checkpoint trained with QuantizationAwareTraining, else fp32")
+                        help="int8: quantize every nn.Linear / nn.Embedding weight not quantized yet (post-training); "
+                             "fp32: leave out the quantization. Default: what the checkpoint's compression callbacks "
+                             "recorded (int8 after QuantizationAwareTraining), else fp32")
     args = parser.parse_args(argv)
     from nmt_lightning.export import export_checkpoint
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import lightning as L
 import torch
@@ -13,31 +14,44 @@ from torchmetrics import SumMetric
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from nmt_lightning.bpe import PAD_ID
+from nmt_lightning.checkpoint_file import model_weights, read_checkpoint
 from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.evaluation import score
-from nmt_lightning.model import PRESETS, Transformer, TransformerConfig
+from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
 from nmt_lightning.tokenization import Tokenization
 
-# fn(module, batch, logits) -> scalar tensor, added to the training loss.
-LossTerm = Callable[["TranslationModule", dict, torch.Tensor], torch.Tensor]
-
-# Buffers that callbacks.QuantizationAwareTraining adds to the modules it fake-quantizes: the
-# activation range of a Linear's input (EMA of max|x|) and the on/off switch.
-QAT_INPUT_RANGE = "input_absmax"
-QAT_BUFFERS = (QAT_INPUT_RANGE, "fake_quant_enabled")
+CROSS_ENTROPY = "cross_entropy"  # the name of the label-smoothed loss in set_loss_weight
 
 
-def transformer_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The Transformer's own tensors from a TranslationModule state_dict ("model." prefix
-    removed, fake-quantization buffers of a QAT run left out)."""
-    return {name[len("model."):]: tensor for name, tensor in state_dict.items()
-            if name.startswith("model.") and not name.endswith(QAT_BUFFERS)}
+@dataclass
+class LossContext:
+    """What a loss term sees of one training batch (B sentences, T target positions, V words).
+
+    logits: (B, T, V); target: (B, T) ids, padded with pad; target_mask: (B, T) bool, True at
+    real target tokens; num_tokens: () this batch's target tokens (on this rank); features:
+    the per-layer tensors the registered terms asked for (None when none did).
+    """
+
+    module: "TranslationModule"
+    batch: dict
+    logits: torch.Tensor
+    target: torch.Tensor
+    target_mask: torch.Tensor
+    num_tokens: torch.Tensor
+    features: Optional[TransformerFeatures]
 
 
-def fake_quantized_modules(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """Qualified names (as in ``state_dict``) of the modules a QAT run fake-quantized."""
-    suffix = ".fake_quant_enabled"
-    return [name[: -len(suffix)] for name in state_dict if name.endswith(suffix)]
+# fn(context) -> a scalar: the term SUMMED over the batch's target tokens (a per-token mean
+# times context.num_tokens, if that is what it computes). The module divides the sum of all
+# terms by the target tokens of the whole update, as it does the cross-entropy.
+LossTerm = Callable[[LossContext], torch.Tensor]
+
+
+@dataclass
+class _RegisteredTerm:
+    fn: LossTerm
+    weight: float
+    features: frozenset[str]
 
 
 class TranslationModule(L.LightningModule):
@@ -52,8 +66,17 @@ class TranslationModule(L.LightningModule):
     Test decodes with beam search, writes the hypotheses (in input order) to
     ``test_output`` (default: ``<log dir>/test.hyp.<tgt>``) and scores them with sacrebleu.
 
-    Extension point for compression callbacks: ``register_loss_term(name, fn)`` adds
-    ``fn(module, batch, logits)`` to the training loss (logged as ``train/<name>``).
+    The training objective of one optimiser update is, over all its target tokens (every DDP
+    rank, every accumulated batch: fairseq's normalisation, so a half-full batch weighs half)::
+
+        (w_ce * label-smoothed cross-entropy + sum_i w_i * term_i) / target tokens
+
+    Extension point for compression callbacks: ``register_loss_term(name, fn, weight,
+    features)`` adds ``weight * fn(context)`` (a ``LossContext``; ``fn`` returns a sum over the
+    batch's target tokens), logged per token as ``train/<name>``; ``features`` asks the forward
+    pass for per-layer hidden states and/or attention probabilities. ``set_loss_weight(name,
+    w)`` rescales a term, the cross-entropy included (``"cross_entropy"``: the alpha of a
+    distillation loss).
 
     ``init_from`` starts from the weights of another checkpoint of the same architecture (a
     fine-tuning run, e.g. quantization-aware fine-tuning): unlike ``ckpt_path``, the optimiser,
@@ -108,7 +131,11 @@ class TranslationModule(L.LightningModule):
             attention_dropout=attention_dropout, activation_dropout=activation_dropout, pre_norm=pre_norm,
             share_embeddings=share_embeddings, max_positions=max_positions, pad_id=PAD_ID,
         ))
-        self.loss_terms: dict[str, LossTerm] = {}
+        self.loss_terms: dict[str, _RegisteredTerm] = {}
+        self.loss_weights: dict[str, float] = {CROSS_ENTROPY: 1.0}
+        # Token normalisation across ranks and accumulated batches (see on_before_optimizer_step).
+        self._update_tokens: Optional[torch.Tensor] = None  # target tokens of this update so far, this rank
+        self._normaliser: Optional[torch.Tensor] = None  # the constant each batch's sum is divided by
         self.tokenization: Optional[Tokenization] = None  # set from the data module or the checkpoint
         self._references: dict[str, list[str]] = {}
         self._test_hypotheses: list[tuple[int, str]] = []
@@ -125,16 +152,27 @@ class TranslationModule(L.LightningModule):
         options = {k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")}
         return cls(**{**options, "init_from": None})
 
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TranslationModule":
+        """The model of a checkpoint as dense fp32 nn.Modules (eval mode), e.g. as a teacher:
+        compression steps that only round (int8) are left out, the others (masks) applied."""
+        from nmt_lightning.checkpoints import load_translation_module
+
+        return load_translation_module(path, quantize="fp32").to(map_location)
+
     def _load_initial_weights(self, path: Path) -> None:
-        """Copy the Transformer weights of the checkpoint ``path`` (fp32 or trained with QAT)."""
+        """Copy the Transformer weights of the checkpoint ``path`` (trainable tensors only: what
+        compression callbacks added, such as ranges or masks, is left to this run's callbacks)."""
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path}: no such checkpoint")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
-        # Fake-quantization buffers of a QAT run are not weights; a callback adds its own.
         try:
-            self.model.load_state_dict(transformer_weights(checkpoint["state_dict"]))
+            checkpoint = read_checkpoint(path)
+        except ValueError as error:
+            raise ValueError(f"init_from: {error}") from None
+        if "state_dict" not in checkpoint:
+            raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
+        try:
+            self.model.load_state_dict(model_weights(checkpoint["state_dict"], self.model))
         except RuntimeError as error:
             first = str(error).strip().splitlines()[1:2] or [""]
             raise ValueError(f"init_from: {path}: weights do not fit this model ({first[0].strip()})") from None
@@ -142,9 +180,32 @@ class TranslationModule(L.LightningModule):
             self.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
 
     # ------------------------------------------------------------------ extension point
-    def register_loss_term(self, name: str, fn: LossTerm) -> None:
-        """Add ``fn(module, batch, logits)`` to the training loss; re-registering a name replaces it."""
-        self.loss_terms[name] = fn
+    def register_loss_term(self, name: str, fn: LossTerm, weight: float = 1.0, features: Iterable[str] = ()) -> None:
+        """Add ``weight * fn(context)`` to the training loss; re-registering a name replaces it.
+
+        ``fn`` returns the term summed over the batch's target tokens. ``features``: what the
+        forward pass must record for it, a subset of ``("hidden_states", "attention")``.
+        """
+        if name == CROSS_ENTROPY:
+            raise ValueError(f"'{CROSS_ENTROPY}' is the module's own term: use set_loss_weight to scale it")
+        unknown = set(features) - set(FEATURE_NAMES)
+        if unknown:
+            raise ValueError(f"register_loss_term('{name}'): unknown features {sorted(unknown)}; choose from {list(FEATURE_NAMES)}")
+        self.loss_terms[name] = _RegisteredTerm(fn, float(weight), frozenset(features))
+
+    def remove_loss_term(self, name: str) -> None:
+        self.loss_terms.pop(name, None)
+
+    def set_loss_weight(self, name: str, weight: float) -> None:
+        """Scale the term ``name`` (``"cross_entropy"`` or a registered one) by ``weight`` >= 0."""
+        if weight < 0 or not math.isfinite(weight):
+            raise ValueError(f"set_loss_weight('{name}'): the weight must be a finite number >= 0, got {weight}")
+        if name == CROSS_ENTROPY:
+            self.loss_weights[CROSS_ENTROPY] = float(weight)
+        elif name in self.loss_terms:
+            self.loss_terms[name].weight = float(weight)
+        else:
+            raise ValueError(f"set_loss_weight: no loss term '{name}' (registered: {[CROSS_ENTROPY, *self.loss_terms]})")
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
@@ -168,8 +229,9 @@ class TranslationModule(L.LightningModule):
             self.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
 
     # ------------------------------------------------------------------ training
-    def forward(self, source: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
-        return self.model(source, decoder_input)
+    def forward(self, source: torch.Tensor, decoder_input: torch.Tensor,
+                features: Optional[TransformerFeatures] = None) -> torch.Tensor:
+        return self.model(source, decoder_input, features)
 
     def token_losses(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(label-smoothed loss sum, nll sum, number of target tokens) over non-pad positions."""
@@ -180,18 +242,55 @@ class TranslationModule(L.LightningModule):
         return smoothed, nll, (flat_target != PAD_ID).sum()
 
     def training_step(self, batch: dict, batch_index: int) -> torch.Tensor:
-        logits = self(batch["source"], batch["decoder_input"])
+        requested = set().union(*(term.features for term in self.loss_terms.values()))
+        features = TransformerFeatures.requesting(requested) if requested else None
+        logits = self(batch["source"], batch["decoder_input"], features)
         smoothed, nll, tokens = self.token_losses(logits, batch["target"])
-        loss = smoothed / tokens
+        total = self.loss_weights[CROSS_ENTROPY] * smoothed
         batch_size = batch["source"].shape[0]
-        for name, term in self.loss_terms.items():
-            value = term(self, batch, logits)
-            self.log(f"train/{name}", value, batch_size=batch_size)
-            loss = loss + value
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/nll", nll / tokens, batch_size=batch_size)
+        per_token = tokens.clamp(min=1).float()
+        if self.loss_terms:
+            context = LossContext(self, batch, logits, batch["target"], batch["target"] != PAD_ID, tokens, features)
+            for name, term in self.loss_terms.items():
+                value = term.fn(context)
+                self.log(f"train/{name}", value.detach() / per_token, batch_size=batch_size)
+                total = total + term.weight * value
+        self.log("train/loss", total.detach() / per_token, prog_bar=True, batch_size=batch_size)
+        self.log("train/nll", nll / per_token, batch_size=batch_size)
         self.log("train/target_tokens", tokens.float(), reduce_fx="sum", batch_size=batch_size)
-        return loss
+        return total * self._sum_to_loss(tokens)
+
+    # ------------------------------------------------------------------ token normalisation
+    # Every update divides the sum of its token losses by N, the target tokens of all ranks and
+    # all accumulated batches. N is known only after the update's last batch, so each batch
+    # returns sum * R * k / C for a constant C of the update (R ranks, k accumulated batches:
+    # DDP averages over ranks and Lightning divides by k, so the gradient becomes sum / C),
+    # and on_before_optimizer_step multiplies the gradients by C / N. C is the previous
+    # update's N (the same on every rank): the returned loss stays about a per-token mean, so
+    # fp16 loss scaling behaves as usual. The first update of a fit measures C with one
+    # reduction over ranks.
+    def _sum_to_loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if self._normaliser is None:
+            first = trainer.strategy.reduce(tokens.detach().float().clone(), reduce_op="sum")
+            self._normaliser = (first * accumulate).clamp(min=1)
+        self._update_tokens = tokens.detach().float() if self._update_tokens is None else self._update_tokens + tokens
+        return trainer.world_size * accumulate / self._normaliser
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._update_tokens is None:
+            return
+        total = self.trainer.strategy.reduce(self._update_tokens.clone(), reduce_op="sum").clamp(min=1)
+        factor = self._normaliser / total
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(factor.to(parameter.grad.dtype))
+        self._normaliser, self._update_tokens = total, None
+
+    def on_train_start(self) -> None:
+        self._normaliser, self._update_tokens = None, None
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -18,6 +18,34 @@ from nmt_lightning.prepare import MANIFEST
 log = logging.getLogger(__name__)
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader over a TokenBatchSampler that Lightning can resume in the middle of an epoch.
+
+    Lightning saves ``state_dict()`` of a loader that has one in the checkpoint, and hands it
+    back before the resumed epoch: the sampler then starts after the batches already trained
+    on, instead of replaying the epoch from its first batch (which a plain DataLoader does).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+
+    def __iter__(self):
+        iterator = super().__iter__()  # the sampler decides where this epoch starts when it is iterated
+        self._served = None
+        for batch in iterator:
+            if self._served is None:
+                self._served = self.sampler.start
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self._served or 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.resume_at(int(state["epoch"]), int(state["batches"]))
+
+
 class TranslationDataModule(L.LightningDataModule):
     """Token-batched loaders over a directory written by ``nmt-lightning prepare``.
 
@@ -149,7 +177,7 @@ class TranslationDataModule(L.LightningDataModule):
         return sampler
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return (ResumableLoader if split == "train" else DataLoader)(
             self.dataset(split),
             sampler=self.batch_sampler(split, shuffle),
             batch_size=None,  # the sampler yields whole batches; the dataset collates them

@@ -72,6 +72,13 @@ class TokenBatchSampler(DistributedSampler):
             )
         self.num_skipped_for_ranks = 0
         self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches of this rank already trained on)
+        self.start = 0  # where the current iteration started
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """The next iteration of ``epoch`` starts after its first ``batches_done`` batches of this rank
+        (a resume in the middle of an epoch); an iteration of another epoch starts at the first."""
+        self._resume = (epoch, batches_done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,7 +125,9 @@ class TokenBatchSampler(DistributedSampler):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for batch in self.global_batches()[self.rank :: self.num_replicas]:
+        resume, self._resume = self._resume, None
+        self.start = resume[1] if resume is not None and resume[0] == self.epoch else 0
+        for batch in self.global_batches()[self.rank :: self.num_replicas][self.start:]:
             yield batch.tolist()
 
     def __len__(self) -> int:

@@ -1,4 +1,8 @@
-"""Multi-head attention over torch's scaled_dot_product_attention, with a key/value cache."""
+"""Multi-head attention over torch's scaled_dot_product_attention, with a key/value cache.
+
+SDPA never materialises the attention probabilities. When a caller asks for them (a list in
+``probabilities_out``: layer-wise attention transfer reads them), the same attention is
+computed with an explicit softmax instead; the default path is SDPA, untouched."""
 
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class MultiHeadAttention(nn.Module):
         cache: Optional[LayerCache] = None,
         cache_prefix: str = "",
         static_kv: bool = False,
+        probabilities_out: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """query (B, T, D), key_value (B', S, D) -> (B, T, D).
 
@@ -48,6 +53,8 @@ class MultiHeadAttention(nn.Module):
         B may be a multiple g of B' (beam search: the g hypotheses of a sentence, in consecutive
         rows, attend to that sentence's one copy of the encoder output); then is_causal must be
         False, as the g queries of a row become g * T queries of one attention.
+        probabilities_out: when given, the attention probabilities (B, heads, T, S), before
+            dropout, are appended to it (explicit softmax instead of SDPA).
         """
         q = self._split(self.q_proj(query))
         key_name, value_name = f"{cache_prefix}k", f"{cache_prefix}v"
@@ -68,9 +75,29 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("grouped queries (more query rows than key/value rows) need is_causal=False")
             # (g * B', h, T, hd) -> (B', h, g * T, hd): rows b * g + j become query j * T + t of row b.
             q = q.unflatten(0, (k.shape[0], group)).transpose(1, 2).flatten(2, 3)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )
+        dropout = self.dropout if self.training else 0.0
+        if probabilities_out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        else:
+            out, probabilities = explicit_attention(q, k, v, attn_mask, is_causal, dropout)
+            if group > 1:
+                probabilities = probabilities.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
+            probabilities_out.append(probabilities)
         if group > 1:  # back to (g * B', h, T, hd)
             out = out.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out.transpose(1, 2).flatten(-2))
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                       is_causal: bool, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What SDPA computes, with the probabilities: q (B, h, T, hd), k/v (B, h, S, hd) ->
+    (output (B, h, T, hd), probabilities (B, h, T, S) before dropout). The softmax runs in fp32."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if is_causal:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()  # as SDPA: top-left aligned
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probabilities = scores.softmax(-1)
+    weights = F.dropout(probabilities, dropout) if dropout > 0 else probabilities
+    return weights.to(v.dtype) @ v, probabilities

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nmt_lightning.model.attention import LayerCache, MultiHeadAttention
+from nmt_lightning.model.features import TransformerFeatures
 
 
 class FeedForward(nn.Module):
@@ -45,9 +46,11 @@ class EncoderLayer(nn.Module):
         self.attn_block = _Residual(d_model, dropout, pre_norm)
         self.ffn_block = _Residual(d_model, dropout, pre_norm)
 
-    def forward(self, x: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source_mask: torch.Tensor,
+                features: Optional[TransformerFeatures] = None) -> torch.Tensor:
         """x (B, S, D); source_mask (B, 1, 1, S), True at real tokens."""
-        x = self.attn_block(x, lambda h: self.self_attn(h, h, attn_mask=source_mask))
+        probabilities = features.attention_sink("encoder_self_attention") if features is not None else None
+        x = self.attn_block(x, lambda h: self.self_attn(h, h, attn_mask=source_mask, probabilities_out=probabilities))
         return self.ffn_block(x, self.ffn)
 
 
@@ -63,13 +66,17 @@ class DecoderLayer(nn.Module):
         self.ffn_block = _Residual(d_model, dropout, pre_norm)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
+                cache: Optional[LayerCache] = None, features: Optional[TransformerFeatures] = None) -> torch.Tensor:
         """x (B, T, D), memory (B, S, D). With a cache, x holds only the newest position(s)
         and attends to every cached one, so no causal mask is needed for a single step."""
         causal = cache is None or x.shape[1] > 1
         if cache is not None and causal and "self_k" in cache:
             raise ValueError("incremental decoding feeds one position at a time")
-        x = self.self_block(x, lambda h: self.self_attn(h, h, is_causal=causal, cache=cache, cache_prefix="self_"))
+        self_sink = features.attention_sink("decoder_self_attention") if features is not None else None
+        cross_sink = features.attention_sink("cross_attention") if features is not None else None
+        x = self.self_block(x, lambda h: self.self_attn(h, h, is_causal=causal, cache=cache, cache_prefix="self_",
+                                                        probabilities_out=self_sink))
         x = self.cross_block(x, lambda h: self.cross_attn(h, memory, attn_mask=source_mask, cache=cache,
-                                                          cache_prefix="cross_", static_kv=True))
+                                                          cache_prefix="cross_", static_kv=True,
+                                                          probabilities_out=cross_sink))
         return self.ffn_block(x, self.ffn)

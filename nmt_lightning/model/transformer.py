@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nmt_lightning.model.attention import LayerCache
+from nmt_lightning.model.features import TransformerFeatures
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer
 
 SHARE_CHOICES = ("none", "decoder", "all")
@@ -77,6 +78,9 @@ def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
 class Transformer(nn.Module):
     """``forward(source, decoder_input) -> logits (B, T, tgt_vocab)``.
 
+    With ``features=TransformerFeatures(...)`` the pass also records per-layer hidden states
+    and, if asked, attention probabilities into it (see ``model/features.py``).
+
     For decoding: ``encode`` once, then ``decode_step`` one position at a time with a cache
     from ``new_cache`` (keys/values of every layer), reordered with ``reorder_cache`` when
     beam search reshuffles hypotheses.
@@ -131,16 +135,25 @@ class Transformer(nn.Module):
         """(B, S) ids -> (B, 1, 1, S) boolean, True at real tokens (broadcast over heads and queries)."""
         return (source != self.config.pad_id)[:, None, None, :]
 
-    def encode(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, source: torch.Tensor,
+               features: Optional[TransformerFeatures] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """source (B, S) -> (memory (B, S, D), source_mask (B, 1, 1, S))."""
         mask = self.source_mask(source)
         x = self._embed(self.src_embed, source)
+        if features is not None:
+            features.add_state("encoder", x)
         for layer in self.encoder_layers:
-            x = layer(x, mask)
-        return self.encoder_norm(x), mask
+            x = layer(x, mask, features)
+            if features is not None:
+                features.add_state("encoder", x)
+        memory = self.encoder_norm(x)
+        if features is not None and features.hidden_states:
+            features.encoder_output = memory
+        return memory, mask
 
     def decode(self, decoder_input: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
-               caches: Optional[list[LayerCache]] = None, start: int = 0) -> torch.Tensor:
+               caches: Optional[list[LayerCache]] = None, start: int = 0,
+               features: Optional[TransformerFeatures] = None) -> torch.Tensor:
         """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only.
 
         memory (B', S, D) and source_mask (B', 1, 1, S) may hold one row per sentence for g
@@ -148,13 +161,21 @@ class Transformer(nn.Module):
         then computes and caches the encoder keys/values once per sentence, not once per beam.
         """
         x = self._embed(self.tgt_embed, decoder_input, start)
+        if features is not None:
+            features.add_state("decoder", x)
         for index, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, source_mask, None if caches is None else caches[index])
-        return self.output_projection(self.decoder_norm(x))
+            x = layer(x, memory, source_mask, None if caches is None else caches[index], features)
+            if features is not None:
+                features.add_state("decoder", x)
+        x = self.decoder_norm(x)
+        if features is not None and features.hidden_states:
+            features.decoder_output = x
+        return self.output_projection(x)
 
-    def forward(self, source: torch.Tensor, decoder_input: torch.Tensor) -> torch.Tensor:
-        memory, mask = self.encode(source)
-        return self.decode(decoder_input, memory, mask)
+    def forward(self, source: torch.Tensor, decoder_input: torch.Tensor,
+                features: Optional[TransformerFeatures] = None) -> torch.Tensor:
+        memory, mask = self.encode(source, features)
+        return self.decode(decoder_input, memory, mask, features=features)
 
     # ---------------------------------------------------------------- incremental decoding
     def new_cache(self) -> list[LayerCache]:

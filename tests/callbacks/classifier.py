@@ -33,8 +33,31 @@ class BagOfWordsClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning resumes in the middle of an epoch (its state_dict says how many
+    batches were served); a plain DataLoader would replay the epoch from its first batch."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._served, self._skip = 0, 0
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for index, batch in enumerate(super().__iter__()):
+            if index >= skip:
+                self._served += 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = state["served"]
+
+
 def classification_data(samples: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
     """Label = (sum of tokens) mod 3: learnable from a bag of words. Fixed order (no shuffling)."""
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 30, (samples, 6), generator=generator)
-    return DataLoader(TensorDataset(tokens, tokens.sum(1) % 3), batch_size=batch_size, shuffle=False)
+    return ResumableLoader(TensorDataset(tokens, tokens.sum(1) % 3), batch_size=batch_size, shuffle=False)

@@ -7,22 +7,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from callbacks import QuantizationAwareTraining
-from callbacks.quantization_aware_training import QATEmbedding, QATLinear, fake_quantize, weight_absmax
+from callbacks._transforms import find_weight_transform, weight_transforms
+from callbacks.quantization_aware_training import FakeQuantizedWeight, InputQuantizer, fake_quantize, weight_absmax
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
 
 SCRIPTS = Path(__file__).parents[1] / "scripts"
-
-
-def trainer(root: Path, callbacks: list, **overrides) -> L.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_steps=16, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                   limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
-    options.update(overrides)
-    return L.Trainer(callbacks=callbacks, **options)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -43,6 +36,20 @@ def test_straight_through_estimator_passes_gradients() -> None:
     x = torch.randn(10, requires_grad=True)
     (fake_quantize(x, x.detach().abs().max(), 8) * torch.arange(10.0)).sum().backward()
     torch.testing.assert_close(x.grad, torch.arange(10.0))
+
+
+def test_bf16_inputs_are_rounded_in_fp32() -> None:
+    """Under bf16-mixed the codes must be the fp32 export's: rounding x * S in bf16 (8 significant
+    bits) would move many values to a neighbouring code."""
+    x = (torch.randn(4000) * 2).bfloat16()
+    absmax = torch.tensor(3.0)
+    out = fake_quantize(x, absmax, 8)
+    assert out.dtype == torch.bfloat16
+    codes_fp32 = torch.clamp(torch.round(x.float() * (127 / 3.0)), -127, 127)
+    # out is codes / S rounded to bf16; its code is the nearest integer to out * S.
+    torch.testing.assert_close(torch.round(out.float() * (127 / 3.0)), codes_fp32, rtol=0, atol=0)
+    codes_bf16 = torch.clamp(torch.round(x * torch.tensor(127 / 3.0, dtype=torch.bfloat16)), -127, 127).float()
+    assert (codes_bf16 != codes_fp32).any()  # what the fp32 rounding avoids
 
 
 def test_per_channel_scales() -> None:
@@ -76,13 +83,30 @@ def test_a_model_that_is_not_ours_trains_quantized(tmp_path: Path) -> None:
     model = BagOfWordsClassifier()
     callback = QuantizationAwareTraining(exclude=["out"])
     trainer(tmp_path, [callback], max_steps=40).fit(model, classification_data())
-    assert isinstance(model.embed, QATEmbedding) and isinstance(model.hidden, QATLinear)
-    assert type(model.out) is nn.Linear and type(model.norm) is nn.LayerNorm
-    assert bool(model.hidden.fake_quant_enabled) and model.hidden.input_absmax > 0
-    # The forward pass really uses int8 weights: they differ from fp32 by at most half a step.
-    step = weight_absmax(model.hidden.weight, False) / 127
-    assert (model.hidden.quantized_weight() - model.hidden.weight).abs().max() <= step / 2 + 1e-6
+    # The modules keep their classes; the quantization sits in their weight's transform chain.
+    assert isinstance(model.embed, nn.Embedding) and isinstance(model.hidden, nn.Linear)
+    assert isinstance(find_weight_transform(model.embed, FakeQuantizedWeight), FakeQuantizedWeight)
+    assert isinstance(model.hidden.input_quantizer, InputQuantizer) and model.hidden.input_quantizer.absmax > 0
+    assert weight_transforms(model.out) == [] and not hasattr(model.out, "input_quantizer")
+    # The forward pass really uses int8 weights: on the grid, within half a step of the fp32 ones.
+    raw = model.hidden.parametrizations.weight.original
+    step = weight_absmax(raw, False) / 127
+    used = model.hidden.weight
+    torch.testing.assert_close(used / step, (used / step).round(), rtol=0, atol=1e-3)
+    assert (used - raw).abs().max() <= step / 2 + 1e-6
     assert callback.quantized_names == ["embed", "hidden"]
+
+
+def test_the_trained_parameter_is_never_overwritten(tmp_path: Path) -> None:
+    """fairseq's quant_noise writes its rounded weight into .data; here the parameter keeps
+    full precision and only the forward pass sees the grid."""
+    model = BagOfWordsClassifier()
+    QuantizationAwareTraining().quantize_modules(model)
+    raw = model.hidden.parametrizations.weight.original
+    before = raw.detach().clone()
+    model(torch.randint(0, 30, (4, 6))).sum().backward()
+    torch.testing.assert_close(raw.detach(), before, rtol=0, atol=0)
+    assert not torch.equal(model.hidden.weight, raw)
 
 
 def test_tied_weights_stay_tied() -> None:
@@ -95,7 +119,7 @@ def test_tied_weights_stay_tied() -> None:
 
     model = Tied()
     QuantizationAwareTraining().quantize_modules(model)
-    assert model.project.weight is model.embed.weight
+    assert model.project.parametrizations.weight.original is model.embed.parametrizations.weight.original
     assert len(list(model.parameters())) == 1
 
 
@@ -113,8 +137,9 @@ def test_a_module_shared_under_two_names_is_quantized_under_both() -> None:
     model = SharedEmbedding()
     names = QuantizationAwareTraining().quantize_modules(model)
     assert names == ["src_embed", "tgt_embed"]
-    assert isinstance(model.tgt_embed, QATEmbedding) and model.tgt_embed is model.src_embed
+    assert model.tgt_embed is model.src_embed and len(weight_transforms(model.src_embed)) == 1
     assert QuantizationAwareTraining().quantize_modules(model) == names  # idempotent
+    assert len(weight_transforms(model.src_embed)) == 1
 
 
 def test_selecting_a_shared_module_under_one_name_only_is_an_error() -> None:
@@ -128,58 +153,57 @@ def test_delayed_start_collects_ranges_first(tmp_path: Path) -> None:
 
     class Spy(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            states.append((bool(pl_module.hidden.fake_quant_enabled), float(pl_module.hidden.input_absmax)))
+            states.append((find_weight_transform(pl_module.hidden, FakeQuantizedWeight).enabled,
+                           float(pl_module.hidden.input_quantizer.absmax)))
 
     trainer(tmp_path, [QuantizationAwareTraining(start_step=5), Spy()], max_steps=8).fit(model, classification_data())
     assert [enabled for enabled, _ in states] == [False] * 5 + [True] * 3
     assert all(absmax > 0 for _, absmax in states)
 
 
-def _state(model: nn.Module) -> dict:
-    return {k: v.clone() for k, v in model.state_dict().items()}
+@pytest.mark.parametrize("start_step, stop", [(0, 8), (10, 8), (0, 5), (4, 11)])
+def test_resume_equals_uninterrupted(tmp_path: Path, start_step: int, stop: int) -> None:
+    """Stop at an epoch boundary (8 batches an epoch) or in the middle of one, before or after
+    quantization starts; resume from the checkpoint ModelCheckpoint wrote."""
+    expected, actual = resumed_and_uninterrupted(
+        tmp_path, BagOfWordsClassifier, lambda: [QuantizationAwareTraining(start_step=start_step, per_channel=True)],
+        classification_data, stop=stop, total=20)
+    assert "hidden.input_quantizer.absmax" in actual and "hidden.parametrizations.weight.original" in actual
+    assert_same_state(expected, actual)
 
 
-@pytest.mark.parametrize("start_step", [0, 10])
-def test_resume_equals_uninterrupted(tmp_path: Path, start_step: int) -> None:
-    def callback() -> QuantizationAwareTraining:
-        return QuantizationAwareTraining(start_step=start_step, per_channel=True)
+@pytest.mark.parametrize("change", [{"bits": 4}, {"per_channel": True}])
+def test_resuming_with_another_grid_is_refused(tmp_path: Path, change: dict) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    L.seed_everything(0)
-    straight = BagOfWordsClassifier()
-    trainer(tmp_path / "a", [callback()], max_steps=24).fit(straight, classification_data())
-
-    # Stop after 8 of 24 steps (an epoch boundary: Lightning replays a map-style epoch that was
-    # cut in the middle), with the checkpoint the ordinary ModelCheckpoint writes.
-    L.seed_everything(0)
-    first = BagOfWordsClassifier()
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=8, save_top_k=-1, filename="mid")
-    trainer(tmp_path / "b", [callback(), saver], max_steps=8, enable_checkpointing=True).fit(first, classification_data())
-    resumed = BagOfWordsClassifier()  # fresh weights: everything must come from the checkpoint
-    trainer(tmp_path / "c", [callback()], max_steps=24).fit(resumed, classification_data(),
-                                                             ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
-
-    expected, actual = _state(straight), _state(resumed)
-    assert expected.keys() == actual.keys() and "hidden.input_absmax" in actual
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-6, atol=1e-6, msg=name)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, filename="mid")
+    trainer(tmp_path, [QuantizationAwareTraining(), saver], max_steps=4, enable_checkpointing=True).fit(
+        BagOfWordsClassifier(), classification_data())
+    (key, value), = change.items()
+    with pytest.raises(ValueError, match=rf"trained with .*'{key}': {(8 if key == 'bits' else False)!r}.*this callback has "
+                                         rf".*'{key}': {value!r}"):
+        trainer(tmp_path, [QuantizationAwareTraining(**change)], max_steps=8).fit(
+            BagOfWordsClassifier(), classification_data(), ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
 
 
 def test_two_process_ddp_keeps_ranges_identical(tmp_path: Path) -> None:
+    """DDP without buffer broadcasting: equal ranges on both ranks come from the callback's reduction."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
     result = subprocess.run([sys.executable, str(SCRIPTS / "qat_ddp.py"), str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("input_absmax") for k in ranks[0])
+    assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("input_quantizer.absmax") for k in ranks[0])
+    own = [rank.pop("own_first_step_max") for rank in ranks]
     assert ranks[0] == ranks[1]
+    # The shards differ, so each rank's own maxima differ: without the reduction the ranges would too.
+    assert own[0] != own[1]
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU, every bool()/item() of a tensor waits for the device; a QAT step has none."""
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
     QuantizationAwareTraining().quantize_modules(model)
-    for module in model:
-        module.set_fake_quant(True)
     reads: list[str] = []
     for name in ("__bool__", "item"):
         original = getattr(torch.Tensor, name)
@@ -187,16 +211,35 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.
     ids = torch.randint(0, 10, (4, 3))
     for _ in range(2):  # the first step initialises the range, the second averages into it
         model(ids).sum().backward()
-        model[1].update_input_range(model[1].pending_absmax)
+        model[1].input_quantizer.update_range(model[1].input_quantizer.pending)
     monkeypatch.undo()
     assert reads == []
-    assert model[1].input_absmax > 0
+    assert model[1].input_quantizer.absmax > 0
 
 
-def test_loading_a_state_dict_restores_the_switch() -> None:
-    trained, fresh = (nn.ModuleDict({"layer": nn.Linear(4, 4)}) for _ in range(2))
-    for model in (trained, fresh):
-        QuantizationAwareTraining().quantize_modules(model)
-    trained["layer"].set_fake_quant(True)
-    fresh.load_state_dict(trained.state_dict())
-    assert fresh["layer"].fake_quant_on and bool(fresh["layer"].fake_quant_enabled)
+def test_bf16_mixed_training_quantizes_on_the_fp32_grid(tmp_path: Path) -> None:
+    """Under bf16-mixed each layer's input reaches the quantizer in bf16; its codes must be the
+    ones fp32 arithmetic gives (those of the int8 export), not bf16's."""
+
+    class NoNorm(BagOfWordsClassifier):  # out's input is hidden's bf16 output under autocast
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.hidden(self.embed(tokens).mean(1))))
+
+    model = NoNorm()
+    QuantizationAwareTraining().quantize_modules(model)
+    seen = []
+
+    def record(quantizer, args, output):
+        if quantizer.training and quantizer.enabled:
+            seen.append((args[0].detach(), output.detach(), torch.where(quantizer.absmax > 0, quantizer.absmax,
+                                                                        args[0].detach().abs().max().float())))
+
+    model.out.input_quantizer.register_forward_hook(record)
+    trainer(tmp_path, [QuantizationAwareTraining()], max_steps=6, precision="bf16-mixed").fit(model, classification_data())
+    assert len(seen) == 6
+    for x, out, absmax in seen:
+        assert x.dtype == out.dtype == torch.bfloat16
+        scale = 127 / absmax
+        expected = torch.clamp(torch.round(x.float() * scale), -127, 127)
+        # out holds codes / S rounded to bf16 (8 significant bits): its code is the nearest integer.
+        torch.testing.assert_close(torch.round(out.float() * scale), expected, rtol=0, atol=0)

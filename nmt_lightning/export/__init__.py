@@ -1,0 +1,25 @@
+"""Exporting a trained model to one safetensors file, each tensor encoded by its codec chain.
+
+The file holds only tensors and string metadata (safetensors never unpickles): the encoded
+weights, the sentencepiece models (as uint8 tensors), the model's hyper-parameters and, per
+tensor, the codec steps that decode it. A tensor tied to another (the shared embedding and
+the output projection) is stored once when both are encoded the same way, and separately
+when they are not (an fp32 embedding tied to a QAT-trained int8 projection).
+
+What each tensor becomes comes from the checkpoint itself: every compression callback writes
+its steps into the checkpoint's ``compression`` manifest (``callbacks/_compression.py``), so
+a QAT-trained checkpoint exports its int8 grid by default. ``quantize="int8"`` adds int8 to
+every nn.Linear / nn.Embedding weight not quantized yet (post-training quantization, Q8BERT's
+"DQ" baseline: dynamic activations); ``quantize="fp32"`` drops the quantizing steps.
+
+Loading decodes every tensor to fp32 and deploys each nn.Linear whose codec offers a faster
+form in that form (int8: ``nmt_lightning.int8.Int8Linear``, static activations on the trained
+range where the file has one, dynamic elsewhere).
+"""
+
+from nmt_lightning.export.codecs import CODECS, Codec, register
+from nmt_lightning.export.model_file import (FORMAT, ExportReport, build_module, encode_checkpoint, export_checkpoint,
+                                             is_export_file, load_exported)
+
+__all__ = ["CODECS", "Codec", "FORMAT", "ExportReport", "build_module", "encode_checkpoint", "export_checkpoint",
+           "is_export_file", "load_exported", "register"]

@@ -1,0 +1,218 @@
+"""The exported file: encoding a checkpoint into tensors + metadata, writing and reading it."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nmt_lightning.atomic import atomic_path
+from nmt_lightning.checkpoint_file import model_weights, read_checkpoint
+from nmt_lightning.errors import CorpusError
+from nmt_lightning.export.codecs import codec, decode_chain, encode_chain, encoding_spec, runtime_linear
+from nmt_lightning.export.plan import export_plan
+from nmt_lightning.module import TranslationModule
+from nmt_lightning.tokenization import Tokenization
+
+FORMAT = "nmt-lightning-export/2"
+FORMAT_1 = "nmt-lightning-export/1"  # 0.1.0: int8 or fp32 only; still read
+
+
+@dataclass
+class ExportReport:
+    output: Path
+    quantization: str  # "int8" when any tensor is stored on an int8 grid, else "fp32"
+    bytes_on_disk: int
+    weight_bytes_fp32: int  # the same weights in fp32 (what a weights-only fp32 export holds)
+    activations: str = "fp32"  # int8: "static" (QAT's trained ranges stored) or "dynamic" (measured per batch)
+
+
+@dataclass
+class EncodedModel:
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    weight_bytes_fp32: int
+
+
+def _key(stored: str, part: str) -> str:
+    return f"{stored}.{part}" if part else stored
+
+
+def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Optional[str] = None) -> EncodedModel:
+    """Encode the Transformer of a TranslationModule checkpoint; ``origin`` names it in errors."""
+    if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CorpusError(f"{origin}: not a checkpoint of a translation model")
+    hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
+    model = TranslationModule.from_hyperparameters(hyper_parameters).model
+    state = checkpoint["state_dict"]
+    weights = model_weights(state, model)
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise CorpusError(f"{origin}: the checkpoint lacks {len(missing)} weights of its model, e.g. {missing[0]}")
+    try:
+        plan = export_plan(checkpoint, model, quantize)
+    except KeyError as error:
+        raise CorpusError(f"{origin}: a compression step lacks the field {error}") from None
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    stored_as: dict[tuple, str] = {}  # (storage, encoding) -> the name it is stored under
+    parts_of: dict[str, list[str]] = {}
+    fp32_storages: set[tuple] = set()
+    fp32_bytes = 0
+    for name, tensor in weights.items():
+        steps = plan.get(name, [])
+        encodings = [encoding_spec(step) for step in steps]
+        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if storage not in fp32_storages:
+            fp32_storages.add(storage)
+            fp32_bytes += tensor.numel() * 4
+        identity = (*storage, json.dumps(encodings, sort_keys=True))
+        if identity not in stored_as:
+            stored_as[identity] = name
+            parts = encode_chain(tensor, steps)
+            parts_of[name] = sorted(parts)
+            for part, value in parts.items():
+                tensors[_key(name, part)] = value.contiguous()
+        options = []
+        for step in steps:
+            for field in codec(step["codec"]).runtime_options:
+                if field in step:
+                    if step[field] not in state:
+                        raise CorpusError(f"{origin}: the compression manifest names {step[field]} as the {field} of "
+                                          f"{name}, but the checkpoint has no such tensor")
+                    tensors[_key(name, field)] = state[step[field]].detach().float().contiguous()
+                    options.append(field)
+        stored = stored_as[identity]
+        entries[name] = {"stored": stored, "parts": parts_of[stored], "codecs": encodings, "options": options}
+    tokenization = checkpoint["nmt_lightning_tokenization"]
+    tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
+    if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
+        tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
+    quantized = any(codec(s["codec"]).quantizes for e in entries.values() for s in e["codecs"])
+    static = any(float(tensors[_key(n, "activation_range")]) > 0 for n, e in entries.items() if "activation_range" in e["options"])
+    metadata = {
+        "format": FORMAT,
+        "quantization": "int8" if quantized else "fp32",
+        "activations": ("static" if static else "dynamic") if quantized else "fp32",
+        "hyper_parameters": json.dumps(hyper_parameters),
+        "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
+        "weights": json.dumps(entries),
+        "source_checkpoint": origin,
+    }
+    return EncodedModel(tensors, metadata, fp32_bytes)
+
+
+def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike,
+                      quantize: Optional[str] = None) -> ExportReport:
+    """Write ``output`` (safetensors) from a Lightning checkpoint of a TranslationModule."""
+    path = Path(checkpoint_path)
+    encoded = encode_checkpoint(read_checkpoint(path), str(path), quantize)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        save_file(encoded.tensors, str(tmp), metadata=encoded.metadata)
+    return ExportReport(output, encoded.metadata["quantization"], output.stat().st_size, encoded.weight_bytes_fp32,
+                        encoded.metadata["activations"])
+
+
+def _set_attribute(root: nn.Module, dotted: str, value: Any) -> None:
+    parent, _, attribute = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attribute, value)
+
+
+def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict]) -> None:
+    """One parameter under several names whose files entries differ (an fp32 embedding and an
+    int8 output projection) becomes one parameter per encoding, each loaded with its own values."""
+    users: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        users.setdefault(id(parameter), []).append(name)
+    for names in users.values():
+        groups: dict[str, list[str]] = {}
+        for name in names:
+            entry = entries[name]
+            groups.setdefault(json.dumps([entry["stored"], entry["codecs"]]), []).append(name)
+        for group in list(groups.values())[1:]:
+            modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in group}
+            first_modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in list(groups.values())[0]}
+            if modules & first_modules:
+                raise CorpusError(f"{group[0]} and {list(groups.values())[0][0]} are one module but encoded differently")
+            replacement = nn.Parameter(model.get_parameter(group[0]).detach().clone())
+            for name in group:
+                _set_attribute(model, name, replacement)
+
+
+def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from encoded tensors and their metadata."""
+    tensors = dict(tensors)
+    module = TranslationModule.from_hyperparameters(json.loads(metadata["hyper_parameters"]))
+    token_info = json.loads(metadata["tokenization"])
+    src_model = tensors.pop("tokenization.src_model").numpy().tobytes()
+    tgt_model = tensors.pop("tokenization.tgt_model").numpy().tobytes() if "tokenization.tgt_model" in tensors else src_model
+    module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
+    entries = json.loads(metadata["weights"])
+
+    def parts(entry: dict) -> dict[str, torch.Tensor]:
+        return {part: tensors[_key(entry["stored"], part)] for part in entry["parts"]}
+
+    model = module.model
+    _untie_where_encodings_differ(model, entries)
+    model.load_state_dict({name: decode_chain(parts(e), e["codecs"]) for name, e in entries.items()}, strict=True)
+    deployed: dict[int, nn.Module] = {}
+    for name, linear in list(model.named_modules(remove_duplicate=False)):
+        entry = entries.get(f"{name}.weight")
+        if not isinstance(linear, nn.Linear) or not entry or not entry["codecs"]:
+            continue
+        if id(linear) not in deployed:
+            options = {field: tensors[_key(f"{name}.weight", field)] for field in entry["options"]}
+            deployed[id(linear)] = runtime_linear(parts(entry), entry["codecs"], linear.bias, options) or linear
+        _set_attribute(model, name, deployed[id(linear)])
+    return module.eval()
+
+
+def is_export_file(path: str | os.PathLike) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _from_format_1(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """Entries of a 0.1.0 file (``W``, ``W.scale``, ``<layer>.input_absmax``, a tied map) in this format."""
+    bits = int(metadata.get("bits", 8))
+    entries = {}
+    for name in list(tensors):
+        if name.startswith("tokenization.") or name.endswith((".scale", ".input_absmax")):
+            continue
+        scale = tensors.get(f"{name}.scale")
+        codecs = [] if scale is None else [{"codec": "int8", "bits": bits, "per_channel": scale.dim() > 0}]
+        entries[name] = {"stored": name, "parts": [""] if scale is None else ["", "scale"], "codecs": codecs, "options": []}
+    for alias, original in json.loads(metadata.get("tied", "{}")).items():
+        entries[alias] = dict(entries[original], options=[])
+    for name, entry in entries.items():
+        layer_range = f"{name.rpartition('.')[0]}.input_absmax"
+        if entry["codecs"] and layer_range in tensors:
+            tensors[f"{name}.activation_range"] = tensors[layer_range]
+            entry["options"] = ["activation_range"]
+    return {**metadata, "format": FORMAT, "weights": json.dumps(entries)}
+
+
+def load_exported(path: str | os.PathLike) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise CorpusError(f"{path}: not a readable safetensors file ({type(error).__name__})") from None
+    if metadata.get("format") == FORMAT_1:
+        metadata = _from_format_1(tensors, metadata)
+    if metadata.get("format") != FORMAT:
+        raise CorpusError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
+    return build_module(tensors, metadata)

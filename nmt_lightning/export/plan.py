@@ -1,0 +1,52 @@
+"""Which codec steps encode each tensor of a checkpoint: its compression manifest, adjusted by
+the exporter's ``quantize`` option."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from torch import nn
+
+from nmt_lightning.errors import CorpusError
+from nmt_lightning.export.codecs import codec
+
+COMPRESSION_KEY = "compression"  # written by the callbacks (callbacks/_compression.py)
+QUANTIZE_CHOICES = ("int8", "fp32")
+Steps = list[dict]
+
+
+def manifest_steps(checkpoint: Mapping, prefix: str = "model.") -> dict[str, Steps]:
+    """Tensor name (without ``prefix``) -> codec steps, from the checkpoint's manifest."""
+    manifest = checkpoint.get(COMPRESSION_KEY) or {}
+    if not isinstance(manifest, dict):
+        raise CorpusError(f"the checkpoint's '{COMPRESSION_KEY}' entry is not a mapping")
+    steps = {}
+    for name, entries in manifest.items():
+        if name.startswith(prefix):
+            for entry in entries:
+                codec(entry["codec"])  # an unknown codec is an error here, not half-way through writing
+            steps[name[len(prefix):]] = sorted((dict(entry) for entry in entries), key=lambda entry: entry["order"])
+    return steps
+
+
+def quantizable_weights(model: nn.Module) -> list[str]:
+    """Every name of every nn.Linear / nn.Embedding weight (a shared module under each of its names)."""
+    return [f"{name}.weight" for name, module in model.named_modules(remove_duplicate=False)
+            if isinstance(module, (nn.Linear, nn.Embedding))]
+
+
+def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) -> dict[str, Steps]:
+    """The steps per tensor: the manifest as trained (None); without its quantizing steps
+    ("fp32"); or with int8 added where nothing quantizes yet ("int8": post-training, dynamic
+    activations, per-tensor scales)."""
+    if quantize not in (None, *QUANTIZE_CHOICES):
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES} or None, got {quantize!r}")
+    plan = manifest_steps(checkpoint)
+    if quantize == "fp32":
+        plan = {name: [s for s in steps if not codec(s["codec"]).quantizes] for name, steps in plan.items()}
+    elif quantize == "int8":
+        for name in quantizable_weights(model):
+            steps = plan.setdefault(name, [])
+            if not any(codec(s["codec"]).quantizes for s in steps):
+                steps.append({"codec": "int8", "order": 20, "bits": 8, "per_channel": False})
+    return {name: steps for name, steps in plan.items() if steps}

@@ -1,0 +1,50 @@
+"""Trainers and comparisons shared by the callback tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+
+def trainer(root: Path, callbacks: list, **overrides) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, max_steps=16, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                   limit_val_batches=0, num_sanity_val_steps=0, deterministic=True)
+    options.update(overrides)
+    return L.Trainer(callbacks=callbacks, **options)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def resumed_and_uninterrupted(root: Path, make_model: Callable[[], L.LightningModule], make_callbacks: Callable[[], list],
+                              data: Callable, stop: int, total: int, **trainer_options) -> tuple[dict, dict]:
+    """(state after ``total`` steps straight, state after ``stop`` steps + checkpoint + resume to ``total``).
+
+    The checkpoint is the one the ordinary ModelCheckpoint writes; the resumed model starts
+    from fresh weights, so everything must come from the checkpoint."""
+    L.seed_everything(0)
+    straight = make_model()
+    trainer(root / "a", make_callbacks(), max_steps=total, **trainer_options).fit(straight, data())
+    L.seed_everything(0)
+    first = make_model()
+    saver = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=stop, save_top_k=-1, filename="mid")
+    trainer(root / "b", [*make_callbacks(), saver], max_steps=stop, enable_checkpointing=True,
+            **trainer_options).fit(first, data())
+    L.seed_everything(1)  # other random numbers: the checkpoint must restore what matters
+    resumed = make_model()
+    trainer(root / "c", make_callbacks(), max_steps=total, **trainer_options).fit(
+        resumed, data(), ckpt_path=root / "ckpt" / "mid.ckpt")
+    return state(straight), state(resumed)
+
+
+def assert_same_state(expected: dict, actual: dict, tolerance: float = 1e-6) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
