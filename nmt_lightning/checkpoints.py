@@ -26,6 +26,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
     from nmt_lightning.export import build_module, encode_checkpoint, is_export_file, load_exported
+    from nmt_lightning.export.plan import compression_manifest
 
     if is_export_file(path):
         return load_exported(path)
@@ -34,7 +35,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
         raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
     if "nmt_lightning_tokenization" not in checkpoint:
         raise CorpusError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
-    if quantize is not None or checkpoint.get("compression") or is_parametrized(checkpoint["state_dict"]):
+    if quantize is not None or compression_manifest(checkpoint) or is_parametrized(checkpoint["state_dict"]):
         encoded = encode_checkpoint(checkpoint, str(path), quantize)
         return build_module(encoded.tensors, encoded.metadata)
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from callbacks.quantization_aware_training import QATLinear
+from callbacks import QuantizationAwareTraining
 from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight, static_activation_bits, use_int8_linears
 
 
@@ -58,15 +58,15 @@ def test_static_int8_linear_is_exact_integer_arithmetic(per_channel: bool) -> No
 
 
 def test_static_int8_linear_matches_the_fake_quantized_layer() -> None:
-    """The deployed layer computes what QATLinear computed in training (inputs within its range)."""
+    """The deployed layer computes what the fake-quantized layer computed in training (inputs within its range)."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(32, 24)
-    qat = QATLinear.from_float(linear, bits=8, per_channel=True, ema_decay=0.9).eval()
-    qat.set_fake_quant(True)
-    qat.input_absmax.fill_(3.0)
+    qat = torch.nn.Sequential(torch.nn.Linear(32, 24))
+    QuantizationAwareTraining(per_channel=True).quantize_modules(qat)
+    qat = qat.eval()
+    qat[0].input_quantizer.absmax.fill_(3.0)
     x = away_from_ties(torch.randn(16, 32).clamp(-3.0, 3.0), 3.0 / 127)
-    int8 = Int8Linear(Int8Weight(*quantize_weight(linear.weight.detach(), 8, per_channel=True), input_absmax=3.0),
-                      linear.bias)
+    raw = qat[0].parametrizations.weight.original.detach()
+    int8 = Int8Linear(Int8Weight(*quantize_weight(raw, 8, per_channel=True), input_absmax=3.0), qat[0].bias)
     if int8.activation_bits < 8:
         pytest.skip("this CPU's int8 kernel saturates 8-bit products (no VNNI): static layers run 7-bit")
     with torch.no_grad():

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -5,10 +6,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from nmt_lightning.checkpoints import average_checkpoints, load_translation_module
 from nmt_lightning.data import TranslationDataModule
-from nmt_lightning.module import TranslationModule, inverse_sqrt_schedule
+from nmt_lightning.module import LossContext, TranslationModule, inverse_sqrt_schedule
 from tests.conftest import TINY_MODEL, tiny_trainer
 
 
@@ -27,17 +29,95 @@ def test_training_lowers_the_loss(prepared_dir: Path, tmp_path: Path) -> None:
 def test_registered_loss_terms_are_added(prepared_dir: Path, tmp_path: Path) -> None:
     datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
     module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
-    calls = []
+    contexts: list[LossContext] = []
 
-    def constant(mod, batch, logits):
-        calls.append(logits.shape)
-        return torch.tensor(5.0)
+    def five_per_token(context: LossContext) -> torch.Tensor:
+        contexts.append(context)
+        return 5.0 * context.num_tokens
 
-    module.register_loss_term("extra", constant)
+    module.register_loss_term("extra", five_per_token, features=["hidden_states", "attention"])
     trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.fit(module, datamodule=datamodule)
-    assert len(calls) == 2 and trainer.callback_metrics["train/extra"] == 5.0
+    assert len(contexts) == 2 and trainer.callback_metrics["train/extra"] == pytest.approx(5.0)
     assert trainer.callback_metrics["train/loss"] > 5.0
+    context = contexts[-1]
+    assert context.target_mask.sum() == context.num_tokens and context.logits.shape[:2] == context.target.shape
+    features = context.features
+    assert len(features.encoder_states) == len(features.decoder_states) == 2  # embeddings + 1 layer
+    assert features.cross_attention[0].shape == (*context.target.shape[:1], 2, context.target.shape[1],
+                                                 context.batch["source"].shape[1])
+
+    # The cross-entropy can be weighted away: the loss is then the term alone.
+    module.set_loss_weight("cross_entropy", 0.0)
+    module.set_loss_weight("extra", 2.0)
+    second = tiny_trainer(tmp_path, max_steps=3)
+    second.fit(module, datamodule=datamodule)
+    assert second.callback_metrics["train/loss"] == pytest.approx(10.0)
+
+
+def test_loss_term_misuse_is_an_error() -> None:
+    module = TranslationModule(64, 64, **TINY_MODEL)
+    with pytest.raises(ValueError, match="unknown features \\['logits'\\]"):
+        module.register_loss_term("x", lambda c: c.num_tokens, features=["logits"])
+    with pytest.raises(ValueError, match="'cross_entropy' is the module's own term"):
+        module.register_loss_term("cross_entropy", lambda c: c.num_tokens)
+    with pytest.raises(ValueError, match="no loss term 'missing'"):
+        module.set_loss_weight("missing", 1.0)
+    with pytest.raises(ValueError, match="finite number >= 0, got -1"):
+        module.set_loss_weight("cross_entropy", -1)
+
+
+class SGDModule(TranslationModule):
+    """Plain SGD with lr 1: one update moves every weight by minus its gradient."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def unequal_batches(prepared_dir: Path) -> list[dict]:
+    """Two training batches of very different token counts (2 and 12 sentences)."""
+    dataset = TranslationDataModule(str(prepared_dir), max_tokens=256).dataset("train")
+    return [dataset[[0, 1]], dataset[list(range(2, 14))]]
+
+
+def expected_update(prepared_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights after one SGD step on the gradient of (sum of the token losses of both batches)
+    / (their target tokens): fairseq's normalisation, computed by hand."""
+    L.seed_everything(0)
+    module = SGDModule(64, 64, **TINY_MODEL)
+    total, tokens = 0.0, 0
+    for batch in unequal_batches(prepared_dir):
+        smoothed, _, count = module.token_losses(module(batch["source"], batch["decoder_input"]), batch["target"])
+        total, tokens = total + smoothed, tokens + count
+    (total / tokens).backward()
+    with torch.no_grad():
+        return {name: (p - p.grad).clone() for name, p in module.named_parameters()}
+
+
+def test_accumulated_batches_are_normalised_by_their_tokens_together(prepared_dir: Path, tmp_path: Path) -> None:
+    """With 2 accumulated batches of 2 and 12 sentences, each token weighs the same: the update is
+    not the mean of two per-batch means."""
+    L.seed_everything(0)
+    module = SGDModule(64, 64, **TINY_MODEL)
+    batches = unequal_batches(prepared_dir)
+    tiny_trainer(tmp_path, max_steps=1, accumulate_grad_batches=2).fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    expected = expected_update(prepared_dir)
+    for name, parameter in module.named_parameters():
+        torch.testing.assert_close(parameter.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ranks_with_unequal_shards_are_normalised_by_all_tokens(prepared_dir: Path, tmp_path: Path) -> None:
+    """Two DDP ranks, one with 2 sentences and one with 12: the same update as one process with both."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    script = Path(__file__).parent / "scripts" / "token_normalisation_ddp.py"
+    result = subprocess.run([sys.executable, str(script), str(prepared_dir), str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = expected_update(prepared_dir)
+    for rank in range(2):
+        weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name, tensor in weights.items():
+            torch.testing.assert_close(tensor, expected[name], rtol=1e-5, atol=1e-6, msg=f"rank {rank}: {name}")
 
 
 def test_inverse_sqrt_schedule() -> None:
@@ -76,11 +156,11 @@ def test_test_scores_equal_the_sacrebleu_command_line(trained_checkpoint: Path, 
 
 
 def test_averaging(trained_checkpoint: Path, tmp_path: Path) -> None:
-    state = torch.load(trained_checkpoint, weights_only=False)
+    state = torch.load(trained_checkpoint, weights_only=True)
     shifted = dict(state, state_dict={k: v + 2 if v.is_floating_point() else v for k, v in state["state_dict"].items()})
     torch.save(shifted, tmp_path / "shifted.ckpt")
     averaged = torch.load(average_checkpoints([trained_checkpoint, tmp_path / "shifted.ckpt"], tmp_path / "avg.ckpt"),
-                          weights_only=False)
+                          weights_only=True)
     name = "model.encoder_layers.0.ffn.fc1.weight"
     torch.testing.assert_close(averaged["state_dict"][name], state["state_dict"][name] + 1)
     assert "optimizer_states" not in averaged

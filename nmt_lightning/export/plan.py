@@ -15,9 +15,32 @@ QUANTIZE_CHOICES = ("int8", "fp32")
 Steps = list[dict]
 
 
+def _manifest_of_0_1_0(checkpoint: Mapping) -> dict[str, list[dict]]:
+    """nmt-lightning 0.1.0's QAT checkpoints had no manifest: their fake-quantized modules carried
+    the buffers ``fake_quant_enabled`` and (nn.Linear) ``input_absmax``, and the callback's state
+    its grid. The same information as a manifest, so those checkpoints still export."""
+    state = checkpoint.get("state_dict", {})
+    modules = [key[: -len(".fake_quant_enabled")] for key in state if key.endswith(".fake_quant_enabled")]
+    settings = next((value for key, value in (checkpoint.get("callbacks") or {}).items()
+                     if key.startswith("QuantizationAwareTraining") and isinstance(value, dict)), {})
+    manifest = {}
+    for module in modules:
+        step = {"codec": "int8", "order": 20, "bits": int(settings.get("bits", 8)),
+                "per_channel": bool(settings.get("per_channel", False))}
+        if f"{module}.input_absmax" in state:
+            step["activation_range"] = f"{module}.input_absmax"
+        manifest[f"{module}.weight"] = [step]
+    return manifest
+
+
+def compression_manifest(checkpoint: Mapping) -> dict[str, list[dict]]:
+    """The checkpoint's manifest (tensor name -> codec steps), empty for a plain model."""
+    return checkpoint.get(COMPRESSION_KEY) or _manifest_of_0_1_0(checkpoint)
+
+
 def manifest_steps(checkpoint: Mapping, prefix: str = "model.") -> dict[str, Steps]:
     """Tensor name (without ``prefix``) -> codec steps, from the checkpoint's manifest."""
-    manifest = checkpoint.get(COMPRESSION_KEY) or {}
+    manifest = compression_manifest(checkpoint)
     if not isinstance(manifest, dict):
         raise CorpusError(f"the checkpoint's '{COMPRESSION_KEY}' entry is not a mapping")
     steps = {}

@@ -44,9 +44,11 @@ sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the r
 
 from callbacks import QuantizationAwareTraining  # noqa: E402
 from nmt_lightning.evaluation import read_lines, score  # noqa: E402
-from nmt_lightning.export import export_checkpoint, load_exported, qat_settings  # noqa: E402
+from nmt_lightning.checkpoint_file import read_checkpoint  # noqa: E402
+from nmt_lightning.export import export_checkpoint, load_exported  # noqa: E402
+from nmt_lightning.export.plan import compression_manifest  # noqa: E402
 from nmt_lightning.int8 import Int8Linear  # noqa: E402
-from nmt_lightning.module import TranslationModule, fake_quantized_modules  # noqa: E402
+from nmt_lightning.module import TranslationModule  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
 
 RECIPES = ROOT / "recipes"
@@ -100,13 +102,15 @@ def finetune(fp32_checkpoint: Path, data_dir: Path, run_dir: Path, quantize: boo
 
 def load_fake_quantized(path: Path) -> TranslationModule:
     """The QAT checkpoint as it trained: fp32 weights, fake quantization with the EMA input ranges."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    settings = qat_settings(checkpoint)
-    if settings is None:
+    checkpoint = read_checkpoint(path)
+    int8 = {name[: -len(".weight")]: step for name, steps in compression_manifest(checkpoint).items()
+            for step in steps if step["codec"] == "int8"}
+    if not int8 or not any(key.startswith("QuantizationAwareTraining") for key in checkpoint.get("callbacks", {})):
         raise SystemExit(f"{path}: not trained with QuantizationAwareTraining")
+    step = next(iter(int8.values()))
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
-    QuantizationAwareTraining(bits=settings["bits"], per_channel=settings["per_channel"],
-                              include=fake_quantized_modules(checkpoint["state_dict"])).quantize_modules(module)
+    QuantizationAwareTraining(bits=step["bits"], per_channel=step["per_channel"],
+                              include=list(int8)).quantize_modules(module)
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)
     return module.eval()
