@@ -1,0 +1,87 @@
+"""callbacks._optimization: restarting the optimiser and schedule mid-fit, freezing parameters."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import QuantizationAwareTraining
+from callbacks._optimization import ParameterFreezer, matching_parameters
+from callbacks._transforms import trainable_weight
+from tests.callbacks.classifier import classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.staged import StagedTraining, WarmupClassifier
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+class Recorder(L.Callback):
+    """Per step: the lr, Adam's step count for out.weight, and hidden.weight."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, int, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        optimizer = trainer.optimizers[0]
+        adam = optimizer.state[trainable_weight(pl_module.out)]  # the parameter, under any transform
+        self.rows.append((optimizer.param_groups[0]["lr"], int(adam["step"]),
+                          trainable_weight(pl_module.hidden).detach().clone()))
+
+
+def test_restart_begins_a_new_optimiser_state_and_schedule_and_freezes(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model, recorder = WarmupClassifier(), Recorder()
+    trainer(tmp_path, [StagedTraining(restart_at=6), recorder], max_steps=12).fit(model, classification_data())
+    lrs = [row[0] for row in recorder.rows]
+    adam_steps = [row[1] for row in recorder.rows]
+    # The warm-up of 4 steps, then again from its first step after the restart at step 6.
+    assert lrs[:6] == pytest.approx([2.5e-3 * (i + 2) if i < 3 else 1e-2 for i in range(6)])
+    assert lrs[6:9] == pytest.approx([5e-3, 7.5e-3, 1e-2])
+    assert adam_steps == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]
+    # Frozen from the restart on; they had been learning before it.
+    hidden = [row[2] for row in recorder.rows]
+    assert not torch.equal(hidden[0], hidden[5])
+    for later in hidden[6:]:
+        assert torch.equal(later, hidden[5])
+
+
+@pytest.mark.parametrize("stop", [3, 8])
+def test_resume_before_or_within_a_stage_equals_uninterrupted(tmp_path: Path, stop: int) -> None:
+    expected, actual = resumed_and_uninterrupted(tmp_path, WarmupClassifier, lambda: [StagedTraining(restart_at=6)],
+                                                 classification_data, stop=stop, total=14)
+    assert_same_state(expected, actual)
+
+
+def test_with_quantization_and_bf16_mixed(tmp_path: Path) -> None:
+    """The seam composes with a transform callback and mixed precision: frozen weights stay put."""
+    L.seed_everything(0)
+    model, recorder = WarmupClassifier(), Recorder()
+    trainer(tmp_path, [QuantizationAwareTraining(), StagedTraining(restart_at=3, freeze=("hidden.*", "embed.*")),
+                       recorder], max_steps=8, precision="bf16-mixed").fit(model, classification_data())
+    assert [row[1] for row in recorder.rows] == [1, 2, 3, 1, 2, 3, 4, 5]
+    for later in recorder.rows[3:]:
+        assert torch.equal(later[2], recorder.rows[2][2])
+
+
+def test_freezer_misuse() -> None:
+    model = WarmupClassifier()
+    assert matching_parameters(model, ["hidden.*"]) == ["hidden.weight", "hidden.bias"]
+    QuantizationAwareTraining().quantize_modules(model)  # names under a transform chain match too
+    assert matching_parameters(model, ["hidden.weight"]) == ["hidden.parametrizations.weight.original"]
+    with pytest.raises(ValueError, match=r"no parameter matches \['encoder.\*'\]"):
+        ParameterFreezer().freeze(model, ["encoder.*"])
+
+
+def test_two_process_ddp_restarts_identically(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    result = subprocess.run([sys.executable, str(SCRIPTS / "staged_ddp.py"), str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["hidden_unchanged_after_restart"] and ranks[0]["adam_step"] == 3

@@ -1,0 +1,95 @@
+"""callbacks._teacher: a frozen model held outside the student."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from callbacks import QuantizationAwareTraining
+from callbacks._teacher import FrozenTeacher
+from callbacks._transforms import weight_transforms
+from nmt_lightning.int8 import Int8Linear
+from nmt_lightning.module import TranslationModule
+from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.helpers import trainer
+from tests.callbacks.staged import TeacherOutputs
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+@pytest.fixture
+def teacher_checkpoint(tmp_path: Path) -> Path:
+    L.seed_everything(3)
+    fit = trainer(tmp_path / "teacher", [], max_steps=10)
+    fit.fit(BagOfWordsClassifier(), classification_data())
+    fit.save_checkpoint(tmp_path / "teacher.ckpt")
+    return tmp_path / "teacher.ckpt"
+
+
+def small_teacher(path: str) -> nn.Module:
+    """A loader named in YAML by its dotted path: any callable from a path to an nn.Module."""
+    return BagOfWordsClassifier.load_from_checkpoint(path, weights_only=True)
+
+
+@pytest.mark.parametrize("loader", [None, "tests.callbacks.test_teacher.small_teacher"])
+def test_the_teacher_stays_outside_the_student(teacher_checkpoint: Path, tmp_path: Path, loader) -> None:
+    student = BagOfWordsClassifier()
+    user = TeacherOutputs(str(teacher_checkpoint), loader)
+    fit = trainer(tmp_path, [QuantizationAwareTraining(include=["*"]), user], max_steps=4, enable_checkpointing=True)
+    fit.fit(student, classification_data())
+    teacher = user.teacher.module
+    # Not in the student's weights, optimiser or checkpoint; untouched by the QAT callback's globs.
+    student_parameters = {id(p) for p in student.parameters()}
+    assert not any(id(p) in student_parameters for p in teacher.parameters())
+    optimised = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not any(id(p) in optimised for p in teacher.parameters())
+    fit.save_checkpoint(tmp_path / "student.ckpt")
+    saved = torch.load(tmp_path / "student.ckpt", weights_only=True)
+    assert len(saved["state_dict"]) == len(student.state_dict())
+    assert all(weight_transforms(m) == [] for m in teacher.modules())
+    # Frozen, in eval mode, on the student's device; its outputs carry no graph.
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.device == student.device for p in teacher.parameters())
+    assert len(user.outputs) == 4 and not any(o.requires_grad for o in user.outputs)
+    # The teacher's weights are the checkpoint's.
+    reference = BagOfWordsClassifier.load_from_checkpoint(str(teacher_checkpoint), weights_only=True)
+    for (name, p), q in zip(teacher.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_misconfigured_teachers(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="teacher checkpoint must be a path"):
+        FrozenTeacher("")
+    with pytest.raises(ValueError, match="teacher loader 'no.such.function' is not an importable callable"):
+        FrozenTeacher(str(tmp_path / "x.ckpt"), loader="no.such.function")
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint .*x.ckpt: no such file"):
+        FrozenTeacher(str(tmp_path / "x.ckpt")).load(BagOfWordsClassifier())
+
+
+def test_a_translation_teacher_is_dense_fp32(prepared_dir: Path, tmp_path: Path) -> None:
+    """TranslationModule.from_checkpoint: a QAT-trained teacher comes back as plain fp32 modules
+    (int8 layers are for deployment; a teacher must run on any device, in any precision)."""
+    from tests.conftest import train_tiny_checkpoint
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(QuantizationAwareTraining(),))
+    teacher = FrozenTeacher(str(checkpoint)).load(TranslationModule(64, 64))
+    assert isinstance(teacher, TranslationModule) and not teacher.training
+    assert not any(isinstance(m, Int8Linear) for m in teacher.modules())
+    assert all(weight_transforms(m) == [] for m in teacher.modules())
+
+
+def test_two_process_ddp_keeps_the_teacher_out_of_the_wrapper(teacher_checkpoint: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
+    result = subprocess.run([sys.executable, str(SCRIPTS / "teacher_ddp.py"), str(teacher_checkpoint), str(tmp_path)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert facts["wrapped_parameters"] == facts["student_parameters"]
+        assert facts["teacher_calls"] == 3 and not facts["teacher_training"]

@@ -1,0 +1,71 @@
+"""callbacks._transforms: several weight transforms on one nn.Linear, in one defined order."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from callbacks import QuantizationAwareTraining
+from callbacks._transforms import MASK, WeightTransform, add_weight_transform, trainable_weight, weight_transforms
+from callbacks.quantization_aware_training import FakeQuantizedWeight, fake_quantize, weight_absmax
+from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, state, trainer
+
+
+class KeepLargest(WeightTransform):
+    """A pruning-like mask (a buffer of the model): zero the half of the weights smallest at set-up."""
+
+    stage = MASK
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", (weight.detach().abs() >= weight.detach().abs().median()).float())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask
+
+
+class MaskCallback(L.Callback):
+    """Masks ``hidden`` in setup, as a pruning callback would."""
+
+    def setup(self, trainer, pl_module, stage):
+        add_weight_transform(pl_module.hidden, KeepLargest(trainable_weight(pl_module.hidden)))
+
+
+def test_mask_then_fake_quantization_whatever_the_callback_order(tmp_path: Path) -> None:
+    states = []
+    for order in ("mask first", "quantization first"):
+        L.seed_everything(0)
+        model = BagOfWordsClassifier()
+        callbacks = [MaskCallback(), QuantizationAwareTraining()]
+        trainer(tmp_path / order, callbacks if order == "mask first" else callbacks[::-1], max_steps=6).fit(
+            model, classification_data())
+        chain = weight_transforms(model.hidden)
+        assert [type(t) for t in chain] == [KeepLargest, FakeQuantizedWeight], order
+        # The weight the layer uses: the mask first, then rounding with max|masked W|.
+        raw, mask = trainable_weight(model.hidden), chain[0].mask
+        masked = raw * mask
+        torch.testing.assert_close(model.hidden.weight, fake_quantize(masked, weight_absmax(masked, False), 8),
+                                   rtol=0, atol=0)
+        assert (model.hidden.weight[mask == 0] == 0).all()
+        states.append(state(model))
+    assert_same_state(states[0], states[1], tolerance=0)  # the same run in both list orders
+
+
+def test_adding_the_same_kind_twice_keeps_one() -> None:
+    linear = nn.Linear(4, 4)
+    first = add_weight_transform(linear, KeepLargest(linear.weight))
+    assert add_weight_transform(linear, KeepLargest(trainable_weight(linear))) is first
+    assert len(weight_transforms(linear)) == 1
+    with pytest.raises(TypeError, match="is not a WeightTransform"):
+        add_weight_transform(linear, nn.Identity())
+
+
+def test_resume_with_two_transforms_equals_uninterrupted(tmp_path: Path) -> None:
+    expected, actual = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier,
+                                                 lambda: [QuantizationAwareTraining(), MaskCallback()],
+                                                 classification_data, stop=5, total=12)
+    assert "hidden.parametrizations.weight.0.mask" in actual
+    assert_same_state(expected, actual)
