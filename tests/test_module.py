@@ -165,3 +165,55 @@ def test_averaging(trained_checkpoint: Path, tmp_path: Path) -> None:
     torch.testing.assert_close(averaged["state_dict"][name], state["state_dict"][name] + 1)
     assert "optimizer_states" not in averaged
     assert load_translation_module(tmp_path / "avg.ckpt").tokenization is not None
+
+
+def test_average_last_takes_the_latest_steps_not_the_newest_files(trained_checkpoint: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """ModelCheckpoint keeps the best 3 by BLEU and last.ckpt: the files' modification times say
+    nothing about their training steps."""
+    from nmt_lightning.cli import main
+
+    state = torch.load(trained_checkpoint, weights_only=True)
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    for step, name, mtime in ((100, "epoch01-bleu20.0.ckpt", 3), (300, "epoch03-bleu19.0.ckpt", 1),
+                              (200, "epoch02-bleu21.0.ckpt", 4), (300, "last.ckpt", 2)):
+        torch.save(dict(state, global_step=step), directory / name)
+        os.utime(directory / name, (mtime, mtime))
+    assert main(["average", "--dir", str(directory), "--last", "2", "--output", str(tmp_path / "avg.ckpt")]) == 0
+    averaged = torch.load(tmp_path / "avg.ckpt", weights_only=True)["averaged_from"]
+    assert [Path(p).name for p in averaged] == ["epoch02-bleu21.0.ckpt", "epoch03-bleu19.0.ckpt"]
+
+
+def test_average_refuses_different_models(trained_checkpoint: Path, tmp_path: Path) -> None:
+    state = torch.load(trained_checkpoint, weights_only=True)
+    other = dict(state, hyper_parameters={**state["hyper_parameters"], "pre_norm": True})
+    torch.save(other, tmp_path / "pre_norm.ckpt")
+    with pytest.raises(ValueError, match=r"pre_norm.ckpt and .*model.ckpt are different models .*pre_norm=True vs False"):
+        average_checkpoints([trained_checkpoint, tmp_path / "pre_norm.ckpt"], tmp_path / "avg.ckpt")
+    name = "model.encoder_layers.0.ffn.fc1.weight"
+    resized = dict(state, state_dict={**state["state_dict"], name: torch.zeros(3, 3)})
+    torch.save(resized, tmp_path / "resized.ckpt")
+    with pytest.raises(ValueError, match=rf"resized.ckpt and .*model.ckpt differ in the shape of {name}: \(3, 3\) vs \(64, 32\)"):
+        average_checkpoints([trained_checkpoint, tmp_path / "resized.ckpt"], tmp_path / "avg.ckpt")
+
+
+def test_test_translates_every_line_however_long(tmp_path: Path) -> None:
+    """A test line longer than eval_max_tokens (and than the position limit) is translated in a
+    batch of its own, never dropped: the hypotheses and the references keep their line count."""
+    from nmt_lightning.prepare import prepare
+    from tests.conftest import prepare_config, synthetic_pairs, write_parallel
+
+    pairs = synthetic_pairs(460, seed=2)
+    long_pair = (" ".join(["Click the file menu"] * 40) + ".", " ".join(["Klepněte soubor nabídka"] * 40) + ".")
+    test = pairs[420:] + [long_pair]
+    files = {"train": write_parallel(tmp_path / "raw" / "train", pairs[:400]),
+             "valid": write_parallel(tmp_path / "raw" / "valid", pairs[400:420]),
+             "test": write_parallel(tmp_path / "raw" / "test", test)}
+    prepare(prepare_config(files, tmp_path / "data"))
+    datamodule = TranslationDataModule(str(tmp_path / "data"), max_tokens=256, eval_max_tokens=64,
+                                       max_source_positions=100, max_target_positions=100)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size,
+                               **{**TINY_MODEL, "max_len_a": 0.0, "max_len_b": 5}, test_output=str(tmp_path / "hyp.cs"))
+    tiny_trainer(tmp_path).test(module, datamodule=datamodule, verbose=False)
+    assert len((tmp_path / "hyp.cs").read_text(encoding="utf-8").splitlines()) == len(test)

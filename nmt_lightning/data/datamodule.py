@@ -167,10 +167,12 @@ class TranslationDataModule(L.LightningDataModule):
             seed=self.hparams.seed,
             num_replicas=num_replicas,
             rank=rank,
-            # Training skips overlong pairs; evaluation truncates them (the dataset does) so no line is lost.
-            max_source_positions=self.hparams.max_source_positions if training else None,
-            max_target_positions=self.hparams.max_target_positions if training else None,
+            # Training skips overlong pairs; evaluation truncates them (the dataset does) and
+            # batches every line, however long, so none is lost.
+            max_source_positions=self.hparams.max_source_positions,
+            max_target_positions=self.hparams.max_target_positions,
             dataset=dataset,
+            evaluation=not training,
         )
         if sampler.num_skipped:
             log.warning("%s: skipped %d of %d pairs longer than the position limits", split, sampler.num_skipped, len(dataset))

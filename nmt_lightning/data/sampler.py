@@ -24,6 +24,11 @@ class TokenBatchSampler(DistributedSampler):
     it is, so ranks get the same number of batches, no sentence is seen twice and none is
     left out (a rank that runs out early would hang a DDP all-reduce).
 
+    Evaluation (``evaluation=True``) never leaves a sentence out: the position limits truncate
+    (the dataset cuts such sentences) instead of skipping, a sentence larger than
+    ``max_tokens`` even so gets a batch of its own, and ranks may get unequal numbers of
+    batches (evaluation has no per-step collective that would wait for the others).
+
     This subclasses DistributedSampler only so that Lightning recognises it as already
     distributed and does not wrap it in a second sampler; the parent's logic is not used.
     Use it as ``DataLoader(dataset, sampler=TokenBatchSampler(...), batch_size=None)`` with
@@ -43,6 +48,7 @@ class TokenBatchSampler(DistributedSampler):
         max_source_positions: Optional[int] = None,
         max_target_positions: Optional[int] = None,
         dataset: Optional[Dataset] = None,
+        evaluation: bool = False,
     ) -> None:
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -57,15 +63,21 @@ class TokenBatchSampler(DistributedSampler):
         self.max_tokens, self.max_sentences = max_tokens, max_sentences
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
         self.drop_last = False
+        self.evaluation = evaluation
+        if evaluation:  # truncated, never skipped: the sizes the batches will really have
+            if max_source_positions is not None:
+                source_lengths = np.minimum(source_lengths, max_source_positions)
+            if max_target_positions is not None:
+                target_lengths = np.minimum(target_lengths, max_target_positions)
         self.sizes = np.maximum(source_lengths, target_lengths).astype(np.int64)
-        keep = self.sizes <= max_tokens
-        if max_source_positions is not None:
+        keep = np.ones(len(self.sizes), dtype=bool) if evaluation else self.sizes <= max_tokens
+        if not evaluation and max_source_positions is not None:
             keep &= source_lengths <= max_source_positions
-        if max_target_positions is not None:
+        if not evaluation and max_target_positions is not None:
             keep &= target_lengths <= max_target_positions
         self.kept_indices = np.flatnonzero(keep)
         self.num_skipped = int(len(keep) - len(self.kept_indices))
-        if len(self.kept_indices) < num_replicas:
+        if not evaluation and len(self.kept_indices) < num_replicas:
             raise ValueError(
                 f"only {len(self.kept_indices)} sentences fit max_tokens={max_tokens} and the position limits; "
                 f"{num_replicas} ranks need at least one each"
@@ -117,7 +129,9 @@ class TokenBatchSampler(DistributedSampler):
             batch = batches[largest]
             if len(batch) == 1:
                 # Every batch is a single sentence at the token limit: nothing left to split.
-                # Leave out the last few so the ranks stay in step.
+                if self.evaluation:  # ranks may differ by one batch; no line is left out
+                    return batches
+                # Training: leave out the last few so the ranks stay in step.
                 self.num_skipped_for_ranks = len(batches) % self.num_replicas
                 return batches[: len(batches) - self.num_skipped_for_ranks]
             half = len(batch) // 2
@@ -131,4 +145,4 @@ class TokenBatchSampler(DistributedSampler):
             yield batch.tolist()
 
     def __len__(self) -> int:
-        return len(self.global_batches()) // self.num_replicas
+        return len(self.global_batches()[self.rank :: self.num_replicas])

@@ -67,3 +67,22 @@ def test_overlong_training_pairs_are_skipped_and_counted() -> None:
 def test_bad_settings(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TokenBatchSampler(np.array([1, 2]), np.array([1, 2]), **kwargs)
+
+
+def test_evaluation_never_leaves_a_sentence_out() -> None:
+    """Lines longer than max_tokens get a batch of their own; lines over the position limits are
+    truncated (by the dataset), not skipped; ranks may get unequal counts rather than lose lines."""
+    src = np.array([5, 900, 7, 300, 6])
+    tgt = np.array([5, 20, 8, 400, 6])
+    for replicas in (1, 2):
+        seen = []
+        for rank in range(replicas):
+            sampler = TokenBatchSampler(src, tgt, max_tokens=64, shuffle=False, num_replicas=replicas, rank=rank,
+                                        max_source_positions=256, max_target_positions=256, evaluation=True)
+            assert sampler.num_skipped == 0
+            batches = list(sampler)
+            assert len(batches) == len(sampler)
+            seen += [i for batch in batches for i in batch]
+        assert sorted(seen) == [0, 1, 2, 3, 4]
+    training = TokenBatchSampler(src, tgt, max_tokens=64, max_source_positions=256, max_target_positions=256)
+    assert training.num_skipped == 2  # training skips them (and says so)
