@@ -142,7 +142,10 @@ def _text_inputs_identity(config: PrepareConfig) -> list:
 def _libreoffice_splits(config: PrepareConfig) -> tuple[dict[str, list[tuple[str, str]]], dict[str, dict]]:
     from nmt_lightning.corpora.libreoffice import aligned_paragraphs, fetch_help_tree
 
-    help_root = config.help_root or fetch_help_tree(Path(config.cache_dir) / "libreoffice", list(config.langs))
+    if config.help_root:
+        help_root, packages = config.help_root, [{"help_root": str(Path(config.help_root).resolve())}]
+    else:
+        help_root, packages = fetch_help_tree(Path(config.cache_dir) / "libreoffice", list(config.langs))
     aligned = aligned_paragraphs(help_root, config.src, config.tgt)
     counts = DropCounts()
     pairs = deduplicate(((normalise_whitespace(s), normalise_whitespace(t)) for _, s, t in aligned), counts)
@@ -155,7 +158,8 @@ def _libreoffice_splits(config: PrepareConfig) -> tuple[dict[str, list[tuple[str
         else:
             kept.append((source, target))
     splits = held_out_split(kept, config.valid_size, config.test_size, config.seed, counts)
-    return splits, {"corpus": {"read": counts.read, "kept": counts.kept, "dropped": dict(counts.dropped)}}
+    return splits, {"corpus": {"read": counts.read, "kept": counts.kept, "dropped": dict(counts.dropped),
+                               "sources": packages}}
 
 
 def _pairs_of(config: PrepareConfig, split: str) -> Iterator[tuple[int, str, str]]:
@@ -315,6 +319,9 @@ def format_summary(data: dict) -> str:
     if "corpus" in text_stats:
         corpus = text_stats["corpus"]
         dropped = ", ".join(f"{n} {why}" for why, n in sorted(corpus["dropped"].items()))
+        for source in corpus.get("sources", []):
+            lines.append("built from " + (f"{source['package']} {source['version']} (sha256 {source['sha256']})"
+                                          if "package" in source else f"the help tree {source['help_root']}"))
         lines.append(f"aligned pairs read: {corpus['read']}; dropped: {dropped}")
     header = ["split", "pairs"] + [f"words {l}" for l in langs] + [f"BPE tokens {l}" for l in langs]
     lines.append("| " + " | ".join(header) + " |")

@@ -9,6 +9,8 @@ root nor an installation, and ``dpkg -x`` unpacks a package into any directory.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -33,17 +35,43 @@ def debian_package(lang: str) -> str:
     return f"libreoffice-help-{_DEBIAN_LANGUAGE_SUFFIX.get(lang.lower(), lang.lower())}"
 
 
-def fetch_help_tree(cache_dir: str | os.PathLike, langs: list[str]) -> Path:
-    """Download and unpack the help packages for ``langs`` into ``cache_dir``; return the help root.
+def package_record(deb: Path) -> dict[str, str]:
+    """Name, version and sha256 of a downloaded .deb: what a score's data was built from."""
+    fields = {}
+    for field in ("Package", "Version"):
+        result = subprocess.run(["dpkg-deb", "-f", str(deb), field], capture_output=True, text=True)
+        fields[field.lower()] = result.stdout.strip() if result.returncode == 0 else "unknown"
+    digest = hashlib.sha256()
+    with open(deb, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {**fields, "sha256": digest.hexdigest(), "file": deb.name}
 
+
+def fetch_help_tree(cache_dir: str | os.PathLike, langs: list[str]) -> tuple[Path, list[dict[str, str]]]:
+    """Download and unpack the help packages for ``langs`` into ``cache_dir``.
+
+    Returns the help root and, per package, its name, version and sha256 (the distribution's
+    packages change over time: the record says which ones a prepared corpus came from).
     Reuses an already unpacked tree. Needs ``apt-get`` (Debian/Ubuntu) with a package list.
     """
     cache_dir = Path(cache_dir)
     unpacked = cache_dir / "unpacked"
+    records = []
     for lang in langs:
-        marker = cache_dir / f".{debian_package(lang)}.unpacked"
+        package = debian_package(lang)
+        marker = cache_dir / f".{package}.unpacked"
         if marker.exists():
-            continue
+            try:
+                records.append(json.loads(marker.read_text(encoding="utf-8")))
+                continue
+            except ValueError:  # a marker of an older version: empty; describe the .deb it unpacked
+                debs = sorted((cache_dir / "debs").glob(f"{package}_*.deb"))
+                record = package_record(debs[-1]) if debs else {"package": package, "version": "unknown",
+                                                                   "sha256": "unknown", "file": "unknown"}
+                marker.write_text(json.dumps(record), encoding="utf-8")
+                records.append(record)
+                continue
         if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
             raise CorpusError(
                 "the LibreOffice corpus is built from Debian packages, but apt-get/dpkg are not "
@@ -51,11 +79,12 @@ def fetch_help_tree(cache_dir: str | os.PathLike, langs: list[str]) -> Path:
             )
         download_dir = cache_dir / "debs"
         download_dir.mkdir(parents=True, exist_ok=True)
-        package = debian_package(lang)
         debs = _apt_download(package, download_dir)
         subprocess.run(["dpkg", "-x", str(debs[-1]), str(unpacked)], check=True)
-        marker.touch()
-    return unpacked / HELP_SUBDIR
+        record = package_record(debs[-1])
+        marker.write_text(json.dumps(record), encoding="utf-8")
+        records.append(record)
+    return unpacked / HELP_SUBDIR, records
 
 
 def _apt_download(package: str, download_dir: Path) -> list[Path]:

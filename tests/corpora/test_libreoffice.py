@@ -1,5 +1,11 @@
+import hashlib
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from nmt_lightning.corpora import libreoffice
 from nmt_lightning.corpora.cleaning import DropCounts, held_out_split
 from nmt_lightning.corpora.libreoffice import aligned_paragraphs, debian_package, page_paragraphs
 from nmt_lightning.prepare import PrepareConfig, prepare
@@ -73,3 +79,45 @@ def test_prepare_libreoffice_from_help_root(tmp_path: Path) -> None:
     test_sources = set((tmp_path / "out" / "test.en").read_text().splitlines())
     train_sources = set((tmp_path / "out" / "train.en").read_text().splitlines())
     assert test_sources and not test_sources & train_sources
+
+
+def fake_help_deb(root: Path, lang_dir: str, package: str, version: str, pages: int) -> Path:
+    """A real .deb (dpkg-deb --build) holding a miniature help tree for one language."""
+    tree = root / f"build-{package}"
+    make_help_tree(tree / "usr/share/libreoffice/help", pages)
+    for other in ("en-US", "cs"):
+        if other != lang_dir:
+            shutil.rmtree(tree / "usr/share/libreoffice/help" / other)
+    (tree / "DEBIAN").mkdir(parents=True)
+    (tree / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\nMaintainer: test <t@example.org>\n"
+        f"Description: test\n", encoding="utf-8")
+    deb = root / f"{package}_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(tree), str(deb)], check=True, capture_output=True)
+    return deb
+
+
+def test_prepare_records_the_packages_it_was_built_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """prepare.json names each Debian package, its version and its sha256, and prepare prints them."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed")
+    debs = {"libreoffice-help-en-us": fake_help_deb(tmp_path, "en-US", "libreoffice-help-en-us", "1:7.4.7-1", 40),
+            "libreoffice-help-cs": fake_help_deb(tmp_path, "cs", "libreoffice-help-cs", "1:7.4.7-1", 40)}
+
+    def download(package: str, download_dir: Path) -> list[Path]:
+        return [Path(shutil.copy(debs[package], download_dir))]
+
+    monkeypatch.setattr(libreoffice, "_apt_download", download)
+    config = PrepareConfig(out_dir=str(tmp_path / "out"), corpus="libreoffice", cache_dir=str(tmp_path / "cache"),
+                           valid_size=5, test_size=10, vocab_size=64)
+    data = prepare(config)
+    sources = data["text_stats"]["corpus"]["sources"]
+    assert [(s["package"], s["version"]) for s in sources] == [("libreoffice-help-en-us", "1:7.4.7-1"),
+                                                               ("libreoffice-help-cs", "1:7.4.7-1")]
+    assert sources[1]["sha256"] == hashlib.sha256(debs["libreoffice-help-cs"].read_bytes()).hexdigest()
+    assert f"built from libreoffice-help-cs 1:7.4.7-1 (sha256 {sources[1]['sha256']})" in capsys.readouterr().out
+    # A second run reuses the unpacked packages and still knows what they were.
+    monkeypatch.setattr(libreoffice, "_apt_download", None)
+    again = prepare(PrepareConfig(**{**config.__dict__, "out_dir": str(tmp_path / "again")}))
+    assert again["text_stats"]["corpus"]["sources"] == sources
