@@ -8,6 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=data/libreoffice_en_cs
 RUN=runs/libreoffice_en_cs_tiny
+INT8=runs/int8_benchmark
+
+# A second run trains a new model: the first run's checkpoints and benchmark files move to
+# runs/previous/<time>/ (else Lightning would write last-v1.ckpt beside the old last.ckpt,
+# and the cached fine-tuned models would belong to the old model).
+if [ -e "$RUN" ] || [ -e "$INT8" ]; then
+    PREVIOUS="runs/previous/$(date +%Y%m%d-%H%M%S)"
+    mkdir -p "$PREVIOUS"
+    for dir in "$RUN" "$INT8"; do
+        if [ -e "$dir" ]; then mv "$dir" "$PREVIOUS/"; fi
+    done
+    echo "main job: the previous run's files are now in $PREVIOUS"
+fi
 
 nmt-lightning prepare --corpus libreoffice --src en --tgt cs --out "$DATA"
 nmt-lightning fit --config recipes/libreoffice_en_cs/tiny.yaml
@@ -16,5 +29,5 @@ nmt-lightning translate --checkpoint "$RUN/checkpoints/last.ckpt" --beam 4 \
 echo "hypotheses: $RUN/test.hyp.cs (check: sacrebleu $DATA/test.cs -i $RUN/test.hyp.cs -m bleu chrf)"
 # QAT fine-tuning (finetune.yaml + compress/qat.yaml through the CLI), int8 export, and the
 # fp32 / post-training int8 / QAT int8 table: BLEU, chrF, bytes on disk, CPU sentences/s.
-python recipes/benchmarks/int8_quantization.py --out runs/int8_benchmark --data-dir "$DATA" \
+python recipes/benchmarks/int8_quantization.py --out "$INT8" --data-dir "$DATA" \
     --fp32-checkpoint "$RUN/checkpoints/last.ckpt" --speed-rounds 2
