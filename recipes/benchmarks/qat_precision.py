@@ -86,7 +86,7 @@ def train_once(args: argparse.Namespace, precision: str, qat: bool) -> Run:
     trainer.fit(module, datamodule=data)
     # The model as trained: QAT modules stay in place with fake quantization on.
     val_nll = float(L.Trainer(**common).validate(module, datamodule=data, verbose=False)[0]["val/nll"])
-    ranges = [buffer for name, buffer in module.named_buffers() if name.endswith("input_absmax")]
+    ranges = [buffer for name, buffer in module.named_buffers() if name.endswith("input_quantizer.absmax")]
     ranges_ok = bool(all(torch.isfinite(r).all() and (r > 0).all() for r in ranges)) if qat else None
     last = meter.losses[-100:]
     return Run(precision, qat, meter.tokens / meter.seconds, sum(last) / len(last), val_nll, ranges_ok)
