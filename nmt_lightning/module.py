@@ -135,7 +135,7 @@ class TranslationModule(L.LightningModule):
         self.loss_weights: dict[str, float] = {CROSS_ENTROPY: 1.0}
         # Token normalisation across ranks and accumulated batches (see on_before_optimizer_step).
         self._update_tokens: Optional[torch.Tensor] = None  # target tokens of this update so far, this rank
-        self._normaliser: Optional[torch.Tensor] = None  # the constant each batch's sum is divided by
+        self._normaliser: Optional[torch.Tensor] = None  # C: the constant this update's sums are divided by
         self.tokenization: Optional[Tokenization] = None  # set from the data module or the checkpoint
         self._references: dict[str, list[str]] = {}
         self._test_hypotheses: list[tuple[int, str]] = []
@@ -265,17 +265,20 @@ class TranslationModule(L.LightningModule):
     # all accumulated batches. N is known only after the update's last batch, so each batch
     # returns sum * R * k / C for a constant C of the update (R ranks, k accumulated batches:
     # DDP averages over ranks and Lightning divides by k, so the gradient becomes sum / C),
-    # and on_before_optimizer_step multiplies the gradients by C / N. C is the previous
-    # update's N (the same on every rank): the returned loss stays about a per-token mean, so
-    # fp16 loss scaling behaves as usual. The first update of a fit measures C with one
-    # reduction over ranks.
+    # and on_before_optimizer_step multiplies the gradients by C / N. C is k times the tokens of
+    # the update's first batches over all ranks (one small reduction, no host sync): the same
+    # on every rank, so the returned loss stays about a per-token mean (fp16 loss scaling
+    # behaves as usual), and without accumulation C = N, the factor is exactly 1 and nothing
+    # depends on earlier updates (a resumed run computes what an uninterrupted one does).
     def _sum_to_loss(self, tokens: torch.Tensor) -> torch.Tensor:
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
-        if self._normaliser is None:
+        if self._update_tokens is None:  # the first batch of an update
             first = trainer.strategy.reduce(tokens.detach().float().clone(), reduce_op="sum")
             self._normaliser = (first * accumulate).clamp(min=1)
-        self._update_tokens = tokens.detach().float() if self._update_tokens is None else self._update_tokens + tokens
+            self._update_tokens = tokens.detach().float()
+        else:
+            self._update_tokens = self._update_tokens + tokens
         return trainer.world_size * accumulate / self._normaliser
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -287,7 +290,7 @@ class TranslationModule(L.LightningModule):
             for parameter in group["params"]:
                 if parameter.grad is not None:
                     parameter.grad.mul_(factor.to(parameter.grad.dtype))
-        self._normaliser, self._update_tokens = total, None
+        self._update_tokens = None
 
     def on_train_start(self) -> None:
         self._normaliser, self._update_tokens = None, None

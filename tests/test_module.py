@@ -217,3 +217,26 @@ def test_test_translates_every_line_however_long(tmp_path: Path) -> None:
                                **{**TINY_MODEL, "max_len_a": 0.0, "max_len_b": 5}, test_output=str(tmp_path / "hyp.cs"))
     tiny_trainer(tmp_path).test(module, datamodule=datamodule, verbose=False)
     assert len((tmp_path / "hyp.cs").read_text(encoding="utf-8").splitlines()) == len(test)
+
+
+def test_resume_in_the_middle_of_an_epoch_equals_uninterrupted(prepared_dir: Path, tmp_path: Path) -> None:
+    """The training loader resumes with the batch after the checkpoint (a plain DataLoader would
+    replay the epoch from its start), and the token normalisation carries over."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(root: Path, steps: int, ckpt_path=None, saver=None) -> TranslationModule:
+        L.seed_everything(0)
+        datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+        module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
+        trainer = tiny_trainer(root, max_steps=steps, callbacks=[saver] if saver else [],
+                               enable_checkpointing=saver is not None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        return module
+
+    batches_per_epoch = len(TranslationDataModule(str(prepared_dir), max_tokens=256).train_dataloader())
+    stop = batches_per_epoch // 2
+    straight = run(tmp_path / "a", batches_per_epoch + 3)
+    run(tmp_path / "b", stop, saver=ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=stop, filename="mid"))
+    resumed = run(tmp_path / "c", batches_per_epoch + 3, ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
