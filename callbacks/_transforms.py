@@ -16,7 +16,10 @@ optimiser exists). ``add_weight_transform`` is idempotent per transform type, so
 ``setup`` (fit, then test with the same callbacks) changes nothing.
 
 State-dict layout (torch's): the parameter is saved as ``<module>.parametrizations.weight.original``
-and each transform's buffers as ``<module>.parametrizations.weight.<index>.<buffer>``.
+and each transform's buffers as ``<module>.parametrizations.weight.<index>.<buffer>``. A
+checkpoint saved before a transform was added (a plain model, or a run with fewer callbacks)
+still loads: its plain ``<module>.weight`` becomes the ``original``, and a transform none of
+whose tensors the checkpoint has starts from its fresh state (a load pre-hook does both).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
-           "weight_transforms", "trainable_weight"]
+           "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
 
 # Stages of the chain: a transform of a lower stage sees the raw weight first.
 MASK, PERTURB, QUANTIZE = 0, 10, 20
@@ -88,4 +91,40 @@ def add_weight_transform(module: nn.Module, transform: T, tensor_name: str = "we
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
     for step in ordered:
         parametrize.register_parametrization(module, tensor_name, step)
+    tensors = module.__dict__.setdefault("_transformed_tensors", set())
+    if not tensors:
+        module.register_load_state_dict_pre_hook(_load_checkpoints_saved_without_transforms)
+    tensors.add(tensor_name)
     return transform
+
+
+def refuse_optimizer_state_of_untransformed_weights(checkpoint: dict, root: nn.Module, owner: str) -> None:
+    """Call from ``Callback.on_load_checkpoint``: resuming (``ckpt_path``) a checkpoint saved
+    before a transform was put on a weight cannot restore its optimiser state, which is stored
+    by parameter position, and parametrize moves the weight behind the bias (same-shaped
+    tensors would silently swap their Adam moments). Starting from its weights works."""
+    if not checkpoint.get("optimizer_states"):
+        return
+    saved = checkpoint.get("state_dict", {})
+    for name, module in root.named_modules():
+        for tensor_name in getattr(module, "_transformed_tensors", ()):
+            prefix = f"{name}." if name else ""
+            if f"{prefix}{tensor_name}" in saved and f"{prefix}parametrizations.{tensor_name}.original" not in saved:
+                raise ValueError(
+                    f"{owner}: the checkpoint was saved without weight transforms on {prefix}{tensor_name}, so its "
+                    f"optimiser state does not fit this model; start from its weights instead of resuming it "
+                    f"(TranslationModule's init_from, or load_state_dict) and let the optimiser start afresh")
+
+
+def _load_checkpoints_saved_without_transforms(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    for tensor_name in module._transformed_tensors:
+        plain, original = f"{prefix}{tensor_name}", f"{prefix}parametrizations.{tensor_name}.original"
+        if plain in state_dict and original not in state_dict:
+            state_dict[original] = state_dict.pop(plain)
+        if original not in state_dict:
+            continue  # nothing of this tensor in the checkpoint: strict loading reports it
+        for index, transform in enumerate(weight_transforms(module, tensor_name)):
+            own = {f"{prefix}parametrizations.{tensor_name}.{index}.{key}": value
+                   for key, value in transform.state_dict().items()}
+            if own and not any(key in state_dict for key in own):
+                state_dict.update({key: value.detach().clone() for key, value in own.items()})

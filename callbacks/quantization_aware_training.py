@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from callbacks._compression import record_codec
-from callbacks._transforms import QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform
+from callbacks._transforms import (QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform,
+                                   refuse_optimizer_state_of_untransformed_weights)
 
 __all__ = ["QuantizationAwareTraining", "FakeQuantizedWeight", "InputQuantizer", "fake_quantize", "weight_absmax"]
 
@@ -126,6 +127,15 @@ class InputQuantizer(nn.Module):
 
 def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), *args[1:])
+
+
+def _fresh_range_for_checkpoints_without_one(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A checkpoint saved before quantization was added (it has the layer's weight but no range)
+    loads with the range at 0: "no batch seen yet"."""
+    key = f"{prefix}input_quantizer.absmax"
+    has_weight = f"{prefix}weight" in state_dict or f"{prefix}parametrizations.weight.original" in state_dict
+    if key not in state_dict and has_weight:
+        state_dict[key] = torch.zeros_like(module.input_quantizer.absmax)
 
 
 class QuantizationAwareTraining(L.Callback):
@@ -212,6 +222,7 @@ class QuantizationAwareTraining(L.Callback):
             if isinstance(module, nn.Linear) and not isinstance(getattr(module, "input_quantizer", None), InputQuantizer):
                 module.input_quantizer = InputQuantizer(self.bits, self.ema_decay).to(module.weight.device)
                 module.register_forward_pre_hook(_quantize_input_hook)
+                module.register_load_state_dict_pre_hook(_fresh_range_for_checkpoints_without_one)
         return [name for module_names, _ in targets for name in module_names]
 
     # ------------------------------------------------------------------ checkpoint
@@ -225,6 +236,9 @@ class QuantizationAwareTraining(L.Callback):
         if saved != mine:
             raise ValueError(f"QuantizationAwareTraining: the checkpoint trained with {saved} but this callback has "
                              f"{mine}; resuming would mix two integer grids (start a new run with init_from instead)")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, "QuantizationAwareTraining")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Tell the exporter what each quantized weight is: an int8 grid, and for nn.Linear the

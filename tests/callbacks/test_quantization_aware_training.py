@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationAwareTraining
-from callbacks._transforms import find_weight_transform, weight_transforms
+from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
 from callbacks.quantization_aware_training import FakeQuantizedWeight, InputQuantizer, fake_quantize, weight_absmax
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
@@ -243,3 +243,24 @@ def test_bf16_mixed_training_quantizes_on_the_fp32_grid(tmp_path: Path) -> None:
         expected = torch.clamp(torch.round(x.float() * scale), -127, 127)
         # out holds codes / S rounded to bf16 (8 significant bits): its code is the nearest integer.
         torch.testing.assert_close(torch.round(out.float() * scale), expected, rtol=0, atol=0)
+
+
+def test_a_plain_checkpoint_loads_into_the_quantized_model(tmp_path: Path) -> None:
+    """The weights of a run without the callback (plain keys, no ranges) load into the quantized
+    model, ranges fresh (0: "no batch seen yet"); resuming its optimiser state is refused, since
+    Adam's moments are stored by parameter position and the transform chain moves the weight."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, filename="plain")
+    trainer(tmp_path / "a", [saver], max_steps=4, enable_checkpointing=True).fit(BagOfWordsClassifier(),
+                                                                               classification_data())
+    saved = torch.load(tmp_path / "ckpt" / "plain.ckpt", weights_only=True)["state_dict"]
+    model = BagOfWordsClassifier()
+    QuantizationAwareTraining().quantize_modules(model)
+    model.load_state_dict(saved)
+    torch.testing.assert_close(trainable_weight(model.hidden).detach(), saved["hidden.weight"], rtol=0, atol=0)
+    assert float(model.hidden.input_quantizer.absmax) == 0.0
+    with pytest.raises(ValueError, match="saved without weight transforms on embed.weight.*start from its weights"):
+        trainer(tmp_path / "b", [QuantizationAwareTraining()], max_steps=6).fit(
+            BagOfWordsClassifier(), classification_data(), ckpt_path=tmp_path / "ckpt" / "plain.ckpt")
