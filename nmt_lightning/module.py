@@ -14,7 +14,7 @@ from torchmetrics import SumMetric
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from nmt_lightning.bpe import PAD_ID
-from nmt_lightning.checkpoint_file import model_weights, read_checkpoint
+from nmt_lightning.checkpoint_file import PARAMETRIZED, model_weights, read_checkpoint
 from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.evaluation import score
 from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
@@ -227,6 +227,12 @@ class TranslationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "nmt_lightning_tokenization" in checkpoint:
             self.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
+        saved = [key for key in checkpoint.get("state_dict", {}) if PARAMETRIZED in key]
+        if saved and not any(PARAMETRIZED in key for key in self.state_dict()):
+            raise ValueError(
+                f"this checkpoint was trained with compression callbacks (weight transforms such as "
+                f"{saved[0]}); run with the same callbacks (e.g. --config recipes/compress/qat.yaml), or "
+                f"deploy it with 'nmt-lightning export' / 'nmt-lightning translate --checkpoint'")
 
     # ------------------------------------------------------------------ training
     def forward(self, source: torch.Tensor, decoder_input: torch.Tensor,

@@ -99,3 +99,19 @@ def train_tiny_checkpoint(prepared_dir: Path, root: Path, callbacks: tuple = ())
 def trained_checkpoint(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained 30 steps on ``prepared_dir``, saved as a Lightning checkpoint."""
     return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("trained"))
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def run_script(name: str, *arguments: object, timeout: int = 300) -> None:
+    """Run ``tests/scripts/<name>`` (multi-process DDP runs live there) with the repository on
+    the path; a failure shows the end of its stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, arguments)], env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -264,3 +264,14 @@ def test_init_from_starts_from_the_weights(trained_checkpoint: Path, qat_checkpo
         TranslationModule(**{**hyper_parameters, "init_from": str(tmp_path / "nowhere.ckpt")})
     with pytest.raises(ValueError, match="init_from: .*weights do not fit this model"):
         TranslationModule(**{**hyper_parameters, "d_model": 16, "init_from": str(trained_checkpoint)})
+
+
+def test_a_compressed_checkpoint_without_its_callbacks_says_what_to_do(qat_checkpoint: Path, prepared_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    from nmt_lightning.data import TranslationDataModule
+    from tests.conftest import tiny_trainer
+
+    module = TranslationModule.from_hyperparameters(read_checkpoint(qat_checkpoint)["hyper_parameters"])
+    with pytest.raises(ValueError, match="trained with compression callbacks .*run with the same callbacks"):
+        tiny_trainer(tmp_path).test(module, datamodule=TranslationDataModule(str(prepared_dir), max_tokens=256),
+                                    ckpt_path=qat_checkpoint, verbose=False)

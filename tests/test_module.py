@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from nmt_lightning.checkpoints import average_checkpoints, load_translation_module
 from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.module import LossContext, TranslationModule, inverse_sqrt_schedule
-from tests.conftest import TINY_MODEL, tiny_trainer
+from tests.conftest import TINY_MODEL, run_script, tiny_trainer
 
 
 def test_training_lowers_the_loss(prepared_dir: Path, tmp_path: Path) -> None:
@@ -108,11 +108,7 @@ def test_accumulated_batches_are_normalised_by_their_tokens_together(prepared_di
 
 def test_ranks_with_unequal_shards_are_normalised_by_all_tokens(prepared_dir: Path, tmp_path: Path) -> None:
     """Two DDP ranks, one with 2 sentences and one with 12: the same update as one process with both."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
-    script = Path(__file__).parent / "scripts" / "token_normalisation_ddp.py"
-    result = subprocess.run([sys.executable, str(script), str(prepared_dir), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("token_normalisation_ddp.py", prepared_dir, tmp_path)
     expected = expected_update(prepared_dir)
     for rank in range(2):
         weights = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)

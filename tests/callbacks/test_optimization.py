@@ -1,9 +1,6 @@
 """callbacks._optimization: restarting the optimiser and schedule mid-fit, freezing parameters."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -14,10 +11,13 @@ from callbacks import QuantizationAwareTraining
 from callbacks._optimization import ParameterFreezer, matching_parameters
 from callbacks._transforms import trainable_weight
 from tests.callbacks.classifier import classification_data
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.helpers import (
+    assert_same_state,
+    resumed_and_uninterrupted,
+    trainer,
+)
 from tests.callbacks.staged import StagedTraining, WarmupClassifier
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+from tests.conftest import run_script
 
 
 class Recorder(L.Callback):
@@ -78,10 +78,7 @@ def test_freezer_misuse() -> None:
 
 
 def test_two_process_ddp_restarts_identically(tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-    result = subprocess.run([sys.executable, str(SCRIPTS / "staged_ddp.py"), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("staged_ddp.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
     assert ranks[0]["hidden_unchanged_after_restart"] and ranks[0]["adam_step"] == 3

@@ -1,7 +1,4 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -10,12 +7,24 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationAwareTraining
-from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
-from callbacks.quantization_aware_training import FakeQuantizedWeight, InputQuantizer, fake_quantize, weight_absmax
+from callbacks._transforms import (
+    find_weight_transform,
+    trainable_weight,
+    weight_transforms,
+)
+from callbacks.quantization_aware_training import (
+    FakeQuantizedWeight,
+    InputQuantizer,
+    fake_quantize,
+    weight_absmax,
+)
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+from tests.callbacks.helpers import (
+    assert_same_state,
+    resumed_and_uninterrupted,
+    trainer,
+)
+from tests.conftest import run_script
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -188,10 +197,7 @@ def test_resuming_with_another_grid_is_refused(tmp_path: Path, change: dict) -> 
 
 def test_two_process_ddp_keeps_ranges_identical(tmp_path: Path) -> None:
     """DDP without buffer broadcasting: equal ranges on both ranks come from the callback's reduction."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-    result = subprocess.run([sys.executable, str(SCRIPTS / "qat_ddp.py"), str(tmp_path)], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("qat_ddp.py", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("input_quantizer.absmax") for k in ranks[0])
     own = [rank.pop("own_first_step_max") for rank in ranks]

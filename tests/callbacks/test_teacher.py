@@ -1,9 +1,6 @@
 """callbacks._teacher: a frozen model held outside the student."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -19,8 +16,7 @@ from nmt_lightning.module import TranslationModule
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
 from tests.callbacks.helpers import trainer
 from tests.callbacks.staged import TeacherOutputs
-
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+from tests.conftest import run_script, train_tiny_checkpoint
 
 
 @pytest.fixture
@@ -75,8 +71,6 @@ def test_misconfigured_teachers(tmp_path: Path) -> None:
 def test_a_translation_teacher_is_dense_fp32(prepared_dir: Path, tmp_path: Path) -> None:
     """TranslationModule.from_checkpoint: a QAT-trained teacher comes back as plain fp32 modules
     (int8 layers are for deployment; a teacher must run on any device, in any precision)."""
-    from tests.conftest import train_tiny_checkpoint
-
     checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(QuantizationAwareTraining(),))
     teacher = FrozenTeacher(str(checkpoint)).load(TranslationModule(64, 64))
     assert isinstance(teacher, TranslationModule) and not teacher.training
@@ -85,10 +79,7 @@ def test_a_translation_teacher_is_dense_fp32(prepared_dir: Path, tmp_path: Path)
 
 
 def test_two_process_ddp_keeps_the_teacher_out_of_the_wrapper(teacher_checkpoint: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]))
-    result = subprocess.run([sys.executable, str(SCRIPTS / "teacher_ddp.py"), str(teacher_checkpoint), str(tmp_path)],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script("teacher_ddp.py", teacher_checkpoint, tmp_path)
     for rank in range(2):
         facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert facts["wrapped_parameters"] == facts["student_parameters"]

@@ -8,10 +8,25 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationAwareTraining
-from callbacks._transforms import MASK, WeightTransform, add_weight_transform, trainable_weight, weight_transforms
-from callbacks.quantization_aware_training import FakeQuantizedWeight, fake_quantize, weight_absmax
+from callbacks._transforms import (
+    MASK,
+    WeightTransform,
+    add_weight_transform,
+    trainable_weight,
+    weight_transforms,
+)
+from callbacks.quantization_aware_training import (
+    FakeQuantizedWeight,
+    fake_quantize,
+    weight_absmax,
+)
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, state, trainer
+from tests.callbacks.helpers import (
+    assert_same_state,
+    resumed_and_uninterrupted,
+    state,
+    trainer,
+)
 
 
 class KeepLargest(WeightTransform):

@@ -3,16 +3,9 @@
 import pytest
 import torch
 
-from nmt_lightning.model import Transformer, TransformerConfig, TransformerFeatures
+from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.model import attention as attention_module
-
-
-def tiny(**overrides) -> Transformer:
-    torch.manual_seed(0)
-    config = dict(src_vocab_size=50, tgt_vocab_size=50, d_model=32, ffn_dim=64, heads=4, encoder_layers=2,
-                  decoder_layers=2, dropout=0.0)
-    config.update(overrides)
-    return Transformer(TransformerConfig(**config)).eval()
+from tests.model.test_transformer import tiny
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
