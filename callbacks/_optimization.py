@@ -32,6 +32,8 @@ from typing import Any, Iterable, Sequence
 import lightning as L
 from torch import nn
 
+from callbacks._transforms import plain_name
+
 __all__ = ["restart_optimization", "matching_parameters", "ParameterFreezer"]
 
 
@@ -44,17 +46,11 @@ def restart_optimization(trainer: L.Trainer) -> None:
     strategy.setup_optimizers(trainer)
 
 
-def _logical(name: str) -> str:
-    """``fc.parametrizations.weight.original`` -> ``fc.weight`` (the name without the transform chain)."""
-    head, found, tail = name.partition(".parametrizations.")
-    return f"{head}.{tail.removesuffix('.original')}" if found else name
-
-
 def matching_parameters(module: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names (as ``module.named_parameters()`` gives them) matching any of the globs, matched by
     the plain name (``hidden.weight``) also when a weight transform sits on the tensor."""
     return [name for name, _ in module.named_parameters()
-            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(_logical(name), p) for p in patterns)]
+            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(plain_name(name), p) for p in patterns)]
 
 
 class ParameterFreezer:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = ["MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
-           "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
+           "plain_name", "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
 
 # Stages of the chain: a transform of a lower stage sees the raw weight first.
 MASK, PERTURB, QUANTIZE = 0, 10, 20
@@ -51,6 +51,12 @@ class WeightTransform(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+def plain_name(name: str) -> str:
+    """``fc.parametrizations.weight.original`` -> ``fc.weight``: a parameter's name without the chain."""
+    head, found, tail = name.partition(".parametrizations.")
+    return f"{head}.{tail.removesuffix('.original')}" if found else name
 
 
 def weight_transforms(module: nn.Module, tensor_name: str = "weight") -> list[WeightTransform]:

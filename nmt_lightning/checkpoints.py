@@ -72,12 +72,11 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
         if first is None:
             first_path, first = path, last
         else:
-            if _model_identity(last) != _model_identity(first):
-                differing = sorted(k for k in set(_model_identity(last)) | set(_model_identity(first))
-                                   if _model_identity(last).get(k) != _model_identity(first).get(k))
+            mine, theirs = _model_identity(last), _model_identity(first)
+            if mine != theirs:
+                differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
                 raise CorpusError(f"{path} and {first_path} are different models (hyper-parameters differ: "
-                                  + ", ".join(f"{k}={_model_identity(last).get(k)!r} vs {_model_identity(first).get(k)!r}"
-                                              for k in differing) + ")")
+                                  + ", ".join(f"{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in differing) + ")")
             if state.keys() != sums.keys():
                 only = sorted(set(state) ^ set(sums))
                 raise CorpusError(f"{path} and {first_path} hold different tensors (e.g. {only[0]})")

@@ -290,6 +290,9 @@ class TranslationModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._update_tokens is None:
             return
+        if self.trainer.world_size * self.trainer.accumulate_grad_batches == 1:
+            self._update_tokens = None  # C is this batch's own token count: the factor is exactly 1
+            return
         total = self.trainer.strategy.reduce(self._update_tokens.clone(), reduce_op="sum").clamp(min=1)
         factor = self._normaliser / total
         for group in optimizer.param_groups:

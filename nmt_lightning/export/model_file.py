@@ -137,11 +137,11 @@ def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict])
         for name in names:
             entry = entries[name]
             groups.setdefault(json.dumps([entry["stored"], entry["codecs"]]), []).append(name)
-        for group in list(groups.values())[1:]:
-            modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in group}
-            first_modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in list(groups.values())[0]}
-            if modules & first_modules:
-                raise CorpusError(f"{group[0]} and {list(groups.values())[0][0]} are one module but encoded differently")
+        first, *others = groups.values()
+        first_modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in first}
+        for group in others:
+            if {id(model.get_submodule(n.rpartition(".")[0])) for n in group} & first_modules:
+                raise CorpusError(f"{group[0]} and {first[0]} are one module but encoded differently")
             replacement = nn.Parameter(model.get_parameter(group[0]).detach().clone())
             for name in group:
                 _set_attribute(model, name, replacement)
