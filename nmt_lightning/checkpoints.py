@@ -14,13 +14,15 @@ from nmt_lightning.module import TranslationModule
 
 
 def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
-                            quantize: Optional[str] = None) -> TranslationModule:
+                            quantize: Optional[str] = None, runtime_layers: bool = True) -> TranslationModule:
     """A TranslationModule (eval mode) with its tokenization, from a Lightning checkpoint or a
     file written by ``nmt-lightning export``.
 
     A checkpoint trained with compression callbacks (or any checkpoint, when ``quantize`` is
     given) is deployed as ``export`` would write it, without writing a file: a QAT-trained model
     translates with its int8 layers. ``quantize="fp32"`` keeps dense fp32 weights instead.
+    ``runtime_layers=False`` keeps plain nn.Linear layers holding the decoded weights (a
+    QAT-trained model's int8 grid as fp32 values), for conversion to another runtime.
     """
     path = Path(path)
     if not path.is_file():
@@ -29,7 +31,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
     from nmt_lightning.export.plan import compression_manifest
 
     if is_export_file(path):
-        return load_exported(path)
+        return load_exported(path, runtime_layers)
     checkpoint = read_checkpoint(path, map_location)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
@@ -37,7 +39,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
         raise CorpusError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
     if quantize is not None or compression_manifest(checkpoint) or is_parametrized(checkpoint["state_dict"]):
         encoded = encode_checkpoint(checkpoint, str(path), quantize)
-        return build_module(encoded.tensors, encoded.metadata)
+        return build_module(encoded.tensors, encoded.metadata, runtime_layers)
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     module.on_load_checkpoint(checkpoint)

@@ -2,9 +2,10 @@
 
 - ``prepare``: build a data directory (text splits, BPE, memory-mapped ids);
 - ``fit | validate | test | predict``: LightningCLI with YAML recipes;
-- ``translate``: translate a file (or stdin) with a checkpoint, optionally scoring it;
+- ``translate``: translate a file (or stdin) with a checkpoint, an export or a CTranslate2
+  directory, optionally scoring it;
 - ``average``: average the weights of several checkpoints;
-- ``export``: write a model to one safetensors file, fp32 or int8.
+- ``export``: write a model to one safetensors file (fp32 or int8), or to a CTranslate2 directory.
 """
 
 from __future__ import annotations
@@ -65,30 +66,52 @@ def prepare_main(argv: Sequence[str]) -> int:
 def translate_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="nmt-lightning translate",
                                      description="Translate detokenized lines, one sentence a line.")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by 'nmt-lightning fit' or 'average', or a file written by 'export'")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint written by 'nmt-lightning fit' or 'average', a file written by 'export', "
+                             "or a directory written by 'export --format ctranslate2'")
     parser.add_argument("--input", help="source file (default: stdin)")
     parser.add_argument("--output", help="output file (default: stdout)")
     parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: %(default)s)")
     parser.add_argument("--ref", help="reference file: print cased/uncased BLEU and chrF2 on stderr")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default, one per core)")
+    parser.add_argument("--parallel-batches", type=int,
+                        help="CTranslate2 only: batches translated at once, sharing --threads "
+                             "(default on CPU: one per thread; on GPU: 1)")
     args = parser.parse_args(argv)
     from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
     from nmt_lightning.evaluation import read_lines, score
     from nmt_lightning.translate import translate_lines
 
     try:
         if args.beam < 1 or args.batch_size < 1:
             raise ValueError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
-        module = load_translation_module(args.checkpoint).to(args.device)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
         references = read_lines(args.ref) if args.ref else None
         if references is not None and len(references) != len(lines):
             raise CorpusError(f"{args.ref} has {len(references)} lines but the input has {len(lines)}")
-        started = time.perf_counter()
-        translations = translate_lines(module, lines, beam=args.beam, batch_size=args.batch_size)
+        if is_ctranslate2_model(args.checkpoint):
+            from nmt_lightning.deploy import CTranslate2Model
+
+            model = CTranslate2Model(args.checkpoint, args.device, args.threads, args.parallel_batches)
+            started = time.perf_counter()
+            translations = model.translate_lines(lines, beam=args.beam, batch_size=args.batch_size)
+        else:
+            if args.parallel_batches is not None:
+                raise ValueError("--parallel-batches applies to CTranslate2 models only")
+            if args.threads is not None:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            module = load_translation_module(args.checkpoint).to(args.device)
+            started = time.perf_counter()
+            translations = translate_lines(module, lines, beam=args.beam, batch_size=args.batch_size)
         seconds = time.perf_counter() - started
-    except (CorpusError, ValueError, FileNotFoundError) as error:
+    except (CorpusError, ValueError, FileNotFoundError, ImportError) as error:
         print(f"nmt-lightning translate: error: {error}", file=sys.stderr)
         return 2
     text = "".join(line + "\n" for line in translations)
@@ -125,19 +148,52 @@ def average_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _export_ctranslate2(args: argparse.Namespace) -> int:
+    from nmt_lightning.deploy import convert_to_ctranslate2
+
+    try:
+        if args.quantize is not None:
+            raise ValueError("--quantize chooses our own file's encoding; for CTranslate2 use --quantization")
+        report = convert_to_ctranslate2(args.checkpoint, args.output, args.quantization, args.force)
+    except (CorpusError, ValueError, ImportError, OSError) as error:
+        print(f"nmt-lightning export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.output}/: CTranslate2 model, weights {report.quantization}, {report.bytes_on_disk:,} bytes "
+          f"(model.bin {report.model_bytes:,}); translate with: nmt-lightning translate --checkpoint {report.output}",
+          file=sys.stderr)
+    return 0
+
+
 def export_main(argv: Sequence[str]) -> int:
+    from nmt_lightning.deploy.ctranslate2_files import QUANTIZATIONS
+
     parser = argparse.ArgumentParser(prog="nmt-lightning export",
-                                     description="Write a trained model to one safetensors file (fp32 or int8).")
-    parser.add_argument("--checkpoint", required=True, help="a Lightning checkpoint of a translation model")
-    parser.add_argument("--output", required=True, help="the .safetensors file to write")
+                                     description="Write a trained model to one safetensors file (fp32 or int8), or to a "
+                                                 "CTranslate2 model directory.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a Lightning checkpoint of a translation model (or, for --format ctranslate2, an export file)")
+    parser.add_argument("--output", required=True,
+                        help="the .safetensors file to write (--format nmt-lightning) or the directory (ctranslate2)")
+    parser.add_argument("--format", choices=["nmt-lightning", "ctranslate2"], default="nmt-lightning",
+                        help="nmt-lightning: one safetensors file for 'translate'; ctranslate2: a CTranslate2 model "
+                             "directory, written by CTranslate2's converter API (needs the ctranslate2 extra) "
+                             "(default: %(default)s)")
     parser.add_argument("--quantize", choices=["int8", "fp32"],
-                        help="int8: quantize every nn.Linear / nn.Embedding weight not quantized yet (post-training); "
-                             "fp32: leave out the quantization. Default: what the checkpoint's compression callbacks "
-                             "recorded (int8 after QuantizationAwareTraining), else fp32")
+                        help="nmt-lightning format: int8 quantizes every nn.Linear / nn.Embedding weight not quantized "
+                             "yet (post-training); fp32 leaves out the quantization. Default: what the checkpoint's "
+                             "compression callbacks recorded (int8 after QuantizationAwareTraining), else fp32")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS,
+                        help="ctranslate2 format: the stored weight type (CTranslate2 quantizes each row of a weight "
+                             "matrix itself; a QAT-trained model passes its trained int8 grid) (default: float32)")
+    parser.add_argument("--force", action="store_true", help="ctranslate2 format: replace an existing model directory")
     args = parser.parse_args(argv)
+    if args.format == "ctranslate2":
+        return _export_ctranslate2(args)
     from nmt_lightning.export import export_checkpoint
 
     try:
+        if args.quantization is not None or args.force:
+            raise ValueError("--quantization and --force apply to --format ctranslate2; our own format takes --quantize")
         report = export_checkpoint(args.checkpoint, args.output, args.quantize)
     except (CorpusError, ValueError) as error:
         print(f"nmt-lightning export: error: {error}", file=sys.stderr)

@@ -147,8 +147,14 @@ def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict])
                 _set_attribute(model, name, replacement)
 
 
-def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> TranslationModule:
-    """A TranslationModule (eval mode, CPU) from encoded tensors and their metadata."""
+def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 runtime_layers: bool = True) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from encoded tensors and their metadata.
+
+    Every weight is decoded to fp32 (an int8 grid becomes its dequantized values). With
+    ``runtime_layers`` each nn.Linear whose codec has a faster form is then replaced by it
+    (``Int8Linear``); without, the model stays plain nn.Linear layers holding the decoded
+    weights (what another runtime, such as CTranslate2, converts)."""
     tensors = dict(tensors)
     module = TranslationModule.from_hyperparameters(json.loads(metadata["hyper_parameters"]))
     token_info = json.loads(metadata["tokenization"])
@@ -163,6 +169,8 @@ def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     model = module.model
     _untie_where_encodings_differ(model, entries)
     model.load_state_dict({name: decode_chain(parts(e), e["codecs"]) for name, e in entries.items()}, strict=True)
+    if not runtime_layers:
+        return module.eval()
     deployed: dict[int, nn.Module] = {}
     for name, linear in list(model.named_modules(remove_duplicate=False)):
         entry = entries.get(f"{name}.weight")
@@ -202,8 +210,9 @@ def _from_format_1(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     return {**metadata, "format": FORMAT, "weights": json.dumps(entries)}
 
 
-def load_exported(path: str | os.PathLike) -> TranslationModule:
-    """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``."""
+def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``
+    (``runtime_layers``: see ``build_module``)."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -215,4 +224,4 @@ def load_exported(path: str | os.PathLike) -> TranslationModule:
         metadata = _from_format_1(tensors, metadata)
     if metadata.get("format") != FORMAT:
         raise CorpusError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
-    return build_module(tensors, metadata)
+    return build_module(tensors, metadata, runtime_layers)
