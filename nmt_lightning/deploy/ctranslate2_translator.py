@@ -4,9 +4,11 @@ The same text in and out as ``nmt_lightning.translate.translate_lines``: the sam
 models and Moses normalisation, sources cut to the same length and ending with eos, batches of
 sentences of similar length, beam search with the model's length penalty, greedy search for a
 beam of one, pad and bos never generated. One difference: CTranslate2 takes one length cap per
-batch, so each batch uses the largest of its sentences' caps (``max_len_a * source + max_len_b``;
-batches are sorted by length, so the caps within one are close). A sentence reaches the cap only
-when the model fails to end it.
+batch, so each batch decodes up to the largest of its sentences' caps (``max_len_a * source +
+max_len_b``; batches are sorted by length, so the caps within one are close), and a longer
+hypothesis is then cut at its own sentence's cap. For greedy search that is exactly our result;
+beam search may rank such a hypothesis differently. A sentence reaches the cap only when the
+model fails to end it.
 """
 
 from __future__ import annotations
@@ -105,7 +107,10 @@ class CTranslate2Model:
             for chunk, futures in zip(chunks, pending):
                 hypotheses = [[target.piece_to_id(piece) for piece in future.result().hypotheses[0]]
                               for future in futures]
+                # A hypothesis longer than its own sentence's cap (it ran under the batch's larger
+                # cap) is cut there: for greedy search exactly what our decoder returns.
                 hypotheses = [ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids for ids in hypotheses]
+                hypotheses = [ids[: self._cap(len(pieces[i]) + 1)] for i, ids in zip(chunk, hypotheses)]
                 for index, text in zip(chunk, self.tokenization.decode(hypotheses)):
                     results[index] = text
                 bar.update(len(chunk))

@@ -1,0 +1,207 @@
+"""CTranslate2 deployment: conversion exact against our decoder, compressed checkpoints, CLI, errors.
+
+Skipped where ctranslate2 is not installed (it is an optional extra; ``pip install -e .[dev]``
+and CI install it), except the test of the error a missing extra gives.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks import QuantizationAwareTraining
+from nmt_lightning.bpe import BOS_ID, EOS_ID
+from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.cli import main
+from nmt_lightning.data import TranslationDataModule
+from nmt_lightning.deploy import CTranslate2Model, convert_to_ctranslate2, require_ctranslate2
+from nmt_lightning.deploy.ctranslate2_converter import convert_module
+from nmt_lightning.export import export_checkpoint
+from nmt_lightning.module import TranslationModule
+from nmt_lightning.prepare import prepare
+from nmt_lightning.tokenization import Tokenization
+from nmt_lightning.translate import translate_lines
+from tests.conftest import prepare_config, synthetic_pairs, train_tiny_checkpoint, write_parallel
+
+ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 is an optional extra: pip install -e .[ctranslate2]")
+
+# Both engines compute in fp32 but sum in different orders (MKL's sgemm against torch's
+# kernels, fused q/k/v): each logit carries a relative error of some 1e-6 after the model's few
+# layers, and log-probabilities here stay under 20 in magnitude, so 1e-4 absolute is about
+# 100x the expected difference and far below what a misplaced weight, a norm in the wrong place
+# or the wrong position table does (> 0.1).
+LOG_PROB_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def separate_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared synthetic corpus with one sentencepiece model per language."""
+    root = tmp_path_factory.mktemp("separate")
+    pairs = synthetic_pairs(300, seed=2)
+    files = {"train": write_parallel(root / "raw" / "train", pairs[:260]),
+             "valid": write_parallel(root / "raw" / "valid", pairs[260:280]),
+             "test": write_parallel(root / "raw" / "test", pairs[280:])}
+    prepare(prepare_config(files, root / "data", joint_vocab=False, vocab_size=48))
+    return root / "data"
+
+
+def random_module(data_dir: Path, share_embeddings: str, pre_norm: bool, seed: int = 0) -> TranslationModule:
+    """A 2+2-layer model of random weights, LayerNorms and biases included (an untrained model
+    has gamma 1, beta 0 and zero biases, which would hide a norm or bias put in the wrong place)."""
+    torch.manual_seed(seed)
+    datamodule = TranslationDataModule(str(data_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, d_model=32, ffn_dim=64, heads=2,
+                               encoder_layers=2, decoder_layers=2, dropout=0.0, share_embeddings=share_embeddings,
+                               pre_norm=pre_norm, max_positions=64)
+    module.tokenization = Tokenization.from_datamodule(datamodule)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.3)
+    return module.eval()
+
+
+def lines_of(data_dir: Path, count: int = 16) -> list[str]:
+    return (data_dir / "test.en").read_text(encoding="utf-8").splitlines()[:count]
+
+
+def our_log_probs(module: TranslationModule, source: list[int], target: list[int]) -> torch.Tensor:
+    """log p(target[t] | ...) for target + eos, from our model (teacher forcing)."""
+    src = torch.tensor([source + [EOS_ID]])
+    decoder_input = torch.tensor([[BOS_ID] + target])
+    with torch.no_grad():
+        log_probs = module.model(src, decoder_input).float().log_softmax(-1)[0]
+    return log_probs.gather(1, torch.tensor(target + [EOS_ID]).unsqueeze(1)).squeeze(1)
+
+
+def assert_same_model(module: TranslationModule, directory: Path, lines: list[str]) -> None:
+    """Teacher-forced log-probabilities agree at every position, and greedy translations are identical."""
+    translator = ctranslate2.Translator(str(directory), intra_threads=1)
+    source_ids = module.tokenization.encode_source(lines)
+    # Any target text, within the model's 64 positions.
+    target_ids = [ids[:40] for ids in module.tokenization._processor("tgt").encode(lines[::-1], out_type=int)]
+    to_pieces = module.tokenization._processor("src").id_to_piece
+    to_target_pieces = module.tokenization._processor("tgt").id_to_piece
+    scored = translator.score_batch([to_pieces(s) for s in source_ids], [to_target_pieces(t) for t in target_ids])
+    for source, target, result in zip(source_ids, target_ids, scored):
+        torch.testing.assert_close(torch.tensor(result.log_probs), our_log_probs(module, source, target),
+                                   rtol=0, atol=LOG_PROB_TOLERANCE)
+    ours = translate_lines(module, lines, beam=1, batch_size=4, progress=False)
+    theirs = CTranslate2Model(directory, threads=1).translate_lines(lines, beam=1, batch_size=4, progress=False)
+    assert theirs == ours
+
+
+@pytest.mark.parametrize("pre_norm", [False, True], ids=["post-norm", "pre-norm"])
+@pytest.mark.parametrize("share_embeddings", ["all", "decoder", "none"])
+def test_conversion_is_exact(share_embeddings: str, pre_norm: bool, prepared_dir: Path, separate_vocab_dir: Path,
+                             tmp_path: Path) -> None:
+    data_dir = prepared_dir if share_embeddings == "all" else separate_vocab_dir
+    module = random_module(data_dir, share_embeddings, pre_norm)
+    report = convert_module(module, tmp_path / "ct2")
+    assert report.quantization == "float32" and (tmp_path / "ct2" / "model.bin").is_file()
+    assert_same_model(module, tmp_path / "ct2", lines_of(data_dir))
+
+
+def test_beam_search_scores_agree(prepared_dir: Path, trained_checkpoint: Path, tmp_path: Path) -> None:
+    """Beam search: both engines rank with log p / length (length penalty 1); where they return
+    the same translation, its score is the same."""
+    convert_to_ctranslate2(trained_checkpoint, tmp_path / "ct2")
+    module = load_translation_module(trained_checkpoint)
+    lines = lines_of(prepared_dir, 24)
+    ours = translate_lines(module, lines, beam=4, batch_size=8, progress=False)
+    theirs = CTranslate2Model(tmp_path / "ct2", threads=1).translate_lines(lines, beam=4, batch_size=8, progress=False)
+    same = sum(a == b for a, b in zip(ours, theirs))
+    # The two beam searches stop differently (ours: when every hypothesis of a sentence has
+    # ended; CTranslate2: when the best one has), which may change a few translations.
+    assert same >= len(lines) * 3 // 4, (same, list(zip(ours, theirs)))
+
+
+def test_qat_checkpoint_converts_with_its_trained_grid(prepared_dir: Path, tmp_path: Path) -> None:
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path / "qat",
+                                       callbacks=(QuantizationAwareTraining(per_channel=True, include=["model.*"]),))
+    # float32: the dequantized int8 grid, exactly what our model computes its products with.
+    convert_to_ctranslate2(checkpoint, tmp_path / "fp32")
+    grid = load_translation_module(checkpoint, runtime_layers=False)
+    linear = grid.model.decoder_layers[0].ffn.fc1
+    steps = linear.weight / linear.weight.abs().amax(1, keepdim=True) * 127  # whole numbers on a per-row grid
+    torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-3)
+    assert_same_model(grid, tmp_path / "fp32", lines_of(prepared_dir))
+    # int8: CTranslate2 quantizes the grid per row again, 1 byte per weight plus a 4-byte scale per
+    # row instead of 4 bytes per weight (the position tables stay fp32), less at most 64 bytes per
+    # matrix for its scale's entry (name and header) in model.bin.
+    report = convert_to_ctranslate2(checkpoint, tmp_path / "int8", "int8")
+    matrices = {id(p): p for p in grid.model.parameters() if p.dim() == 2}.values()
+    saved = sum(3 * p.numel() - 4 * p.shape[0] - 64 for p in matrices)
+    assert (tmp_path / "fp32" / "model.bin").stat().st_size - report.model_bytes >= saved
+    translations = CTranslate2Model(tmp_path / "int8").translate_lines(lines_of(prepared_dir), progress=False)
+    assert len(translations) == 16 and any(translations)
+
+
+def test_export_file_converts(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    export_checkpoint(trained_checkpoint, tmp_path / "model.safetensors")
+    convert_to_ctranslate2(tmp_path / "model.safetensors", tmp_path / "ct2")
+    assert_same_model(load_translation_module(trained_checkpoint), tmp_path / "ct2", lines_of(prepared_dir))
+
+
+def test_cli_export_and_translate(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "ct2"
+    assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint), "--output", str(output),
+                 "--quantization", "int8"]) == 0
+    assert "CTranslate2 model, weights int8" in capsys.readouterr().err
+    hypotheses = tmp_path / "test.hyp"
+    assert main(["translate", "--checkpoint", str(output), "--input", str(prepared_dir / "test.en"),
+                 "--output", str(hypotheses), "--ref", str(prepared_dir / "test.cs"), "--beam", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "BLEU (cased)" in err and "chrF2" in err
+    lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()
+    expected = CTranslate2Model(output).translate_lines(lines, beam=2, progress=False)
+    assert hypotheses.read_text(encoding="utf-8").splitlines() == expected
+    # Our own options are refused where they do not apply, naming them.
+    assert main(["translate", "--checkpoint", str(trained_checkpoint), "--parallel-batches", "2",
+                 "--input", str(prepared_dir / "test.en")]) == 2
+    assert "--parallel-batches applies to CTranslate2" in capsys.readouterr().err
+    assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint), "--output",
+                 str(tmp_path / "other"), "--quantize", "int8"]) == 2
+    assert "--quantization" in capsys.readouterr().err
+
+
+def test_bad_output_paths(trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def export(output: Path, *extra: str) -> str:
+        assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint),
+                     "--output", str(output), *extra]) == 2
+        return capsys.readouterr().err
+
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in export(tmp_path / "file")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    assert "not a CTranslate2 model" in export(tmp_path / "notes", "--force")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"  # nothing lost
+    assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint),
+                 "--output", str(tmp_path / "model")]) == 0
+    assert "--force replaces it" in export(tmp_path / "model")
+    assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint),
+                 "--output", str(tmp_path / "model"), "--force", "--quantization", "int16"]) == 0
+    assert "no such checkpoint" in export(tmp_path / "other", "--checkpoint", str(tmp_path / "missing.ckpt"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging directory left behind
+
+
+def test_unsupported_model_is_refused(prepared_dir: Path, tmp_path: Path) -> None:
+    module = random_module(prepared_dir, "all", pre_norm=False)
+    module.model.decoder_layers[0].ffn = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 32))
+    with pytest.raises(ValueError, match="feed-forward block is not two plain nn.Linear"):
+        convert_module(module, tmp_path / "ct2")
+    assert not (tmp_path / "ct2").exists()
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, trained_checkpoint: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import ctranslate2 now raises ImportError
+    with pytest.raises(ImportError, match=r"\.\[ctranslate2\]"):
+        require_ctranslate2()
+    assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint),
+                 "--output", str(tmp_path / "ct2")]) == 2
+    assert "pip install -e '.[ctranslate2]'" in capsys.readouterr().err
