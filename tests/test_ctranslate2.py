@@ -139,6 +139,15 @@ def test_qat_checkpoint_converts_with_its_trained_grid(prepared_dir: Path, tmp_p
     assert len(translations) == 16 and any(translations)
 
 
+def test_conversion_leaves_the_model_unchanged(prepared_dir: Path, tmp_path: Path) -> None:
+    module = random_module(prepared_dir, "all", pre_norm=True)
+    before = {name: tensor.clone() for name, tensor in module.state_dict().items()}
+    for quantization in ("int8", "int16", "float16"):
+        convert_module(module, tmp_path / quantization, quantization)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
 def test_export_file_converts(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
     export_checkpoint(trained_checkpoint, tmp_path / "model.safetensors")
     convert_to_ctranslate2(tmp_path / "model.safetensors", tmp_path / "ct2")

@@ -58,7 +58,9 @@ class ConversionReport:
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    """A copy: CTranslate2's int8 quantization rewrites the arrays it is given in place, and a
+    view of a CPU parameter would carry that into the model being converted."""
+    return tensor.detach().to("cpu", torch.float32).numpy().copy()
 
 
 def _check_supported(model: nn.Module) -> Transformer:

@@ -50,6 +50,7 @@ from nmt_lightning.export.plan import compression_manifest  # noqa: E402
 from nmt_lightning.int8 import Int8Linear  # noqa: E402
 from nmt_lightning.module import TranslationModule  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
+from side_by_side import cpu_description  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 RECIPES = ROOT / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
@@ -179,18 +180,6 @@ def breakdown_table(rows: list[Row], timings: dict[str, list[tuple[float, dict[s
               + (f"for {target}x it would have to fall to {rest_allowed:.2f} s." if rest_allowed > 0 else
                  f"{target}x is out of reach whatever it costs.")]
     return lines
-
-
-def cpu_description() -> str:
-    """The processor's model name and the instruction sets int8 matrix products use (Linux)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    int8_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    return f"{name} ({', '.join(int8_flags) or 'no AVX2'})"
 
 
 def weight_bytes(path: Path) -> int:
