@@ -90,16 +90,11 @@ def translate_main(argv: Sequence[str]) -> int:
             raise ValueError(f"--beam and --batch-size must be >= 1, got {args.beam} and {args.batch_size}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
-        references = read_lines(args.ref) if args.ref else None
-        if references is not None and len(references) != len(lines):
-            raise CorpusError(f"{args.ref} has {len(references)} lines but the input has {len(lines)}")
         if is_ctranslate2_model(args.checkpoint):
             from nmt_lightning.deploy import CTranslate2Model
 
             model = CTranslate2Model(args.checkpoint, args.device, args.threads, args.parallel_batches)
-            started = time.perf_counter()
-            translations = model.translate_lines(lines, beam=args.beam, batch_size=args.batch_size)
+            translate = model.translate_lines
         else:
             if args.parallel_batches is not None:
                 raise ValueError("--parallel-batches applies to CTranslate2 models only")
@@ -108,8 +103,15 @@ def translate_main(argv: Sequence[str]) -> int:
 
                 torch.set_num_threads(args.threads)
             module = load_translation_module(args.checkpoint).to(args.device)
-            started = time.perf_counter()
-            translations = translate_lines(module, lines, beam=args.beam, batch_size=args.batch_size)
+
+            def translate(lines: list[str], **options) -> list[str]:
+                return translate_lines(module, lines, **options)
+        lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
+        references = read_lines(args.ref) if args.ref else None
+        if references is not None and len(references) != len(lines):
+            raise CorpusError(f"{args.ref} has {len(references)} lines but the input has {len(lines)}")
+        started = time.perf_counter()
+        translations = translate(lines, beam=args.beam, batch_size=args.batch_size)
         seconds = time.perf_counter() - started
     except (CorpusError, ValueError, FileNotFoundError, ImportError) as error:
         print(f"nmt-lightning translate: error: {error}", file=sys.stderr)
