@@ -9,8 +9,8 @@
 ``ctranslate2`` is an optional dependency: ``pip install -e .[ctranslate2]``.
 """
 
-from nmt_lightning.deploy.ctranslate2_files import QUANTIZATIONS, is_ctranslate2_model, require_ctranslate2
 from nmt_lightning.deploy.ctranslate2_converter import ConversionReport, convert_to_ctranslate2, transformer_spec
+from nmt_lightning.deploy.ctranslate2_files import QUANTIZATIONS, is_ctranslate2_model, require_ctranslate2
 from nmt_lightning.deploy.ctranslate2_translator import CTranslate2Model
 
 __all__ = ["QUANTIZATIONS", "CTranslate2Model", "ConversionReport", "convert_to_ctranslate2", "is_ctranslate2_model",

@@ -34,11 +34,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from nmt_lightning.deploy.ctranslate2_files import QUANTIZATIONS, is_ctranslate2_model, require_ctranslate2, write_settings
+from nmt_lightning.bpe import BOS_ID, EOS_ID, UNK_ID
+from nmt_lightning.deploy.ctranslate2_files import (
+    QUANTIZATIONS,
+    is_ctranslate2_model,
+    require_ctranslate2,
+    write_settings,
+)
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from nmt_lightning.model.attention import MultiHeadAttention
+from nmt_lightning.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from nmt_lightning.model.transformer import Transformer
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.tokenization import Tokenization
