@@ -4,6 +4,7 @@ Each method lives in a file of its own and imports only torch and lightning, nev
 nmt_lightning, so it works on models that are not ours.
 """
 
+from callbacks.quant_noise import QuantNoise
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["QuantNoise", "QuantizationAwareTraining"]

@@ -180,10 +180,11 @@ def export_main(argv: Sequence[str]) -> int:
                         help="nmt-lightning: one safetensors file for 'translate'; ctranslate2: a CTranslate2 model "
                              "directory, written by CTranslate2's converter API (needs the ctranslate2 extra) "
                              "(default: %(default)s)")
-    parser.add_argument("--quantize", choices=["int8", "fp32"],
-                        help="nmt-lightning format: int8 quantizes every nn.Linear / nn.Embedding weight not quantized "
-                             "yet (post-training); fp32 leaves out the quantization. Default: what the checkpoint's "
-                             "compression callbacks recorded (int8 after QuantizationAwareTraining), else fp32")
+    parser.add_argument("--quantize", choices=["int8", "int4", "fp32"],
+                        help="nmt-lightning format: int8 (per tensor) or int4 (per row, two weights a byte) quantizes "
+                             "every nn.Linear / nn.Embedding weight not quantized yet (post-training); fp32 leaves out "
+                             "the quantization. Default: what the checkpoint's compression callbacks recorded (int8 "
+                             "after QuantizationAwareTraining, int4 after QuantNoise(scheme='int4')), else fp32")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
                         help="ctranslate2 format: the stored weight type (CTranslate2 quantizes each row of a weight "
                              "matrix itself; a QAT-trained model passes its trained int8 grid) (default: float32)")
@@ -200,7 +201,7 @@ def export_main(argv: Sequence[str]) -> int:
     except (CorpusError, ValueError) as error:
         print(f"nmt-lightning export: error: {error}", file=sys.stderr)
         return 2
-    kind = report.quantization if report.quantization == "fp32" else f"int8, {report.activations} activation ranges"
+    kind = report.quantization if report.quantization == "fp32" else f"{report.quantization}, {report.activations} activation ranges"
     print(f"wrote {report.output}: {kind}, {report.bytes_on_disk:,} bytes "
           f"({report.bytes_on_disk / report.weight_bytes_fp32:.1%} of the {report.weight_bytes_fp32:,} bytes of fp32 weights)",
           file=sys.stderr)

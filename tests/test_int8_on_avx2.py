@@ -25,6 +25,6 @@ def test_int8_tests_pass_on_avx2_kernels() -> None:
         pytest.skip("this run already forces AVX2 kernels")
     environment = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                             "tests/test_int8.py", "tests/test_export.py"],
+                             "tests/test_int8.py", "tests/test_export.py", "tests/test_int4.py"],
                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]

@@ -28,7 +28,7 @@ FORMAT_1 = "nmt-lightning-export/1"  # 0.1.0: int8 or fp32 only; still read
 @dataclass
 class ExportReport:
     output: Path
-    quantization: str  # "int8" when any tensor is stored on an int8 grid, else "fp32"
+    quantization: str  # the quantizing codecs of the file ("int8", "int4", "int4+int8"), else "fp32"
     bytes_on_disk: int
     weight_bytes_fp32: int  # the same weights in fp32 (what a weights-only fp32 export holds)
     activations: str = "fp32"  # int8: "static" (QAT's trained ranges stored) or "dynamic" (measured per batch)
@@ -95,11 +95,12 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
     tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
     if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
         tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
-    quantized = any(codec(s["codec"]).quantizes for e in entries.values() for s in e["codecs"])
+    grids = sorted({s["codec"] for e in entries.values() for s in e["codecs"] if codec(s["codec"]).quantizes})
+    quantized = bool(grids)
     static = any(float(tensors[_key(n, "activation_range")]) > 0 for n, e in entries.items() if "activation_range" in e["options"])
     metadata = {
         "format": FORMAT,
-        "quantization": "int8" if quantized else "fp32",
+        "quantization": "+".join(grids) or "fp32",
         "activations": ("static" if static else "dynamic") if quantized else "fp32",
         "hyper_parameters": json.dumps(hyper_parameters),
         "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),

@@ -11,7 +11,7 @@ from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.codecs import codec
 
 COMPRESSION_KEY = "compression"  # written by the callbacks (callbacks/_compression.py)
-QUANTIZE_CHOICES = ("int8", "fp32")
+QUANTIZE_CHOICES = ("int8", "int4", "fp32")
 Steps = list[dict]
 
 
@@ -60,16 +60,20 @@ def quantizable_weights(model: nn.Module) -> list[str]:
 
 def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) -> dict[str, Steps]:
     """The steps per tensor: the manifest as trained (None); without its quantizing steps
-    ("fp32"); or with int8 added where nothing quantizes yet ("int8": post-training, dynamic
-    activations, per-tensor scales)."""
+    ("fp32"); or with int8 / int4 added where nothing quantizes yet (post-training, dynamic
+    activations)."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES} or None, got {quantize!r}")
     plan = manifest_steps(checkpoint)
     if quantize == "fp32":
         plan = {name: [s for s in steps if not codec(s["codec"]).quantizes] for name, steps in plan.items()}
-    elif quantize == "int8":
+    elif quantize in ("int8", "int4"):
+        # Post-training: int8 per tensor (Q8BERT's "DQ"); int4 per row (a 15-level grid per
+        # tensor loses too much). Embeddings as well as nn.Linear.
+        step = ({"codec": "int8", "order": 20, "bits": 8, "per_channel": False} if quantize == "int8"
+                else {"codec": "int4", "order": 20, "bits": 4, "per_channel": True})
         for name in quantizable_weights(model):
             steps = plan.setdefault(name, [])
             if not any(codec(s["codec"]).quantizes for s in steps):
-                steps.append({"codec": "int8", "order": 20, "bits": 8, "per_channel": False})
+                steps.append(dict(step))
     return {name: steps for name, steps in plan.items() if steps}

@@ -1,0 +1,207 @@
+"""Quant-Noise (Fan et al. 2020): quantization noise on a random subset of weight blocks.
+
+At every training step a random fraction ``p`` of each selected weight's blocks receives the
+noise of the target compression; the other blocks stay exact, so unbiased gradients flow
+through them. The network learns to tolerate the compression without the bias of training
+every weight through it (what QAT does, p = 1).
+
+A weight (rows, columns) is cut into blocks of ``block_size`` consecutive columns within a
+row (for nn.Linear: input features, as in the paper; for nn.Embedding: embedding dimensions),
+mask (rows, columns / block_size). Schemes:
+
+- ``int8`` / ``int4``: the selected blocks take their value on the symmetric integer grid of
+  the whole tensor (or of their row, ``per_channel``): the QAT callback's ``fake_quantize``,
+  with its straight-through gradient. p = 1 with int8 is exactly QAT's weight quantization.
+- ``pq``: the paper's proxy for product quantization: the selected blocks are dropped (zero)
+  and the others scaled by 1 / (1 - p), as dropout (so p < 1).
+
+The noisy weight is a ``WeightTransform`` (``callbacks/_transforms.py``, stage PERTURB: after
+a pruning mask, before fake quantization), computed afresh from the untouched parameter at
+every read: the stored weight never changes (fairseq's ``quant_noise`` writes its masked
+weight into ``.data``, and dropped weights never come back: fairseq issues 3783, 3195).
+In evaluation (``module.eval()``) there is no noise.
+
+The masks come from the callback's own ``torch.Generator`` (on the CPU, so a GPU run draws the
+same noise as a CPU run), one mask per weight per training batch, drawn in
+``on_train_batch_start``; its state is saved in the callback's checkpoint state, so a resumed
+run draws what an uninterrupted one would (Lightning does not restore the global random
+state). Every DDP rank seeds it the same way and draws in lockstep: the noise is identical on
+all ranks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from callbacks._compression import record_codec
+from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
+                                   refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
+from callbacks.quantization_aware_training import fake_quantize, weight_absmax
+
+__all__ = ["QuantNoise", "NoisyWeight", "SCHEMES"]
+
+SCHEMES = {"int8": 8, "int4": 4, "pq": None}  # scheme -> bits of its integer grid
+
+
+class NoisyWeight(WeightTransform):
+    """The weight with the noise of ``scheme`` on the blocks of ``mask`` (training only)."""
+
+    stage = PERTURB
+
+    def __init__(self, scheme: str, p: float, block_size: int, per_channel: bool) -> None:
+        super().__init__()
+        self.scheme, self.p, self.block_size, self.per_channel = scheme, p, block_size, per_channel
+        self.mask: Optional[torch.Tensor] = None  # (rows, columns / block_size) bool; set each step, not saved
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.mask is None:
+            return weight
+        mask = self.mask.repeat_interleave(self.block_size, dim=1)  # (rows, columns): True = noised
+        if self.scheme == "pq":
+            return weight.masked_fill(mask, 0.0) / (1.0 - self.p)
+        quantized = fake_quantize(weight, weight_absmax(weight, self.per_channel), SCHEMES[self.scheme])
+        return torch.where(mask, quantized, weight)
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme}, p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
+
+
+class QuantNoise(L.Callback):
+    """Quant-Noise on the selected nn.Linear / nn.Embedding weights while training.
+
+    Args:
+        p: fraction of blocks noised at each step, in [0, 1] (the paper: 0.05 to 0.2; pq needs p < 1).
+        scheme: "int8", "int4" (scalar quantization of the selected blocks) or "pq" (dropped blocks).
+        block_size: columns per block (fairseq: 8 for feed-forward and embeddings, 4 for attention).
+        block_sizes: glob over qualified module names -> block size, first match wins, e.g.
+            ``{"*attn*": 4}``; modules matching none take ``block_size``.
+        include, exclude: globs over qualified module names (as QuantizationAwareTraining's).
+        noise_embeddings: also noise nn.Embedding tables.
+        per_channel: int schemes: one scale per row instead of one per tensor.
+        seed: seed of the callback's random generator.
+    """
+
+    def __init__(
+        self,
+        p: float = 0.1,
+        scheme: str = "int8",
+        block_size: int = 8,
+        block_sizes: Optional[dict[str, int]] = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        noise_embeddings: bool = True,
+        per_channel: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"QuantNoise: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
+        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"QuantNoise: p must be in [0, 1], got {p!r}")
+        if scheme == "pq" and p >= 1.0:
+            raise ValueError("QuantNoise: p must be < 1 with scheme 'pq' (every block dropped leaves no weight to rescale)")
+        sizes = {"block_size": block_size, **{f"block_sizes[{k!r}]": v for k, v in (block_sizes or {}).items()}}
+        for name, size in sizes.items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"QuantNoise: {name} must be a positive integer, got {size!r}")
+        if isinstance(include, str) or isinstance(exclude, str):
+            raise ValueError("QuantNoise: include and exclude are lists of globs, e.g. ['*'], not a single string")
+        self.p, self.scheme, self.block_size = float(p), scheme, block_size
+        self.block_sizes = dict(block_sizes or {})
+        self.include, self.exclude = list(include), list(exclude)
+        self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.noised_names: list[str] = []
+        self._noised: list[tuple[NoisyWeight, nn.Parameter]] = []  # each transform with the weight it noises
+
+    # ------------------------------------------------------------------ selection
+    def _block_size_of(self, name: str) -> int:
+        return next((size for pattern, size in self.block_sizes.items() if fnmatch.fnmatchcase(name, pattern)),
+                    self.block_size)
+
+    def _selected(self, name: str, module: nn.Module) -> bool:
+        kinds = (nn.Linear, nn.Embedding) if self.noise_embeddings else (nn.Linear,)
+        return (isinstance(module, kinds) and any(fnmatch.fnmatchcase(name, p) for p in self.include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+
+    def add_noise_transforms(self, root: nn.Module) -> list[str]:
+        """Put a NoisyWeight on every selected weight of ``root`` (idempotent); returns their names.
+        A module shared under several names gets one transform; all its names must be selected alike."""
+        aliases: dict[int, tuple[nn.Module, list[str]]] = {}
+        for name, module in root.named_modules(remove_duplicate=False):
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                aliases.setdefault(id(module), (module, []))[1].append(name)
+        self._noised, names = [], []
+        for module, module_names in aliases.values():
+            selected = [n for n in module_names if self._selected(n, module)]
+            if not selected:
+                continue
+            if len(selected) < len(module_names):
+                raise ValueError(f"QuantNoise: one module is shared as {module_names}, and include={self.include} "
+                                 f"exclude={self.exclude} select it as {selected} only; select all its names or none")
+            size = self._block_size_of(module_names[0])
+            columns = module.weight.shape[1]
+            if columns % size:
+                raise ValueError(f"QuantNoise: block size {size} does not divide the {columns} columns of "
+                                 f"{module_names[0]}.weight {tuple(module.weight.shape)}; choose a divisor "
+                                 f"(block_size, or block_sizes for this module)")
+            transform = add_weight_transform(module, NoisyWeight(self.scheme, self.p, size, self.per_channel))
+            if transform.extra_repr() != NoisyWeight(self.scheme, self.p, size, self.per_channel).extra_repr():
+                raise ValueError(f"QuantNoise: {module_names[0]} already has Quant-Noise ({transform.extra_repr()})")
+            self._noised.append((transform, trainable_weight(module)))
+            names += module_names
+        if not self._noised:
+            kinds = "nn.Linear/nn.Embedding" if self.noise_embeddings else "nn.Linear"
+            raise ValueError(f"QuantNoise selected no {kinds} module with include={self.include} exclude={self.exclude}")
+        return names
+
+    # ------------------------------------------------------------------ noise
+    def draw_masks(self) -> None:
+        """A fresh mask per weight from the callback's generator: each block noised with probability p."""
+        for transform, weight in self._noised:
+            rows, columns = weight.shape
+            mask = torch.rand(rows, columns // transform.block_size, generator=self.generator) < self.p
+            transform.mask = mask.to(weight.device)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.noised_names = self.add_noise_transforms(pl_module)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.draw_masks()
+
+    # ------------------------------------------------------------------ checkpoint
+    def _settings(self) -> dict[str, Any]:
+        return {"p": self.p, "scheme": self.scheme, "block_size": self.block_size, "block_sizes": self.block_sizes,
+                "per_channel": self.per_channel}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self._settings(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {key: state_dict.get(key) for key in self._settings()}
+        if saved != self._settings():
+            raise ValueError(f"QuantNoise: the checkpoint trained with {saved} but this callback has "
+                             f"{self._settings()}; resuming would change the noise mid-run (start a new run from "
+                             f"its weights instead)")
+        self.generator.set_state(state_dict["generator"])
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, "QuantNoise")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The model was trained for the integer grid: export it there, unless fake quantization
+        # (QAT) on the same weight records its own grid. pq leaves the export to the product
+        # quantization callback.
+        if self.scheme == "pq":
+            return
+        for name in self.noised_names:
+            module = pl_module.get_submodule(name)
+            if any(t.stage == QUANTIZE for t in weight_transforms(module)):
+                continue
+            record_codec(checkpoint, f"{name}.weight", self.scheme, QUANTIZE, bits=SCHEMES[self.scheme],
+                         per_channel=self.per_channel)

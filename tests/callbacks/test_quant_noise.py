@@ -1,0 +1,196 @@
+"""callbacks.QuantNoise: noise on a random fraction of blocks, never written into the weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from callbacks import QuantizationAwareTraining, QuantNoise
+from callbacks._transforms import trainable_weight, weight_transforms
+from callbacks.quant_noise import NoisyWeight
+from callbacks.quantization_aware_training import FakeQuantizedWeight, fake_quantize, weight_absmax
+from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.test_transforms import MaskCallback
+
+
+def noised_model(**settings) -> tuple[BagOfWordsClassifier, QuantNoise]:
+    model = BagOfWordsClassifier(dim=32)
+    callback = QuantNoise(**settings)
+    callback.add_noise_transforms(model)
+    return model, callback
+
+
+def test_the_stored_parameter_is_untouched_by_a_training_forward() -> None:
+    model, callback = noised_model(p=0.5, scheme="pq", block_size=4)
+    model.train()
+    before = trainable_weight(model.hidden).detach().clone()
+    callback.draw_masks()
+    noisy = model.hidden.weight
+    assert not torch.equal(noisy, before)  # noise is on
+    model(torch.randint(0, 30, (4, 6))).sum().backward()
+    assert torch.equal(trainable_weight(model.hidden), before)  # bit-identical after the forward and backward
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "pq"])
+def test_the_fraction_of_noised_blocks_is_close_to_p(scheme: str) -> None:
+    model, callback = noised_model(p=0.2, scheme=scheme, block_size=4, include=["hidden"])
+    model.train()
+    masks = []
+    for _ in range(50):
+        callback.draw_masks()
+        masks.append(weight_transforms(model.hidden)[0].mask)
+    fraction = torch.stack(masks).float().mean().item()
+    # 50 draws of 32 * 8 blocks: 12,800 Bernoulli(0.2); standard deviation 0.0035, so 0.02 is over 5 of them.
+    assert abs(fraction - 0.2) < 0.02
+    # The noise lands exactly on the masked blocks: a block is either all exact or all noised.
+    original = trainable_weight(model.hidden).detach()
+    changed = (model.hidden.weight.detach() != original).view(32, 8, 4)
+    mask = weight_transforms(model.hidden)[0].mask
+    if scheme == "pq":  # kept blocks are rescaled by 1 / (1 - p), dropped ones are zero
+        torch.testing.assert_close(model.hidden.weight.detach().view(32, 8, 4)[~mask],
+                                   original.view(32, 8, 4)[~mask] / 0.8)
+        assert (model.hidden.weight.detach().view(32, 8, 4)[mask] == 0).all()
+    else:
+        assert not changed[~mask].any()
+
+
+def test_evaluation_sees_the_exact_weight() -> None:
+    model, callback = noised_model(p=0.9, scheme="int4")
+    callback.draw_masks()
+    model.eval()
+    assert torch.equal(model.hidden.weight, trainable_weight(model.hidden))
+    assert torch.equal(model.embed.weight, trainable_weight(model.embed))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_p_one_with_int8_is_the_qat_quantizer(per_channel: bool) -> None:
+    model, callback = noised_model(p=1.0, scheme="int8", per_channel=per_channel)
+    model.train()
+    callback.draw_masks()
+    for module in (model.hidden, model.out, model.embed):
+        weight = trainable_weight(module)
+        expected = FakeQuantizedWeight(8, per_channel)(weight)
+        assert torch.equal(module.weight, expected)
+        assert torch.equal(expected, fake_quantize(weight, weight_absmax(weight, per_channel), 8))
+
+
+def test_noised_blocks_pass_gradients_straight_through() -> None:
+    model, callback = noised_model(p=0.5, scheme="int4", include=["hidden"], block_size=4)
+    model.train()
+    callback.draw_masks()
+    (model.hidden.weight * torch.arange(32 * 32.0).view(32, 32)).sum().backward()
+    torch.testing.assert_close(trainable_weight(model.hidden).grad, torch.arange(32 * 32.0).view(32, 32))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(p=1.5), "p must be in"),
+    (dict(p=-0.1), "p must be in"),
+    (dict(p=1.0, scheme="pq"), "p must be < 1"),
+    (dict(scheme="int2"), "scheme must be one of"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(block_sizes={"*": 0}), r"block_sizes\['\*'\] must be"),
+    (dict(include="*"), "lists of globs"),
+])
+def test_misconfiguration(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        QuantNoise(**settings)
+
+
+def test_block_size_must_divide_the_width() -> None:
+    with pytest.raises(ValueError, match=r"block size 5 does not divide the 32 columns of hidden.weight"):
+        noised_model(block_size=5, include=["hidden"])
+    model, _ = noised_model(block_size=5, block_sizes={"hidden": 4, "out": 8, "embed": 16})  # per-module sizes
+    assert [t.block_size for t in weight_transforms(model.hidden)] == [4]
+
+
+def test_globs_selecting_nothing_are_an_error() -> None:
+    with pytest.raises(ValueError, match=r"QuantNoise selected no nn.Linear/nn.Embedding module with include=\['decoder\*'\]"):
+        noised_model(include=["decoder*"])
+
+
+def test_a_model_that_is_not_ours_trains_with_noise(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = BagOfWordsClassifier()
+    trainer(tmp_path, [QuantNoise(p=0.1, scheme="int8", block_size=4)], max_steps=40).fit(model, classification_data())
+    assert isinstance(model.hidden, nn.Linear) and weight_transforms(model.hidden)[0].mask is not None
+
+
+@pytest.mark.parametrize("scheme", ["int4", "pq"])
+def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, scheme: str) -> None:
+    straight, resumed = resumed_and_uninterrupted(
+        tmp_path, lambda: BagOfWordsClassifier(), lambda: [QuantNoise(p=0.3, scheme=scheme, block_size=4)],
+        classification_data, stop=5, total=12)
+    assert_same_state(straight, resumed, tolerance=0)
+
+
+def test_resuming_with_other_noise_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="mid")
+    trainer(tmp_path, [QuantNoise(p=0.1, block_size=4), saver], max_steps=3, enable_checkpointing=True).fit(
+        BagOfWordsClassifier(), classification_data())
+    with pytest.raises(ValueError, match="resuming would change the noise"):
+        trainer(tmp_path, [QuantNoise(p=0.2, block_size=4)], max_steps=6).fit(
+            BagOfWordsClassifier(), classification_data(), ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
+
+
+@pytest.mark.parametrize("order", ["noise first", "qat first"])
+def test_with_qat_and_with_a_mask(tmp_path: Path, order: str) -> None:
+    """Mask -> noise -> fake quantization, whatever the order of the callbacks list."""
+    L.seed_everything(0)
+    model = BagOfWordsClassifier()
+    callbacks = [QuantNoise(p=0.2, scheme="int4", block_size=4), QuantizationAwareTraining(), MaskCallback()]
+    trainer(tmp_path, callbacks if order == "noise first" else callbacks[::-1], max_steps=8).fit(
+        model, classification_data())
+    kinds = [type(t).__name__ for t in weight_transforms(model.hidden)]
+    assert kinds == ["KeepLargest", "NoisyWeight", "FakeQuantizedWeight"]
+    model.eval()
+    mask = weight_transforms(model.hidden)[0].mask
+    assert (model.hidden.weight[mask == 0] == 0).all()
+
+
+def test_checkpoint_records_the_grid_for_export(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer(tmp_path, [QuantNoise(p=0.1, scheme="int4", block_size=4, exclude=["out"]), saver], max_steps=2,
+            enable_checkpointing=True).fit(BagOfWordsClassifier(), classification_data())
+    manifest = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["compression"]
+    assert manifest == {name: [{"codec": "int4", "order": 20, "bits": 4, "per_channel": True}]
+                        for name in ("embed.weight", "hidden.weight")}
+
+
+def test_yaml_instantiation() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--noise", type=QuantNoise)
+    config = parser.parse_string("""
+noise:
+  class_path: callbacks.QuantNoise
+  init_args: {p: 0.1, scheme: int4, block_size: 8, block_sizes: {"*attn*": 4}, exclude: ["*output_projection"]}
+""")
+    noise = parser.instantiate_classes(config).noise
+    assert (noise.scheme, noise.block_sizes, noise.exclude) == ("int4", {"*attn*": 4}, ["*output_projection"])
+
+
+def test_noise_is_a_weight_transform_of_its_own_stage() -> None:
+    model, _ = noised_model()
+    assert all(isinstance(t, NoisyWeight) for t in weight_transforms(model.out))
+
+
+def test_two_process_ddp_draws_the_same_noise_on_both_ranks(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_script
+
+    run_script("quant_noise_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]["masks"]) == 5 and ranks[0]["masks"] == ranks[1]["masks"]
+    assert len({str(mask) for mask in ranks[0]["masks"]}) == 5  # a new mask every step
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # and the replicas stay equal
