@@ -31,7 +31,6 @@ all ranks.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from callbacks._compression import record_codec
+from callbacks._selection import check_globs, matches, select_modules
 from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 from callbacks.quantization_aware_training import fake_quantize, weight_absmax
@@ -109,8 +109,7 @@ class QuantNoise(L.Callback):
         for name, size in sizes.items():
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"QuantNoise: {name} must be a positive integer, got {size!r}")
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise ValueError("QuantNoise: include and exclude are lists of globs, e.g. ['*'], not a single string")
+        check_globs("QuantNoise", include, exclude)
         self.p, self.scheme, self.block_size = float(p), scheme, block_size
         self.block_sizes = dict(block_sizes or {})
         self.include, self.exclude = list(include), list(exclude)
@@ -121,29 +120,14 @@ class QuantNoise(L.Callback):
 
     # ------------------------------------------------------------------ selection
     def _block_size_of(self, name: str) -> int:
-        return next((size for pattern, size in self.block_sizes.items() if fnmatch.fnmatchcase(name, pattern)),
-                    self.block_size)
-
-    def _selected(self, name: str, module: nn.Module) -> bool:
-        kinds = (nn.Linear, nn.Embedding) if self.noise_embeddings else (nn.Linear,)
-        return (isinstance(module, kinds) and any(fnmatch.fnmatchcase(name, p) for p in self.include)
-                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude))
+        return next((size for pattern, size in self.block_sizes.items() if matches(name, [pattern])), self.block_size)
 
     def add_noise_transforms(self, root: nn.Module) -> list[str]:
         """Put a NoisyWeight on every selected weight of ``root`` (idempotent); returns their names.
         A module shared under several names gets one transform; all its names must be selected alike."""
-        aliases: dict[int, tuple[nn.Module, list[str]]] = {}
-        for name, module in root.named_modules(remove_duplicate=False):
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                aliases.setdefault(id(module), (module, []))[1].append(name)
         self._noised, names = [], []
-        for module, module_names in aliases.values():
-            selected = [n for n in module_names if self._selected(n, module)]
-            if not selected:
-                continue
-            if len(selected) < len(module_names):
-                raise ValueError(f"QuantNoise: one module is shared as {module_names}, and include={self.include} "
-                                 f"exclude={self.exclude} select it as {selected} only; select all its names or none")
+        for module, module_names in select_modules(root, "QuantNoise", self.include, self.exclude,
+                                                   self.noise_embeddings):
             size = self._block_size_of(module_names[0])
             columns = module.weight.shape[1]
             if columns % size:
@@ -155,9 +139,6 @@ class QuantNoise(L.Callback):
                 raise ValueError(f"QuantNoise: {module_names[0]} already has Quant-Noise ({transform.extra_repr()})")
             self._noised.append((transform, trainable_weight(module)))
             names += module_names
-        if not self._noised:
-            kinds = "nn.Linear/nn.Embedding" if self.noise_embeddings else "nn.Linear"
-            raise ValueError(f"QuantNoise selected no {kinds} module with include={self.include} exclude={self.exclude}")
         return names
 
     # ------------------------------------------------------------------ noise

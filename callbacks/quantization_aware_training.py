@@ -35,7 +35,6 @@ weight, which ``nmt-lightning export`` reads to write the int8 model.
 
 from __future__ import annotations
 
-import fnmatch
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from callbacks._compression import record_codec
+from callbacks._selection import check_globs, select_modules
 from callbacks._transforms import (QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights)
 
@@ -170,21 +170,12 @@ class QuantizationAwareTraining(L.Callback):
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise ValueError("include and exclude are lists of globs, e.g. ['*'], not a single string")
-        if not include:
-            raise ValueError("include must name at least one glob (['*'] selects every module)")
+        check_globs("QuantizationAwareTraining", include, exclude)
         self.bits, self.per_channel = bits, per_channel
         self.include, self.exclude = list(include), list(exclude)
         self.quantize_embeddings, self.ema_decay, self.start_step = quantize_embeddings, ema_decay, start_step
         self.quantized_names: list[str] = []
         self._quantized_modules: list[nn.Module] = []
-
-    def _selected(self, name: str, module: nn.Module) -> bool:
-        kinds = (nn.Linear, nn.Embedding) if self.quantize_embeddings else (nn.Linear,)
-        return (isinstance(module, kinds)
-                and any(fnmatch.fnmatchcase(name, pattern) for pattern in self.include)
-                and not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude))
 
     def quantize_modules(self, root: nn.Module) -> list[str]:
         """Add fake quantization to the selected modules of ``root``; returns their qualified names.
@@ -192,25 +183,8 @@ class QuantizationAwareTraining(L.Callback):
         Idempotent (``setup`` may run more than once). A module shared under several names (a
         source/target embedding) is quantized once, under all of them.
         """
-        aliases: dict[int, tuple[nn.Module, list[str]]] = {}  # id -> (module, all its names)
-        for name, module in root.named_modules(remove_duplicate=False):
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                aliases.setdefault(id(module), (module, []))[1].append(name)
-        targets = []
-        for module, module_names in aliases.values():
-            selected = [name for name in module_names if self._selected(name, module)]
-            if selected and len(selected) < len(module_names):
-                raise ValueError(
-                    f"QuantizationAwareTraining: one module is shared as {module_names}, and include={self.include} "
-                    f"exclude={self.exclude} select it as {selected} only; select all its names or none"
-                )
-            if selected:
-                targets.append((module_names, module))
-        if not targets:
-            raise ValueError(
-                f"QuantizationAwareTraining selected no nn.Linear{'/nn.Embedding' if self.quantize_embeddings else ''} "
-                f"module with include={self.include} exclude={self.exclude}"
-            )
+        targets = [(names, module) for module, names in select_modules(
+            root, "QuantizationAwareTraining", self.include, self.exclude, self.quantize_embeddings)]
         self._quantized_modules = []
         for _, module in targets:
             transform = add_weight_transform(module, FakeQuantizedWeight(self.bits, self.per_channel))
