@@ -9,7 +9,7 @@ returns the chain applied to it, computed afresh from the untouched parameter.
 
 The order is fixed by each transform's ``stage``, whatever the order of the callbacks list:
 
-    MASK (pruning)  ->  PERTURB (Quant-Noise, iPQ centroids)  ->  QUANTIZE (fake quantization)
+    MASK (pruning)  ->  PERTURB (Quant-Noise)  ->  CODEBOOK (iPQ centroids)  ->  QUANTIZE (fake quantization)
 
 Structural changes belong in ``Callback.setup()`` (before weights are restored and before the
 optimiser exists). ``add_weight_transform`` is idempotent per transform type, so a second
@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
+__all__ = ["CODEBOOK", "MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
            "plain_name", "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
 
 # Stages of the chain: a transform of a lower stage sees the raw weight first.
-MASK, PERTURB, QUANTIZE = 0, 10, 20
+MASK, PERTURB, CODEBOOK, QUANTIZE = 0, 10, 15, 20
 
 T = TypeVar("T", bound="WeightTransform")
 

@@ -45,6 +45,13 @@ def _key(stored: str, part: str) -> str:
     return f"{stored}.{part}" if part else stored
 
 
+def _state_tensor(state: Mapping[str, torch.Tensor], key: str, name: str, origin: str) -> torch.Tensor:
+    if key not in state:
+        raise CorpusError(f"{origin}: the compression manifest names {key} for {name}, but the checkpoint has no "
+                          f"such tensor")
+    return state[key].detach()
+
+
 def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Optional[str] = None) -> EncodedModel:
     """Encode the Transformer of a TranslationModule checkpoint; ``origin`` names it in errors."""
     if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
@@ -76,7 +83,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
         identity = (*storage, json.dumps(encodings, sort_keys=True))
         if identity not in stored_as:
             stored_as[identity] = name
-            parts = encode_chain(tensor, steps)
+            parts = encode_chain(tensor, steps, lambda key: _state_tensor(state, key, name, origin))
             parts_of[name] = sorted(parts)
             for part, value in parts.items():
                 tensors[_key(name, part)] = value.contiguous()

@@ -13,7 +13,7 @@ nothing else in the exporter changes.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping, Optional
+from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -30,11 +30,15 @@ class Codec:
     ``runtime_options``: spec fields that name a state_dict tensor the runtime needs (int8:
     the activation range of the layer's input); the exporter stores each one beside the
     weight, as ``<weight name>.<field>``, and two uses of one tied tensor may differ in them.
+    ``state_inputs``: spec fields that name a state_dict tensor the encoder needs (iPQ: the
+    trained codebook and assignments); the exporter passes each as ``parts[field]`` to
+    ``encode``. They belong to the weight, so they do not tell two encodings apart.
     """
 
     name: ClassVar[str]
     quantizes: ClassVar[bool] = False
     runtime_options: ClassVar[tuple[str, ...]] = ()
+    state_inputs: ClassVar[tuple[str, ...]] = ()
 
     def encode(self, parts: Parts, spec: Mapping) -> Parts:
         raise NotImplementedError
@@ -63,15 +67,24 @@ def codec(name: str) -> Codec:
 
 
 def encoding_spec(spec: Mapping) -> dict:
-    """The fields of a step that decide the stored bits (without order and runtime options)."""
-    options = codec(spec["codec"]).runtime_options
-    return {key: value for key, value in spec.items() if key != "order" and key not in options}
+    """The fields of a step that decide the stored bits (without order, runtime options and the
+    names of its state inputs)."""
+    step_codec = codec(spec["codec"])
+    left_out = {"order", *step_codec.runtime_options, *step_codec.state_inputs}
+    return {key: value for key, value in spec.items() if key not in left_out}
 
 
-def encode_chain(tensor: torch.Tensor, steps: list[Mapping]) -> Parts:
+def encode_chain(tensor: torch.Tensor, steps: list[Mapping],
+                 state: Optional[Callable[[str], torch.Tensor]] = None) -> Parts:
+    """Encode ``tensor`` step by step; ``state(key)`` returns the checkpoint tensor a step's
+    ``state_inputs`` field names."""
     parts: Parts = {"": tensor.detach().float().contiguous()}
     for step in steps:
-        parts = codec(step["codec"]).encode(parts, step)
+        step_codec = codec(step["codec"])
+        if step_codec.state_inputs and state is None:
+            raise ValueError(f"codec '{step_codec.name}' encodes from checkpoint tensors; none were given")
+        inputs = {field: state(step[field]) for field in step_codec.state_inputs}
+        parts = step_codec.encode({**parts, **inputs}, step)
     return parts
 
 
@@ -95,4 +108,4 @@ def runtime_linear(parts: Parts, steps: list[Mapping], bias: Optional[torch.Tens
 
 
 # The codecs this package ships (each registers itself).
-from nmt_lightning.export.codecs import int4, int8  # noqa: E402,F401
+from nmt_lightning.export.codecs import int4, int8, ipq  # noqa: E402,F401

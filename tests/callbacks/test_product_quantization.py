@@ -1,0 +1,167 @@
+"""callbacks.IterativeProductQuantization: k-means codebooks, stage by stage, exact resume, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors import safe_open
+
+from callbacks import IterativeProductQuantization, QuantNoise
+from callbacks._kmeans import kmeans
+from callbacks._transforms import trainable_weight, weight_transforms
+from callbacks.product_quantization import CentroidWeight
+from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+
+CLASSIFIER_STAGES = [["hidden"], ["embed"], ["out"]]
+
+
+def ipq(**settings) -> IterativeProductQuantization:
+    options = dict(steps_per_stage=4, stages=CLASSIFIER_STAGES, centroids=8, block_size=4, block_sizes={})
+    options.update(settings)
+    return IterativeProductQuantization(**options)
+
+
+def test_kmeans_assigns_each_block_its_nearest_centroid_and_is_deterministic() -> None:
+    points = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+    centroids, assignments = kmeans(points, 16, 10, torch.Generator().manual_seed(3))
+    distances = torch.cdist(points, centroids)
+    assert torch.equal(assignments, distances.argmin(1))
+    again = kmeans(points, 16, 10, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], centroids) and torch.equal(again[1], assignments)
+
+
+def test_kmeans_resolves_empty_clusters() -> None:
+    """Eight groups of 50 identical points and k = 8: the start draws several codewords from one
+    group, which coincide, and all but one of them end up empty. Splitting the most populated
+    cluster gives every group its own codeword."""
+    points = torch.stack([torch.arange(8.0).repeat_interleave(50) * 100, torch.zeros(400)], dim=1)
+    generator = torch.Generator().manual_seed(0)
+    start = points[torch.randperm(400, generator=torch.Generator().manual_seed(0))[:8], 0]
+    assert len(set(start.tolist())) < 8  # the start does coincide
+    centroids, assignments = kmeans(points, 8, 30, generator)
+    assert torch.bincount(assignments, minlength=8).tolist() == [50] * 8
+    assert sorted(torch.round(centroids[:, 0]).tolist()) == [100.0 * g for g in range(8)]
+
+
+def test_a_centroids_gradient_is_the_mean_over_its_blocks() -> None:
+    weight = torch.randn(6, 8)
+    transform = CentroidWeight(weight.shape, block_size=2, k=4)
+    transform.quantize(weight, iterations=5, generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(6, 8)
+    (transform(weight) * upstream).sum().backward()
+    blocks = upstream.reshape(-1, 2)
+    assignments = transform.assignments.flatten()
+    for c in range(4):
+        chosen = blocks[assignments == c]
+        expected = chosen.mean(0) if len(chosen) else torch.zeros(2)
+        torch.testing.assert_close(transform.centroids.grad[c], expected)
+
+
+def test_stages_quantize_in_turn_and_restart_the_optimiser(tmp_path: Path) -> None:
+    class Spy(L.Callback):
+        def __init__(self) -> None:
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            active = [weight_transforms(m)[0].active for m in (pl_module.hidden, pl_module.embed, pl_module.out)]
+            self.seen.append((trainer.global_step, active, id(trainer.optimizers[0])))
+
+    L.seed_everything(0)
+    model, spy = BagOfWordsClassifier(), Spy()
+    trainer(tmp_path, [ipq(start_step=2), spy], max_steps=12).fit(model, classification_data())
+    active = {step: flags for step, flags, _ in spy.seen}
+    assert active[2] == [False, False, False]  # global_step after the step; stage 0 begins at step 2
+    assert active[3] == [True, False, False] and active[7] == [True, True, False] and active[11] == [True, True, True]
+    assert len({optimizer for _, _, optimizer in spy.seen}) == 4  # the first optimiser and one per stage
+    # Quantized weights are exactly their codewords; the latent weight is kept, untouched since its stage.
+    transform = weight_transforms(model.hidden)[0]
+    torch.testing.assert_close(model.hidden.weight, transform.centroids[transform.assignments].reshape(16, 16))
+
+
+def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, lambda: [ipq()],
+                                                  classification_data, stop=6, total=14)
+    assert_same_state(straight, resumed, tolerance=0)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(steps_per_stage=0), "steps_per_stage must be an integer >= 1"),
+    (dict(centroids=0), r"centroids must be an integer in \[1, 65536\]"),
+    (dict(block_size=0), "block_size must be a positive integer"),
+    (dict(stages=[]), "stages is a list of lists of globs"),
+    (dict(stages=["*"]), "stages is a list of lists of globs"),
+    (dict(centroid_bits=4), "centroid_bits must be 16"),
+    (dict(exclude="out"), "lists of globs"),
+])
+def test_misconfiguration(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ipq(**settings)
+
+
+def test_a_stage_selecting_nothing_and_a_block_size_not_dividing_are_errors() -> None:
+    with pytest.raises(ValueError, match=r"stage 1 \['decoder\*'\] selects no"):
+        ipq(stages=[["hidden"], ["decoder*"]]).add_codebooks(BagOfWordsClassifier())
+    with pytest.raises(ValueError, match=r"block size 5 does not divide the 16 columns of hidden.weight"):
+        ipq(block_size=5).add_codebooks(BagOfWordsClassifier())
+
+
+def test_with_quant_noise_the_paper_recipe(tmp_path: Path) -> None:
+    """Quant-Noise on the layers still dense, codebooks on the quantized ones, in one run."""
+    L.seed_everything(0)
+    model = BagOfWordsClassifier()
+    trainer(tmp_path, [ipq(), QuantNoise(p=0.2, scheme="pq", block_size=4)], max_steps=10).fit(
+        model, classification_data())
+    assert [type(t).__name__ for t in weight_transforms(model.hidden)] == ["NoisyWeight", "CentroidWeight"]
+    model.train()
+    weights = model.hidden.weight  # stage 0 is quantized: the codewords, whatever the noise
+    assert torch.equal(weights, weight_transforms(model.hidden)[1](trainable_weight(model.hidden)))
+
+
+def test_yaml_instantiation() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--ipq", type=IterativeProductQuantization)
+    config = parser.parse_string("""
+ipq:
+  class_path: callbacks.IterativeProductQuantization
+  init_args: {steps_per_stage: 100, stages: [["*.ffn.*"], ["*attn.*"]], centroid_bits: 8}
+""")
+    callback = parser.instantiate_classes(config).ipq
+    assert callback.stages == [["*.ffn.*"], ["*attn.*"]] and callback.centroid_bits == 8
+
+
+def test_checkpoint_and_export_of_a_translation_model(prepared_dir: Path, tmp_path: Path) -> None:
+    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translate import translate_lines
+    from tests.conftest import train_tiny_checkpoint
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(
+        IterativeProductQuantization(steps_per_stage=8, centroids=16),))
+    manifest = torch.load(checkpoint, weights_only=True)["compression"]
+    assert manifest["model.decoder_layers.0.ffn.fc1.weight"][0]["codec"] == "ipq"
+    assert manifest["model.output_projection.weight"][0]["block_size"] == 8
+    assert manifest["model.encoder_layers.0.self_attn.q_proj.weight"][0]["block_size"] == 4
+    ipq_file = export_checkpoint(checkpoint, tmp_path / "ipq.safetensors")
+    fp32_file = export_checkpoint(checkpoint, tmp_path / "fp32.safetensors", "fp32")
+    assert ipq_file.quantization == "ipq" and ipq_file.bytes_on_disk < fp32_file.bytes_on_disk
+
+    def weight_bytes(path: Path) -> int:  # without the sentencepiece models, which dominate a tiny file
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(handle.get_tensor(k).nbytes for k in handle.keys() if not k.startswith("tokenization."))
+
+    # uint8 per block of 8 (4 in attention) against 4 bytes a weight; biases and norms stay fp32
+    assert weight_bytes(tmp_path / "ipq.safetensors") < 0.3 * weight_bytes(tmp_path / "fp32.safetensors")
+    exported = load_exported(tmp_path / "ipq.safetensors")
+    trained = load_translation_module(checkpoint)
+    # fp16 codebooks: each codeword within fp16's relative rounding (2^-11) of the trained one
+    fc1 = trained.model.decoder_layers[0].ffn.fc1.weight
+    torch.testing.assert_close(exported.model.decoder_layers[0].ffn.fc1.weight, fc1, rtol=2 ** -11, atol=1e-7)
+    lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:8]
+    translations = translate_lines(exported, lines, beam=2, progress=False)
+    assert len(translations) == 8 and translations == translate_lines(trained, lines, beam=2, progress=False)
