@@ -52,6 +52,11 @@ class WeightTransform(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def decides_encoding(self) -> bool:
+        """Whether this transform fixes how the weight is stored on export (a fake-quantization
+        grid, a codebook in use): another callback then records no encoding of its own for it."""
+        return False
+
 
 def plain_name(name: str) -> str:
     """``fc.parametrizations.weight.original`` -> ``fc.weight``: a parameter's name without the chain."""

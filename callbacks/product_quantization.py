@@ -92,6 +92,9 @@ class CentroidWeight(WeightTransform):
         self.quantized.fill_(True)
         self.active = True
 
+    def decides_encoding(self) -> bool:
+        return self.active
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.active = bool(self.quantized)

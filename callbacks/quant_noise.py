@@ -175,14 +175,14 @@ class QuantNoise(L.Callback):
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, "QuantNoise")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        # The model was trained for the integer grid: export it there, unless fake quantization
-        # (QAT) on the same weight records its own grid. pq leaves the export to the product
-        # quantization callback.
+        # The model was trained for the integer grid: export it there, unless another transform
+        # on the same weight decides its encoding (QAT's grid, a codebook in use). pq leaves the
+        # export to the product quantization callback.
         if self.scheme == "pq":
             return
         for name in self.noised_names:
             module = pl_module.get_submodule(name)
-            if any(t.stage == QUANTIZE for t in weight_transforms(module)):
+            if any(t.decides_encoding() for t in weight_transforms(module)):
                 continue
             record_codec(checkpoint, f"{name}.weight", self.scheme, QUANTIZE, bits=SCHEMES[self.scheme],
                          per_channel=self.per_channel)

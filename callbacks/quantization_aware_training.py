@@ -83,6 +83,9 @@ class FakeQuantizedWeight(WeightTransform):
             return weight
         return fake_quantize(weight, weight_absmax(weight, self.per_channel), self.bits)
 
+    def decides_encoding(self) -> bool:
+        return True
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}"
 

@@ -70,3 +70,20 @@ def test_train_then_qat_finetune_then_export(prepared_dir: Path, tmp_path: Path,
                      "--output", "hyp.cs", "--beam", "2"]) == 0
         assert len(Path("hyp.cs").read_text(encoding="utf-8").splitlines()) == len(
             (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines())
+
+
+def test_quant_noise_then_ipq_through_the_cli(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """Quant-Noise and iPQ add-ons on one fine-tuning run, export, translate: the paper's recipe."""
+    monkeypatch.chdir(tmp_path)
+    quick = [f"--data.data_dir={prepared_dir}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
+             "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4", *SMALL]
+    assert main(["fit", "--config", str(TINY), *quick]) == 0
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "finetune.yaml"),
+                 "--config", str(RECIPES / "compress" / "quant_noise.yaml"),
+                 "--config", str(RECIPES / "compress" / "ipq.yaml"), *quick]) == 0
+    checkpoint = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", "model.safetensors"]) == 0
+    assert ": int4+ipq," in capsys.readouterr().err  # feed-forward codebooks (stage 0), int4 elsewhere
+    assert main(["translate", "--checkpoint", "model.safetensors", "--input", str(prepared_dir / "test.en"),
+                 "--output", "hyp.cs", "--beam", "2"]) == 0

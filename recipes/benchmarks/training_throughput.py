@@ -48,11 +48,12 @@ class _Timer(L.Callback):
         self.seconds = time.perf_counter() - self.started
 
 
-def lightning_loop(module: TranslationModule, batches: list[dict]) -> float:
+def lightning_loop(module: TranslationModule, batches: list[dict], callbacks: tuple = ()) -> float:
+    """Seconds for one pass of Lightning's Trainer over ``batches`` (with ``callbacks``, e.g. Quant-Noise)."""
     timer = _Timer()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        num_sanity_val_steps=0, callbacks=[timer])
+                        num_sanity_val_steps=0, callbacks=[timer, *callbacks])
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)
     return timer.seconds
