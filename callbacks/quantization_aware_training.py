@@ -225,7 +225,8 @@ class QuantizationAwareTraining(L.Callback):
             spec = {"bits": self.bits, "per_channel": self.per_channel}
             if isinstance(module, nn.Linear):
                 spec["activation_range"] = f"{name}.input_quantizer.absmax"
-            record_codec(checkpoint, f"{name}.weight", "int8", QUANTIZE, **spec)
+            # Grids of 4 bits or fewer are stored two weights a byte.
+            record_codec(checkpoint, f"{name}.weight", "int4" if self.bits <= 4 else "int8", QUANTIZE, **spec)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

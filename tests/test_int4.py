@@ -61,3 +61,15 @@ def test_a_quant_noise_int4_checkpoint_exports_int4(prepared_dir: Path, tmp_path
     from_checkpoint = translate_lines(load_translation_module(checkpoint), lines, beam=1, progress=False)
     from_file = translate_lines(load_exported(tmp_path / "model.safetensors"), lines, beam=1, progress=False)
     assert from_checkpoint == from_file
+
+
+def test_qat_at_four_bits_exports_packed_with_its_activation_ranges(prepared_dir: Path, tmp_path: Path) -> None:
+    from callbacks import QuantizationAwareTraining
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(
+        QuantizationAwareTraining(bits=4, per_channel=True, include=["model.*"]),))
+    report = export_checkpoint(checkpoint, tmp_path / "model.safetensors")
+    assert report.quantization == "int4" and report.activations == "static"
+    fc2 = load_exported(tmp_path / "model.safetensors").model.encoder_layers[0].ffn.fc2
+    assert isinstance(fc2, Int8Linear) and fc2.static and fc2.bits == 4 and fc2.activation_bits == 4
+    assert fc2.weight_values()[0].abs().max() <= 7

@@ -1,4 +1,4 @@
-"""int4: a symmetric 4-bit grid, two weights a byte.
+"""int4: a symmetric grid of 4 bits (or fewer: ``bits``), two weights a byte.
 
 ``values = clamp(round(W / scale), -7, 7)``, ``scale = max|W| / 7`` per row (``per_channel``,
 the default of post-training ``--quantize int4``) or per tensor: the same rounding as
@@ -6,8 +6,9 @@ quantization-aware training and Quant-Noise's int4 scheme, so a model trained fo
 exports the codes it trained with. Stored as ``values + 8`` (1..15) in nibbles, the even
 column in the low and the odd column in the high half of each byte (rows padded to an even
 width), plus the scales and the shape. An nn.Linear deploys as ``Int8Linear`` with the 4-bit
-codes in int8 containers (FBGEMM's int8 kernel, dynamic activations): PyTorch has no int4 CPU
-kernel, so int4 saves disk and download, not time over int8.
+codes in int8 containers (FBGEMM's int8 kernel; static activations on the grid and range QAT
+trained, dynamic otherwise): PyTorch has no int4 CPU kernel, so int4 saves disk and download,
+not time over int8.
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ def unpack_nibbles(packed: torch.Tensor, columns: int) -> torch.Tensor:
 class Int4Codec(Codec):
     name = "int4"
     quantizes = True
+    runtime_options = ("activation_range",)  # QAT at 4 bits: the inputs' trained range
 
     def encode(self, parts: Parts, spec: Mapping) -> Parts:
         weight = parts[""].float()
         if weight.dim() != 2:
             raise ValueError(f"int4 encodes 2-D weights, got shape {tuple(weight.shape)}")
-        values, scale = quantize_weight(weight, 4, bool(spec.get("per_channel", True)))
+        bits = int(spec.get("bits", 4))
+        if not 2 <= bits <= 4:
+            raise ValueError(f"int4 stores grids of 2 to 4 bits, got bits={bits}")
+        values, scale = quantize_weight(weight, bits, bool(spec.get("per_channel", True)))
         rest = {k: v for k, v in parts.items() if k}
         return {**rest, "": pack_nibbles(values), "scale": scale, "shape": torch.tensor(weight.shape, dtype=torch.int64)}
 
@@ -58,7 +63,9 @@ class Int4Codec(Codec):
 
     def runtime_linear(self, parts: Parts, spec: Mapping, bias: Optional[torch.Tensor],
                        options: Mapping[str, torch.Tensor]) -> Optional[nn.Module]:
-        return Int8Linear(Int8Weight(self._values(parts), parts["scale"].float(), None, 4), bias)
+        activation_range = options.get("activation_range")
+        absmax = float(activation_range) if activation_range is not None and float(activation_range) > 0 else None
+        return Int8Linear(Int8Weight(self._values(parts), parts["scale"].float(), absmax, int(spec.get("bits", 4))), bias)
 
 
 register(Int4Codec())
