@@ -1,0 +1,290 @@
+"""The seed's Quant-Noise table (Fan et al. 2020, Table 1) for the LibreOffice en->cs tiny model.
+
+    python recipes/benchmarks/quant_noise.py --out runs/quant_noise
+
+Every trained row starts from the main job's fp32 model (``--fp32-checkpoint``;
+``bash recipes/libreoffice_en_cs/main_job.sh`` trains it) with the same budget, so the extra
+training is not credited to a method:
+
+| row | training (from the fp32 model) | export |
+|---|---|---|
+| uncompressed | fine-tuning, ``--steps`` steps, no callback (the control) | fp32 |
+| int8 / int4 / iPQ, post-processing | the control | ``--quantize int8`` / ``int4`` / k-means without fine-tuning |
+| int8 / int4, QAT | fine-tuning with QAT at 8 / 4 bits | its grid |
+| int8 / int4, Quant-Noise | fine-tuning with Quant-Noise int8 / int4, p = ``--p`` | its grid |
+| iPQ, QAT | the control, then iPQ: 3 stages of ``--steps`` * 2 / 3 (Stock et al.) | ipq |
+| iPQ, Quant-Noise | fine-tuning with Quant-Noise pq, then iPQ with Quant-Noise pq on the layers still dense | ipq |
+| iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq + ``--quantize int8`` |
+
+(every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
+ratio against the fp32 export, BLEU and chrF2 (beam 4, the whole test split), CPU
+sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
+turns). Then the training throughput of Quant-Noise against plain training, side by side.
+
+Every fine-tuned checkpoint, export, score and round is cached in OUT: an interrupted run
+continues where it stopped (rerun the same command). Writes OUT/quant_noise_table.md and
+.csv, and OUT/quant_noise_frontier.png (BLEU against bytes on disk, log scale; needs
+matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
+
+from side_by_side import cpu_description  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+
+TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
+FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
+FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to a run's directory
+FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
+IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]
+
+
+def callback_yaml(class_path: str, **init_args) -> str:
+    return json.dumps({"trainer": {"callbacks+": [{"class_path": class_path, "init_args": init_args}]}})
+
+
+def quant_noise(args: argparse.Namespace, scheme: str) -> str:
+    return callback_yaml("callbacks.QuantNoise", p=args.p, scheme=scheme, block_size=8, block_sizes={"*attn.*": 4},
+                         include=["model.*"], per_channel=True, seed=0)
+
+
+def ipq(args: argparse.Namespace, centroid_bits: int) -> str:
+    return callback_yaml("callbacks.IterativeProductQuantization", steps_per_stage=args.steps * 2 // 3,
+                         stages=IPQ_STAGES, centroids=256, block_size=8, block_sizes={"*attn.*": 4},
+                         centroid_bits=centroid_bits, seed=0)
+
+
+def qat(bits: int) -> str:
+    return callback_yaml("callbacks.QuantizationAwareTraining", bits=bits, per_channel=bits <= 4,
+                         include=["model.*"], quantize_embeddings=True)
+
+
+def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str], steps: int) -> Path:
+    """``nmt-lightning fit`` of the tiny recipe + finetune.yaml + ``add_ons`` (YAML texts) from ``start``,
+    in OUT/runs/<name> (cached: a finished run is reused)."""
+    run_dir = args.out / "runs" / name
+    checkpoint = run_dir / FINETUNED
+    if checkpoint.is_file():
+        return checkpoint
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configs = ["--config", str(TINY), "--config", str(FINETUNE)]
+    for index, text in enumerate(add_ons):
+        path = run_dir / f"add_on{index}.yaml"
+        path.write_text(text + "\n", encoding="utf-8")
+        configs += ["--config", str(path)]
+    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *configs, f"--data.data_dir={args.data_dir}",
+               f"--model.init_from={start}", f"--trainer.max_steps={steps}", "--trainer.max_time=null",
+               f"--model.test_output=null"]
+    print(f"$ (cd {run_dir} && {' '.join(command[2:])})", file=sys.stderr, flush=True)
+    subprocess.run(command, cwd=run_dir, check=True)
+    return checkpoint
+
+
+def post_training_ipq(source: Path, output: Path) -> Path:
+    """iPQ without fine-tuning: k-means codebooks for every stage at once, as a checkpoint."""
+    from callbacks import IterativeProductQuantization
+    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.module import TranslationModule
+
+    if output.is_file():
+        return output
+    checkpoint = read_checkpoint(source)
+    module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    callback = IterativeProductQuantization(steps_per_stage=1, stages=IPQ_STAGES)
+    callback.add_codebooks(module)
+    for stage in range(len(IPQ_STAGES)):
+        callback.quantize_stage(stage)
+    result = {"state_dict": module.state_dict(), "hyper_parameters": checkpoint["hyper_parameters"],
+              "nmt_lightning_tokenization": checkpoint["nmt_lightning_tokenization"]}
+    callback.on_save_checkpoint(None, module, result)
+    torch.save(result, output)
+    return output
+
+
+def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
+    """(row, training, checkpoint, export --quantize) for every row, training what is missing."""
+    steps, start = args.steps, args.fp32_checkpoint
+    control = finetune(args, "control", start, [], steps)
+    qn_pq = finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
+    return [
+        ("uncompressed", "fp32 fine-tuning (control)", control, "fp32"),
+        ("int8", "post-processing", control, "int8"),
+        ("int8", "QAT", finetune(args, "qat8", start, [qat(8)], steps), None),
+        ("int8", "Quant-Noise", finetune(args, "quant_noise_int8", start, [quant_noise(args, "int8")], steps), None),
+        ("int4", "post-processing", control, "int4"),
+        ("int4", "QAT", finetune(args, "qat4", start, [qat(4)], steps), None),
+        ("int4", "Quant-Noise", finetune(args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
+        ("iPQ", "post-processing", post_training_ipq(control, args.out / "post_training_ipq.ckpt"), None),
+        ("iPQ", "QAT (iPQ fine-tuning)", finetune(args, "ipq", control, [ipq(args, 16)], 2 * steps), None),
+        ("iPQ", "Quant-Noise", finetune(args, "quant_noise_ipq", qn_pq, [ipq(args, 16), quant_noise(args, "pq")],
+                                        2 * steps), None),
+        ("iPQ & int8", "Quant-Noise", finetune(args, "quant_noise_ipq_int8", qn_pq,
+                                               [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
+    ]
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/quant_noise")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
+    parser.add_argument("--fp32-checkpoint", type=Path, default=FP32)
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of a row (iPQ rows: 3x)")
+    parser.add_argument("--p", type=float, default=0.1, help="Quant-Noise's fraction of noised blocks")
+    parser.add_argument("--sentences", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--throughput-steps", type=int, default=30)
+    args = parser.parse_args()
+    for path, what in ((args.fp32_checkpoint, "--fp32-checkpoint"), (args.data_dir / "test.en", "--data-dir")):
+        if not path.exists():
+            sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from nmt_lightning.evaluation import read_lines, score
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translate import translate_lines
+
+    rows = build_rows(args)
+    sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
+    results, files = [], {}
+    for method, training, checkpoint, quantize in rows:
+        key = f"{method}, {training}"
+        slug = key.replace(" ", "_").replace(",", "").replace("&", "and").replace("(", "").replace(")", "")
+        model_file = args.out / "exports" / f"{slug}.safetensors"
+        if not model_file.is_file():
+            model_file.parent.mkdir(parents=True, exist_ok=True)
+            export_checkpoint(checkpoint, model_file, quantize)
+        files[key] = model_file
+
+        def evaluate() -> dict:
+            print(f"translating the test split: {key}", file=sys.stderr, flush=True)
+            hypotheses = translate_lines(load_exported(model_file), sources, beam=4)
+            scores = score(hypotheses, references)
+            return {"bleu": scores.bleu, "chrf": scores.chrf, "bytes": model_file.stat().st_size}
+
+        results.append((method, training, key, cached(args.out / "scores" / f"{slug}.json", evaluate)))
+
+    speeds_path = args.out / "speed_rounds.json"
+    rounds: list[dict] = json.loads(speeds_path.read_text()) if speeds_path.is_file() else []
+    lines = sources[: args.sentences]
+    models = {key: load_exported(path) for key, path in files.items()}
+    while len(rounds) < args.rounds:
+        speeds = {}
+        keys = list(models)
+        shift = len(rounds) % len(keys)
+        for key in keys[shift:] + keys[:shift]:  # models take turns; the order rotates
+            translate_lines(models[key], lines[:32], beam=4, progress=False)  # warm-up
+            started = time.perf_counter()
+            translate_lines(models[key], lines, beam=4, progress=False)
+            speeds[key] = len(lines) / (time.perf_counter() - started)
+            print(f"round {len(rounds) + 1}: {key}: {speeds[key]:.1f} sentences/s", file=sys.stderr, flush=True)
+        rounds.append(speeds)
+        speeds_path.write_text(json.dumps(rounds, indent=1))
+    throughput = cached(args.out / "throughput.json", lambda: training_throughput(args))
+
+    fp32_bytes = results[0][3]["bytes"]
+    header = ["method", "training", "bytes on disk", "compression", "BLEU", "chrF2", "sentences/s"]
+    table = []
+    for method, training, key, result in results:
+        speed = statistics.median(r[key] for r in rounds)
+        table.append([method, training, f"{result['bytes']:,}", f"x{fp32_bytes / result['bytes']:.1f}",
+                      f"{result['bleu']:.2f}", f"{result['chrf']:.2f}", f"{speed:.1f}"])
+    with open(args.out / "quant_noise_table.csv", "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *table])
+    text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in table]
+    text += [
+        "",
+        f"Test split: {len(references)} sentences of {args.data_dir}, beam 4. Every row fine-tuned {args.steps} steps "
+        f"from {args.fp32_checkpoint} (iPQ rows {3 * args.steps}); Quant-Noise p = {args.p}, blocks of 8 columns "
+        f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention. Compression: the fp32 "
+        f"export's bytes over the row's (both include the sentencepiece model). Speed: {args.rounds} rounds over "
+        f"the first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
+        f"{cpu_description()}.",
+        "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
+        + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
+        f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}",
+    ]
+    (args.out / "quant_noise_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    print("\n".join(text))
+    plot(results, args.out / "quant_noise_frontier.png")
+
+
+def training_throughput(args: argparse.Namespace) -> dict[str, float]:
+    """Target tokens/s of plain training and of training with each Quant-Noise scheme, side by side."""
+    from training_throughput import lightning_loop  # recipes/benchmarks/training_throughput.py
+
+    from callbacks import QuantNoise
+    from nmt_lightning.data import TranslationDataModule
+    from nmt_lightning.module import TranslationModule
+
+    datamodule = TranslationDataModule(str(args.data_dir), max_tokens=4096)
+    datamodule.setup("fit")
+    iterator = iter(datamodule.train_dataloader())
+    batches = [next(iterator) for _ in range(args.throughput_steps)]
+    tokens = sum(int((batch["target"] != 0).sum()) for batch in batches)
+
+    def fresh() -> TranslationModule:
+        torch.manual_seed(0)
+        return TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, preset="tiny", pre_norm=True,
+                                 val_bleu=False)
+
+    variants = {"plain": lambda: (), **{f"Quant-Noise {s}": (lambda s=s: (QuantNoise(
+        p=args.p, scheme=s, block_size=8, block_sizes={"*attn.*": 4}),)) for s in ("int8", "int4", "pq")}}
+    lightning_loop(fresh(), batches[:3])  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(3):
+        for name, callbacks in variants.items():
+            rates[name].append(tokens / lightning_loop(fresh(), batches, callbacks()))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def plot(results: list, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return
+    markers = {"post-processing": "o", "QAT": "s", "QAT (iPQ fine-tuning)": "s", "Quant-Noise": "*",
+               "fp32 fine-tuning (control)": "D"}
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, training, _, result in results:
+        axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=markers.get(training, "o"), s=70,
+                     label=f"{method}, {training}")
+    axes.set_xscale("log")
+    axes.set_xlabel("bytes on disk (MB, log scale)")
+    axes.set_ylabel("BLEU (test, beam 4)")
+    axes.set_title("LibreOffice en→cs, tiny Transformer: size against quality")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
