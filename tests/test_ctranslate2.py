@@ -214,3 +214,14 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, trained_checkpo
     assert main(["export", "--format", "ctranslate2", "--checkpoint", str(trained_checkpoint),
                  "--output", str(tmp_path / "ct2")]) == 2
     assert "pip install -e '.[ctranslate2]'" in capsys.readouterr().err
+
+
+def test_a_product_quantized_checkpoint_converts_with_its_codewords(prepared_dir: Path, tmp_path: Path) -> None:
+    from callbacks import IterativeProductQuantization
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path / "ipq", callbacks=(
+        IterativeProductQuantization(steps_per_stage=8, centroids=16),))
+    convert_to_ctranslate2(checkpoint, tmp_path / "ct2")
+    decoded = load_translation_module(checkpoint, runtime_layers=False)  # every weight its codewords, dense
+    assert len(torch.unique(decoded.model.decoder_layers[0].ffn.fc1.weight.view(-1, 8), dim=0)) <= 16
+    assert_same_model(decoded, tmp_path / "ct2", lines_of(prepared_dir))
