@@ -76,4 +76,9 @@ def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) 
             steps = plan.setdefault(name, [])
             if not any(codec(s["codec"]).quantizes for s in steps):
                 steps.append(dict(step))
+    for name, steps in plan.items():
+        grids = [s["codec"] for s in steps if codec(s["codec"]).quantizes]
+        if len(grids) > 1:  # e.g. QAT's int8 on top of iPQ's codebook: int8 would encode the assignments
+            raise CorpusError(f"{name} is recorded as {' then '.join(grids)}; two quantizing steps do not compose "
+                              f"(for iPQ with int8 codebooks, train IterativeProductQuantization with centroid_bits=8)")
     return {name: steps for name, steps in plan.items() if steps}

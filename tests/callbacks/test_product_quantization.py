@@ -165,3 +165,15 @@ def test_checkpoint_and_export_of_a_translation_model(prepared_dir: Path, tmp_pa
     lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:8]
     translations = translate_lines(exported, lines, beam=2, progress=False)
     assert len(translations) == 8 and translations == translate_lines(trained, lines, beam=2, progress=False)
+
+
+def test_ipq_under_qat_is_refused_at_export_naming_both(prepared_dir: Path, tmp_path: Path) -> None:
+    from callbacks import QuantizationAwareTraining
+    from nmt_lightning.errors import CorpusError
+    from nmt_lightning.export import export_checkpoint
+    from tests.conftest import train_tiny_checkpoint
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(
+        IterativeProductQuantization(steps_per_stage=8, centroids=16), QuantizationAwareTraining()))
+    with pytest.raises(CorpusError, match="recorded as ipq then int8; two quantizing steps do not compose"):
+        export_checkpoint(checkpoint, tmp_path / "model.safetensors")
