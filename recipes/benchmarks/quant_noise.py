@@ -158,6 +158,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--throughput-steps", type=int, default=30)
     args = parser.parse_args()
+    # Fine-tuning runs in its own directory: every path handed to it must be absolute.
+    args.out, args.data_dir, args.fp32_checkpoint = (p.resolve() for p in (args.out, args.data_dir, args.fp32_checkpoint))
     for path, what in ((args.fp32_checkpoint, "--fp32-checkpoint"), (args.data_dir / "test.en", "--data-dir")):
         if not path.exists():
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
