@@ -177,3 +177,15 @@ def test_ipq_under_qat_is_refused_at_export_naming_both(prepared_dir: Path, tmp_
         IterativeProductQuantization(steps_per_stage=8, centroids=16), QuantizationAwareTraining()))
     with pytest.raises(CorpusError, match="recorded as ipq then int8; two quantizing steps do not compose"):
         export_checkpoint(checkpoint, tmp_path / "model.safetensors")
+
+
+def test_two_process_ddp_keeps_codebooks_identical(tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import run_script
+
+    run_script("ipq_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert any(key.endswith("centroids") for key in ranks[0])
+    assert all(ranks[0][key] for key in ranks[0] if key.endswith("quantized"))  # every stage ran
+    assert ranks[0] == ranks[1]
