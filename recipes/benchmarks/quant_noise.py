@@ -269,6 +269,7 @@ def plot(results: list, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
@@ -279,6 +280,9 @@ def plot(results: list, path: Path) -> None:
         axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=markers.get(training, "o"), s=70,
                      label=f"{method}, {training}")
     axes.set_xscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    axes.xaxis.set_major_formatter(plain)
+    axes.xaxis.set_minor_formatter(plain)
     axes.set_xlabel("bytes on disk (MB, log scale)")
     axes.set_ylabel("BLEU (test, beam 4)")
     axes.set_title("LibreOffice en→cs, tiny Transformer: size against quality")
