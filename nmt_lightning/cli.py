@@ -201,7 +201,7 @@ def export_main(argv: Sequence[str]) -> int:
     except (CorpusError, ValueError) as error:
         print(f"nmt-lightning export: error: {error}", file=sys.stderr)
         return 2
-    kind = report.quantization if report.quantization == "fp32" else f"{report.quantization}, {report.activations} activation ranges"
+    kind = report.quantization if report.activations == "fp32" else f"{report.quantization}, {report.activations} activation ranges"
     print(f"wrote {report.output}: {kind}, {report.bytes_on_disk:,} bytes "
           f"({report.bytes_on_disk / report.weight_bytes_fp32:.1%} of the {report.weight_bytes_fp32:,} bytes of fp32 weights)",
           file=sys.stderr)

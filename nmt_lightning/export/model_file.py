@@ -31,7 +31,7 @@ class ExportReport:
     quantization: str  # the quantizing codecs of the file ("int8", "int4", "int4+int8"), else "fp32"
     bytes_on_disk: int
     weight_bytes_fp32: int  # the same weights in fp32 (what a weights-only fp32 export holds)
-    activations: str = "fp32"  # int8: "static" (QAT's trained ranges stored) or "dynamic" (measured per batch)
+    activations: str = "fp32"  # int8/int4 layers: "static" (QAT's trained ranges stored) or "dynamic" (per batch)
 
 
 @dataclass
@@ -103,7 +103,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
     if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
         tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
     grids = sorted({s["codec"] for e in entries.values() for s in e["codecs"] if codec(s["codec"]).quantizes})
-    quantized = bool(grids)
+    quantized = any(codec(s["codec"]).quantizes_inputs for e in entries.values() for s in e["codecs"])
     static = any(float(tensors[_key(n, "activation_range")]) > 0 for n, e in entries.items() if "activation_range" in e["options"])
     metadata = {
         "format": FORMAT,

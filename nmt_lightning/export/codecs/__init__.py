@@ -39,6 +39,7 @@ class Codec:
     quantizes: ClassVar[bool] = False
     runtime_options: ClassVar[tuple[str, ...]] = ()
     state_inputs: ClassVar[tuple[str, ...]] = ()
+    quantizes_inputs: ClassVar[bool] = False  # its runtime layer quantizes activations (static or dynamic)
 
     def encode(self, parts: Parts, spec: Mapping) -> Parts:
         raise NotImplementedError

@@ -41,6 +41,7 @@ def unpack_nibbles(packed: torch.Tensor, columns: int) -> torch.Tensor:
 class Int4Codec(Codec):
     name = "int4"
     quantizes = True
+    quantizes_inputs = True
     runtime_options = ("activation_range",)  # QAT at 4 bits: the inputs' trained range
 
     def encode(self, parts: Parts, spec: Mapping) -> Parts:

@@ -20,6 +20,7 @@ from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
 class Int8Codec(Codec):
     name = "int8"
     quantizes = True
+    quantizes_inputs = True
     runtime_options = ("activation_range",)
 
     def encode(self, parts: Parts, spec: Mapping) -> Parts:
