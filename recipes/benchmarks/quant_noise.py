@@ -88,7 +88,7 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
         configs += ["--config", str(path)]
     command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *configs, f"--data.data_dir={args.data_dir}",
                f"--model.init_from={start}", f"--trainer.max_steps={steps}", "--trainer.max_time=null",
-               f"--model.test_output=null"]
+               "--model.test_output=null"]
     print(f"$ (cd {run_dir} && {' '.join(command[2:])})", file=sys.stderr, flush=True)
     subprocess.run(command, cwd=run_dir, check=True)
     return checkpoint
