@@ -24,7 +24,6 @@ cached in OUT, so an interrupted run continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -35,10 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from side_by_side import cpu_description, write_table  # recipes/benchmarks/side_by_side.py
 
-from side_by_side import cpu_description  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+ROOT = Path(__file__).resolve().parents[2]
 
 FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 QAT = ROOT / "runs/int8_benchmark/qat_finetune/runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt"
@@ -247,10 +245,8 @@ def main() -> None:
         relative = statistics.median(s / b for s, b in zip(speeds[model.name], baseline))
         rows.append([model.name, f"{scores.bleu:.2f}", f"{scores.chrf:.2f}", f"{ratio:.3f}",
                      f"{bytes_on_disk(model.path):,}", f"{speed:.1f}", f"{relative:.2f}x"])
-    with open(args.out / "deployment_table.csv", "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([header, *rows])
+    lines = write_table(args.out / "deployment_table.csv", header, rows)
     qat_bleu = quality["ours QAT int8"][0].bleu
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     lines += [
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}; beam {args.beam}, batch {args.batch_size}, "

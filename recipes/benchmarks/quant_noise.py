@@ -30,7 +30,6 @@ matplotlib).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cpu_description  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cpu_description, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
@@ -214,9 +213,7 @@ def main() -> None:
         speed = statistics.median(r[key] for r in rounds)
         table.append([method, training, f"{result['bytes']:,}", f"x{fp32_bytes / result['bytes']:.1f}",
                       f"{result['bleu']:.2f}", f"{result['chrf']:.2f}", f"{speed:.1f}"])
-    with open(args.out / "quant_noise_table.csv", "w", newline="", encoding="utf-8") as handle:
-        csv.writer(handle).writerows([header, *table])
-    text = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in table]
+    text = write_table(args.out / "quant_noise_table.csv", header, table)
     text += [
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}, beam 4. Every row fine-tuned {args.steps} steps "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import statistics
 from pathlib import Path
+from typing import Sequence
 
 
 def median_table(what: str, runs: dict[str, list[float]], unit: str, digits: int) -> tuple[dict[str, float], str]:
@@ -13,6 +15,13 @@ def median_table(what: str, runs: dict[str, list[float]], unit: str, digits: int
     lines += [f"| {name} | {medians[name]:.{digits}f} | {', '.join(f'{v:.{digits}f}' for v in values)} |"
               for name, values in runs.items()]
     return medians, "\n".join(lines)
+
+
+def write_table(csv_path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Write ``rows`` under ``header`` to ``csv_path``; return the same table as Markdown lines."""
+    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def cpu_description() -> str:
