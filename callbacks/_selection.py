@@ -9,11 +9,11 @@ all its names or none, else the callback would treat one tensor two ways.
 from __future__ import annotations
 
 import fnmatch
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 from torch import nn
 
-__all__ = ["SelectedModule", "check_globs", "select_modules"]
+__all__ = ["BlockSizes", "SelectedModule", "check_globs", "select_modules"]
 
 SelectedModule = tuple[nn.Module, list[str]]  # (module, every qualified name it has)
 
@@ -50,3 +50,24 @@ def select_modules(root: nn.Module, owner: str, include: Sequence[str], exclude:
         kind = "nn.Linear/nn.Embedding" if embeddings else "nn.Linear"
         raise ValueError(f"{owner} selected no {kind} module with include={list(include)} exclude={list(exclude)}")
     return selected
+
+
+class BlockSizes:
+    """Columns per block of each selected weight (Quant-Noise, product quantization): the first
+    glob of ``block_sizes`` matching the module's name, else ``block_size``."""
+
+    def __init__(self, owner: str, block_size: int, block_sizes: Optional[Mapping[str, int]]) -> None:
+        self.owner, self.block_size, self.block_sizes = owner, block_size, dict(block_sizes or {})
+        named = {"block_size": block_size, **{f"block_sizes[{k!r}]": v for k, v in self.block_sizes.items()}}
+        for name, size in named.items():
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{owner}: {name} must be a positive integer, got {size!r}")
+
+    def of(self, name: str, weight: nn.Parameter) -> int:
+        """The block size of module ``name``'s ``weight`` (rows, columns); it must divide the columns."""
+        size = next((size for pattern, size in self.block_sizes.items() if matches(name, [pattern])), self.block_size)
+        if weight.shape[1] % size:
+            raise ValueError(f"{self.owner}: block size {size} does not divide the {weight.shape[1]} columns of "
+                             f"{name}.weight {tuple(weight.shape)}; choose a divisor (block_size, or block_sizes for "
+                             f"this module)")
+        return size

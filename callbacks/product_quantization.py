@@ -34,7 +34,7 @@ from torch import nn
 from callbacks._compression import record_codec
 from callbacks._kmeans import kmeans
 from callbacks._optimization import restart_optimization
-from callbacks._selection import check_globs, matches, select_modules
+from callbacks._selection import BlockSizes, check_globs, select_modules
 from callbacks._transforms import (CODEBOOK, PERTURB, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 
@@ -147,25 +147,19 @@ class IterativeProductQuantization(L.Callback):
             raise ValueError(f"{owner}: kmeans_iterations must be an integer >= 1, got {kmeans_iterations!r}")
         if centroid_bits not in (8, 16):
             raise ValueError(f"{owner}: centroid_bits must be 16 (fp16) or 8 (int8), got {centroid_bits!r}")
-        block_sizes = {"*attn.*": 4} if block_sizes is None else dict(block_sizes)
-        for name, size in {"block_size": block_size, **{f"block_sizes[{k!r}]": v for k, v in block_sizes.items()}}.items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{owner}: {name} must be a positive integer, got {size!r}")
+        self.sizes = BlockSizes(owner, block_size, {"*attn.*": 4} if block_sizes is None else block_sizes)
         if isinstance(stages, str) or not stages or any(isinstance(s, str) or not s for s in stages):
             raise ValueError(f"{owner}: stages is a list of lists of globs, e.g. [['*.ffn.*'], ['*attn.*']], "
                              f"got {stages!r}")
         check_globs(owner, ["*"], exclude)
         self.steps_per_stage, self.start_step = steps_per_stage, start_step
         self.stages = [list(stage) for stage in stages]
-        self.centroids, self.block_size, self.block_sizes = centroids, block_size, block_sizes
+        self.centroids, self.block_size, self.block_sizes = centroids, block_size, self.sizes.block_sizes
         self.exclude, self.kmeans_iterations = list(exclude), kmeans_iterations
         self.centroid_bits, self.seed = centroid_bits, seed
         self._stage_targets: list[list[tuple[CentroidWeight, nn.Module, list[str]]]] = []
 
     # ------------------------------------------------------------------ structure
-    def _block_size_of(self, name: str) -> int:
-        return next((size for pattern, size in self.block_sizes.items() if matches(name, [pattern])), self.block_size)
-
     def add_codebooks(self, root: nn.Module) -> None:
         """Put an (inactive) CentroidWeight on every weight of every stage (idempotent)."""
         owner = "IterativeProductQuantization"
@@ -180,10 +174,7 @@ class IterativeProductQuantization(L.Callback):
                     continue  # an earlier stage has it
                 taken.add(id(module))
                 weight = trainable_weight(module)
-                size = self._block_size_of(names[0])
-                if weight.shape[1] % size:
-                    raise ValueError(f"{owner}: block size {size} does not divide the {weight.shape[1]} columns of "
-                                     f"{names[0]}.weight {tuple(weight.shape)}; set block_size or block_sizes")
+                size = self.sizes.of(names[0], weight)
                 transform = by_parameter.get(id(weight))
                 if transform is None:
                     blocks = weight.numel() // size

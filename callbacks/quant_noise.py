@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from callbacks._compression import record_codec
-from callbacks._selection import check_globs, matches, select_modules
+from callbacks._selection import BlockSizes, check_globs, select_modules
 from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 from callbacks.quantization_aware_training import fake_quantize, weight_absmax
@@ -105,13 +105,9 @@ class QuantNoise(L.Callback):
             raise ValueError(f"QuantNoise: p must be in [0, 1], got {p!r}")
         if scheme == "pq" and p >= 1.0:
             raise ValueError("QuantNoise: p must be < 1 with scheme 'pq' (every block dropped leaves no weight to rescale)")
-        sizes = {"block_size": block_size, **{f"block_sizes[{k!r}]": v for k, v in (block_sizes or {}).items()}}
-        for name, size in sizes.items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"QuantNoise: {name} must be a positive integer, got {size!r}")
+        self.sizes = BlockSizes("QuantNoise", block_size, block_sizes)
         check_globs("QuantNoise", include, exclude)
-        self.p, self.scheme, self.block_size = float(p), scheme, block_size
-        self.block_sizes = dict(block_sizes or {})
+        self.p, self.scheme, self.block_size, self.block_sizes = float(p), scheme, block_size, self.sizes.block_sizes
         self.include, self.exclude = list(include), list(exclude)
         self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -119,21 +115,13 @@ class QuantNoise(L.Callback):
         self._noised: list[tuple[NoisyWeight, nn.Parameter]] = []  # each transform with the weight it noises
 
     # ------------------------------------------------------------------ selection
-    def _block_size_of(self, name: str) -> int:
-        return next((size for pattern, size in self.block_sizes.items() if matches(name, [pattern])), self.block_size)
-
     def add_noise_transforms(self, root: nn.Module) -> list[str]:
         """Put a NoisyWeight on every selected weight of ``root`` (idempotent); returns their names.
         A module shared under several names gets one transform; all its names must be selected alike."""
         self._noised, names = [], []
         for module, module_names in select_modules(root, "QuantNoise", self.include, self.exclude,
                                                    self.noise_embeddings):
-            size = self._block_size_of(module_names[0])
-            columns = module.weight.shape[1]
-            if columns % size:
-                raise ValueError(f"QuantNoise: block size {size} does not divide the {columns} columns of "
-                                 f"{module_names[0]}.weight {tuple(module.weight.shape)}; choose a divisor "
-                                 f"(block_size, or block_sizes for this module)")
+            size = self.sizes.of(module_names[0], trainable_weight(module))
             transform = add_weight_transform(module, NoisyWeight(self.scheme, self.p, size, self.per_channel))
             if transform.extra_repr() != NoisyWeight(self.scheme, self.p, size, self.per_channel).extra_repr():
                 raise ValueError(f"QuantNoise: {module_names[0]} already has Quant-Noise ({transform.extra_repr()})")
