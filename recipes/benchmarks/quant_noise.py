@@ -233,17 +233,12 @@ def main() -> None:
 
 def training_throughput(args: argparse.Namespace) -> dict[str, float]:
     """Target tokens/s of plain training and of training with each Quant-Noise scheme, side by side."""
-    from training_throughput import lightning_loop  # recipes/benchmarks/training_throughput.py
+    from training_throughput import first_batches, lightning_loop  # recipes/benchmarks/training_throughput.py
 
     from callbacks import QuantNoise
-    from nmt_lightning.data import TranslationDataModule
     from nmt_lightning.module import TranslationModule
 
-    datamodule = TranslationDataModule(str(args.data_dir), max_tokens=4096)
-    datamodule.setup("fit")
-    iterator = iter(datamodule.train_dataloader())
-    batches = [next(iterator) for _ in range(args.throughput_steps)]
-    tokens = sum(int((batch["target"] != 0).sum()) for batch in batches)
+    datamodule, batches, tokens = first_batches(args.data_dir, args.throughput_steps, max_tokens=4096)
 
     def fresh() -> TranslationModule:
         torch.manual_seed(0)
