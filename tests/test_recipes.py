@@ -19,6 +19,12 @@ SMALL = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model
          "--model.decoder_layers=1"]
 
 
+def quick_run(prepared_dir: Path) -> list[str]:
+    """Command-line overrides for a 3-step run of the small model on the test corpus."""
+    return [f"--data.data_dir={prepared_dir}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4", *SMALL]
+
+
 def test_recipes_exist() -> None:
     assert TINY in ALL_YAML and len(ALL_YAML) >= 4
 
@@ -53,8 +59,7 @@ def test_train_then_qat_finetune_then_export(prepared_dir: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     """The main job's path through the CLI: fit, QAT fine-tune from it, export int8, translate both."""
     monkeypatch.chdir(tmp_path)
-    quick = [f"--data.data_dir={prepared_dir}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
-             "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4", *SMALL]
+    quick = quick_run(prepared_dir)
     assert main(["fit", "--config", str(TINY), *quick]) == 0
     fp32 = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
     assert fp32.is_file()
@@ -76,8 +81,7 @@ def test_quant_noise_then_ipq_through_the_cli(prepared_dir: Path, tmp_path: Path
                                               capsys: pytest.CaptureFixture) -> None:
     """Quant-Noise and iPQ add-ons on one fine-tuning run, export, translate: the paper's recipe."""
     monkeypatch.chdir(tmp_path)
-    quick = [f"--data.data_dir={prepared_dir}", "--trainer.enable_progress_bar=false", "--trainer.max_steps=3",
-             "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4", *SMALL]
+    quick = quick_run(prepared_dir)
     assert main(["fit", "--config", str(TINY), *quick]) == 0
     assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "finetune.yaml"),
                  "--config", str(RECIPES / "compress" / "quant_noise.yaml"),
