@@ -4,8 +4,9 @@ Each method lives in a file of its own and imports only torch and lightning, nev
 nmt_lightning, so it works on models that are not ours.
 """
 
+from callbacks.knowledge_distillation import KnowledgeDistillation
 from callbacks.product_quantization import IterativeProductQuantization
 from callbacks.quant_noise import QuantNoise
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 
-__all__ = ["IterativeProductQuantization", "QuantNoise", "QuantizationAwareTraining"]
+__all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "QuantNoise", "QuantizationAwareTraining"]

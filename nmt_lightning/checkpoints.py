@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nmt_lightning.checkpoint_file import is_parametrized, read_checkpoint
+from nmt_lightning.checkpoint_file import is_parametrized, model_weights, read_checkpoint
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.module import TranslationModule
 
@@ -41,7 +41,9 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
         encoded = encode_checkpoint(checkpoint, str(path), quantize)
         return build_module(encoded.tensors, encoded.metadata, runtime_layers)
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
+    # The Transformer's weights only: what a training callback added to the module beside the
+    # model (a distillation projection) is not part of the translation model.
+    module.model.load_state_dict(model_weights(checkpoint["state_dict"], module.model))
     module.on_load_checkpoint(checkpoint)
     return module.eval()
 

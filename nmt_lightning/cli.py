@@ -5,6 +5,7 @@
 - ``translate``: translate a file (or stdin) with a checkpoint, an export or a CTranslate2
   directory, optionally scoring it;
 - ``average``: average the weights of several checkpoints;
+- ``distill-data``: translate a corpus' source side with a teacher (sequence-level KD data);
 - ``export``: write a model to one safetensors file (fp32 or int8), or to a CTranslate2 directory.
 """
 
@@ -46,6 +47,8 @@ def _prepare_parser() -> argparse.ArgumentParser:
     bpe.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="BPE vocabulary size (default: %(default)s)")
     bpe.add_argument("--separate-vocab", dest="joint_vocab", action="store_false", help="one BPE model per language instead of a joint one")
     bpe.add_argument("--moses-normalize", action="store_true", help="Moses punctuation normalisation (sacremoses) before BPE")
+    bpe.add_argument("--bpe-from", help="reuse the sentencepiece models (and normalisation) of this prepared data "
+                                        "directory instead of training new ones: a distilled corpus keeps its teacher's token ids")
     bpe.add_argument("--spm-input-sentence-size", type=int, default=defaults.spm_input_sentence_size, help="sentences sampled to train BPE (default: %(default)s)")
     return parser
 
@@ -208,6 +211,46 @@ def export_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def distill_data_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-lightning distill-data",
+        description="Sequence-level knowledge distillation (Kim & Rush 2016): translate the source side of a "
+                    "corpus with a teacher and write OUTPUT.SRC / OUTPUT.TGT, a parallel corpus for "
+                    "'nmt-lightning prepare --train OUTPUT --bpe-from <the teacher's data directory>'. "
+                    "Interrupted, the same command continues after the last finished chunk.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="the teacher: a checkpoint, or a file written by 'export' (int8 translates fastest on CPU)")
+    parser.add_argument("--input", required=True, help="corpus prefix: PREFIX.SRC is read (plain or .gz)")
+    parser.add_argument("--output", required=True, help="output prefix: OUTPUT.SRC and OUTPUT.TGT are written")
+    parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default: %(default)s)")
+    parser.add_argument("--chunk-lines", type=int, default=2000,
+                        help="lines translated between two saves of the progress (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default, one per core)")
+    args = parser.parse_args(argv)
+    from nmt_lightning.distill_data import distill_with_checkpoint
+
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
+        started = time.perf_counter()
+        source, target = distill_with_checkpoint(args.checkpoint, args.input, args.output, args.beam,
+                                                 args.batch_size, args.device, args.chunk_lines)
+    except (CorpusError, ValueError, FileNotFoundError) as error:
+        print(f"nmt-lightning distill-data: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("nmt-lightning distill-data: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+    print(f"wrote {source} and {target} in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0
+
+
 def lightning_main(argv: Sequence[str]) -> int:
     from nmt_lightning.lightning_cli import run_lightning_cli
 
@@ -215,7 +258,8 @@ def lightning_main(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main, "export": export_main}
+COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main, "export": export_main,
+            "distill-data": distill_data_main}
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 

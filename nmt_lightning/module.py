@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Union
 
 import lightning as L
 import torch
@@ -18,6 +18,7 @@ from nmt_lightning.checkpoint_file import PARAMETRIZED, model_weights, read_chec
 from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.evaluation import score
 from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
+from nmt_lightning.model.initialization import initialize_from_teacher
 from nmt_lightning.tokenization import Tokenization
 
 CROSS_ENTROPY = "cross_entropy"  # the name of the label-smoothed loss in set_loss_weight
@@ -29,7 +30,8 @@ class LossContext:
 
     logits: (B, T, V); target: (B, T) ids, padded with pad; target_mask: (B, T) bool, True at
     real target tokens; num_tokens: () this batch's target tokens (on this rank); features:
-    the per-layer tensors the registered terms asked for (None when none did).
+    the per-layer tensors the registered terms asked for (None when none did); source_mask:
+    (B, S) bool, True at real source tokens (the encoder's positions).
     """
 
     module: "TranslationModule"
@@ -39,6 +41,7 @@ class LossContext:
     target_mask: torch.Tensor
     num_tokens: torch.Tensor
     features: Optional[TransformerFeatures]
+    source_mask: Optional[torch.Tensor] = None
 
 
 # fn(context) -> a scalar: the term SUMMED over the batch's target tokens (a per-token mean
@@ -80,7 +83,11 @@ class TranslationModule(L.LightningModule):
 
     ``init_from`` starts from the weights of another checkpoint of the same architecture (a
     fine-tuning run, e.g. quantization-aware fine-tuning): unlike ``ckpt_path``, the optimiser,
-    the schedule and the step count start afresh.
+    the schedule and the step count start afresh. With ``init_layers`` the checkpoint may be a
+    deeper model of the same width (a distillation teacher): ``"every_other"`` copies its layers
+    1, 3, 5, ... into a student half as deep, ``{encoder: [...], decoder: [...]}`` the listed
+    layers; embeddings, output projection and final norms are copied too
+    (``nmt_lightning.model.initialization``).
     """
 
     def __init__(
@@ -113,6 +120,7 @@ class TranslationModule(L.LightningModule):
         max_len_b: int = 10,
         test_output: Optional[str] = None,
         init_from: Optional[str] = None,
+        init_layers: Optional[Union[str, dict[str, list[int]]]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -142,15 +150,17 @@ class TranslationModule(L.LightningModule):
         self.val_loss_sum, self.val_tokens = SumMetric(), SumMetric()
         self.val_bleu_metric = SacreBLEUScore(tokenize="13a")
         self.val_chrf_metric = CHRFScore(n_word_order=0)  # chrF2, as sacrebleu's default
+        if init_layers is not None and init_from is None:
+            raise ValueError("init_layers chooses layers of the init_from checkpoint; give init_from too")
         if init_from is not None:
-            self._load_initial_weights(Path(init_from))
+            self._load_initial_weights(Path(init_from), init_layers)
 
     @classmethod
     def from_hyperparameters(cls, hyper_parameters: dict) -> "TranslationModule":
         """Rebuild from saved hyper-parameters (LightningCLI adds private keys such as _instantiator)."""
         # init_from is not followed: the weights come from the checkpoint being loaded.
         options = {k: v for k, v in dict(hyper_parameters).items() if not k.startswith("_")}
-        return cls(**{**options, "init_from": None})
+        return cls(**{**options, "init_from": None, "init_layers": None})
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TranslationModule":
@@ -160,9 +170,10 @@ class TranslationModule(L.LightningModule):
 
         return load_translation_module(path, quantize="fp32").to(map_location)
 
-    def _load_initial_weights(self, path: Path) -> None:
+    def _load_initial_weights(self, path: Path, layers: Optional[Union[str, dict]] = None) -> None:
         """Copy the Transformer weights of the checkpoint ``path`` (trainable tensors only: what
-        compression callbacks added, such as ranges or masks, is left to this run's callbacks)."""
+        compression callbacks added, such as ranges or masks, is left to this run's callbacks);
+        with ``layers``, the chosen layers of a deeper model (``initialize_from_teacher``)."""
         if not path.is_file():
             raise FileNotFoundError(f"init_from: {path}: no such checkpoint")
         try:
@@ -171,13 +182,29 @@ class TranslationModule(L.LightningModule):
             raise ValueError(f"init_from: {error}") from None
         if "state_dict" not in checkpoint:
             raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
-        try:
-            self.model.load_state_dict(model_weights(checkpoint["state_dict"], self.model))
-        except RuntimeError as error:
-            first = str(error).strip().splitlines()[1:2] or [""]
-            raise ValueError(f"init_from: {path}: weights do not fit this model ({first[0].strip()})") from None
+        if layers is None:
+            try:
+                self.model.load_state_dict(model_weights(checkpoint["state_dict"], self.model))
+            except RuntimeError as error:
+                first = str(error).strip().splitlines()[1:2] or [""]
+                raise ValueError(f"init_from: {path}: weights do not fit this model ({first[0].strip()}); a deeper "
+                                 f"teacher's layers are chosen with init_layers, e.g. 'every_other'") from None
+        else:
+            if "hyper_parameters" not in checkpoint:
+                raise ValueError(f"init_from: {path}: no hyper-parameters inside, so its architecture is unknown")
+            teacher = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"]).model
+            teacher.load_state_dict(model_weights(checkpoint["state_dict"], teacher))
+            try:
+                initialize_from_teacher(self.model, teacher, layers)
+            except ValueError as error:
+                raise ValueError(f"init_from: {path}: {error}") from None
         if "nmt_lightning_tokenization" in checkpoint:
             self.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
+
+    @property
+    def hidden_size(self) -> int:
+        """The width of the hidden states (d_model): what a distillation callback projects between."""
+        return self.model.config.d_model
 
     # ------------------------------------------------------------------ extension point
     def register_loss_term(self, name: str, fn: LossTerm, weight: float = 1.0, features: Iterable[str] = ()) -> None:
@@ -256,7 +283,8 @@ class TranslationModule(L.LightningModule):
         batch_size = batch["source"].shape[0]
         per_token = tokens.clamp(min=1).float()
         if self.loss_terms:
-            context = LossContext(self, batch, logits, batch["target"], batch["target"] != PAD_ID, tokens, features)
+            context = LossContext(self, batch, logits, batch["target"], batch["target"] != PAD_ID, tokens, features,
+                                  source_mask=batch["source"] != PAD_ID)
             for name, term in self.loss_terms.items():
                 value = term.fn(context)
                 self.log(f"train/{name}", value.detach() / per_token, batch_size=batch_size)

@@ -60,6 +60,7 @@ class PrepareConfig:
     joint_vocab: bool = True
     moses_normalize: bool = False
     spm_input_sentence_size: int = 2_000_000
+    bpe_from: Optional[str] = None  # a prepared data directory whose sentencepiece models are reused
     encode_chunk: int = 10_000
 
     def validate(self) -> None:
@@ -77,6 +78,12 @@ class PrepareConfig:
         PairFilter(self.max_words, self.max_length_ratio)  # validates the limits
         if self.vocab_size < 8:
             raise ValueError(f"--vocab-size must be >= 8, got {self.vocab_size}")
+        if self.bpe_from is not None:
+            self.adopt_bpe(reused_bpe(Path(self.bpe_from), self.langs))
+
+    def adopt_bpe(self, reused: dict) -> None:
+        """With --bpe-from, the vocabulary layout and normalisation are the reused models' own."""
+        self.joint_vocab, self.moses_normalize = reused["joint"], reused["moses_normalize"]
 
     @property
     def langs(self) -> tuple[str, str]:
@@ -235,10 +242,41 @@ def _normalised_lines(path: Path, normalizer: TextNormalizer) -> Iterator[str]:
             yield normalizer(line.rstrip("\n"))
 
 
+def reused_bpe(data_dir: Path, langs: tuple[str, str]) -> dict:
+    """The sentencepiece models of the prepared directory ``data_dir`` (--bpe-from): a
+    distilled or added corpus must keep the token ids its teacher or base model was trained on."""
+    manifest_path = data_dir / MANIFEST
+    if not manifest_path.is_file():
+        raise CorpusError(f"--bpe-from {data_dir}: not a prepared data directory (no {MANIFEST})")
+    data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    models = data.get("spm_models") or {}
+    if set(models) != set(langs):
+        raise CorpusError(f"--bpe-from {data_dir}: its sentencepiece models are for {sorted(models) or 'nothing'}, "
+                          f"this corpus is {'-'.join(langs)}")
+    paths = {lang: data_dir / name for lang, name in models.items()}
+    for path in paths.values():
+        if not path.is_file():
+            raise CorpusError(f"--bpe-from {data_dir}: {path.name} is missing")
+    return {"paths": paths, "joint": len(set(models.values())) == 1,
+            "moses_normalize": bool(data.get("moses_normalize", False)),
+            "identity": [_file_identity(path) for path in paths.values()]}
+
+
+def _copy_bpe(config: PrepareConfig, models: dict[str, Path]) -> None:
+    reused = reused_bpe(Path(config.bpe_from), config.langs)
+    for lang, destination in models.items():
+        print(f"reusing sentencepiece model {reused['paths'][lang]} ({lang})", flush=True)
+        with atomic_open(destination, "wb") as handle:
+            handle.write(reused["paths"][lang].read_bytes())
+
+
 def _write_bpe_stage(config: PrepareConfig, out_dir: Path, manifest: Manifest, fingerprint: str) -> None:
     models = spm_model_paths(out_dir, config.langs, config.joint_vocab)
     groups = [list(config.langs)] if config.joint_vocab else [[lang] for lang in config.langs]
     manifest.invalidate_from("bpe")
+    if config.bpe_from is not None:
+        _copy_bpe(config, models)
+        groups = []
     for langs in groups:
         def sentences() -> Iterator[str]:
             for lang in langs:
@@ -293,7 +331,9 @@ def prepare(config: PrepareConfig) -> dict:
     started = time.perf_counter()
 
     text_fp = _fingerprint("text", _text_inputs_identity(config), config.langs, config.max_words, config.max_length_ratio)
-    bpe_fp = _fingerprint("bpe", text_fp, config.vocab_size, config.joint_vocab, config.moses_normalize, config.spm_input_sentence_size)
+    reused = reused_bpe(Path(config.bpe_from), config.langs)["identity"] if config.bpe_from else None
+    bpe_fp = _fingerprint("bpe", text_fp, config.vocab_size, config.joint_vocab, config.moses_normalize,
+                          config.spm_input_sentence_size, reused)
     binary_fp = _fingerprint("binary", bpe_fp, 1)
     stages = [("text", text_fp, _write_text_stage), ("bpe", bpe_fp, _write_bpe_stage), ("binary", binary_fp, _write_binary_stage)]
     for name, fingerprint, write_stage in stages:

@@ -77,3 +77,16 @@ def read_parallel(source: str | os.PathLike, target: str | os.PathLike) -> Itera
             yield line_number, _decode(src_raw, source, line_number), _decode(tgt_raw, target, line_number)
         if line_number == 0:
             raise CorpusError(f"{source}: file is empty (and so is {target})")
+
+
+def read_side(path: str | os.PathLike) -> list[str]:
+    """The lines of one side of a corpus (plain or .gz), newlines stripped; CorpusError naming
+    the file and line for bytes that are not UTF-8, and for an empty file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorpusError(f"{path}: no such file")
+    with open_text(path) as handle:
+        lines = [_decode(raw, path, number) for number, raw in enumerate(handle, 1)]
+    if not lines:
+        raise CorpusError(f"{path}: file is empty")
+    return lines

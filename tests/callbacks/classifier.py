@@ -1,5 +1,7 @@
 """A small LightningModule that is not ours, to show callbacks work on any model."""
 
+from types import SimpleNamespace
+
 import lightning as L
 import torch
 from torch import nn
@@ -61,3 +63,38 @@ def classification_data(samples: int = 64, batch_size: int = 8, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, 30, (samples, 6), generator=generator)
     return ResumableLoader(TensorDataset(tokens, tokens.sum(1) % 3), batch_size=batch_size, shuffle=False)
+
+
+class DistillableClassifier(BagOfWordsClassifier):
+    """The classifier with the loss-term extension point that distillation callbacks need (the
+    protocol of callbacks/knowledge_distillation.py, written by a user who is not us)."""
+
+    def __init__(self, vocab_size: int = 30, dim: int = 16, classes: int = 3) -> None:
+        super().__init__(vocab_size, dim, classes)
+        self.save_hyperparameters()
+        self.terms: dict = {}
+        self.task_weight = 1.0
+
+    def register_loss_term(self, name, fn, weight=1.0, features=()) -> None:
+        self.terms[name] = [fn, weight]
+
+    def remove_loss_term(self, name) -> None:
+        self.terms.pop(name, None)
+
+    def set_loss_weight(self, name, weight) -> None:
+        if name == "cross_entropy":
+            self.task_weight = weight
+        else:
+            self.terms[name][1] = weight
+
+    def training_step(self, batch, batch_index):
+        tokens, labels = batch
+        logits = self(tokens)
+        loss = self.task_weight * nn.functional.cross_entropy(logits, labels, reduction="sum")
+        context = SimpleNamespace(module=self, batch=batch, logits=logits, features=None,
+                                  target_mask=torch.ones_like(labels, dtype=torch.bool), num_tokens=len(labels))
+        for name, (fn, weight) in self.terms.items():
+            value = fn(context)
+            self.log(name, value / len(labels))
+            loss = loss + weight * value
+        return loss / len(labels)

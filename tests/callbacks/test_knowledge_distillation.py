@@ -1,0 +1,251 @@
+"""callbacks.KnowledgeDistillation: word-level soft targets and the hidden-state cosine loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from callbacks import KnowledgeDistillation, QuantizationAwareTraining
+from callbacks._transforms import weight_transforms
+from callbacks.knowledge_distillation import PROJECTION_NAME
+from nmt_lightning.bpe import PAD_ID
+from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.data import TranslationDataModule
+from nmt_lightning.model import TransformerFeatures
+from nmt_lightning.module import LossContext, TranslationModule
+from tests.callbacks.classifier import DistillableClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.test_transforms import MaskCallback
+from tests.conftest import TINY_MODEL, run_script, tiny_trainer
+
+
+@pytest.fixture
+def classifier_teacher(tmp_path: Path) -> Path:
+    L.seed_everything(3)
+    fit = trainer(tmp_path / "teacher", [], max_steps=12)
+    fit.fit(DistillableClassifier(), classification_data())
+    fit.save_checkpoint(tmp_path / "teacher.ckpt")
+    return tmp_path / "teacher.ckpt"
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A translation teacher twice as deep and wider (d_model 48) than TINY_MODEL, 20 steps."""
+    root = tmp_path_factory.mktemp("wide_teacher")
+    L.seed_everything(5)
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size,
+                               **{**TINY_MODEL, "d_model": 48, "encoder_layers": 2, "decoder_layers": 2})
+    fit = tiny_trainer(root, max_steps=20)
+    fit.fit(module, datamodule=datamodule)
+    fit.save_checkpoint(root / "teacher.ckpt")
+    return root / "teacher.ckpt"
+
+
+def translation_student(prepared_dir: Path, **overrides) -> tuple[TranslationModule, TranslationDataModule]:
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **{**TINY_MODEL, **overrides})
+    return module, datamodule
+
+
+def test_the_teacher_is_frozen_and_stays_out_of_the_student(trained_checkpoint: Path, prepared_dir: Path,
+                                                            tmp_path: Path) -> None:
+    L.seed_everything(0)
+    student, datamodule = translation_student(prepared_dir)
+    distillation = KnowledgeDistillation(str(trained_checkpoint), soft_weight=0.5, hard_weight=0.5)
+    fit = tiny_trainer(tmp_path, max_steps=4, callbacks=[distillation], log_every_n_steps=1,
+                       logger=L.pytorch.loggers.CSVLogger(tmp_path, name="logs"))
+    fit.fit(student, datamodule=datamodule)
+    teacher = distillation.teacher.module
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    student_ids = {id(p) for p in student.parameters()}
+    optimised = {id(p) for group in fit.optimizers[0].param_groups for p in group["params"]}
+    assert not any(id(p) in student_ids or id(p) in optimised for p in teacher.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    fit.save_checkpoint(tmp_path / "student.ckpt")
+    saved = torch.load(tmp_path / "student.ckpt", weights_only=True)
+    assert set(saved["state_dict"]) == set(student.state_dict())
+    # The term was trained with and logged; after the fit the module is as it was.
+    assert "train/distill_soft" in (tmp_path / "logs" / "version_0" / "metrics.csv").read_text()
+    assert student.loss_terms == {} and student.loss_weights["cross_entropy"] == 1.0
+    # The teacher's weights are the checkpoint's, untouched by four steps of the student.
+    reference = load_translation_module(trained_checkpoint)
+    for (name, p), q in zip(teacher.model.named_parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+
+
+def test_the_kd_loss_is_zero_when_the_student_is_the_teacher(trained_checkpoint: Path, prepared_dir: Path) -> None:
+    """T = 1, same weights, no dropout: the teacher's and the student's logits are the same
+    numbers, so each KL term is p * (log p - log p) = 0 exactly; the cosine loss is 1 - 1."""
+    student = load_translation_module(trained_checkpoint)
+    distillation = KnowledgeDistillation(str(trained_checkpoint), temperature=1.0, hidden_weight=1.0)
+    distillation.teacher.load(student)
+    distillation.teacher.attach(student)
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    recorder = TransformerFeatures.requesting(["hidden_states"])
+    logits = student(batch["source"], batch["decoder_input"], recorder)
+    mask = batch["target"] != PAD_ID
+    context = LossContext(student, batch, logits, batch["target"], mask, mask.sum(), recorder, batch["source"] != PAD_ID)
+    assert distillation._soft_loss(context).item() == 0.0
+    # 1 - cos of a vector with itself is within a few float32 roundings of 0 per position.
+    assert abs(distillation._hidden_loss(context).item()) <= 1e-5 * mask.sum().item()
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(temperature=0), "temperature must be a finite number > 0"),
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(soft_weight=-1.0), "soft_weight must be a finite number >= 0, got -1.0"),
+    (dict(hard_weight=float("inf")), "hard_weight must be a finite number >= 0"),
+    (dict(soft_weight=0.0), "soft_weight and hidden_weight are both 0"),
+    (dict(hidden_weight=1.0, layer_map={"decoder.x": "decoder.1"}), "is not of the form"),
+    (dict(hidden_weight=1.0, layer_map={"encoder.1": "decoder.1"}), "an encoder state can only be compared"),
+    (dict(hidden_weight=1.0, layer_map={}), "layer_map is empty"),
+    (dict(teacher_inputs="source"), "teacher_inputs is a non-empty list"),
+    (dict(teacher=""), "teacher checkpoint must be a path"),
+])
+def test_misconfiguration_names_the_argument(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        KnowledgeDistillation(**{"teacher": "teacher.ckpt", **settings})
+
+
+def test_a_teacher_with_another_tokenization_is_refused(trained_checkpoint: Path, prepared_dir: Path,
+                                                        tmp_path: Path) -> None:
+    checkpoint = torch.load(trained_checkpoint, weights_only=True)
+    checkpoint["nmt_lightning_tokenization"]["moses_normalize"] = True
+    torch.save(checkpoint, tmp_path / "other.ckpt")
+    student, datamodule = translation_student(prepared_dir)
+    with pytest.raises(ValueError, match=r"other tokenization.*teacher: en->cs.*moses_normalize=True.*"
+                                         r"student: en->cs.*moses_normalize=False"):
+        tiny_trainer(tmp_path, max_steps=1, callbacks=[KnowledgeDistillation(str(tmp_path / "other.ckpt"))]).fit(
+            student, datamodule=datamodule)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    fit = trainer(tmp_path / "t", [], max_steps=1)
+    fit.fit(DistillableClassifier(classes=4), classification_data())
+    fit.save_checkpoint(tmp_path / "four.ckpt")
+    with pytest.raises(ValueError, match=r"four.ckpt gives logits of shape \(8, 4\) where the student's are \(8, 3\).*"
+                                         r"\(4 vs 3 entries\)"):
+        trainer(tmp_path / "s", [KnowledgeDistillation(str(tmp_path / "four.ckpt"), teacher_inputs=[0])],
+                max_steps=1).fit(DistillableClassifier(), classification_data())
+
+
+def test_a_module_without_the_extension_point_is_refused(classifier_teacher: Path, tmp_path: Path) -> None:
+    from tests.callbacks.classifier import BagOfWordsClassifier
+
+    with pytest.raises(TypeError, match="needs the LightningModule to offer register_loss_term, remove_loss_term, "
+                                        "set_loss_weight .*BagOfWordsClassifier lacks it"):
+        trainer(tmp_path, [KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0],
+                                                 teacher_loader="tests.callbacks.test_knowledge_distillation.classifier")],
+                max_steps=1).fit(BagOfWordsClassifier(), classification_data())
+
+
+def classifier(path: str) -> DistillableClassifier:
+    return DistillableClassifier.load_from_checkpoint(path, weights_only=True)
+
+
+def test_a_classifier_that_is_not_ours_learns_from_its_teacher(classifier_teacher: Path, tmp_path: Path) -> None:
+    """Soft targets alone (hard_weight 0): the student moves towards the teacher's predictions."""
+    teacher = classifier(str(classifier_teacher)).eval()
+    data = classification_data()
+    tokens = torch.cat([batch[0] for batch in data])
+
+    def disagreement(student: DistillableClassifier) -> float:
+        with torch.no_grad():
+            return torch.nn.functional.kl_div(student(tokens).log_softmax(-1), teacher(tokens).log_softmax(-1),
+                                              log_target=True, reduction="batchmean").item()
+
+    L.seed_everything(0)
+    student = DistillableClassifier()
+    before = disagreement(student)
+    distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], soft_weight=1.0, hard_weight=0.0)
+    trainer(tmp_path, [distillation], max_steps=40).fit(student, classification_data())
+    assert disagreement(student) < before / 4
+    assert student.task_weight == 1.0  # restored after the fit
+
+
+def test_resume_equals_an_uninterrupted_run(classifier_teacher: Path, tmp_path: Path) -> None:
+    straight, resumed = resumed_and_uninterrupted(
+        tmp_path, DistillableClassifier,
+        lambda: [KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], temperature=3.0)],
+        classification_data, stop=5, total=12)
+    assert_same_state(straight, resumed, tolerance=0)
+
+
+def test_hidden_states_of_another_width_train_a_projection_that_resumes_and_is_not_exported(
+        wide_teacher: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    """Student d_model 32, teacher 48: a learned 32 -> 48 map per pair, trained with the student,
+    in its checkpoint (so a resume continues it), not in the translation model."""
+    layer_map = {"encoder.1": "encoder.2", "decoder.1": "decoder.2", "decoder_output": "decoder_output"}
+
+    def run(root: Path, steps: int, ckpt_path=None, saver=None) -> TranslationModule:
+        L.seed_everything(0)
+        student, datamodule = translation_student(prepared_dir)
+        callbacks = [KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=layer_map)]
+        fit = tiny_trainer(root, max_steps=steps, callbacks=callbacks + ([saver] if saver else []),
+                           enable_checkpointing=saver is not None)
+        fit.fit(student, datamodule=datamodule, ckpt_path=ckpt_path)
+        return student
+
+    straight = run(tmp_path / "a", 8)
+    projection = getattr(straight, PROJECTION_NAME)
+    assert tuple(projection.weight.shape) == (3, 48, 32)
+    assert all(weight_transforms(m) == [] for m in projection.modules())
+    run(tmp_path / "b", 4, saver=ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, filename="mid"))
+    resumed = run(tmp_path / "c", 8, ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    # The student's checkpoint holds the projection; translating and exporting leave it out.
+    assert f"{PROJECTION_NAME}.weight" in torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)["state_dict"]
+    deployed = load_translation_module(tmp_path / "ckpt" / "mid.ckpt")
+    assert not hasattr(deployed, PROJECTION_NAME)
+
+
+def test_together_with_qat_and_with_a_pruning_mask(classifier_teacher: Path, tmp_path: Path) -> None:
+    """Composes with QAT and a pruning mask on the student; the teacher gets neither."""
+    L.seed_everything(0)
+    student = DistillableClassifier()
+    distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0])
+    trainer(tmp_path, [MaskCallback(), QuantizationAwareTraining(), distillation], max_steps=8).fit(
+        student, classification_data())
+    assert [type(t).__name__ for t in weight_transforms(student.hidden)] == ["KeepLargest", "FakeQuantizedWeight"]
+    assert all(weight_transforms(m) == [] for m in distillation.teacher.module.modules())
+    mask = weight_transforms(student.hidden)[0].mask
+    student.eval()
+    assert (student.hidden.weight[mask == 0] == 0).all()
+    assert "distill_soft" in student.trainer.logged_metrics
+
+
+def test_two_process_ddp(classifier_teacher: Path, tmp_path: Path) -> None:
+    run_script("distillation_ddp.py", classifier_teacher, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the same model on both ranks after 3 steps
+    assert all(r["wrapped_parameters"] == r["student_parameters"] for r in ranks)
+    assert all(r["distill_soft_logged"] for r in ranks)
+
+
+def test_yaml_instantiation() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--distillation", type=KnowledgeDistillation)
+    config = parser.parse_string("""
+distillation:
+  class_path: callbacks.KnowledgeDistillation
+  init_args:
+    teacher: runs/teacher/last.ckpt
+    temperature: 2.0
+    hidden_weight: 1.0
+    layer_map: {decoder.3: decoder.6, encoder_output: encoder_output}
+""")
+    distillation = parser.instantiate_classes(config).distillation
+    assert distillation.layer_map == {"decoder.3": "decoder.6", "encoder_output": "encoder_output"}
+    assert (distillation.temperature, distillation.hidden_weight, distillation.teacher.checkpoint) == (
+        2.0, 1.0, "runs/teacher/last.ckpt")
