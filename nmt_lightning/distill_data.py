@@ -95,14 +95,14 @@ def distill_corpus(translate: Translate, teacher_path: str | os.PathLike, input_
     if chunk_lines < 1:
         raise ValueError(f"chunk_lines must be >= 1, got {chunk_lines}")
     source_path = find_side(input_prefix, src_lang)
+    output_source, output_target = Path(f"{output_prefix}.{src_lang}"), Path(f"{output_prefix}.{tgt_lang}")
+    if output_source.resolve() in (source_path.resolve(), Path(f"{input_prefix}.{src_lang}").resolve()):
+        raise ValueError(f"--output {output_prefix} would overwrite the input {source_path}")
     lines = read_side(source_path)
     for number, line in enumerate(lines, 1):
         if not line.strip():
             raise CorpusError(f"{source_path}:{number}: empty line; remove it (and its target) before distilling, "
                               f"or the two sides of the output would not say the same")
-    output_source, output_target = Path(f"{output_prefix}.{src_lang}"), Path(f"{output_prefix}.{tgt_lang}")
-    if output_source.resolve() == source_path.resolve():
-        raise ValueError(f"--output {output_prefix} would overwrite the input {source_path}")
     output_target.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(f"{output_target}.partial")
     state_path = Path(f"{output_target}{STATE_SUFFIX}")
@@ -128,6 +128,10 @@ def distill_corpus(translate: Translate, teacher_path: str | os.PathLike, input_
         handle.writelines(line + "\n" for line in lines)
     os.replace(partial, output_target)
     state_path.unlink()
+    with open(output_target, encoding="utf-8") as handle:
+        empty = sum(1 for line in handle if not line.strip())
+    if empty:
+        print(f"distill-data: {empty} of {len(lines)} translations are empty (prepare drops those pairs)", file=sys.stderr)
     return output_source, output_target
 
 

@@ -183,6 +183,14 @@ class TranslationModule(L.LightningModule):
         if "state_dict" not in checkpoint:
             raise ValueError(f"init_from: {path}: not a Lightning checkpoint")
         if layers is None:
+            for stack in ("encoder", "decoder"):
+                theirs = 1 + max((int(key.split(".")[2]) for key in checkpoint["state_dict"]
+                                  if key.startswith(f"model.{stack}_layers.")), default=-1)
+                mine = getattr(self.model.config, f"{stack}_layers")
+                if theirs != mine:
+                    raise ValueError(f"init_from: {path}: weights do not fit this model (its {stack} has {theirs} "
+                                     f"layers, this model's {mine}); a deeper teacher's layers are chosen with "
+                                     f"init_layers, e.g. 'every_other'")
             try:
                 self.model.load_state_dict(model_weights(checkpoint["state_dict"], self.model))
             except RuntimeError as error:
