@@ -41,7 +41,7 @@ def test_recipe_instantiates(recipe: Path, prepared_dir: Path, tmp_path: Path, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     configs = ["--config", str(TINY), "--config", str(recipe)] if recipe in ADD_ONS else ["--config", str(recipe)]
     if "init_from:" in recipe.read_text():  # the checkpoint it fine-tunes does not exist here
-        configs.append("--model.init_from=null")
+        configs += ["--model.init_from=null", "--model.init_layers=null"]
     # GPU recipes are checked for their keys and types on this CPU machine.
     cli = TranslationCLI(TranslationModule, TranslationDataModule, run=False,
                          args=[*configs, f"--data.data_dir={prepared_dir}", "--trainer.accelerator=cpu",
@@ -90,4 +90,20 @@ def test_quant_noise_then_ipq_through_the_cli(prepared_dir: Path, tmp_path: Path
     assert main(["export", "--checkpoint", str(checkpoint), "--output", "model.safetensors"]) == 0
     assert ": int4+ipq," in capsys.readouterr().err  # feed-forward codebooks (stage 0), int4 elsewhere
     assert main(["translate", "--checkpoint", "model.safetensors", "--input", str(prepared_dir / "test.en"),
+                 "--output", "hyp.cs", "--beam", "2"]) == 0
+
+
+def test_teacher_then_distilled_student_through_the_cli(prepared_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """teacher.yaml, then tiny.yaml + compress/distill.yaml (init from every other teacher layer,
+    word-level KD); the student exports and translates without its teacher."""
+    monkeypatch.chdir(tmp_path)
+    quick = quick_run(prepared_dir)
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "teacher.yaml"), *quick,
+                 "--model.encoder_layers=2", "--model.decoder_layers=2"]) == 0
+    assert Path("runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt").is_file()
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "compress" / "distill.yaml"), *quick]) == 0
+    student = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors"]) == 0
+    assert main(["translate", "--checkpoint", "student.safetensors", "--input", str(prepared_dir / "test.en"),
                  "--output", "hyp.cs", "--beam", "2"]) == 0

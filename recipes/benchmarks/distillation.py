@@ -1,0 +1,296 @@
+"""The seed's distillation table for translation: a 6+6 teacher and half-depth (3+3) students.
+
+    python recipes/benchmarks/distillation.py --out runs/distillation
+
+The teacher is the tiny width at twice the depth (``recipes/libreoffice_en_cs/teacher.yaml``;
+trained first if ``--teacher-checkpoint`` does not exist). Every student is the tiny 3+3 model
+trained with the tiny recipe for ``--steps`` steps; only what the row names changes:
+
+| row | student |
+|---|---|
+| from scratch | random initialisation, label-smoothed cross-entropy (the main job's model) |
+| teacher's layers | initialised from teacher layers 1, 3, 5 (``init_layers: every_other``) |
+| + word-level KD | teacher's layers + KD(T = 2): 0.5 CE + 0.5 T^2 KL(teacher || student) |
+| + triple loss | the same + 1.0 cosine loss on the encoder and decoder outputs (DistilBERT) |
+| sequence-level KD | teacher's layers, trained on the teacher's beam-4 translations of the training set |
+| sequence + word-level KD | both |
+| deployment | the best student by BLEU, fine-tuned ``--qat-steps`` with QAT, exported to int8 |
+
+Columns: parameters, bytes on disk (fp32 export; int8 for the deployment row), BLEU and chrF2
+on the whole test split with beam 4 and greedy, CPU sentences/s with beam 4 relative to the
+teacher (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
+turns in one process). Then the training step time of word-level KD against plain training
+of the same student, side by side on the same batches.
+
+Everything is cached in OUT (trained runs, the distilled corpus, exports, scores, speed
+rounds): an interrupted run continues where it stopped when the same command is run again.
+Writes OUT/distillation_table.md and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
+
+from side_by_side import cpu_description, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+
+TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
+TEACHER_RECIPE = ROOT / "recipes/libreoffice_en_cs/teacher.yaml"
+FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
+QAT = ROOT / "recipes/compress/qat.yaml"
+TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
+MAIN_JOB = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
+TRAINED = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")  # relative to a student's run directory
+FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+RECIPE_STEPS = 1400  # tiny.yaml's max_steps: the main job's model is the from-scratch row at this budget
+
+
+def distillation_yaml(teacher: Path, hidden_weight: float = 0.0) -> str:
+    init_args = {"teacher": str(teacher), "temperature": 2.0, "soft_weight": 0.5, "hard_weight": 0.5,
+                 "hidden_weight": hidden_weight}
+    return json.dumps({"trainer": {"callbacks+": [{"class_path": "callbacks.KnowledgeDistillation",
+                                                   "init_args": init_args}]}})
+
+
+def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
+            result: Path) -> Path:
+    """``nmt-lightning fit`` in OUT/runs/<name> (recipe paths are relative, so each run has its
+    own directory); cached: a finished run is reused."""
+    run_dir = args.out / "runs" / name
+    checkpoint = run_dir / result
+    if checkpoint.is_file():
+        return checkpoint
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options = [option for config in configs for option in ("--config", str(config))]
+    for index, text in enumerate(add_ons):
+        path = run_dir / f"add_on{index}.yaml"
+        path.write_text(text + "\n", encoding="utf-8")
+        options += ["--config", str(path)]
+    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *options, *overrides, "--trainer.max_time=null",
+               "--model.test_output=null"]
+    print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
+    subprocess.run(command, cwd=run_dir, check=True)
+    return checkpoint
+
+
+def student(args: argparse.Namespace, name: str, data_dir: Path, init: bool, add_ons: list[str]) -> Path:
+    overrides = [f"--data.data_dir={data_dir}", f"--trainer.max_steps={args.steps}"]
+    if init:
+        overrides += [f"--model.init_from={args.teacher_checkpoint}", "--model.init_layers=every_other"]
+    return run_fit(args, name, [TINY], add_ons, overrides, TRAINED)
+
+
+def teacher_checkpoint(args: argparse.Namespace) -> Path:
+    if not args.teacher_checkpoint.is_file():
+        print(f"training the teacher ({TEACHER_RECIPE.name}) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "fit", "--config", str(TINY), "--config",
+                        str(TEACHER_RECIPE), f"--data.data_dir={args.data_dir}", "--trainer.max_time=null"],
+                       cwd=ROOT, check=True)
+    return args.teacher_checkpoint
+
+
+def sequence_level_data(args: argparse.Namespace) -> Path:
+    """The teacher's beam-4 translations of the training source, prepared with the teacher's BPE."""
+    data_dir = args.out / "sequence_level_data"
+    if (data_dir / "prepare.json").is_file() and "binary" in json.loads((data_dir / "prepare.json").read_text())["stages"]:
+        return data_dir
+    corpus = args.out / "sequence_level_corpus" / "train"
+    if not Path(f"{corpus}.cs").is_file():
+        subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "distill-data", "--checkpoint",
+                        str(args.teacher_checkpoint), "--input", str(args.data_dir / "train"), "--output", str(corpus),
+                        "--beam", "4"], check=True)
+    subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "prepare", "--train", str(corpus), "--valid",
+                    str(args.data_dir / "valid"), "--test", str(args.data_dir / "test"), "--bpe-from",
+                    str(args.data_dir), "--out", str(data_dir)], check=True)
+    return data_dir
+
+
+def cached(path: Path, compute: Callable[[], dict]) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    return value
+
+
+def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]]:
+    """(row, checkpoint, export --quantize), training what is missing, most telling rows first."""
+    teacher = teacher_checkpoint(args)
+    kd = distillation_yaml(teacher)
+    rows = [("teacher (6+6)", teacher, "fp32")]
+    if args.steps == RECIPE_STEPS and MAIN_JOB.is_file():
+        scratch = MAIN_JOB
+    else:
+        scratch = student(args, "scratch", args.data_dir, False, [])
+    rows.append(("student from scratch", scratch, "fp32"))
+    rows.append(("teacher's layers", student(args, "teacher_layers", args.data_dir, True, []), "fp32"))
+    rows.append(("+ word-level KD", student(args, "word_kd", args.data_dir, True, [kd]), "fp32"))
+    sequence_data = sequence_level_data(args)
+    rows.append(("sequence-level KD", student(args, "sequence_kd", sequence_data, True, []), "fp32"))
+    rows.append(("+ triple loss", student(args, "triple_loss", args.data_dir, True,
+                                          [distillation_yaml(teacher, hidden_weight=1.0)]), "fp32"))
+    rows.append(("sequence + word-level KD", student(args, "sequence_word_kd", sequence_data, True, [kd]), "fp32"))
+    return rows
+
+
+def deployment_row(args: argparse.Namespace, best: tuple[str, Path, Optional[str]]) -> tuple[str, Path, Optional[str]]:
+    name, checkpoint, _ = best
+    finetuned = run_fit(args, "deployment_qat", [TINY, FINETUNE, QAT], [],
+                        [f"--data.data_dir={args.data_dir}", f"--model.init_from={checkpoint}",
+                         f"--trainer.max_steps={args.qat_steps}"], FINETUNED)
+    return (f"deployment: {name} + QAT, int8", finetuned, None)
+
+
+def evaluate(args: argparse.Namespace, row: tuple[str, Path, Optional[str]], sources: list[str],
+             references: list[str]) -> tuple[Path, dict]:
+    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.evaluation import score
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.module import TranslationModule
+    from nmt_lightning.translate import translate_lines
+
+    name, checkpoint, quantize = row
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    model_file = args.out / "exports" / f"{slug}.safetensors"
+    if not model_file.is_file():
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        export_checkpoint(checkpoint, model_file, quantize)
+
+    def scores() -> dict:
+        module = load_exported(model_file)
+        architecture = TranslationModule.from_hyperparameters(read_checkpoint(checkpoint)["hyper_parameters"])
+        result = {"bytes": model_file.stat().st_size, "parameters": architecture.model.num_parameters()}
+        for label, beam in (("beam4", 4), ("greedy", 1)):
+            print(f"translating the test split: {name}, {label}", file=sys.stderr, flush=True)
+            found = score(translate_lines(module, sources, beam=beam), references)
+            result.update({f"bleu_{label}": found.bleu, f"chrf_{label}": found.chrf})
+        return result
+
+    return model_file, cached(args.out / "scores" / f"{slug}.json", scores)
+
+
+def speed_rounds(args: argparse.Namespace, files: dict[str, Path], lines: list[str]) -> list[dict]:
+    """Sentences/s with beam 4, every model in this process, taking turns (the order rotates)."""
+    from nmt_lightning.export import load_exported
+    from nmt_lightning.translate import translate_lines
+
+    path = args.out / "speed_rounds.json"
+    rounds: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+    rounds = [r for r in rounds if set(r) == set(files)]  # rows added since: measure all again
+    models = {name: load_exported(file) for name, file in files.items()}
+    while len(rounds) < args.rounds:
+        names = list(models)
+        shift = len(rounds) % len(names)
+        speeds = {}
+        for name in names[shift:] + names[:shift]:
+            translate_lines(models[name], lines[:32], beam=4, progress=False)  # warm-up
+            started = time.perf_counter()
+            translate_lines(models[name], lines, beam=4, progress=False)
+            speeds[name] = len(lines) / (time.perf_counter() - started)
+            print(f"round {len(rounds) + 1}: {name}: {speeds[name]:.1f} sentences/s", file=sys.stderr, flush=True)
+        rounds.append(speeds)
+        path.write_text(json.dumps(rounds, indent=1))
+    return rounds
+
+
+def step_times(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per training step of the 3+3 student: plain, with word-level KD, with the triple
+    loss (Lightning loops over the same batches, taking turns; median of 3 rounds)."""
+    from training_throughput import first_batches, lightning_loop  # recipes/benchmarks/training_throughput.py
+
+    from callbacks import KnowledgeDistillation
+    from nmt_lightning.module import TranslationModule
+
+    datamodule, batches, _ = first_batches(args.data_dir, args.throughput_steps, max_tokens=2048)
+
+    def fresh() -> TranslationModule:
+        torch.manual_seed(0)
+        return TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, preset="tiny", pre_norm=True,
+                                 val_bleu=False)
+
+    teacher = str(args.teacher_checkpoint)
+    variants = {
+        "plain": lambda: (),
+        "word-level KD": lambda: (KnowledgeDistillation(teacher),),
+        "triple loss": lambda: (KnowledgeDistillation(teacher, hidden_weight=1.0),),
+    }
+    lightning_loop(fresh(), batches[:3])  # warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(3):
+        for name, callbacks in variants.items():
+            seconds[name].append(lightning_loop(fresh(), batches, callbacks()) / len(batches))
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/distillation")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
+    parser.add_argument("--teacher-checkpoint", type=Path, default=TEACHER)
+    parser.add_argument("--steps", type=int, default=RECIPE_STEPS, help="training steps of every student")
+    parser.add_argument("--qat-steps", type=int, default=300, help="QAT fine-tuning steps of the deployment row")
+    parser.add_argument("--sentences", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--throughput-steps", type=int, default=20)
+    args = parser.parse_args()
+    # Students train in their own directories: every path handed to them must be absolute.
+    args.out, args.data_dir, args.teacher_checkpoint = (p.resolve() for p in (args.out, args.data_dir,
+                                                                              args.teacher_checkpoint))
+    if not (args.data_dir / "test.en").is_file():
+        sys.exit(f"--data-dir: {args.data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from nmt_lightning.evaluation import read_lines
+
+    sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
+    rows = build_rows(args)
+    results = {name: evaluate(args, (name, checkpoint, quantize), sources, references)
+               for name, checkpoint, quantize in rows}
+    best = max(rows[1:], key=lambda row: results[row[0]][1]["bleu_beam4"])
+    deployment = deployment_row(args, best)
+    rows.append(deployment)
+    results[deployment[0]] = evaluate(args, deployment, sources, references)
+    rounds = speed_rounds(args, {name: file for name, (file, _) in results.items()}, sources[: args.sentences])
+    steps = cached(args.out / "step_times.json", lambda: step_times(args))
+
+    teacher_name = rows[0][0]
+    speed = {name: statistics.median(r[name] for r in rounds) for name in results}
+    teacher_bleu = results[teacher_name][1]["bleu_beam4"]
+    header = ["model", "parameters", "bytes on disk", "BLEU beam 4", "chrF2 beam 4", "BLEU greedy", "chrF2 greedy",
+              "% of teacher BLEU", "sentences/s", "speed vs teacher"]
+    table = []
+    for name, _, _ in rows:
+        result = results[name][1]
+        table.append([name, f"{result['parameters'] / 1e6:.1f}M", f"{result['bytes']:,}", f"{result['bleu_beam4']:.2f}",
+                      f"{result['chrf_beam4']:.2f}", f"{result['bleu_greedy']:.2f}", f"{result['chrf_greedy']:.2f}",
+                      f"{100 * result['bleu_beam4'] / teacher_bleu:.1f}%", f"{speed[name]:.1f}",
+                      f"{speed[name] / speed[teacher_name]:.2f}x"])
+    text = write_table(args.out / "distillation_table.csv", header, table)
+    text += [
+        "",
+        f"Test split: {len(references)} sentences of {args.data_dir}. Students: the tiny 3+3 model, {args.steps} "
+        f"steps each; KD rows start from the teacher's layers 1, 3, 5. Deployment: the best student by BLEU "
+        f"({best[0]}), {args.qat_steps} steps of QAT, int8 export. Speed: beam 4, {args.rounds} rounds over the "
+        f"first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
+        f"{cpu_description()}.",
+        "Training step time of the student (same batches, taking turns; median of 3 rounds): "
+        + ", ".join(f"{name} {value * 1000:.0f} ms ({value / steps['plain']:.2f}x)" for name, value in steps.items()),
+        f"Reproduce: python recipes/benchmarks/distillation.py --out {args.out} --steps {args.steps}",
+    ]
+    (args.out / "distillation_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
