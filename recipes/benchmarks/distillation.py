@@ -206,11 +206,13 @@ def speed_rounds(args: argparse.Namespace, files: dict[str, Path], lines: list[s
 
 
 def step_times(args: argparse.Namespace) -> dict[str, float]:
-    """Seconds per training step of the 3+3 student: plain, with word-level KD, with the triple
-    loss (Lightning loops over the same batches, taking turns; median of 3 rounds)."""
+    """Seconds per training step of the 3+3 student: plain, with word-level KD (the fp32 teacher,
+    and its post-training int8 export as a faster teacher), with the triple loss (Lightning
+    loops over the same batches, taking turns; median of 3 rounds)."""
     from training_throughput import first_batches, lightning_loop  # recipes/benchmarks/training_throughput.py
 
     from callbacks import KnowledgeDistillation
+    from nmt_lightning.export import export_checkpoint
     from nmt_lightning.module import TranslationModule
 
     datamodule, batches, _ = first_batches(args.data_dir, args.throughput_steps, max_tokens=2048)
@@ -221,9 +223,14 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
                                  val_bleu=False)
 
     teacher = str(args.teacher_checkpoint)
+    int8_teacher = args.out / "exports" / "teacher_int8.safetensors"
+    if not int8_teacher.is_file():
+        export_checkpoint(teacher, int8_teacher, "int8")
     variants = {
         "plain": lambda: (),
         "word-level KD": lambda: (KnowledgeDistillation(teacher),),
+        "word-level KD, int8 teacher": lambda: (KnowledgeDistillation(
+            str(int8_teacher), teacher_loader="nmt_lightning.checkpoints.load_translation_module"),),
         "triple loss": lambda: (KnowledgeDistillation(teacher, hidden_weight=1.0),),
     }
     lightning_loop(fresh(), batches[:3])  # warm-up

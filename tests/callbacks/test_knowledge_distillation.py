@@ -249,3 +249,18 @@ distillation:
     assert distillation.layer_map == {"decoder.3": "decoder.6", "encoder_output": "encoder_output"}
     assert (distillation.temperature, distillation.hidden_weight, distillation.teacher.checkpoint) == (
         2.0, 1.0, "runs/teacher/last.ckpt")
+
+
+def test_an_int8_export_is_a_faster_teacher(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    """teacher_loader names any path -> module function: here an int8 export, run on FBGEMM."""
+    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.int8 import Int8Linear
+
+    export_checkpoint(trained_checkpoint, tmp_path / "teacher.int8.safetensors", "int8")
+    L.seed_everything(0)
+    student, datamodule = translation_student(prepared_dir)
+    distillation = KnowledgeDistillation(str(tmp_path / "teacher.int8.safetensors"),
+                                         teacher_loader="nmt_lightning.checkpoints.load_translation_module")
+    tiny_trainer(tmp_path, max_steps=3, callbacks=[distillation]).fit(student, datamodule=datamodule)
+    assert any(isinstance(m, Int8Linear) for m in distillation.teacher.module.modules())
+    assert torch.isfinite(student.trainer.logged_metrics["train/distill_soft"])
