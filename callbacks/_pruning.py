@@ -1,0 +1,126 @@
+"""Magnitude-pruning masks shared by the pruning callbacks.
+
+A mask is a ``PruningMask`` weight transform (stage MASK, the first of the chain): a buffer of
+the model, so the ordinary checkpoint carries it and every DDP rank holds the same one (masks
+are computed from the weights, which DDP keeps identical). The weight a layer computes with is
+``W * mask``, so pruned entries are exactly zero in any precision; when a mask grows, the
+pruned entries of the parameter itself are set to zero too, after which they stay zero (their
+gradient is zero, and so is any weight decay of a zero), so the raw parameter equals the
+masked weight and the exporter may encode it directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from callbacks._compression import record_codec
+from callbacks._selection import select_modules
+from callbacks._transforms import MASK, WeightTransform, add_weight_transform, find_weight_transform, trainable_weight, \
+    weight_transforms
+
+SPARSE_ORDER = 30  # after any quantization (20): the sparse step stores the survivors of the quantized values
+
+
+class PruningMask(WeightTransform):
+    """``weight * mask`` (mask: 1 keeps, 0 prunes; float, the weight's shape)."""
+
+    stage = MASK
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", torch.ones_like(weight.detach(), dtype=torch.float32))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * self.mask.to(weight.dtype)
+
+
+class PrunedWeights:
+    """The selected weights of one model and their masks (a shared module once, with all its names)."""
+
+    def __init__(self, root: nn.Module, owner: str, include: Sequence[str], exclude: Sequence[str],
+                 embeddings: bool) -> None:
+        self.owner = owner
+        self.modules = select_modules(root, owner, include, exclude, embeddings=embeddings)
+        for module, _ in self.modules:
+            add_weight_transform(module, PruningMask(trainable_weight(module)))
+
+    def masks(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
+        """(first name, parameter, mask buffer) of every pruned weight."""
+        return [(names[0], trainable_weight(module), find_weight_transform(module, PruningMask).mask)
+                for module, names in self.modules]
+
+    @property
+    def total(self) -> int:
+        return sum(mask.numel() for _, _, mask in self.masks())
+
+    def remaining(self) -> int:
+        return int(sum(mask.sum().item() for _, _, mask in self.masks()))
+
+    def sparsity(self) -> float:
+        return 1.0 - self.remaining() / self.total
+
+    def layer_sparsity(self) -> dict[str, float]:
+        return {name: 1.0 - mask.mean().item() for name, _, mask in self.masks()}
+
+    @torch.no_grad()
+    def prune_to(self, keep: float, scope: str) -> None:
+        """Prune the smallest-magnitude surviving weights until a fraction ``keep`` of all of
+        them (``scope="global"``) or of each layer (``"layer"``) survives. Masks only grow."""
+        groups = [self.masks()] if scope == "global" else [[entry] for entry in self.masks()]
+        for group in groups:
+            total = sum(mask.numel() for _, _, mask in group)
+            surviving = sum(int(mask.sum().item()) for _, _, mask in group)
+            target = int(round(keep * total))
+            prune = surviving - target
+            if prune <= 0:
+                continue
+            # Magnitudes of the survivors only (pruned entries are +inf: never chosen again).
+            scores = torch.cat([torch.where(mask.bool(), weight.detach().abs().float(), torch.full_like(mask, float("inf"))
+                                            ).flatten() for _, weight, mask in group])
+            order = torch.argsort(scores, stable=True)[:prune]  # ties broken by position: the same on every rank
+            flat = torch.ones_like(scores)
+            flat[order] = 0.0
+            offset = 0
+            for _, weight, mask in group:
+                count = mask.numel()
+                mask.mul_(flat[offset : offset + count].view_as(mask).to(mask.device))
+                offset += count
+        self.zero_pruned()
+
+    @torch.no_grad()
+    def zero_pruned(self) -> None:
+        for _, weight, mask in self.masks():
+            weight.mul_(mask.to(weight.dtype))
+
+    @torch.no_grad()
+    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
+        """Masks by first name (from another run's checkpoint: the random-reinit control)."""
+        for name, _, mask in self.masks():
+            if name not in masks:
+                raise ValueError(f"{self.owner}: masks_from has no mask for {name}")
+            if masks[name].shape != mask.shape:
+                raise ValueError(f"{self.owner}: the mask for {name} in masks_from has shape "
+                                 f"{tuple(masks[name].shape)}, the weight {tuple(mask.shape)}")
+            mask.copy_(masks[name])
+        self.zero_pruned()
+
+    def record(self, checkpoint: dict[str, Any], root: nn.Module) -> None:
+        """The sparse codec step of every masked weight, naming its mask in the state_dict."""
+        for module, names in self.modules:
+            index = next(i for i, t in enumerate(weight_transforms(module)) if isinstance(t, PruningMask))
+            for name in names:
+                record_codec(checkpoint, f"{name}.weight", "sparse", SPARSE_ORDER,
+                             mask=f"{name}.parametrizations.weight.{index}.mask")
+
+
+def masks_in_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Module name -> pruning mask, from a checkpoint's state_dict (any chain position)."""
+    found = {}
+    for key, value in state_dict.items():
+        head, marker, tail = key.partition(".parametrizations.weight.")
+        if marker and tail.endswith(".mask"):
+            found[head] = value
+    return found

@@ -1,0 +1,180 @@
+"""callbacks.LotteryTicketPruning: iterative magnitude pruning with late rewinding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks import KnowledgeDistillation, LotteryTicketPruning, QuantizationAwareTraining
+from callbacks._pruning import PruningMask
+from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
+from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.conftest import run_script
+
+LAYERS = ["hidden", "out"]  # 16 x 16 + 3 x 16 = 304 weights
+
+
+def ticket(**overrides) -> LotteryTicketPruning:
+    options = dict(sparsity=0.875, rounds=3, round_steps=4, rewind_step=2, include=LAYERS)
+    return LotteryTicketPruning(**{**options, **overrides})
+
+
+class Probe(L.Callback):
+    """Listed after the pruning callback: sees each step's weights after it acted."""
+
+    def __init__(self, pruning: LotteryTicketPruning) -> None:
+        self.pruning, self.remaining, self.weights = pruning, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.remaining[trainer.global_step] = self.pruning.weights.remaining()
+        self.weights[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+class DecayingClassifier(BagOfWordsClassifier):
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def test_sparsity_follows_the_schedule_and_survivors_rewind_to_step_k(tmp_path: Path) -> None:
+    pruning = ticket()
+    probe = Probe(pruning)
+    L.seed_everything(0)
+    trainer(tmp_path, [pruning, probe], max_steps=16).fit(BagOfWordsClassifier(), classification_data())
+    # Kept after round r: 0.125 ** (r / 3) of 304 = 152, 76, 38, pruned at steps 4, 8, 12.
+    assert [probe.remaining[step] for step in (0, 3, 4, 7, 8, 11, 12, 15)] == [304, 304, 152, 152, 76, 76, 38, 38]
+    for prune_step in (4, 8, 12):  # right after each pruning: survivors hold their step-k (step 2) values
+        after = probe.weights[prune_step]
+        for name, value in probe.weights[2].items():
+            kept = after[name] != 0
+            torch.testing.assert_close(after[name][kept], value[kept], rtol=0, atol=0, msg=name)
+            if not name.endswith(".original"):  # biases, embeddings, norms: rewound whole
+                torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
+    assert pruning.round == 3
+
+
+def test_pruned_weights_stay_zero_with_adamw_weight_decay_and_bf16(tmp_path: Path) -> None:
+    model = DecayingClassifier()
+    trainer(tmp_path, [ticket()], max_steps=16, precision="bf16-mixed").fit(model, classification_data())
+    for name in LAYERS:
+        module = getattr(model, name)
+        mask = find_weight_transform(module, PruningMask).mask
+        assert (trainable_weight(module)[mask == 0] == 0).all(), name  # the parameter itself
+        assert (module.weight[mask == 0] == 0).all(), name  # what the layer computes with
+
+
+def test_resume_in_the_middle_of_round_two_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, lambda: [ticket()],
+                                                  classification_data, stop=6, total=14)
+    assert_same_state(straight, resumed, tolerance=0)  # weights and masks
+
+
+def test_the_callback_state_carries_round_and_snapshot(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pruning = ticket()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=6, save_top_k=-1, filename="mid")
+    trainer(tmp_path, [pruning, saver], max_steps=6, enable_checkpointing=True).fit(
+        BagOfWordsClassifier(), classification_data())
+    saved = torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("LotteryTicketPruning"))
+    assert state["round"] == 1 and "hidden.parametrizations.weight.original" in state["snapshot"]
+    # The manifest tells the exporter each pruned weight is sparse, naming its mask.
+    assert saved["compression"]["hidden.weight"][0]["codec"] == "sparse"
+    assert saved["compression"]["hidden.weight"][0]["mask"] in saved["state_dict"]
+
+
+def test_one_shot_per_layer_and_by_epochs(tmp_path: Path) -> None:
+    pruning = LotteryTicketPruning(sparsity=0.5, rounds=1, round_epochs=1, scope="layer", include=LAYERS)
+    model = BagOfWordsClassifier()
+    trainer(tmp_path, [pruning], max_steps=16, max_epochs=2).fit(model, classification_data())  # 8 batches an epoch
+    assert pruning.round == 1
+    assert pruning.weights.layer_sparsity() == {"hidden": 0.5, "out": 0.5}
+
+
+def test_prune_fraction_sets_the_rounds() -> None:
+    pruning = LotteryTicketPruning(sparsity=0.8, prune_fraction=0.2, round_steps=5)
+    assert pruning.rounds == 8  # 0.8 ** 7 = 0.21 > 0.2 >= 0.8 ** 8
+    assert pruning.kept_after(8) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(sparsity=1.0), "sparsity must be in \\[0, 1\\), got 1.0"),
+    (dict(rounds=None), "give rounds \\(1 = one-shot\\) or prune_fraction"),
+    (dict(prune_fraction=1.5), "prune_fraction must be in \\(0, 1\\)"),
+    (dict(round_epochs=2), "exactly one of round_steps and round_epochs"),
+    (dict(round_steps=None), "exactly one of round_steps and round_epochs"),
+    (dict(rewind_step=4), "rewind_step \\(4\\) must come before the end of the first round"),
+    (dict(scope="row"), "scope must be one of"),
+    (dict(rounds=0), "rounds=0 prunes nothing"),
+    (dict(include="hidden"), "include and exclude are lists of globs"),
+])
+def test_misconfiguration_names_the_argument(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ticket(**settings)
+
+
+def test_too_few_steps_for_the_rounds_is_said(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="3 rounds of 4 steps and the last ticket's training need max_steps = 16; "
+                                         "this fit stops at 10, in round 2"):
+        trainer(tmp_path, [ticket()], max_steps=10).fit(BagOfWordsClassifier(), classification_data())
+
+
+def test_random_reinit_control_on_another_runs_masks(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="ticket")
+    L.seed_everything(0)
+    trainer(tmp_path / "t", [ticket(), saver], max_steps=16, enable_checkpointing=True).fit(
+        BagOfWordsClassifier(), classification_data())
+    control = LotteryTicketPruning(sparsity=0.875, rounds=0, round_steps=4, reinitialize=True, include=LAYERS,
+                                   masks_from=str(tmp_path / "ckpt" / "ticket.ckpt"), seed=7)
+    model = BagOfWordsClassifier()
+    trainer(tmp_path / "c", [control], max_steps=4).fit(model, classification_data())
+    ticket_state = torch.load(tmp_path / "ckpt" / "ticket.ckpt", weights_only=True)["state_dict"]
+    for name in LAYERS:
+        mask = find_weight_transform(getattr(model, name), PruningMask).mask
+        assert torch.equal(mask, ticket_state[f"{name}.parametrizations.weight.0.mask"])
+        assert (getattr(model, name).weight[mask == 0] == 0).all()
+    assert control.weights.sparsity() == pytest.approx(1 - 38 / 304)
+
+
+def test_with_distillation_and_qat(tmp_path: Path) -> None:
+    L.seed_everything(3)
+    fit = trainer(tmp_path / "teacher", [], max_steps=12)
+    fit.fit(DistillableClassifier(), classification_data())
+    fit.save_checkpoint(tmp_path / "teacher.ckpt")
+    student = DistillableClassifier()
+    callbacks = [QuantizationAwareTraining(), KnowledgeDistillation(str(tmp_path / "teacher.ckpt"), teacher_inputs=[0]),
+                 ticket()]
+    trainer(tmp_path / "s", callbacks, max_steps=16).fit(student, classification_data())
+    assert [type(t).__name__ for t in weight_transforms(student.hidden)] == ["PruningMask", "FakeQuantizedWeight"]
+    mask = find_weight_transform(student.hidden, PruningMask).mask
+    student.eval()
+    assert (student.hidden.weight[mask == 0] == 0).all()
+    assert 1 - mask.mean().item() > 0.5
+
+
+def test_two_process_ddp_keeps_the_masks_identical(tmp_path: Path) -> None:
+    run_script("lottery_ticket_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["round"] == ranks[1]["round"] == 2
+
+
+def test_yaml_instantiation() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--pruning", type=LotteryTicketPruning)
+    config = parser.parse_string("""
+pruning:
+  class_path: callbacks.LotteryTicketPruning
+  init_args: {sparsity: 0.8, rounds: 4, round_steps: 300, rewind_step: 20, scope: global, exclude: ["*output_projection"]}
+""")
+    pruning = parser.instantiate_classes(config).pruning
+    assert (pruning.rounds, pruning.round_steps, pruning.rewind_step, pruning.exclude) == (4, 300, 20, ["*output_projection"])
