@@ -6,8 +6,9 @@ nmt_lightning, so it works on models that are not ours.
 
 from callbacks.knowledge_distillation import KnowledgeDistillation
 from callbacks.lottery_ticket import LotteryTicketPruning
+from callbacks.magnitude_pruning import MagnitudePruning
 from callbacks.product_quantization import IterativeProductQuantization
 from callbacks.quant_noise import QuantNoise
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 
-__all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "LotteryTicketPruning", "QuantNoise", "QuantizationAwareTraining"]
+__all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "LotteryTicketPruning", "MagnitudePruning", "QuantNoise", "QuantizationAwareTraining"]

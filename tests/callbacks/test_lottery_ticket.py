@@ -178,3 +178,24 @@ pruning:
 """)
     pruning = parser.instantiate_classes(config).pruning
     assert (pruning.rounds, pruning.round_steps, pruning.rewind_step, pruning.exclude) == (4, 300, 20, ["*output_projection"])
+
+
+def test_gradual_magnitude_pruning_follows_the_cubic_schedule_and_resumes(tmp_path: Path) -> None:
+    from callbacks import MagnitudePruning
+
+    def gradual() -> MagnitudePruning:
+        return MagnitudePruning(sparsity=0.75, start_step=2, end_step=10, frequency=2, include=LAYERS)
+
+    pruning = gradual()
+    assert [round(pruning.target(step), 4) for step in (0, 2, 4, 6, 10, 12)] == [0.0, 0.0, 0.4336, 0.6562, 0.75, 0.75]
+    model = BagOfWordsClassifier()
+    trainer(tmp_path / "run", [pruning], max_steps=14).fit(model, classification_data())
+    assert pruning.weights.sparsity() == pytest.approx(0.75, abs=1 / 304)
+    for name in LAYERS:  # no rewinding: the survivors are trained weights, the pruned ones exactly 0
+        mask = find_weight_transform(getattr(model, name), PruningMask).mask
+        assert (getattr(model, name).weight[mask == 0] == 0).all()
+    straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, lambda: [gradual()],
+                                                  classification_data, stop=5, total=12)
+    assert_same_state(straight, resumed, tolerance=0)
+    with pytest.raises(ValueError, match="end_step must be an integer > start_step \\(2\\)"):
+        MagnitudePruning(start_step=2, end_step=2)
