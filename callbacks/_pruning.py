@@ -38,19 +38,30 @@ class PruningMask(WeightTransform):
 
 
 class PrunedWeights:
-    """The selected weights of one model and their masks (a shared module once, with all its names)."""
+    """The selected weights of one model and their masks. A parameter shared by several modules
+    (an embedding tied to the output projection) is one weight with one mask: its modules hold
+    the same ``PruningMask`` (the same buffer under each module's name)."""
 
     def __init__(self, root: nn.Module, owner: str, include: Sequence[str], exclude: Sequence[str],
                  embeddings: bool) -> None:
         self.owner = owner
-        self.modules = select_modules(root, owner, include, exclude, embeddings=embeddings)
-        for module, _ in self.modules:
-            add_weight_transform(module, PruningMask(trainable_weight(module)))
+        groups: dict[int, tuple[list[nn.Module], list[str]]] = {}
+        for module, names in select_modules(root, owner, include, exclude, embeddings=embeddings):
+            modules, all_names = groups.setdefault(id(trainable_weight(module)), ([], []))
+            modules.append(module)
+            all_names.extend(names)
+        self.groups = list(groups.values())
+        for modules, _ in self.groups:
+            existing = next((find_weight_transform(m, PruningMask) for m in modules
+                             if find_weight_transform(m, PruningMask) is not None), None)
+            mask = existing or PruningMask(trainable_weight(modules[0]))
+            for module in modules:
+                add_weight_transform(module, mask)
 
     def masks(self) -> list[tuple[str, nn.Parameter, torch.Tensor]]:
-        """(first name, parameter, mask buffer) of every pruned weight."""
-        return [(names[0], trainable_weight(module), find_weight_transform(module, PruningMask).mask)
-                for module, names in self.modules]
+        """(first name, parameter, mask buffer) of every pruned weight, each once."""
+        return [(names[0], trainable_weight(modules[0]), find_weight_transform(modules[0], PruningMask).mask)
+                for modules, names in self.groups]
 
     @property
     def total(self) -> int:
@@ -109,11 +120,13 @@ class PrunedWeights:
 
     def record(self, checkpoint: dict[str, Any], root: nn.Module) -> None:
         """The sparse codec step of every masked weight, naming its mask in the state_dict."""
-        for module, names in self.modules:
-            index = next(i for i, t in enumerate(weight_transforms(module)) if isinstance(t, PruningMask))
-            for name in names:
-                record_codec(checkpoint, f"{name}.weight", "sparse", SPARSE_ORDER,
-                             mask=f"{name}.parametrizations.weight.{index}.mask")
+        for modules, _ in self.groups:
+            for module in modules:
+                index = next(i for i, t in enumerate(weight_transforms(module)) if isinstance(t, PruningMask))
+                for name, candidate in root.named_modules(remove_duplicate=False):
+                    if candidate is module:
+                        record_codec(checkpoint, f"{name}.weight", "sparse", SPARSE_ORDER,
+                                     mask=f"{name}.parametrizations.weight.{index}.mask")
 
 
 def masks_in_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -40,6 +40,10 @@ def test_bits_round_trip() -> None:
 
 def test_a_sparse_export_translates_as_the_masked_model(prepared_dir: Path, tmp_path: Path) -> None:
     module, checkpoint = pruned_model(prepared_dir, tmp_path)
+    # The embedding tied to the output projection is one weight with one mask.
+    embedding, projection = module.model.src_embed, module.model.output_projection
+    assert embedding.parametrizations.weight[0].mask is projection.parametrizations.weight[0].mask
+    assert torch.equal(embedding.weight, projection.weight)
     dense = export_checkpoint(checkpoint, tmp_path / "sparse.safetensors", "fp32")
     exported = load_exported(dense.output)
     # Every weight decodes to exactly what the masked model computes with.
