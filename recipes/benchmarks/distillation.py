@@ -54,6 +54,7 @@ MAIN_JOB = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
 RECIPE_STEPS = 1400  # tiny.yaml's max_steps: the main job's model is the from-scratch row at this budget
+TEACHER_STEPS = 4000  # teacher.yaml's max_steps
 
 
 def distillation_yaml(teacher: Path, hidden_weight: float = 0.0) -> str:
@@ -63,13 +64,22 @@ def distillation_yaml(teacher: Path, hidden_weight: float = 0.0) -> str:
                                                    "init_args": init_args}]}})
 
 
+def finished_step(checkpoint: Path) -> int:
+    """The global step a checkpoint was saved at (0 if there is none)."""
+    if not checkpoint.is_file():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
 def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
-            result: Path) -> Path:
-    """``nmt-lightning fit`` in OUT/runs/<name> (recipe paths are relative, so each run has its
-    own directory); cached: a finished run is reused."""
+            result: Path, steps: int) -> Path:
+    """``nmt-lightning fit`` of ``steps`` steps in OUT/runs/<name> (recipe paths are relative, so
+    each run has its own directory). Cached: a finished run is reused, an interrupted one resumes
+    from its last checkpoint (written at every epoch end)."""
     run_dir = args.out / "runs" / name
     checkpoint = run_dir / result
-    if checkpoint.is_file():
+    done = finished_step(checkpoint)
+    if done >= steps:
         return checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     options = [option for config in configs for option in ("--config", str(config))]
@@ -77,27 +87,42 @@ def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: l
         path = run_dir / f"add_on{index}.yaml"
         path.write_text(text + "\n", encoding="utf-8")
         options += ["--config", str(path)]
-    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *options, *overrides, "--trainer.max_time=null",
-               "--model.test_output=null"]
+    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *options, *overrides, f"--trainer.max_steps={steps}",
+               "--trainer.max_time=null", "--model.test_output=null"]
+    if done:
+        resumed = run_dir / "resume_from.ckpt"  # a copy: the run writes last.ckpt anew
+        resumed.write_bytes(checkpoint.read_bytes())
+        command.append(f"--ckpt_path={resumed}")
     print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
     subprocess.run(command, cwd=run_dir, check=True)
     return checkpoint
 
 
 def student(args: argparse.Namespace, name: str, data_dir: Path, init: bool, add_ons: list[str]) -> Path:
-    overrides = [f"--data.data_dir={data_dir}", f"--trainer.max_steps={args.steps}"]
+    overrides = [f"--data.data_dir={data_dir}"]
     if init:
         overrides += [f"--model.init_from={args.teacher_checkpoint}", "--model.init_layers=every_other"]
-    return run_fit(args, name, [TINY], add_ons, overrides, TRAINED)
+    return run_fit(args, name, [TINY], add_ons, overrides, TRAINED, args.steps)
 
 
 def teacher_checkpoint(args: argparse.Namespace) -> Path:
-    if not args.teacher_checkpoint.is_file():
+    """``--teacher-checkpoint``; the default one is trained (or its interrupted training resumed) here."""
+    path = args.teacher_checkpoint
+    if path != TEACHER.resolve():
+        if not path.is_file():
+            sys.exit(f"--teacher-checkpoint {path}: no such file")
+        return path
+    done = finished_step(path)
+    if done < TEACHER_STEPS:
         print(f"training the teacher ({TEACHER_RECIPE.name}) ...", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "fit", "--config", str(TINY), "--config",
-                        str(TEACHER_RECIPE), f"--data.data_dir={args.data_dir}", "--trainer.max_time=null"],
-                       cwd=ROOT, check=True)
-    return args.teacher_checkpoint
+        command = [sys.executable, "-m", "nmt_lightning.cli", "fit", "--config", str(TINY), "--config",
+                   str(TEACHER_RECIPE), f"--data.data_dir={args.data_dir}", "--trainer.max_time=null"]
+        if done:
+            resumed = path.with_name("resume_from.ckpt")
+            resumed.write_bytes(path.read_bytes())
+            command.append(f"--ckpt_path={resumed}")
+        subprocess.run(command, cwd=ROOT, check=True)
+    return path
 
 
 def sequence_level_data(args: argparse.Namespace) -> Path:
@@ -148,8 +173,8 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
 def deployment_row(args: argparse.Namespace, best: tuple[str, Path, Optional[str]]) -> tuple[str, Path, Optional[str]]:
     name, checkpoint, _ = best
     finetuned = run_fit(args, "deployment_qat", [TINY, FINETUNE, QAT], [],
-                        [f"--data.data_dir={args.data_dir}", f"--model.init_from={checkpoint}",
-                         f"--trainer.max_steps={args.qat_steps}"], FINETUNED)
+                        [f"--data.data_dir={args.data_dir}", f"--model.init_from={checkpoint}"], FINETUNED,
+                        args.qat_steps)
     return (f"deployment: {name} + QAT, int8", finetuned, None)
 
 
