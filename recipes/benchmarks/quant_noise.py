@@ -77,7 +77,8 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
     in OUT/runs/<name> (cached: a finished run is reused)."""
     run_dir = args.out / "runs" / name
     checkpoint = run_dir / FINETUNED
-    if checkpoint.is_file():
+    # Finished only at its last step: last.ckpt is also written at epoch ends (a killed run starts again).
+    if checkpoint.is_file() and torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] >= steps:
         return checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = ["--config", str(TINY), "--config", str(FINETUNE)]
