@@ -2,9 +2,9 @@
 
 Lightning's (2.6) writes ``last.ckpt`` when it validates or ends an epoch, and at the end of
 training only if it has written nothing before. A run that stops at ``max_steps`` in the
-middle of an epoch therefore left ``last.ckpt`` at the end of the previous epoch: the tiny
-recipe's 1400 steps ended with a 1272-step ``last.ckpt``, and a resumed run would redo the
-last 128 steps. This subclass also writes it when training ends after the last save.
+middle of an epoch without validating there therefore keeps the ``last.ckpt`` of the previous
+epoch end: the distillation teacher's 2000-step run left a 1908-step one (and a resume from it
+redoes the last 92 steps). This subclass also writes it when training ends after the last save.
 """
 
 from __future__ import annotations
