@@ -25,6 +25,7 @@ the random generator are this callback's state, so a run stopped anywhere resume
 from __future__ import annotations
 
 import math
+import pathlib
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -151,11 +152,11 @@ class LotteryTicketPruning(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks_from is not None and not self.masks_applied:
-            from pathlib import Path
-
-            if not Path(self.masks_from).is_file():
+            if not pathlib.Path(self.masks_from).is_file():
                 raise FileNotFoundError(f"{OWNER}: masks_from {self.masks_from}: no such checkpoint")
-            state = torch.load(self.masks_from, map_location="cpu", weights_only=True).get("state_dict", {})
+            # Tensors and plain data only (paths as hyper-parameters too): unpickling runs no code.
+            with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
+                state = torch.load(self.masks_from, map_location="cpu", weights_only=True).get("state_dict", {})
             masks = masks_in_checkpoint(state)
             if not masks:
                 raise ValueError(f"{OWNER}: masks_from {self.masks_from} holds no pruning masks")
