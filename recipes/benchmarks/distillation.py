@@ -34,16 +34,15 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cpu_description, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, checkpoint_step, cpu_description, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 TEACHER_RECIPE = ROOT / "recipes/libreoffice_en_cs/teacher.yaml"
@@ -64,13 +63,6 @@ def distillation_yaml(teacher: Path, hidden_weight: float = 0.0) -> str:
                                                    "init_args": init_args}]}})
 
 
-def finished_step(checkpoint: Path) -> int:
-    """The global step a checkpoint was saved at (0 if there is none)."""
-    if not checkpoint.is_file():
-        return 0
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False).get("global_step", 0))
-
-
 def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
             result: Path, steps: int) -> Path:
     """``nmt-lightning fit`` of ``steps`` steps in OUT/runs/<name> (recipe paths are relative, so
@@ -78,7 +70,7 @@ def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: l
     from its last checkpoint (written at every epoch end)."""
     run_dir = args.out / "runs" / name
     checkpoint = run_dir / result
-    done = finished_step(checkpoint)
+    done = checkpoint_step(checkpoint)
     if done >= steps:
         return checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +104,7 @@ def teacher_checkpoint(args: argparse.Namespace) -> Path:
         if not path.is_file():
             sys.exit(f"--teacher-checkpoint {path}: no such file")
         return path
-    done = finished_step(path)
+    done = checkpoint_step(path)
     if done < TEACHER_STEPS:
         print(f"training the teacher ({TEACHER_RECIPE.name}) ...", file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "nmt_lightning.cli", "fit", "--config", str(TINY), "--config",
@@ -139,15 +131,6 @@ def sequence_level_data(args: argparse.Namespace) -> Path:
                     str(args.data_dir / "valid"), "--test", str(args.data_dir / "test"), "--bpe-from",
                     str(args.data_dir), "--out", str(data_dir)], check=True)
     return data_dir
-
-
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
 
 
 def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]]:
@@ -204,30 +187,6 @@ def evaluate(args: argparse.Namespace, row: tuple[str, Path, Optional[str]], sou
         return result
 
     return model_file, cached(args.out / "scores" / f"{slug}.json", scores)
-
-
-def speed_rounds(args: argparse.Namespace, files: dict[str, Path], lines: list[str]) -> list[dict]:
-    """Sentences/s with beam 4, every model in this process, taking turns (the order rotates)."""
-    from nmt_lightning.export import load_exported
-    from nmt_lightning.translate import translate_lines
-
-    path = args.out / "speed_rounds.json"
-    rounds: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    rounds = [r for r in rounds if set(r) == set(files)]  # rows added since: measure all again
-    models = {name: load_exported(file) for name, file in files.items()}
-    while len(rounds) < args.rounds:
-        names = list(models)
-        shift = len(rounds) % len(names)
-        speeds = {}
-        for name in names[shift:] + names[:shift]:
-            translate_lines(models[name], lines[:32], beam=4, progress=False)  # warm-up
-            started = time.perf_counter()
-            translate_lines(models[name], lines, beam=4, progress=False)
-            speeds[name] = len(lines) / (time.perf_counter() - started)
-            print(f"round {len(rounds) + 1}: {name}: {speeds[name]:.1f} sentences/s", file=sys.stderr, flush=True)
-        rounds.append(speeds)
-        path.write_text(json.dumps(rounds, indent=1))
-    return rounds
 
 
 def step_times(args: argparse.Namespace) -> dict[str, float]:
@@ -293,7 +252,10 @@ def main() -> None:
     deployment = deployment_row(args, best)
     rows.append(deployment)
     results[deployment[0]] = evaluate(args, deployment, sources, references)
-    rounds = speed_rounds(args, {name: file for name, (file, _) in results.items()}, sources[: args.sentences])
+    from nmt_lightning.export import load_exported
+
+    models = {name: load_exported(file) for name, (file, _) in results.items()}
+    rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     steps = cached(args.out / "step_times.json", lambda: step_times(args))
 
     teacher_name = rows[0][0]

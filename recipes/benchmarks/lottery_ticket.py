@@ -35,7 +35,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from side_by_side import write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 PRUNINGS = 4
@@ -127,18 +127,16 @@ def bleu(args: argparse.Namespace, checkpoint: Path) -> dict:
     from nmt_lightning.translate import translate_lines
 
     key = "_".join(checkpoint.relative_to(args.out / "runs").with_suffix("").parts)
-    cache = args.out / "scores" / f"{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
-    exported = export_checkpoint(checkpoint, args.out / "exports" / f"{key}.safetensors", "fp32")
-    sources = read_lines(args.data_dir / "test.en")[: args.test_sentences]
-    references = read_lines(args.data_dir / "test.cs")[: args.test_sentences]
-    print(f"translating the test split: {key}", file=sys.stderr, flush=True)
-    found = score(translate_lines(load_exported(exported.output), sources, beam=4), references)
-    result = {"bleu": found.bleu, "chrf": found.chrf, "bytes": exported.bytes_on_disk}
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result))
-    return result
+
+    def evaluate() -> dict:
+        exported = export_checkpoint(checkpoint, args.out / "exports" / f"{key}.safetensors", "fp32")
+        sources = read_lines(args.data_dir / "test.en")[: args.test_sentences]
+        references = read_lines(args.data_dir / "test.cs")[: args.test_sentences]
+        print(f"translating the test split: {key}", file=sys.stderr, flush=True)
+        found = score(translate_lines(load_exported(exported.output), sources, beam=4), references)
+        return {"bleu": found.bleu, "chrf": found.chrf, "bytes": exported.bytes_on_disk}
+
+    return cached(args.out / "scores" / f"{key}.json", evaluate)
 
 
 def export_sizes(args: argparse.Namespace, dense: Path, sparse: Path) -> dict[str, int]:

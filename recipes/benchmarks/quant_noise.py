@@ -34,16 +34,15 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cpu_description, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, checkpoint_step, cpu_description, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
@@ -77,8 +76,7 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
     in OUT/runs/<name> (cached: a finished run is reused)."""
     run_dir = args.out / "runs" / name
     checkpoint = run_dir / FINETUNED
-    # Finished only at its last step: last.ckpt is also written at epoch ends (a killed run starts again).
-    if checkpoint.is_file() and torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"] >= steps:
+    if checkpoint_step(checkpoint) >= steps:  # a killed run (an epoch-end last.ckpt) starts again
         return checkpoint
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = ["--config", str(TINY), "--config", str(FINETUNE)]
@@ -138,15 +136,6 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
     ]
 
 
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value))
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/quant_noise")
@@ -189,22 +178,8 @@ def main() -> None:
 
         results.append((method, training, key, cached(args.out / "scores" / f"{slug}.json", evaluate)))
 
-    speeds_path = args.out / "speed_rounds.json"
-    rounds: list[dict] = json.loads(speeds_path.read_text()) if speeds_path.is_file() else []
-    lines = sources[: args.sentences]
     models = {key: load_exported(path) for key, path in files.items()}
-    while len(rounds) < args.rounds:
-        speeds = {}
-        keys = list(models)
-        shift = len(rounds) % len(keys)
-        for key in keys[shift:] + keys[:shift]:  # models take turns; the order rotates
-            translate_lines(models[key], lines[:32], beam=4, progress=False)  # warm-up
-            started = time.perf_counter()
-            translate_lines(models[key], lines, beam=4, progress=False)
-            speeds[key] = len(lines) / (time.perf_counter() - started)
-            print(f"round {len(rounds) + 1}: {key}: {speeds[key]:.1f} sentences/s", file=sys.stderr, flush=True)
-        rounds.append(speeds)
-        speeds_path.write_text(json.dumps(rounds, indent=1))
+    rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     throughput = cached(args.out / "throughput.json", lambda: training_throughput(args))
 
     fp32_bytes = results[0][3]["bytes"]
