@@ -119,6 +119,7 @@ class LotteryTicketPruning(L.Callback):
         self.snapshot: Optional[dict[str, torch.Tensor]] = None  # parameter name -> its step-k value
         self.generator = torch.Generator().manual_seed(self.seed)
         self.masks_applied = False
+        self.current_sparsity = 0.0  # of the masks in the model (set at train start and at each pruning)
 
     # ------------------------------------------------------------------ schedule
     def kept_after(self, round_: int) -> float:
@@ -163,16 +164,19 @@ class LotteryTicketPruning(L.Callback):
             self.weights.set_masks(masks)
             self.masks_applied = True
             if self.reinitialize:
-                self._reinitialize(pl_module, dict(pl_module.named_parameters()))
+                self._reinitialize()
         if self.snapshot is None and self.rewind_step == 0:
             self._take_snapshot(pl_module)
+        # Masks change only here and at prunings: the per-step log reads this, not the masks
+        # (reading them costs a device sync per weight).
+        self.current_sparsity = self.weights.sparsity()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.snapshot is None and trainer.global_step >= self.rewind_step:
             self._take_snapshot(pl_module)
         if self._round_ended(trainer, batch_idx):
             self._prune_and_rewind(trainer, pl_module)
-        pl_module.log("pruning/sparsity", self.weights.sparsity(), on_step=True, on_epoch=False, batch_size=1)
+        pl_module.log("pruning/sparsity", self.current_sparsity, on_step=True, on_epoch=False, batch_size=1)
         pl_module.log("pruning/round", float(self.round), on_step=True, on_epoch=False, batch_size=1)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -210,13 +214,15 @@ class LotteryTicketPruning(L.Callback):
         for name, value in self.snapshot.items():
             parameters[name].copy_(value.to(parameters[name].device))
         if self.reinitialize:
-            self._reinitialize(pl_module, parameters)
-        self.weights.zero_pruned()
+            self._reinitialize()
+        else:
+            self.weights.zero_pruned()
+        self.current_sparsity = self.weights.sparsity()
         restart_optimization(trainer)
         self._log_layers(trainer)
 
     @torch.no_grad()
-    def _reinitialize(self, pl_module: L.LightningModule, parameters: dict[str, torch.nn.Parameter]) -> None:
+    def _reinitialize(self) -> None:
         """Fresh uniform values of each pruned weight's own scale (std of its current values)."""
         for _, weight, _ in self.weights.masks():
             bound = math.sqrt(3.0) * weight.detach().float().std().item()
@@ -226,7 +232,7 @@ class LotteryTicketPruning(L.Callback):
 
     def _log_layers(self, trainer: L.Trainer) -> None:
         metrics = {f"pruning/sparsity/{name}": value for name, value in self.weights.layer_sparsity().items()}
-        metrics["pruning/sparsity"] = self.weights.sparsity()
+        metrics["pruning/sparsity"] = self.current_sparsity
         metrics["pruning/round"] = float(self.round)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -50,6 +50,7 @@ class MagnitudePruning(L.Callback):
         self.scope, self.include, self.exclude = scope, list(include), list(exclude)
         self.prune_embeddings = bool(prune_embeddings)
         self.weights: Optional[PrunedWeights] = None
+        self.current_sparsity = 0.0
 
     def target(self, step: int) -> float:
         """The sparsity the schedule asks for at ``step``."""
@@ -62,12 +63,17 @@ class MagnitudePruning(L.Callback):
         if self.weights is None:
             self.weights = PrunedWeights(pl_module, OWNER, self.include, self.exclude, self.prune_embeddings)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Of the masks as restored; the per-step log reads this (the masks cost a sync per weight).
+        self.current_sparsity = self.weights.sparsity()
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         on_schedule = step >= self.start_step and ((step - self.start_step) % self.frequency == 0 or step == self.end_step)
         if on_schedule and step <= self.end_step and batch_idx % trainer.accumulate_grad_batches == 0:
             self.weights.prune_to(1.0 - self.target(step), self.scope)
-        pl_module.log("pruning/sparsity", self.weights.sparsity(), on_step=True, on_epoch=False, batch_size=1)
+            self.current_sparsity = self.weights.sparsity()
+        pl_module.log("pruning/sparsity", self.current_sparsity, on_step=True, on_epoch=False, batch_size=1)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         self.weights.record(checkpoint, pl_module)
