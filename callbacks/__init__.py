@@ -8,7 +8,9 @@ from callbacks.knowledge_distillation import KnowledgeDistillation
 from callbacks.lottery_ticket import LotteryTicketPruning
 from callbacks.magnitude_pruning import MagnitudePruning
 from callbacks.product_quantization import IterativeProductQuantization
+from callbacks.progressive_transfer import ProgressiveKnowledgeTransfer
 from callbacks.quant_noise import QuantNoise
 from callbacks.quantization_aware_training import QuantizationAwareTraining
 
-__all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "LotteryTicketPruning", "MagnitudePruning", "QuantNoise", "QuantizationAwareTraining"]
+__all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "LotteryTicketPruning", "MagnitudePruning",
+           "ProgressiveKnowledgeTransfer", "QuantNoise", "QuantizationAwareTraining"]

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from callbacks._soft_targets import soft_target_loss
 from callbacks._teacher import FrozenTeacher
 
 __all__ = ["KnowledgeDistillation", "HiddenStateProjection"]
@@ -263,12 +264,7 @@ class KnowledgeDistillation(L.Callback):
     def _soft_loss(self, context: Any) -> torch.Tensor:
         """T^2 * sum over target positions of KL(teacher || student), in fp32."""
         teacher = self._teacher_pass(context)
-        mask = context.target_mask
-        student = context.logits[mask].float() / self.temperature  # (N, V): the real target positions
-        target = teacher.logits[mask].float() / self.temperature
-        divergence = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1), log_target=True,
-                              reduction="sum")
-        return divergence * self.temperature ** 2
+        return soft_target_loss(context.logits, teacher.logits, context.target_mask, self.temperature)
 
     def _hidden_loss(self, context: Any) -> torch.Tensor:
         """Mean over pairs of the mean over positions of 1 - cos, times the batch's target tokens."""

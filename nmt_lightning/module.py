@@ -60,8 +60,10 @@ class _RegisteredTerm:
 class TranslationModule(L.LightningModule):
     """Trains a Transformer with label-smoothed cross-entropy and Adam with inverse-sqrt warm-up.
 
-    Architecture: ``preset`` ("tiny", "base", "big") with any field overridden by the
-    optional arguments. Vocabulary sizes are linked from the data module by the CLI.
+    Architecture: ``preset`` ("tiny", "base", "big", or "tiny-bottleneck", a MobileBERT-style
+    deep and thin student) with any field overridden by the optional arguments
+    (``bottleneck_dim``, ``stacked_ffn``, ``embedding_dim``: see ``TransformerConfig``).
+    Vocabulary sizes are linked from the data module by the CLI.
 
     Validation logs the token-level loss and, with ``val_bleu``, BLEU and chrF2 of greedy
     translations of the first ``val_bleu_sentences`` validation sentences (all if None);
@@ -101,6 +103,9 @@ class TranslationModule(L.LightningModule):
         encoder_layers: Optional[int] = None,
         decoder_layers: Optional[int] = None,
         dropout: Optional[float] = None,
+        bottleneck_dim: Optional[int] = None,
+        stacked_ffn: Optional[int] = None,
+        embedding_dim: Optional[int] = None,
         attention_dropout: float = 0.0,
         activation_dropout: float = 0.0,
         pre_norm: bool = False,
@@ -133,7 +138,8 @@ class TranslationModule(L.LightningModule):
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
         overrides = {k: v for k, v in dict(d_model=d_model, ffn_dim=ffn_dim, heads=heads, encoder_layers=encoder_layers,
-                                            decoder_layers=decoder_layers, dropout=dropout).items() if v is not None}
+                                            decoder_layers=decoder_layers, dropout=dropout, bottleneck_dim=bottleneck_dim,
+                                            stacked_ffn=stacked_ffn, embedding_dim=embedding_dim).items() if v is not None}
         self.model = Transformer(TransformerConfig(
             src_vocab_size, tgt_vocab_size, **{**PRESETS[preset], **overrides},
             attention_dropout=attention_dropout, activation_dropout=activation_dropout, pre_norm=pre_norm,

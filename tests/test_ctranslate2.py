@@ -206,6 +206,19 @@ def test_unsupported_model_is_refused(prepared_dir: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "ct2").exists()
 
 
+@pytest.mark.parametrize("architecture, message", [
+    (dict(bottleneck_dim=16), "BottleneckEncoderLayer .* is not a standard Transformer layer"),
+    (dict(embedding_dim=16), "embeddings of width 16 projected to d_model=32 have no place"),
+])
+def test_bottleneck_students_are_refused(prepared_dir: Path, tmp_path: Path, architecture: dict, message: str) -> None:
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, d_model=32, ffn_dim=64, heads=2,
+                               encoder_layers=1, decoder_layers=1, **architecture)
+    module.tokenization = Tokenization.from_datamodule(datamodule)
+    with pytest.raises(ValueError, match=message):
+        convert_module(module, tmp_path / "ct2")
+
+
 def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch, trained_checkpoint: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # import ctranslate2 now raises ImportError

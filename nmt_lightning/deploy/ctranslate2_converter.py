@@ -71,6 +71,9 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 def _check_supported(model: nn.Module) -> Transformer:
     if type(model) is not Transformer:
         raise ValueError(f"CTranslate2 conversion supports nmt_lightning's Transformer, not {type(model).__name__}")
+    if model.config.embedding_dim not in (None, model.config.d_model):
+        raise ValueError(f"CTranslate2 conversion: embeddings of width {model.config.embedding_dim} projected to "
+                         f"d_model={model.config.d_model} have no place in CTranslate2's TransformerSpec")
     layer_types = {EncoderLayer: _ENCODER_LEAVES, DecoderLayer: _DECODER_LEAVES}
     for layer in [*model.encoder_layers, *model.decoder_layers]:
         expected = layer_types.get(type(layer))

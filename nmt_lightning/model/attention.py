@@ -17,16 +17,19 @@ LayerCache = dict[str, torch.Tensor]
 
 
 class MultiHeadAttention(nn.Module):
-    """Self- or cross-attention. Four nn.Linear leaves so compression callbacks find them."""
+    """Self- or cross-attention. Four nn.Linear leaves so compression callbacks find them.
 
-    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+    ``kv_dim``: the width of the keys' and values' input when it differs from the queries'
+    (cross-attention of a bottleneck decoder layer reads the wider encoder output)."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, kv_dim: Optional[int] = None) -> None:
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model={d_model} is not divisible by heads={heads}")
         self.heads, self.head_dim, self.dropout = heads, d_model // heads, dropout
         self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(kv_dim or d_model, d_model)
+        self.v_proj = nn.Linear(kv_dim or d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ class MultiHeadAttention(nn.Module):
         static_kv: bool = False,
         probabilities_out: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
-        """query (B, T, D), key_value (B', S, D) -> (B, T, D).
+        """query (B, T, D), key_value (B', S, kv_dim) -> (B, T, D).
 
         attn_mask: boolean, True where attention is allowed, broadcastable to (B', heads, T, S).
         cache: for incremental decoding. Self-attention (static_kv=False) appends this step's

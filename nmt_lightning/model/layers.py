@@ -22,7 +22,7 @@ class FeedForward(nn.Module):
         return self.fc2(self.dropout(torch.relu(self.fc1(x))))
 
 
-class _Residual(nn.Module):
+class Residual(nn.Module):
     """x + dropout(f(x)) with LayerNorm before f (pre-norm) or after the sum (post-norm)."""
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool) -> None:
@@ -43,8 +43,8 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ffn = FeedForward(d_model, ffn_dim, activation_dropout)
-        self.attn_block = _Residual(d_model, dropout, pre_norm)
-        self.ffn_block = _Residual(d_model, dropout, pre_norm)
+        self.attn_block = Residual(d_model, dropout, pre_norm)
+        self.ffn_block = Residual(d_model, dropout, pre_norm)
 
     def forward(self, x: torch.Tensor, source_mask: torch.Tensor,
                 features: Optional[TransformerFeatures] = None) -> torch.Tensor:
@@ -61,9 +61,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.cross_attn = MultiHeadAttention(d_model, heads, attention_dropout)
         self.ffn = FeedForward(d_model, ffn_dim, activation_dropout)
-        self.self_block = _Residual(d_model, dropout, pre_norm)
-        self.cross_block = _Residual(d_model, dropout, pre_norm)
-        self.ffn_block = _Residual(d_model, dropout, pre_norm)
+        self.self_block = Residual(d_model, dropout, pre_norm)
+        self.cross_block = Residual(d_model, dropout, pre_norm)
+        self.ffn_block = Residual(d_model, dropout, pre_norm)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
                 cache: Optional[LayerCache] = None, features: Optional[TransformerFeatures] = None) -> torch.Tensor:

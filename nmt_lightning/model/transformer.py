@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from nmt_lightning.model.attention import LayerCache
+from nmt_lightning.model.bottleneck import BottleneckDecoderLayer, BottleneckEncoderLayer
 from nmt_lightning.model.features import TransformerFeatures
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer
 
@@ -20,7 +21,14 @@ SHARE_CHOICES = ("none", "decoder", "all")
 class TransformerConfig:
     """Architecture. ``share_embeddings``: "none"; "decoder" ties the target embedding and
     the output projection (Press & Wolf 2017); "all" also shares the source embedding (needs
-    a joint vocabulary)."""
+    a joint vocabulary).
+
+    A deep, thin student (MobileBERT): ``bottleneck_dim`` makes every layer a bottleneck block
+    (``model/bottleneck.py``) whose attention and ``stacked_ffn`` feed-forward layers (of
+    ``ffn_dim``) work at that width, ``heads`` dividing it; ``embedding_dim`` narrows the
+    embeddings, with a linear map to ``d_model`` after the lookup and one back before the
+    (tied) output projection.
+    """
 
     src_vocab_size: int
     tgt_vocab_size: int
@@ -36,14 +44,25 @@ class TransformerConfig:
     share_embeddings: str = "all"
     max_positions: int = 1024
     pad_id: int = 0
+    bottleneck_dim: Optional[int] = None
+    stacked_ffn: int = 1
+    embedding_dim: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "d_model", "ffn_dim", "heads", "encoder_layers",
-                     "decoder_layers", "max_positions"):
+                     "decoder_layers", "max_positions", "stacked_ffn"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by heads={self.heads}")
+        for name in ("bottleneck_dim", "embedding_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None), got {getattr(self, name)}")
+        attention_width = self.bottleneck_dim or self.d_model
+        if attention_width % self.heads:
+            raise ValueError(f"{'bottleneck_dim' if self.bottleneck_dim else 'd_model'}={attention_width} is not "
+                             f"divisible by heads={self.heads}")
+        if self.stacked_ffn != 1 and self.bottleneck_dim is None:
+            raise ValueError(f"stacked_ffn={self.stacked_ffn} stacks feed-forward layers inside bottleneck blocks; "
+                             f"set bottleneck_dim too")
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -62,6 +81,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(d_model=256, ffn_dim=1024, heads=4, encoder_layers=3, decoder_layers=3, dropout=0.1),
     "base": dict(d_model=512, ffn_dim=2048, heads=8, encoder_layers=6, decoder_layers=6, dropout=0.1),
     "big": dict(d_model=1024, ffn_dim=4096, heads=16, encoder_layers=6, decoder_layers=6, dropout=0.3),
+    # A MobileBERT-style student of the 6+6 teacher (recipes/libreoffice_en_cs/teacher.yaml):
+    # the same depth and inter-block width, every block narrowed to a 64-wide bottleneck.
+    "tiny-bottleneck": dict(d_model=256, ffn_dim=256, heads=4, encoder_layers=6, decoder_layers=6, dropout=0.1,
+                            bottleneck_dim=64, stacked_ffn=2, embedding_dim=128),
 }
 
 
@@ -90,17 +113,30 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         d = config.d_model
-        self.src_embed = nn.Embedding(config.src_vocab_size, d, padding_idx=config.pad_id)
+        e = config.embedding_dim or d  # the embedding width
+        self.src_embed = nn.Embedding(config.src_vocab_size, e, padding_idx=config.pad_id)
         self.tgt_embed = (self.src_embed if config.share_embeddings == "all"
-                          else nn.Embedding(config.tgt_vocab_size, d, padding_idx=config.pad_id))
-        self.output_projection = nn.Linear(d, config.tgt_vocab_size, bias=False)
+                          else nn.Embedding(config.tgt_vocab_size, e, padding_idx=config.pad_id))
+        self.output_projection = nn.Linear(e, config.tgt_vocab_size, bias=False)
         if config.share_embeddings in ("decoder", "all"):
             self.output_projection.weight = self.tgt_embed.weight
+        if e != d:  # narrow embeddings: e -> d after the lookup, d -> e before the output projection
+            self.encoder_embed_projection = nn.Linear(e, d)
+            self.decoder_embed_projection = nn.Linear(e, d)
+            self.output_down_projection = nn.Linear(d, e, bias=False)
         self.register_buffer("positions", sinusoidal_positions(config.max_positions, d), persistent=False)
-        layer_args = (d, config.heads, config.ffn_dim, config.dropout, config.attention_dropout,
-                      config.activation_dropout, config.pre_norm)
-        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
-        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
+        if config.bottleneck_dim is None:
+            layer_args = (d, config.heads, config.ffn_dim, config.dropout, config.attention_dropout,
+                          config.activation_dropout, config.pre_norm)
+            self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(config.encoder_layers))
+            self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(config.decoder_layers))
+        else:
+            layer_args = (d, config.bottleneck_dim, config.heads, config.ffn_dim, config.stacked_ffn, config.dropout,
+                          config.attention_dropout, config.activation_dropout, config.pre_norm)
+            self.encoder_layers = nn.ModuleList(BottleneckEncoderLayer(*layer_args)
+                                                for _ in range(config.encoder_layers))
+            self.decoder_layers = nn.ModuleList(BottleneckDecoderLayer(*layer_args)
+                                                for _ in range(config.decoder_layers))
         # Pre-norm stacks end with a LayerNorm; post-norm layers already end normalised.
         self.encoder_norm = nn.LayerNorm(d) if config.pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d) if config.pre_norm else nn.Identity()
@@ -120,15 +156,20 @@ class Transformer(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for embedding in {id(e): e for e in (self.src_embed, self.tgt_embed)}.values():
-            nn.init.normal_(embedding.weight, mean=0.0, std=self.config.d_model ** -0.5)
+            nn.init.normal_(embedding.weight, mean=0.0, std=embedding.embedding_dim ** -0.5)
             with torch.no_grad():
                 embedding.weight[self.config.pad_id].zero_()
 
-    def _embed(self, embedding: nn.Embedding, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def _embed(self, embedding: nn.Embedding, tokens: torch.Tensor, start: int = 0,
+               projection: Optional[nn.Module] = None) -> torch.Tensor:
+        """tokens (B, T) -> (B, T, d_model): scaled embeddings (projected to d_model if narrower) plus positions."""
         length = tokens.shape[1]
         if start + length > self.config.max_positions:
             raise ValueError(f"sequence of {start + length} positions exceeds max_positions={self.config.max_positions}")
-        x = embedding(tokens) * math.sqrt(self.config.d_model) + self.positions[start : start + length].to(embedding.weight.dtype)
+        x = embedding(tokens) * math.sqrt(embedding.embedding_dim)
+        if projection is not None:
+            x = projection(x)
+        x = x + self.positions[start : start + length].to(x.dtype)
         return self.dropout(x)
 
     def source_mask(self, source: torch.Tensor) -> torch.Tensor:
@@ -139,7 +180,7 @@ class Transformer(nn.Module):
                features: Optional[TransformerFeatures] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """source (B, S) -> (memory (B, S, D), source_mask (B, 1, 1, S))."""
         mask = self.source_mask(source)
-        x = self._embed(self.src_embed, source)
+        x = self._embed(self.src_embed, source, projection=getattr(self, "encoder_embed_projection", None))
         if features is not None:
             features.add_state("encoder", x)
         for layer in self.encoder_layers:
@@ -160,7 +201,7 @@ class Transformer(nn.Module):
         hypotheses each (B = g * B', a sentence's hypotheses in consecutive rows): beam search
         then computes and caches the encoder keys/values once per sentence, not once per beam.
         """
-        x = self._embed(self.tgt_embed, decoder_input, start)
+        x = self._embed(self.tgt_embed, decoder_input, start, getattr(self, "decoder_embed_projection", None))
         if features is not None:
             features.add_state("decoder", x)
         for index, layer in enumerate(self.decoder_layers):
@@ -170,6 +211,8 @@ class Transformer(nn.Module):
         x = self.decoder_norm(x)
         if features is not None and features.hidden_states:
             features.decoder_output = x
+        if hasattr(self, "output_down_projection"):
+            x = self.output_down_projection(x)  # (B, T, d_model) -> (B, T, embedding_dim)
         return self.output_projection(x)
 
     def forward(self, source: torch.Tensor, decoder_input: torch.Tensor,
