@@ -107,3 +107,21 @@ def test_teacher_then_distilled_student_through_the_cli(prepared_dir: Path, tmp_
     assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors"]) == 0
     assert main(["translate", "--checkpoint", "student.safetensors", "--input", str(prepared_dir / "test.en"),
                  "--output", "hyp.cs", "--beam", "2"]) == 0
+
+
+def test_teacher_then_bottleneck_student_with_progressive_transfer_through_the_cli(
+        prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """teacher.yaml, then tiny.yaml + bottleneck.yaml + compress/progressive_transfer.yaml (3 steps:
+    inside the first layer's stage); the deep-thin student exports to int8 and translates."""
+    monkeypatch.chdir(tmp_path)
+    quick = quick_run(prepared_dir)
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "teacher.yaml"),
+                 *quick]) == 0
+    with pytest.warns(UserWarning, match="this fit ends before the distillation stage"):
+        assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "bottleneck.yaml"),
+                     "--config", str(RECIPES / "compress" / "progressive_transfer.yaml"), *quick,
+                     "--model.bottleneck_dim=16", "--model.embedding_dim=16"]) == 0
+    student = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")
+    assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors", "--quantize", "int8"]) == 0
+    assert main(["translate", "--checkpoint", "student.safetensors", "--input", str(prepared_dir / "test.en"),
+                 "--output", "hyp.cs", "--beam", "2"]) == 0
