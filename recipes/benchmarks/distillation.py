@@ -42,7 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cached, checkpoint_step, cpu_description, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import (cached, checkpoint_step, cpu_description, export_and_score, run_fit,  # noqa: E402
+                          translation_speed_rounds, write_table)  # recipes/benchmarks/side_by_side.py
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 TEACHER_RECIPE = ROOT / "recipes/libreoffice_en_cs/teacher.yaml"
@@ -63,38 +64,11 @@ def distillation_yaml(teacher: Path, hidden_weight: float = 0.0) -> str:
                                                    "init_args": init_args}]}})
 
 
-def run_fit(args: argparse.Namespace, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
-            result: Path, steps: int) -> Path:
-    """``nmt-lightning fit`` of ``steps`` steps in OUT/runs/<name> (recipe paths are relative, so
-    each run has its own directory). Cached: a finished run is reused, an interrupted one resumes
-    from its last checkpoint (written at every epoch end)."""
-    run_dir = args.out / "runs" / name
-    checkpoint = run_dir / result
-    done = checkpoint_step(checkpoint)
-    if done >= steps:
-        return checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
-    options = [option for config in configs for option in ("--config", str(config))]
-    for index, text in enumerate(add_ons):
-        path = run_dir / f"add_on{index}.yaml"
-        path.write_text(text + "\n", encoding="utf-8")
-        options += ["--config", str(path)]
-    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *options, *overrides, f"--trainer.max_steps={steps}",
-               "--trainer.max_time=null", "--model.test_output=null"]
-    if done:
-        resumed = run_dir / "resume_from.ckpt"  # a copy: the run writes last.ckpt anew
-        resumed.write_bytes(checkpoint.read_bytes())
-        command.append(f"--ckpt_path={resumed}")
-    print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
-    subprocess.run(command, cwd=run_dir, check=True)
-    return checkpoint
-
-
 def student(args: argparse.Namespace, name: str, data_dir: Path, init: bool, add_ons: list[str]) -> Path:
     overrides = [f"--data.data_dir={data_dir}"]
     if init:
         overrides += [f"--model.init_from={args.teacher_checkpoint}", "--model.init_layers=every_other"]
-    return run_fit(args, name, [TINY], add_ons, overrides, TRAINED, args.steps)
+    return run_fit(args.out, name, [TINY], add_ons, overrides, TRAINED, args.steps)
 
 
 def teacher_checkpoint(args: argparse.Namespace) -> Path:
@@ -155,38 +129,10 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
 
 def deployment_row(args: argparse.Namespace, best: tuple[str, Path, Optional[str]]) -> tuple[str, Path, Optional[str]]:
     name, checkpoint, _ = best
-    finetuned = run_fit(args, "deployment_qat", [TINY, FINETUNE, QAT], [],
+    finetuned = run_fit(args.out, "deployment_qat", [TINY, FINETUNE, QAT], [],
                         [f"--data.data_dir={args.data_dir}", f"--model.init_from={checkpoint}"], FINETUNED,
                         args.qat_steps)
     return (f"deployment: {name} + QAT, int8", finetuned, None)
-
-
-def evaluate(args: argparse.Namespace, row: tuple[str, Path, Optional[str]], sources: list[str],
-             references: list[str]) -> tuple[Path, dict]:
-    from nmt_lightning.checkpoint_file import read_checkpoint
-    from nmt_lightning.evaluation import score
-    from nmt_lightning.export import export_checkpoint, load_exported
-    from nmt_lightning.module import TranslationModule
-    from nmt_lightning.translate import translate_lines
-
-    name, checkpoint, quantize = row
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
-    model_file = args.out / "exports" / f"{slug}.safetensors"
-    if not model_file.is_file():
-        model_file.parent.mkdir(parents=True, exist_ok=True)
-        export_checkpoint(checkpoint, model_file, quantize)
-
-    def scores() -> dict:
-        module = load_exported(model_file)
-        architecture = TranslationModule.from_hyperparameters(read_checkpoint(checkpoint)["hyper_parameters"])
-        result = {"bytes": model_file.stat().st_size, "parameters": architecture.model.num_parameters()}
-        for label, beam in (("beam4", 4), ("greedy", 1)):
-            print(f"translating the test split: {name}, {label}", file=sys.stderr, flush=True)
-            found = score(translate_lines(module, sources, beam=beam), references)
-            result.update({f"bleu_{label}": found.bleu, f"chrf_{label}": found.chrf})
-        return result
-
-    return model_file, cached(args.out / "scores" / f"{slug}.json", scores)
 
 
 def step_times(args: argparse.Namespace) -> dict[str, float]:
@@ -246,12 +192,12 @@ def main() -> None:
 
     sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
     rows = build_rows(args)
-    results = {name: evaluate(args, (name, checkpoint, quantize), sources, references)
+    results = {name: export_and_score(args.out, (name, checkpoint, quantize), sources, references)
                for name, checkpoint, quantize in rows}
     best = max(rows[1:], key=lambda row: results[row[0]][1]["bleu_beam4"])
     deployment = deployment_row(args, best)
     rows.append(deployment)
-    results[deployment[0]] = evaluate(args, deployment, sources, references)
+    results[deployment[0]] = export_and_score(args.out, deployment, sources, references)
     from nmt_lightning.export import load_exported
 
     models = {name: load_exported(file) for name, (file, _) in results.items()}

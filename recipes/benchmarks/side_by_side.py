@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def median_table(what: str, runs: dict[str, list[float]], unit: str, digits: int) -> tuple[dict[str, float], str]:
@@ -80,3 +81,61 @@ def translation_speed_rounds(path: Path, models: dict[str, Any], lines: list[str
         done.append(speeds)
         path.write_text(json.dumps(done, indent=1))
     return done
+
+
+def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
+            result: Path, steps: int) -> Path:
+    """``nmt-lightning fit`` of ``steps`` steps in ``out``/runs/<name> (recipe paths are relative, so
+    each run has its own directory). Cached: a finished run is reused, an interrupted one resumes
+    from its last checkpoint (written at every epoch end)."""
+    run_dir = out / "runs" / name
+    checkpoint = run_dir / result
+    done = checkpoint_step(checkpoint)
+    if done >= steps:
+        return checkpoint
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options = [option for config in configs for option in ("--config", str(config))]
+    for index, text in enumerate(add_ons):
+        path = run_dir / f"add_on{index}.yaml"
+        path.write_text(text + "\n", encoding="utf-8")
+        options += ["--config", str(path)]
+    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *options, *overrides, f"--trainer.max_steps={steps}",
+               "--trainer.max_time=null", "--model.test_output=null"]
+    if done:
+        resumed = run_dir / "resume_from.ckpt"  # a copy: the run writes last.ckpt anew
+        resumed.write_bytes(checkpoint.read_bytes())
+        command.append(f"--ckpt_path={resumed}")
+    print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
+    subprocess.run(command, cwd=run_dir, check=True)
+    return checkpoint
+
+
+def export_and_score(out: Path, row: tuple[str, Path, Optional[str]], sources: list[str],
+                     references: list[str]) -> tuple[Path, dict]:
+    """Export the row's checkpoint (``export --quantize``, None: what it trained) to
+    ``out``/exports and score it on ``sources``/``references`` with beam 4 and greedy (cached in
+    ``out``/scores): (the exported file, {bytes, parameters, bleu_/chrf_beam4, bleu_/chrf_greedy})."""
+    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.evaluation import score
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.module import TranslationModule
+    from nmt_lightning.translate import translate_lines
+
+    name, checkpoint, quantize = row
+    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    model_file = out / "exports" / f"{slug}.safetensors"
+    if not model_file.is_file():
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        export_checkpoint(checkpoint, model_file, quantize)
+
+    def scores() -> dict:
+        module = load_exported(model_file)
+        architecture = TranslationModule.from_hyperparameters(read_checkpoint(checkpoint)["hyper_parameters"])
+        result = {"bytes": model_file.stat().st_size, "parameters": architecture.model.num_parameters()}
+        for label, beam in (("beam4", 4), ("greedy", 1)):
+            print(f"translating the test split: {name}, {label}", file=sys.stderr, flush=True)
+            found = score(translate_lines(module, sources, beam=beam), references)
+            result.update({f"bleu_{label}": found.bleu, f"chrf_{label}": found.chrf})
+        return result
+
+    return model_file, cached(out / "scores" / f"{slug}.json", scores)

@@ -1,0 +1,176 @@
+"""The seed's MobileBERT table for translation: a deep, thin bottleneck student of the 6+6 teacher.
+
+    python recipes/benchmarks/mobile_transfer.py --out runs/mobile_transfer
+
+The teacher is the distillation benchmark's (``recipes/libreoffice_en_cs/teacher.yaml``: 6+6
+layers of width 256; trained first if missing). The student is ``bottleneck.yaml``'s
+``tiny-bottleneck`` preset: the teacher's depth and width between blocks, 64-wide blocks with two
+stacked feed-forward layers, 128-wide embeddings. Every student trains ``--steps`` steps with
+the tiny recipe; only what the row names changes:
+
+| row | student |
+|---|---|
+| from scratch | label-smoothed cross-entropy only |
+| JKT | all layers' transfer losses together for 12 x ``--stage-steps`` steps, then distillation |
+| AKT | transfer losses added to the distillation loss from the first step |
+| PKT | one layer per stage (``--stage-steps`` each, encoder then decoder), then distillation |
+| PKT + QAT, int8 | the PKT student, ``--qat-steps`` of QAT, exported to int8 |
+
+(distillation: 0.5 cross-entropy + 0.5 the teacher's soft targets at T = 1; transfer: the
+normalised squared error of layer outputs x 100 plus the KL of attention maps.)
+
+Columns: parameters, bytes on disk (fp32 export; int8 for the last row), BLEU and chrF2 on the
+test split with beam 4 (and greedy), CPU sentences/s with beam 4 relative to the teacher
+(``--rounds`` rounds over the first ``--sentences`` test sentences, models taking turns). A
+profile of beam search (operator calls and time per sentence, teacher against student) tells
+why the deep, thin shape is or is not faster than its parameter count promises.
+
+Everything is cached in OUT (runs, exports, scores, speed rounds, profile): an interrupted run
+continues where it stopped when the same command is run again. Writes OUT/mobile_transfer_table.md
+and .csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
+
+from side_by_side import (cached, cpu_description, export_and_score, run_fit,  # noqa: E402  # recipes/benchmarks/side_by_side.py
+                          translation_speed_rounds, write_table)
+
+TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
+BOTTLENECK = ROOT / "recipes/libreoffice_en_cs/bottleneck.yaml"
+FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
+QAT = ROOT / "recipes/compress/qat.yaml"
+TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
+TRAINED = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")  # relative to a student's run directory
+FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+LAYERS = 12  # 6 encoder + 6 decoder layers: one PKT stage each
+
+
+def transfer_yaml(teacher: Path, mode: str, stage_steps: int) -> str:
+    init_args = {"teacher": str(teacher), "mode": mode, "stage_steps": stage_steps, "feature_weight": 100.0,
+                 "attention_weight": 1.0, "soft_weight": 0.5, "hard_weight": 0.5, "temperature": 1.0}
+    return json.dumps({"trainer": {"callbacks+": [{"class_path": "callbacks.ProgressiveKnowledgeTransfer",
+                                                   "init_args": init_args}]}})
+
+
+def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]]:
+    """(row, checkpoint, export --quantize), training what is missing."""
+    from distillation import teacher_checkpoint  # recipes/benchmarks/distillation.py trains the shared teacher
+
+    teacher = teacher_checkpoint(args)
+    data = [f"--data.data_dir={args.data_dir}"]
+
+    def student(name: str, add_ons: list[str]) -> Path:
+        return run_fit(args.out, name, [TINY, BOTTLENECK], add_ons, data, TRAINED, args.steps)
+
+    rows = [("teacher (6+6, width 256)", teacher, "fp32"),
+            ("bottleneck student from scratch", student("scratch", []), "fp32"),
+            ("JKT", student("jkt", [transfer_yaml(teacher, "joint", args.stage_steps)]), "fp32"),
+            ("AKT", student("akt", [transfer_yaml(teacher, "auxiliary", args.stage_steps)]), "fp32")]
+    pkt = student("pkt", [transfer_yaml(teacher, "progressive", args.stage_steps)])
+    rows.append(("PKT", pkt, "fp32"))
+    deployed = run_fit(args.out, "pkt_qat", [TINY, BOTTLENECK, FINETUNE, QAT], [], [*data, f"--model.init_from={pkt}"],
+                       FINETUNED, args.qat_steps)
+    rows.append(("PKT + QAT, int8", deployed, None))
+    return rows
+
+
+def decoding_profile(models: dict, lines: list[str]) -> dict[str, dict[str, float]]:
+    """Per model: operator calls, CPU ms in all operators and in matrix products, per sentence,
+    for beam-4 translation of ``lines`` (torch.profiler; self CPU time of the top-level ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nmt_lightning.translate import translate_lines
+
+    result = {}
+    for name, module in models.items():
+        translate_lines(module, lines[:8], beam=4, progress=False)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            translate_lines(module, lines, beam=4, progress=False)
+        events = profiler.key_averages()
+        total = sum(event.self_cpu_time_total for event in events) / 1000
+        products = sum(event.self_cpu_time_total for event in events
+                       if event.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear",
+                                        "quantized::linear_dynamic", "quantized::linear")) / 1000
+        calls = sum(event.count for event in events)
+        result[name] = {"calls_per_sentence": calls / len(lines), "ms_per_sentence": total / len(lines),
+                        "matmul_ms_per_sentence": products / len(lines)}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/mobile_transfer")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
+    parser.add_argument("--teacher-checkpoint", type=Path, default=TEACHER)
+    parser.add_argument("--steps", type=int, default=2120, help="training steps of every student")
+    parser.add_argument("--stage-steps", type=int, default=60, help="steps per PKT layer stage")
+    parser.add_argument("--qat-steps", type=int, default=300, help="QAT fine-tuning steps of the int8 row")
+    parser.add_argument("--test-sentences", type=int, default=None, help="score on the first N test sentences (smoke runs)")
+    parser.add_argument("--sentences", type=int, default=300, help="sentences per speed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.steps <= LAYERS * args.stage_steps:
+        sys.exit(f"--steps {args.steps} leaves no distillation stage after {LAYERS} x --stage-steps {args.stage_steps}")
+    args.out, args.data_dir, args.teacher_checkpoint = (p.resolve() for p in (args.out, args.data_dir,
+                                                                              args.teacher_checkpoint))
+    if not (args.data_dir / "test.en").is_file():
+        sys.exit(f"--data-dir: {args.data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    from nmt_lightning.evaluation import read_lines
+    from nmt_lightning.export import load_exported
+
+    sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
+    if args.test_sentences:
+        sources, references = sources[: args.test_sentences], references[: args.test_sentences]
+    rows = build_rows(args)
+    results = {name: export_and_score(args.out, (name, checkpoint, quantize), sources, references)
+               for name, checkpoint, quantize in rows}
+    models = {name: load_exported(file) for name, (file, _) in results.items()}
+    rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
+    teacher_name, student_name = rows[0][0], "PKT"
+    profile = cached(args.out / "profile.json", lambda: decoding_profile(
+        {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[:100]))
+
+    speed = {name: statistics.median(r[name] for r in rounds) for name in results}
+    teacher = results[teacher_name][1]
+    header = ["model", "parameters", "% of teacher", "bytes on disk", "BLEU beam 4", "chrF2 beam 4", "BLEU greedy",
+              "% of teacher BLEU", "sentences/s", "speed vs teacher"]
+    table = []
+    for name, _, _ in rows:
+        result = results[name][1]
+        table.append([name, f"{result['parameters'] / 1e6:.2f}M", f"{100 * result['parameters'] / teacher['parameters']:.0f}%",
+                      f"{result['bytes']:,}", f"{result['bleu_beam4']:.2f}", f"{result['chrf_beam4']:.2f}",
+                      f"{result['bleu_greedy']:.2f}", f"{100 * result['bleu_beam4'] / teacher['bleu_beam4']:.1f}%",
+                      f"{speed[name]:.1f}", f"{speed[name] / speed[teacher_name]:.2f}x"])
+    text = write_table(args.out / "mobile_transfer_table.csv", header, table)
+    text += ["", "Beam-4 decoding profile (first 100 test sentences, self CPU time of all operators):", "",
+             "| model | operator calls / sentence | ms / sentence | of which matrix products |", "|---|---|---|---|"]
+    text += [f"| {name} | {p['calls_per_sentence']:.0f} | {p['ms_per_sentence']:.1f} | {p['matmul_ms_per_sentence']:.1f} |"
+             for name, p in profile.items()]
+    text += [
+        "",
+        f"Test split: {len(references)} sentences of {args.data_dir}. Students: tiny-bottleneck, {args.steps} steps "
+        f"each; transfer stages of {args.stage_steps} steps per layer; the int8 row adds {args.qat_steps} QAT steps. "
+        f"Speed: beam 4, {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
+        f"{torch.get_num_threads()} threads on {cpu_description()}.",
+        f"Reproduce: python recipes/benchmarks/mobile_transfer.py --out {args.out} --steps {args.steps} "
+        f"--stage-steps {args.stage_steps}",
+    ]
+    (args.out / "mobile_transfer_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    print("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
