@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +19,7 @@ from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted
-from tests.conftest import TINY_MODEL, tiny_trainer
+from tests.conftest import TINY_MODEL, run_script, tiny_trainer
 
 TEACHER = {**TINY_MODEL, "encoder_layers": 2, "decoder_layers": 2}  # d_model 32, 2 heads
 # The deep, thin student: the teacher's depth and inter-block width, 16-wide blocks, 8-wide embeddings.
@@ -176,6 +177,13 @@ def test_the_teachers_embeddings_are_copied_where_the_shapes_agree(teacher: Path
     ProgressiveKnowledgeTransfer(str(teacher)).setup(None, module, "fit")
     reference = load_translation_module(teacher)
     torch.testing.assert_close(module.model.src_embed.weight, reference.model.src_embed.weight, rtol=0, atol=0)
+
+
+def test_two_process_ddp_through_every_stage(teacher: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    run_script("progressive_transfer_ddp.py", prepared_dir, teacher, tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["stage"] == ranks[1]["stage"] == 4  # the distillation stage was reached
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the same model on both ranks
 
 
 def test_yaml_instantiation() -> None:
