@@ -219,6 +219,17 @@ class IterativeProductQuantization(L.Callback):
         if started:
             restart_optimization(trainer)
 
+    def quantize_post_training(self, module: nn.Module) -> dict[str, Any]:
+        """iPQ without fine-tuning, the post-training baseline: codebooks of every stage at once,
+        learnt from ``module``'s current weights. Returns the checkpoint entries (the compression
+        manifest) to save beside ``module.state_dict()``, as a trained run's checkpoint has them."""
+        self.add_codebooks(module)
+        for index in range(len(self.stages)):
+            self.quantize_stage(index)
+        entries: dict[str, Any] = {}
+        self.on_save_checkpoint(None, module, entries)
+        return entries
+
     # ------------------------------------------------------------------ checkpoint
     def _settings(self) -> dict[str, Any]:
         return {"stages": self.stages, "centroids": self.centroids, "block_size": self.block_size,

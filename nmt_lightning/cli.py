@@ -183,11 +183,13 @@ def export_main(argv: Sequence[str]) -> int:
                         help="nmt-lightning: one safetensors file for 'translate'; ctranslate2: a CTranslate2 model "
                              "directory, written by CTranslate2's converter API (needs the ctranslate2 extra) "
                              "(default: %(default)s)")
-    parser.add_argument("--quantize", choices=["int8", "int4", "fp32"],
+    parser.add_argument("--quantize", choices=["int8", "int4", "ipq", "fp32"],
                         help="nmt-lightning format: int8 (per tensor) or int4 (per row, two weights a byte) quantizes "
-                             "every nn.Linear / nn.Embedding weight not quantized yet (post-training); fp32 leaves out "
-                             "the quantization. Default: what the checkpoint's compression callbacks recorded (int8 "
-                             "after QuantizationAwareTraining, int4 after QuantNoise(scheme='int4')), else fp32")
+                             "every nn.Linear / nn.Embedding weight not quantized yet (post-training); ipq: k-means "
+                             "product quantization of an uncompressed checkpoint without fine-tuning (256 codewords, "
+                             "blocks of 8, 4 in attention); fp32 leaves out the quantization. Default: what the "
+                             "checkpoint's compression callbacks recorded (int8 after QuantizationAwareTraining, int4 "
+                             "after QuantNoise(scheme='int4'), iPQ after IterativeProductQuantization), else fp32")
     parser.add_argument("--quantization", choices=QUANTIZATIONS,
                         help="ctranslate2 format: the stored weight type (CTranslate2 quantizes each row of a weight "
                              "matrix itself; a QAT-trained model passes its trained int8 grid) (default: float32)")

@@ -119,9 +119,15 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
 
 def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathLike,
                       quantize: Optional[str] = None) -> ExportReport:
-    """Write ``output`` (safetensors) from a Lightning checkpoint of a TranslationModule."""
+    """Write ``output`` (safetensors) from a Lightning checkpoint of a TranslationModule.
+    ``quantize``: None (as trained), "fp32", "int8", "int4" or "ipq" (post-training)."""
     path = Path(checkpoint_path)
-    encoded = encode_checkpoint(read_checkpoint(path), str(path), quantize)
+    checkpoint = read_checkpoint(path)
+    if quantize == "ipq":
+        from nmt_lightning.export.post_training import post_training_ipq
+
+        checkpoint, quantize = post_training_ipq(checkpoint, str(path)), None
+    encoded = encode_checkpoint(checkpoint, str(path), quantize)
     output = Path(output)
     with atomic_path(output) as tmp:
         save_file(encoded.tensors, str(tmp), metadata=encoded.metadata)

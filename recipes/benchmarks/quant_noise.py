@@ -92,28 +92,6 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
     return checkpoint
 
 
-def post_training_ipq(source: Path, output: Path) -> Path:
-    """iPQ without fine-tuning: k-means codebooks for every stage at once, as a checkpoint."""
-    from callbacks import IterativeProductQuantization
-    from nmt_lightning.checkpoint_file import read_checkpoint
-    from nmt_lightning.module import TranslationModule
-
-    if output.is_file():
-        return output
-    checkpoint = read_checkpoint(source)
-    module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
-    module.load_state_dict(checkpoint["state_dict"])
-    callback = IterativeProductQuantization(steps_per_stage=1, stages=IPQ_STAGES)
-    callback.add_codebooks(module)
-    for stage in range(len(IPQ_STAGES)):
-        callback.quantize_stage(stage)
-    result = {"state_dict": module.state_dict(), "hyper_parameters": checkpoint["hyper_parameters"],
-              "nmt_lightning_tokenization": checkpoint["nmt_lightning_tokenization"]}
-    callback.on_save_checkpoint(None, module, result)
-    torch.save(result, output)
-    return output
-
-
 def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
     """(row, training, checkpoint, export --quantize) for every row, training what is missing."""
     steps, start = args.steps, args.fp32_checkpoint
@@ -127,7 +105,7 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
         ("int4", "post-processing", control, "int4"),
         ("int4", "QAT", finetune(args, "qat4", start, [qat(4)], steps), None),
         ("int4", "Quant-Noise", finetune(args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
-        ("iPQ", "post-processing", post_training_ipq(control, args.out / "post_training_ipq.ckpt"), None),
+        ("iPQ", "post-processing", control, "ipq"),
         ("iPQ", "QAT (iPQ fine-tuning)", finetune(args, "ipq", control, [ipq(args, 16)], 2 * steps), None),
         ("iPQ", "Quant-Noise", finetune(args, "quant_noise_ipq", qn_pq, [ipq(args, 16), quant_noise(args, "pq")],
                                         2 * steps), None),

@@ -189,3 +189,33 @@ def test_two_process_ddp_keeps_codebooks_identical(tmp_path: Path) -> None:
     assert any(key.endswith("centroids") for key in ranks[0])
     assert all(ranks[0][key] for key in ranks[0] if key.endswith("quantized"))  # every stage ran
     assert ranks[0] == ranks[1]
+
+
+def test_post_training_ipq_export_from_the_command_line(trained_checkpoint: Path, prepared_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """``export --quantize ipq``: the callback's k-means on every stage of a plain checkpoint,
+    no fine-tuning; a checkpoint that already trained with compression is refused."""
+    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.cli import main
+    from nmt_lightning.errors import CorpusError
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.module import TranslationModule
+    from nmt_lightning.translate import translate_lines
+    from tests.conftest import train_tiny_checkpoint
+
+    output = tmp_path / "ipq.safetensors"
+    assert main(["export", "--checkpoint", str(trained_checkpoint), "--output", str(output), "--quantize", "ipq"]) == 0
+    exported = load_exported(output)
+    checkpoint = read_checkpoint(trained_checkpoint)
+    reference = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
+    reference.load_state_dict(checkpoint["state_dict"])
+    IterativeProductQuantization().quantize_post_training(reference)
+    for name in ("decoder_layers.0.ffn.fc1", "encoder_layers.0.self_attn.q_proj", "output_projection"):
+        expected = reference.model.get_submodule(name).weight.detach()
+        # fp16 codebooks: each codeword within fp16's relative rounding (2^-11) of k-means' one
+        torch.testing.assert_close(exported.model.get_submodule(name).weight, expected, rtol=2 ** -11, atol=1e-7)
+    lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:4]
+    assert len(translate_lines(exported, lines, beam=2, progress=False)) == 4
+    compressed = train_tiny_checkpoint(prepared_dir, tmp_path / "qat", callbacks=(QuantNoise(),))
+    with pytest.raises(CorpusError, match="post-training iPQ quantizes an uncompressed model"):
+        export_checkpoint(compressed, tmp_path / "twice.safetensors", "ipq")
