@@ -141,7 +141,7 @@ def main() -> None:
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     teacher_name, student_name = rows[0][0], "PKT"
     profile = cached(args.out / "profile.json", lambda: decoding_profile(
-        {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[:100]))
+        {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
 
     speed = {name: statistics.median(r[name] for r in rounds) for name in results}
     teacher = results[teacher_name][1]
@@ -155,7 +155,8 @@ def main() -> None:
                       f"{result['bleu_greedy']:.2f}", f"{100 * result['bleu_beam4'] / teacher['bleu_beam4']:.1f}%",
                       f"{speed[name]:.1f}", f"{speed[name] / speed[teacher_name]:.2f}x"])
     text = write_table(args.out / "mobile_transfer_table.csv", header, table)
-    text += ["", "Beam-4 decoding profile (first 100 test sentences, self CPU time of all operators):", "",
+    text += ["", f"Beam-4 decoding profile (first {min(100, args.sentences)} test sentences, self CPU time of all "
+             f"operators):", "",
              "| model | operator calls / sentence | ms / sentence | of which matrix products |", "|---|---|---|---|"]
     text += [f"| {name} | {p['calls_per_sentence']:.0f} | {p['ms_per_sentence']:.1f} | {p['matmul_ms_per_sentence']:.1f} |"
              for name, p in profile.items()]
