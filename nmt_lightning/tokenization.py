@@ -51,6 +51,11 @@ class Tokenization:
         normalizer = TextNormalizer(self.src_lang, self.moses_normalize)
         return self._processor("src").encode([normalizer(line) for line in lines], out_type=int)
 
+    def encode_target(self, lines: Sequence[str]) -> list[list[int]]:
+        """Target-side text -> token ids, as the training data was encoded (e.g. to count output tokens)."""
+        normalizer = TextNormalizer(self.tgt_lang, self.moses_normalize)
+        return self._processor("tgt").encode([normalizer(line) for line in lines], out_type=int)
+
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized target text (sentencepiece's decode restores spaces)."""
         return self._processor("tgt").decode([list(i) for i in ids])
