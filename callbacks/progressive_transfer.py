@@ -320,10 +320,17 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         self._pass = None
         self._applied_this_fit = False
 
+    def _schedule(self) -> dict[str, Any]:
+        return {"mode": self.mode, "stage_steps": self.stage_steps, "sides": list(self.sides)}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"stage": self.stage, **self.freezer.state_dict()}
+        return {"stage": self.stage, "schedule": self._schedule(), **self.freezer.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("schedule", self._schedule())
+        if saved != self._schedule():
+            raise ValueError(f"ProgressiveKnowledgeTransfer: the checkpoint trained with {saved} but this callback has "
+                             f"{self._schedule()}; resuming would jump between stages of two schedules")
         self.stage = state_dict.get("stage")
         self.freezer.load_state_dict(state_dict)
 

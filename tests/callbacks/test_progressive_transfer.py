@@ -118,6 +118,10 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(teacher: Pa
         lambda: TranslationDataModule(str(prepared_dir), max_tokens=256), stop=3, total=10,
         deterministic=False)
     assert_same_state(straight, resumed, tolerance=1e-6)
+    other = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=3)
+    saved = torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)["callbacks"]
+    with pytest.raises(ValueError, match="the checkpoint trained with .*'stage_steps': 2.* but this callback has"):
+        other.load_state_dict(next(v for k, v in saved.items() if k.startswith("ProgressiveKnowledgeTransfer")))
 
 
 @pytest.mark.parametrize("mode, terms_first, terms_last", [
