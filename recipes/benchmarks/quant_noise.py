@@ -15,6 +15,7 @@ training is not credited to a method:
 | iPQ, QAT | the control, then iPQ: 3 stages of ``--steps`` * 2 / 3 (Stock et al.) | ipq |
 | iPQ, Quant-Noise | fine-tuning with Quant-Noise pq, then iPQ with Quant-Noise pq on the layers still dense | ipq |
 | iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq + ``--quantize int8`` |
+| iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
 (every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
 ratio against the fp32 export, BLEU and chrF2 (beam 4, the whole test split), CPU
@@ -66,6 +67,13 @@ def ipq(args: argparse.Namespace, centroid_bits: int) -> str:
                          centroid_bits=centroid_bits, seed=0)
 
 
+def distillation(teacher: Path) -> str:
+    """Word-level KD from the uncompressed model during iPQ fine-tuning: the paper's recipe
+    (Fan et al. fine-tune the codewords with a distillation loss; fairseq's release does not)."""
+    return callback_yaml("callbacks.KnowledgeDistillation", teacher=str(teacher), temperature=2.0, soft_weight=0.5,
+                         hard_weight=0.5)
+
+
 def qat(bits: int) -> str:
     return callback_yaml("callbacks.QuantizationAwareTraining", bits=bits, per_channel=bits <= 4,
                          include=["model.*"], quantize_embeddings=True)
@@ -111,6 +119,9 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
                                         2 * steps), None),
         ("iPQ & int8", "Quant-Noise", finetune(args, "quant_noise_ipq_int8", qn_pq,
                                                [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
+        ("iPQ", "Quant-Noise + distillation", finetune(args, "quant_noise_ipq_kd", qn_pq,
+                                                       [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
+                                                       2 * steps), None),
     ]
 
 
@@ -220,6 +231,7 @@ def plot(results: list, path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
     markers = {"post-processing": "o", "QAT": "s", "QAT (iPQ fine-tuning)": "s", "Quant-Noise": "*",
+               "Quant-Noise + distillation": "P",
                "fp32 fine-tuning (control)": "D"}
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, training, _, result in results:
