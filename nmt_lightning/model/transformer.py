@@ -166,7 +166,7 @@ class Transformer(nn.Module):
         length = tokens.shape[1]
         if start + length > self.config.max_positions:
             raise ValueError(f"sequence of {start + length} positions exceeds max_positions={self.config.max_positions}")
-        x = embedding(tokens) * math.sqrt(embedding.embedding_dim)
+        x = embedding(tokens) * math.sqrt(self.config.embedding_dim or self.config.d_model)
         if projection is not None:
             x = projection(x)
         x = x + self.positions[start : start + length].to(x.dtype)
