@@ -2,7 +2,7 @@
 
 The student has the teacher's depth and, between its blocks, the teacher's width (its blocks
 narrow to a bottleneck inside), so each student layer can learn from the teacher's layer of the
-same index:
+same index (or, with ``teacher_layers``, from a chosen one, for a shallower student):
 
 - feature-map transfer: the squared error between the two layers' outputs, each first
   normalised over its width (parameter-free LayerNorm, as the TensorFlow Model Garden does),
@@ -113,6 +113,9 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         embedding_modules: side -> qualified module names trained with the side's first layer
             (PKT) and, with ``copy_embeddings``, copied from the teacher where shapes agree.
         copy_embeddings: start the student's embeddings from the teacher's.
+        teacher_layers: side -> the teacher layer (from 1) each student layer learns from, for a
+            shallower student (the Model Garden's ``transfer_teacher_layers``), e.g.
+            ``{encoder: [2, 4, 6], decoder: [2, 4, 6]}``; default: layer l from layer l.
         teacher_inputs: the batch fields the teacher's forward takes, in order.
     """
 
@@ -131,6 +134,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         layer_modules: Optional[Mapping[str, str]] = None,
         embedding_modules: Optional[Mapping[str, Sequence[str]]] = None,
         copy_embeddings: bool = True,
+        teacher_layers: Optional[Mapping[str, Sequence[int]]] = None,
         teacher_inputs: Sequence[Union[str, int]] = ("source", "decoder_input"),
     ) -> None:
         if mode not in MODES:
@@ -163,9 +167,15 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_inputs is a non-empty list of batch fields, "
                              f"got {teacher_inputs!r}")
         self.copy_embeddings = bool(copy_embeddings)
+        self.teacher_layers = {side: list(layers) for side, layers in dict(teacher_layers or {}).items()}
+        for side, layers in self.teacher_layers.items():
+            if side not in SIDES or not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_layers maps 'encoder' / 'decoder' to lists of "
+                                 f"teacher layer numbers, got {side!r}: {layers!r}")
         self.teacher_inputs = list(teacher_inputs)
         self.teacher = FrozenTeacher(teacher, teacher_loader)
         self.depth: dict[str, int] = {}
+        self.mapping: dict[str, list[int]] = {}  # side -> the teacher layer of student layer l at [l - 1]
         self.stages: list[_Stage] = []
         self.stage: Optional[int] = None  # the stage applied (restored from a checkpoint on resume)
         self.freezer = ParameterFreezer()
@@ -220,11 +230,16 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             return
         for side in self.sides:
             mine, theirs = self._depth(pl_module, side, "student"), self._depth(teacher, side, "teacher")
-            if mine != theirs:
+            chosen = self.teacher_layers.get(side)
+            if chosen is None and mine != theirs:
                 raise ValueError(f"ProgressiveKnowledgeTransfer: the student's {side} has {mine} layers and the teacher "
-                                 f"{self.teacher.checkpoint}'s {theirs}; layer-wise transfer maps layer l to layer l, "
-                                 f"so both need the same depth")
+                                 f"{self.teacher.checkpoint}'s {theirs}; layer-wise transfer maps layer l to layer l "
+                                 f"unless teacher_layers names the teacher layer of each student layer")
+            if chosen is not None and (len(chosen) != mine or not all(1 <= i <= theirs for i in chosen)):
+                raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_layers[{side!r}] = {chosen} must name one "
+                                 f"teacher layer (1..{theirs}) for each of the student's {mine} {side} layers")
             self.depth[side] = mine
+            self.mapping[side] = list(chosen) if chosen is not None else list(range(1, mine + 1))
         self.stages = self._build_stages()
         if self.copy_embeddings:
             self._copy_embeddings(pl_module, teacher)
@@ -373,7 +388,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         for side, index in layers:
             mask = self._positions(context, side)
             student = self._state(context.features, side, index, "student")[mask].float()  # (N, D)
-            teacher = self._state(theirs, side, index, "teacher")[mask].float()
+            teacher = self._state(theirs, side, self.mapping[side][index - 1], "teacher")[mask].float()
             if student.shape[-1] != teacher.shape[-1]:
                 raise ValueError(f"ProgressiveKnowledgeTransfer: the student's {side} layer {index} outputs width "
                                  f"{student.shape[-1]}, the teacher's {teacher.shape[-1]}; feature-map transfer needs "
@@ -391,7 +406,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             for kind in ATTENTION_KINDS[side]:
                 # (B, h, queries, keys) -> (N, h, keys) at the real query positions
                 student = self._attention(context.features, kind, index, "student").transpose(1, 2)[queries]
-                teacher = self._attention(theirs, kind, index, "teacher").transpose(1, 2)[queries]
+                teacher = self._attention(theirs, kind, self.mapping[side][index - 1], "teacher").transpose(1, 2)[queries]
                 if student.shape != teacher.shape:
                     raise ValueError(f"ProgressiveKnowledgeTransfer: {kind} of layer {index} has shape "
                                      f"{tuple(student.shape)} in the student and {tuple(teacher.shape)} in the teacher; "

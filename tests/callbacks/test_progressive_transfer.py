@@ -157,6 +157,7 @@ def test_joint_and_auxiliary_modes(mode: str, terms_first: set, terms_last: set,
     (dict(sides=["encoder", "middle"]), "sides is a non-empty list"),
     (dict(layer_modules={"both": "model.layers"}), "layer_modules keys are 'encoder' / 'decoder'"),
     (dict(teacher_inputs="source"), "teacher_inputs is a non-empty list"),
+    (dict(teacher_layers={"encoder": [1.5]}), "teacher_layers maps 'encoder' / 'decoder' to lists"),
 ])
 def test_misconfiguration_names_the_argument(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -173,6 +174,21 @@ def test_a_teacher_of_another_depth_is_refused_and_too_few_steps_warned(teacher:
     with pytest.warns(UserWarning, match="transfer stages take 8 steps .* max_steps=8: this fit ends before"):
         tiny_trainer(tmp_path, max_steps=8, callbacks=[ProgressiveKnowledgeTransfer(str(teacher), stage_steps=2)]).fit(
             module, datamodule=datamodule)
+
+
+def test_a_shallower_student_learns_from_chosen_teacher_layers(teacher: Path, prepared_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """teacher_layers maps the 1+1 student's layer to the 2+2 teacher's layer 2 (the Model
+    Garden's transfer_teacher_layers); a list of the wrong length or range is refused."""
+    module, datamodule = student(prepared_dir, encoder_layers=1, decoder_layers=1)
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1, teacher_layers={"encoder": [2], "decoder": [2]})
+    tiny_trainer(tmp_path, max_steps=3, callbacks=[transfer]).fit(module, datamodule=datamodule)
+    assert transfer.mapping == {"encoder": [2], "decoder": [2]} and transfer.stage == 2
+    for wrong in ({"encoder": [1, 2], "decoder": [2]}, {"encoder": [3], "decoder": [2]}):
+        module, datamodule = student(prepared_dir, encoder_layers=1, decoder_layers=1)
+        with pytest.raises(ValueError, match="must name one teacher layer \\(1..2\\) for each of the student's 1"):
+            tiny_trainer(tmp_path, max_steps=1, callbacks=[ProgressiveKnowledgeTransfer(
+                str(teacher), teacher_layers=wrong)]).fit(module, datamodule=datamodule)
 
 
 def test_the_teachers_embeddings_are_copied_where_the_shapes_agree(teacher: Path, prepared_dir: Path,
