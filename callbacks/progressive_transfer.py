@@ -248,11 +248,11 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         """The teacher's embedding parameters into the student where name and shape agree. Runs
         in setup, before a checkpoint is restored: a resumed run keeps its trained tables."""
         patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules.get(side, [])]
-        theirs = dict(teacher.named_parameters())
+        mine, theirs = dict(student.named_parameters()), dict(teacher.named_parameters())
         copied = []
         with torch.no_grad():
             for name in matching_parameters(student, patterns):
-                parameter = dict(student.named_parameters())[name]
+                parameter = mine[name]
                 if name in theirs and theirs[name].shape == parameter.shape:
                     parameter.copy_(theirs[name])
                     copied.append(name)
