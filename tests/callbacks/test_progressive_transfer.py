@@ -132,7 +132,10 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(teacher: Pa
 def test_joint_and_auxiliary_modes(mode: str, terms_first: set, terms_last: set, teacher: Path, prepared_dir: Path,
                                    tmp_path: Path) -> None:
     class Terms(L.Callback):
-        seen: list[set] = []
+        """The loss terms registered at the end of every training batch."""
+
+        def __init__(self) -> None:
+            self.seen: list[set] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             self.seen.append(set(module.loss_terms))
