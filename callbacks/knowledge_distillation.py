@@ -40,7 +40,6 @@ The protocol a LightningModule must follow (nmt_lightning's TranslationModule do
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -49,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks._soft_targets import soft_target_loss
+from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
+                                    teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
 
 __all__ = ["KnowledgeDistillation", "HiddenStateProjection"]
@@ -75,12 +75,6 @@ class HiddenStateProjection(nn.Module):
 
     def forward(self, pair: int, states: torch.Tensor) -> torch.Tensor:  # (N, Ds) -> (N, Dt)
         return states @ self.weight[pair].t()
-
-
-def _check_weight(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"KnowledgeDistillation: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def _parse_layer_map(layer_map: Optional[Mapping[str, str]]) -> dict[str, str]:
@@ -149,19 +143,16 @@ class KnowledgeDistillation(L.Callback):
         layer_map: Optional[dict[str, str]] = None,
         teacher_inputs: Sequence[Union[str, int]] = ("source", "decoder_input"),
     ) -> None:
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"KnowledgeDistillation: temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
-        self.soft_weight = _check_weight("soft_weight", soft_weight)
-        self.hard_weight = _check_weight("hard_weight", hard_weight)
-        self.hidden_weight = _check_weight("hidden_weight", hidden_weight)
+        owner = "KnowledgeDistillation"
+        self.temperature = check_temperature(owner, temperature)
+        self.soft_weight = check_weight(owner, "soft_weight", soft_weight)
+        self.hard_weight = check_weight(owner, "hard_weight", hard_weight)
+        self.hidden_weight = check_weight(owner, "hidden_weight", hidden_weight)
         if self.soft_weight == 0 and self.hidden_weight == 0:
             raise ValueError("KnowledgeDistillation: soft_weight and hidden_weight are both 0, so nothing would be "
                              "distilled; set soft_weight > 0 (word-level KD) and/or hidden_weight > 0 (cosine loss)")
         self.layer_map = _parse_layer_map(layer_map)
-        if isinstance(teacher_inputs, (str, int)) or not teacher_inputs:
-            raise ValueError(f"KnowledgeDistillation: teacher_inputs is a non-empty list of batch fields, got {teacher_inputs!r}")
-        self.teacher_inputs = list(teacher_inputs)
+        self.teacher_inputs = check_teacher_inputs(owner, teacher_inputs)
         self.teacher = FrozenTeacher(teacher, teacher_loader)
         self._pass: Optional[_TeacherPass] = None
         self._previous_task_weight: Optional[float] = None
@@ -224,22 +215,11 @@ class KnowledgeDistillation(L.Callback):
         self._pass = None  # the teacher's activations of this batch are no longer needed
 
     # ------------------------------------------------------------------ the teacher's pass
-    def _inputs(self, batch: Any) -> list[torch.Tensor]:
-        inputs = []
-        for field in self.teacher_inputs:
-            try:
-                inputs.append(batch[field])
-            except (KeyError, IndexError, TypeError):
-                fields = list(batch.keys()) if isinstance(batch, Mapping) else f"{len(batch)} items"
-                raise KeyError(f"KnowledgeDistillation: the batch has no field {field!r} for the teacher "
-                               f"(teacher_inputs={self.teacher_inputs}; the batch has {fields})") from None
-        return inputs
-
     def _teacher_pass(self, context: Any) -> _TeacherPass:
         """Run the teacher on this batch once, however many terms read it."""
         if self._pass is not None and self._pass.batch is context.batch:
             return self._pass
-        inputs = self._inputs(context.batch)
+        inputs = teacher_inputs_of("KnowledgeDistillation", context.batch, self.teacher_inputs)
         recorder = None
         if self.hidden_weight > 0:
             if context.features is None or not hasattr(type(context.features), "requesting"):

@@ -49,7 +49,6 @@ reaches every parameter), so the default ``strategy="ddp"`` works.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
@@ -59,11 +58,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
-from callbacks._soft_targets import soft_target_loss
+from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
+                                    teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
 
 __all__ = ["ProgressiveKnowledgeTransfer"]
 
+OWNER = "ProgressiveKnowledgeTransfer"
 MODES = ("progressive", "joint", "auxiliary")
 SIDES = ("encoder", "decoder")
 ATTENTION_KINDS = {"encoder": ("encoder_self_attention",), "decoder": ("decoder_self_attention", "cross_attention")}
@@ -72,12 +73,6 @@ DEFAULT_LAYER_MODULES = {"encoder": "model.encoder_layers", "decoder": "model.de
 DEFAULT_EMBEDDING_MODULES = {"encoder": ["model.src_embed", "model.encoder_embed_projection"],
                              "decoder": ["model.tgt_embed", "model.decoder_embed_projection"]}
 _PROBABILITY_FLOOR = 1e-12  # log of a masked (zero) probability stays finite; its weight p_teacher is 0 there
-
-
-def _check_weight(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"ProgressiveKnowledgeTransfer: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 class _Stage:
@@ -141,13 +136,11 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             raise ValueError(f"ProgressiveKnowledgeTransfer: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(stage_steps, int) or isinstance(stage_steps, bool) or stage_steps < 1:
             raise ValueError(f"ProgressiveKnowledgeTransfer: stage_steps must be an integer >= 1, got {stage_steps!r}")
-        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"ProgressiveKnowledgeTransfer: temperature must be a finite number > 0, got {temperature!r}")
-        self.mode, self.stage_steps, self.temperature = mode, stage_steps, float(temperature)
-        self.feature_weight = _check_weight("feature_weight", feature_weight)
-        self.attention_weight = _check_weight("attention_weight", attention_weight)
-        self.soft_weight = _check_weight("soft_weight", soft_weight)
-        self.hard_weight = _check_weight("hard_weight", hard_weight)
+        self.mode, self.stage_steps, self.temperature = mode, stage_steps, check_temperature(OWNER, temperature)
+        self.feature_weight = check_weight(OWNER, "feature_weight", feature_weight)
+        self.attention_weight = check_weight(OWNER, "attention_weight", attention_weight)
+        self.soft_weight = check_weight(OWNER, "soft_weight", soft_weight)
+        self.hard_weight = check_weight(OWNER, "hard_weight", hard_weight)
         if self.feature_weight == 0 and self.attention_weight == 0:
             raise ValueError("ProgressiveKnowledgeTransfer: feature_weight and attention_weight are both 0, so no "
                              "layer would learn from the teacher; use KnowledgeDistillation for output-only KD")
@@ -163,16 +156,13 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             unknown = set(mapping) - set(SIDES)
             if unknown:
                 raise ValueError(f"ProgressiveKnowledgeTransfer: {name} keys are 'encoder' / 'decoder', got {sorted(unknown)}")
-        if isinstance(teacher_inputs, (str, int)) or not teacher_inputs:
-            raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_inputs is a non-empty list of batch fields, "
-                             f"got {teacher_inputs!r}")
         self.copy_embeddings = bool(copy_embeddings)
         self.teacher_layers = {side: list(layers) for side, layers in dict(teacher_layers or {}).items()}
         for side, layers in self.teacher_layers.items():
             if side not in SIDES or not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
                 raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_layers maps 'encoder' / 'decoder' to lists of "
                                  f"teacher layer numbers, got {side!r}: {layers!r}")
-        self.teacher_inputs = list(teacher_inputs)
+        self.teacher_inputs = check_teacher_inputs(OWNER, teacher_inputs)
         self.teacher = FrozenTeacher(teacher, teacher_loader)
         self.depth: dict[str, int] = {}
         self.mapping: dict[str, list[int]] = {}  # side -> the teacher layer of student layer l at [l - 1]
@@ -360,13 +350,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
                                 "features (context.features with a requesting() constructor)")
             recorder = type(context.features).requesting(
                 ["hidden_states"] + (["attention"] if self.attention_weight > 0 else []))
-        inputs = []
-        for field in self.teacher_inputs:
-            try:
-                inputs.append(context.batch[field])
-            except (KeyError, IndexError, TypeError):
-                raise KeyError(f"ProgressiveKnowledgeTransfer: the batch has no field {field!r} for the teacher "
-                               f"(teacher_inputs={self.teacher_inputs})") from None
+        inputs = teacher_inputs_of(OWNER, context.batch, self.teacher_inputs)
         output = self.teacher(*inputs, *([recorder] if recorder is not None else []))
         logits = getattr(output, "logits", output)
         if logits.shape != context.logits.shape:
