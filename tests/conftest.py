@@ -79,17 +79,25 @@ def tiny_trainer(root: Path, **overrides):
     return L.Trainer(**options)
 
 
-def train_tiny_checkpoint(prepared_dir: Path, root: Path, callbacks: tuple = ()) -> Path:
-    """Train the tiny model 30 steps on ``prepared_dir`` (seed 0) and save ``root/model.ckpt``."""
-    import lightning as L
-
+def tiny_module(prepared_dir: Path, **overrides):
+    """(TranslationModule of TINY_MODEL with ``overrides``, TranslationDataModule of ``prepared_dir``)."""
     from nmt_lightning.data import TranslationDataModule
     from nmt_lightning.module import TranslationModule
 
-    L.seed_everything(0)
     datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
-    trainer = tiny_trainer(root, callbacks=list(callbacks))
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **{**TINY_MODEL, **overrides})
+    return module, datamodule
+
+
+def train_tiny_checkpoint(prepared_dir: Path, root: Path, callbacks: tuple = (), seed: int = 0, max_steps: int = 30,
+                          **overrides) -> Path:
+    """Train the tiny model (``overrides`` of TINY_MODEL) ``max_steps`` steps on ``prepared_dir``
+    from seed ``seed`` and save ``root/model.ckpt``."""
+    import lightning as L
+
+    L.seed_everything(seed)
+    module, datamodule = tiny_module(prepared_dir, **overrides)
+    trainer = tiny_trainer(root, callbacks=list(callbacks), max_steps=max_steps)
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(root / "model.ckpt")
     return root / "model.ckpt"

@@ -21,7 +21,7 @@ from nmt_lightning.module import LossContext, TranslationModule
 from tests.callbacks.classifier import DistillableClassifier, classification_data
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
 from tests.callbacks.test_transforms import MaskCallback
-from tests.conftest import TINY_MODEL, run_script, tiny_trainer
+from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
 
 @pytest.fixture
@@ -36,21 +36,12 @@ def classifier_teacher(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def wide_teacher(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A translation teacher twice as deep and wider (d_model 48) than TINY_MODEL, 20 steps."""
-    root = tmp_path_factory.mktemp("wide_teacher")
-    L.seed_everything(5)
-    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size,
-                               **{**TINY_MODEL, "d_model": 48, "encoder_layers": 2, "decoder_layers": 2})
-    fit = tiny_trainer(root, max_steps=20)
-    fit.fit(module, datamodule=datamodule)
-    fit.save_checkpoint(root / "teacher.ckpt")
-    return root / "teacher.ckpt"
+    return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("wide_teacher"), seed=5, max_steps=20,
+                                 d_model=48, encoder_layers=2, decoder_layers=2)
 
 
 def translation_student(prepared_dir: Path, **overrides) -> tuple[TranslationModule, TranslationDataModule]:
-    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **{**TINY_MODEL, **overrides})
-    return module, datamodule
+    return tiny_module(prepared_dir, **overrides)
 
 
 def test_the_teacher_is_frozen_and_stays_out_of_the_student(trained_checkpoint: Path, prepared_dir: Path,

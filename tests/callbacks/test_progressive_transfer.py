@@ -19,29 +19,22 @@ from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted
-from tests.conftest import TINY_MODEL, run_script, tiny_trainer
+from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
-TEACHER = {**TINY_MODEL, "encoder_layers": 2, "decoder_layers": 2}  # d_model 32, 2 heads
-# The deep, thin student: the teacher's depth and inter-block width, 16-wide blocks, 8-wide embeddings.
-STUDENT = {**TEACHER, "bottleneck_dim": 16, "stacked_ffn": 2, "ffn_dim": 32, "embedding_dim": 8}
+# The teacher: TINY_MODEL (d_model 32, 2 heads) with 2+2 layers. The deep, thin student: the
+# teacher's depth and inter-block width, 16-wide blocks, 8-wide embeddings.
+STUDENT = {"encoder_layers": 2, "decoder_layers": 2, "bottleneck_dim": 16, "stacked_ffn": 2, "ffn_dim": 32,
+           "embedding_dim": 8}
 
 
 @pytest.fixture(scope="module")
 def teacher(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("transfer_teacher")
-    L.seed_everything(5)
-    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TEACHER)
-    fit = tiny_trainer(root, max_steps=20)
-    fit.fit(module, datamodule=datamodule)
-    fit.save_checkpoint(root / "teacher.ckpt")
-    return root / "teacher.ckpt"
+    return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("transfer_teacher"), seed=5, max_steps=20,
+                                 encoder_layers=2, decoder_layers=2)
 
 
 def student(prepared_dir: Path, **overrides) -> tuple[TranslationModule, TranslationDataModule]:
-    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **{**STUDENT, **overrides})
-    return module, datamodule
+    return tiny_module(prepared_dir, **{**STUDENT, **overrides})
 
 
 class Snapshots(L.Callback):

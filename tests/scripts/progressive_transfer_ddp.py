@@ -12,15 +12,12 @@ from pathlib import Path
 import lightning as L
 
 from callbacks import ProgressiveKnowledgeTransfer
-from nmt_lightning.data import TranslationDataModule
-from nmt_lightning.module import TranslationModule
-from tests.callbacks.test_progressive_transfer import STUDENT
+from tests.callbacks.test_progressive_transfer import student
 
 if __name__ == "__main__":
     data_dir, teacher, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     L.seed_everything(0)
-    datamodule = TranslationDataModule(data_dir, max_tokens=256)
-    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **STUDENT)
+    module, datamodule = student(Path(data_dir))
     transfer = ProgressiveKnowledgeTransfer(teacher, stage_steps=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=6, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
