@@ -42,8 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import (cached, checkpoint_step, cpu_description, export_and_score, run_fit,  # noqa: E402
-                          translation_speed_rounds, write_table)  # recipes/benchmarks/side_by_side.py
+from side_by_side import (cached, checkpoint_step, cpu_description, export_and_score,  # noqa: E402
+                          prepared_test_split, run_fit, translation_speed_rounds,
+                          write_table)  # recipes/benchmarks/side_by_side.py
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 TEACHER_RECIPE = ROOT / "recipes/libreoffice_en_cs/teacher.yaml"
@@ -185,12 +186,8 @@ def main() -> None:
     # Students train in their own directories: every path handed to them must be absolute.
     args.out, args.data_dir, args.teacher_checkpoint = (p.resolve() for p in (args.out, args.data_dir,
                                                                               args.teacher_checkpoint))
-    if not (args.data_dir / "test.en").is_file():
-        sys.exit(f"--data-dir: {args.data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    sources, references = prepared_test_split(args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
-    from nmt_lightning.evaluation import read_lines
-
-    sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
     rows = build_rows(args)
     results = {name: export_and_score(args.out, (name, checkpoint, quantize), sources, references)
                for name, checkpoint, quantize in rows}

@@ -35,7 +35,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from side_by_side import cached, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, prepared_test_split, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 PRUNINGS = 4
@@ -122,7 +122,7 @@ def points(args: argparse.Namespace) -> dict[str, list[tuple[float, Path]]]:
 
 def bleu(args: argparse.Namespace, checkpoint: Path) -> dict:
     """Test BLEU/chrF (beam 4) of the sparse fp32 export of ``checkpoint`` (cached)."""
-    from nmt_lightning.evaluation import read_lines, score
+    from nmt_lightning.evaluation import score
     from nmt_lightning.export import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
 
@@ -130,8 +130,7 @@ def bleu(args: argparse.Namespace, checkpoint: Path) -> dict:
 
     def evaluate() -> dict:
         exported = export_checkpoint(checkpoint, args.out / "exports" / f"{key}.safetensors", "fp32")
-        sources = read_lines(args.data_dir / "test.en")[: args.test_sentences]
-        references = read_lines(args.data_dir / "test.cs")[: args.test_sentences]
+        sources, references = args.test_split
         print(f"translating the test split: {key}", file=sys.stderr, flush=True)
         found = score(translate_lines(load_exported(exported.output), sources, beam=4), references)
         return {"bleu": found.bleu, "chrf": found.chrf, "bytes": exported.bytes_on_disk}
@@ -195,8 +194,7 @@ def main() -> None:
                         help="validation BLEU at the end of each round on the first N sentences (default: %(default)s)")
     args = parser.parse_args()
     args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()
-    if not (args.data_dir / "test.en").is_file():
-        sys.exit(f"--data-dir: {args.data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    args.test_split = prepared_test_split(args.data_dir, args.test_sentences)  # read once, scored per checkpoint
     args.out.mkdir(parents=True, exist_ok=True)
 
     curves = {method: [(level, bleu(args, checkpoint)) for level, checkpoint in series]

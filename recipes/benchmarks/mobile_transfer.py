@@ -44,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import (cached, cpu_description, export_and_score, run_fit,  # noqa: E402  # recipes/benchmarks/side_by_side.py
-                          translation_speed_rounds, write_table)
+from side_by_side import (cached, cpu_description, export_and_score, prepared_test_split,  # noqa: E402
+                          run_fit, translation_speed_rounds, write_table)  # recipes/benchmarks/side_by_side.py
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 BOTTLENECK = ROOT / "recipes/libreoffice_en_cs/bottleneck.yaml"
@@ -131,15 +131,10 @@ def main() -> None:
         sys.exit(f"--steps {args.steps} leaves no distillation stage after {LAYERS} x --stage-steps {args.stage_steps}")
     args.out, args.data_dir, args.teacher_checkpoint = (p.resolve() for p in (args.out, args.data_dir,
                                                                               args.teacher_checkpoint))
-    if not (args.data_dir / "test.en").is_file():
-        sys.exit(f"--data-dir: {args.data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    sources, references = prepared_test_split(args.data_dir, args.test_sentences)
     args.out.mkdir(parents=True, exist_ok=True)
-    from nmt_lightning.evaluation import read_lines
     from nmt_lightning.export import load_exported
 
-    sources, references = read_lines(args.data_dir / "test.en"), read_lines(args.data_dir / "test.cs")
-    if args.test_sentences:
-        sources, references = sources[: args.test_sentences], references[: args.test_sentences]
     rows = build_rows(args)
     results = {name: export_and_score(args.out, (name, checkpoint, quantize), sources, references)
                for name, checkpoint, quantize in rows}

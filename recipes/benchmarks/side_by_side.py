@@ -40,6 +40,16 @@ def cpu_description() -> str:
     return f"{name} ({', '.join(int8_flags) or 'no AVX2'})"
 
 
+def prepared_test_split(data_dir: Path, limit: Optional[int] = None) -> tuple[list[str], list[str]]:
+    """(English sources, Czech references) of a prepared directory's test split, the first
+    ``limit`` lines (all if None); exits, naming the main job, if the directory is not prepared."""
+    from nmt_lightning.evaluation import read_lines
+
+    if not (data_dir / "test.en").is_file():
+        sys.exit(f"--data-dir: {data_dir} is not prepared; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    return read_lines(data_dir / "test.en")[:limit], read_lines(data_dir / "test.cs")[:limit]
+
+
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
     """``compute()``'s JSON result, computed once: an interrupted benchmark reads it back."""
     if path.is_file():
