@@ -1,6 +1,6 @@
 """The seed's lottery-ticket curves for translation: BLEU against the fraction of weights remaining.
 
-    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket          # about 6 hours on 2 CPU cores
+    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket          # 5 to 6 hours on 2 CPU cores
 
 Every model is the tiny 3+3 Transformer on the LibreOffice en->cs corpus, trained with the tiny
 recipe in rounds of ``--round-steps`` steps (default 1000), all nn.Linear weights and the
@@ -17,8 +17,8 @@ then 0.2 ** (r / 2) after r prunings: 44.7%, 20%, 8.9%, 4.0%.
 | magnitude pruning | no rewinding: gradual pruning to the level while training one round (Zhu & Gupta) |
 
 Budget: 24 rounds (5 + 5 + 4 + 6 + 4) and a test translation per point. At the tiny model's
-1.26 steps/s on 2 idle cores a round is about 13 minutes with its validation, so the whole table
-is an estimated 5.5 to 6 hours (the issue's limit is 6); ``--round-steps`` scales it. Every run
+1.3 to 1.5 steps/s on 2 cores a round is 11 to 13 minutes with its validation, so the whole
+table is an estimated 5 to 6 hours (the issue's limit is 6); ``--round-steps`` scales it. Every run
 saves a checkpoint at the end of each round and resumes from the last one when interrupted;
 scores are cached per point: rerun the same command to continue. Writes OUT/lottery_ticket_table.md
 and .csv, OUT/lottery_ticket.png (one line per method, x = weights remaining on a log scale,
