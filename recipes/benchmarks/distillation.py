@@ -120,10 +120,10 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     rows.append(("student from scratch", scratch, "fp32"))
     rows.append(("teacher's layers", student(args, "teacher_layers", args.data_dir, True, []), "fp32"))
     rows.append(("+ word-level KD", student(args, "word_kd", args.data_dir, True, [kd]), "fp32"))
-    sequence_data = sequence_level_data(args)
-    rows.append(("sequence-level KD", student(args, "sequence_kd", sequence_data, True, []), "fp32"))
     rows.append(("+ triple loss", student(args, "triple_loss", args.data_dir, True,
                                           [distillation_yaml(teacher, hidden_weight=1.0)]), "fp32"))
+    sequence_data = sequence_level_data(args)
+    rows.append(("sequence-level KD", student(args, "sequence_kd", sequence_data, True, []), "fp32"))
     rows.append(("sequence + word-level KD", student(args, "sequence_word_kd", sequence_data, True, [kd]), "fp32"))
     return rows
 
