@@ -47,14 +47,16 @@ class Tokenization:
             self._processors[side] = spm.SentencePieceProcessor(model_proto=model)
         return self._processors[side]
 
+    def _encode(self, side: str, lang: str, lines: Sequence[str]) -> list[list[int]]:
+        normalizer = TextNormalizer(lang, self.moses_normalize)
+        return self._processor(side).encode([normalizer(line) for line in lines], out_type=int)
+
     def encode_source(self, lines: Sequence[str]) -> list[list[int]]:
-        normalizer = TextNormalizer(self.src_lang, self.moses_normalize)
-        return self._processor("src").encode([normalizer(line) for line in lines], out_type=int)
+        return self._encode("src", self.src_lang, lines)
 
     def encode_target(self, lines: Sequence[str]) -> list[list[int]]:
         """Target-side text -> token ids, as the training data was encoded (e.g. to count output tokens)."""
-        normalizer = TextNormalizer(self.tgt_lang, self.moses_normalize)
-        return self._processor("tgt").encode([normalizer(line) for line in lines], out_type=int)
+        return self._encode("tgt", self.tgt_lang, lines)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
         """Detokenized target text (sentencepiece's decode restores spaces)."""
