@@ -7,10 +7,10 @@ student's batch and add a word-level soft-target term; ``owner`` names the callb
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["check_weight", "check_temperature", "check_teacher_inputs", "teacher_inputs_of", "soft_target_loss"]
 
@@ -47,16 +47,48 @@ def teacher_inputs_of(owner: str, batch: Any, fields: Sequence[Union[str, int]])
     return inputs
 
 
+class _SoftTargetKL(torch.autograd.Function):
+    """T^2 * sum over masked positions of KL(p || q), p = softmax(teacher / T), q = softmax(student / T),
+    with its gradient T * (q - p) computed in the forward pass.
+
+    Written by hand because autograd's version (gather the masked rows, two log_softmax, kl_div,
+    then the backward of each and a scatter back into the logits' shape) makes some fifteen
+    passes over (positions x vocabulary) floats, each a fresh allocation; on CPU that cost as much
+    as half a training step of the tiny model. This makes about six and keeps one tensor for the
+    backward. Padding positions are computed and then zeroed (cheaper than gathering the rest;
+    batches are bucketed by length, so there are few)."""
+
+    @staticmethod
+    def forward(ctx: Any, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)  # (..., V)
+        log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (..., V)
+        p = log_p.exp()
+        per_position = torch.sub(log_p, log_q).mul_(p).sum(dim=-1)  # (...): KL at each position
+        loss = per_position.masked_fill_(~mask, 0.0).sum() * temperature ** 2
+        # d loss / d student_logits = T^2 * (q - p) / T, zero where mask is False
+        gradient = log_q.exp_().sub_(p).mul_(temperature).masked_fill_(~mask.unsqueeze(-1), 0.0)
+        ctx.save_for_backward(gradient)
+        ctx.student_dtype = student_logits.dtype
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None]:
+        (gradient,) = ctx.saved_tensors
+        return (gradient * grad_loss).to(ctx.student_dtype), None, None, None  # not in place: backward may run twice
+
+
 def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                      temperature: float) -> torch.Tensor:
     """T^2 * sum over the positions where ``mask`` is True of KL(softmax(teacher / T) || softmax(student / T)).
 
     student_logits, teacher_logits: (..., V); mask: bool of their leading shape. Computed in fp32
     (a softmax over tens of thousands of words in fp16 loses the small probabilities that carry
-    the teacher's knowledge). T^2 keeps the gradient on the cross-entropy's scale as T grows.
+    the teacher's knowledge). T^2 keeps the gradient on the scale of the cross-entropy's as T grows.
+    Only the student's logits receive a gradient (the teacher is frozen).
     """
-    student = student_logits[mask].float() / temperature  # (N, V): the selected positions
-    target = teacher_logits[mask].float() / temperature
-    divergence = F.kl_div(F.log_softmax(student, dim=-1), F.log_softmax(target, dim=-1), log_target=True,
-                          reduction="sum")
-    return divergence * temperature ** 2
+    if student_logits.shape != teacher_logits.shape or mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"soft_target_loss: student logits {tuple(student_logits.shape)}, teacher logits "
+                         f"{tuple(teacher_logits.shape)} and mask {tuple(mask.shape)} do not match")
+    return _SoftTargetKL.apply(student_logits, teacher_logits.detach(), mask.bool(), float(temperature))

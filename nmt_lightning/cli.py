@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from nmt_lightning.cpu_allocator import relaunch_with_tuned_allocator
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.prepare import PrepareConfig, prepare
 
@@ -266,6 +267,8 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    if argv is None:  # the process's entry point (not a test calling main): keep big tensors in the heap
+        relaunch_with_tuned_allocator()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return lightning_main(argv)
