@@ -15,12 +15,15 @@ trained with the tiny recipe for ``--steps`` steps; only what the row names chan
 | sequence-level KD | teacher's layers, trained on the teacher's beam-4 translations of the training set |
 | sequence + word-level KD | both |
 | deployment | the best student by BLEU, fine-tuned ``--qat-steps`` with QAT, exported to int8 |
+| deployment via CTranslate2 | the same QAT model converted to CTranslate2 int8 (when ctranslate2 is installed) |
 
 Columns: parameters, bytes on disk (fp32 export; int8 for the deployment row), BLEU and chrF2
 on the whole test split with beam 4 and greedy, CPU sentences/s with beam 4 relative to the
 teacher (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns in one process). Then the training step time of word-level KD against plain training
-of the same student, side by side on the same batches.
+of the same student, side by side on the same batches. The CTranslate2 row comes from
+``recipes/benchmarks/deployment.py`` (run into OUT/deployment), which times every model in its
+own process against the teacher with our decoder.
 
 Everything is cached in OUT (trained runs, the distilled corpus, exports, scores, speed
 rounds): an interrupted run continues where it stopped when the same command is run again.
@@ -30,6 +33,7 @@ Writes OUT/distillation_table.md and .csv.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -54,6 +58,7 @@ TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 MAIN_JOB = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+CT2_ROW, BASELINE = "CTranslate2 int8 of QAT", "ours fp32"  # rows of deployment.py's table
 RECIPE_STEPS = 1400  # tiny.yaml's max_steps: the main job's model is the from-scratch row at this budget
 TEACHER_STEPS = 4000  # teacher.yaml's max_steps
 
@@ -136,6 +141,25 @@ def deployment_row(args: argparse.Namespace, best: tuple[str, Path, Optional[str
     return (f"deployment: {name} + QAT, int8", finetuned, None)
 
 
+def ctranslate2_deployment(args: argparse.Namespace, qat_checkpoint: Path) -> Optional[dict[str, str]]:
+    """The deployment row's model converted to CTranslate2 int8, against the fp32 teacher with our
+    decoder: ``recipes/benchmarks/deployment.py`` (its own cache in OUT/deployment; each model
+    translates in its own process, as torch and CTranslate2 in one process slow each other).
+    Returns its table's rows by model name; None when CTranslate2 is not installed."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        print("ctranslate2 is not installed: no CTranslate2 deployment row", file=sys.stderr)
+        return None
+    out = args.out / "deployment"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("deployment.py")), "--out", str(out),
+                    "--data-dir", str(args.data_dir), "--fp32-checkpoint", str(args.teacher_checkpoint),
+                    "--qat-checkpoint", str(qat_checkpoint), "--sentences", str(args.sentences),
+                    "--threads", str(torch.get_num_threads())], check=True)
+    with open(out / "deployment_table.csv", newline="", encoding="utf-8") as handle:
+        return {row["model"]: row for row in csv.DictReader(handle)}
+
+
 def step_times(args: argparse.Namespace) -> dict[str, float]:
     """Seconds per training step of the 3+3 student: plain, with word-level KD (the fp32 teacher,
     and its post-training int8 export as a faster teacher), with the triple loss (Lightning
@@ -173,6 +197,9 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
+    from nmt_lightning.cpu_allocator import relaunch_with_tuned_allocator
+
+    relaunch_with_tuned_allocator()  # the allocator settings `nmt-lightning fit` trains with
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/distillation")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
@@ -213,6 +240,13 @@ def main() -> None:
                       f"{result['chrf_beam4']:.2f}", f"{result['bleu_greedy']:.2f}", f"{result['chrf_greedy']:.2f}",
                       f"{100 * result['bleu_beam4'] / teacher_bleu:.1f}%", f"{speed[name]:.1f}",
                       f"{speed[name] / speed[teacher_name]:.2f}x"])
+    converted = ctranslate2_deployment(args, deployment[1])
+    if converted is not None:
+        row = converted[CT2_ROW]
+        bleu = float(row["BLEU"])
+        table.append(["deployment via CTranslate2 int8 (the same QAT model)", table[-1][1], row["bytes on disk"],
+                      f"{bleu:.2f}", row["chrF2"], "–", "–", f"{100 * bleu / teacher_bleu:.1f}%", row["sentences/s"],
+                      row["vs ours fp32"]])
     text = write_table(args.out / "distillation_table.csv", header, table)
     text += [
         "",
@@ -221,8 +255,12 @@ def main() -> None:
         f"({best[0]}), {args.qat_steps} steps of QAT, int8 export. Speed: beam 4, {args.rounds} rounds over the "
         f"first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
         f"{cpu_description()}.",
-        "Training step time of the student (same batches, taking turns; median of 3 rounds): "
+        "Training step time of the student (same batches, taking turns; median of 3 rounds; glibc's malloc "
+        "thresholds raised as nmt-lightning does, see nmt_lightning/cpu_allocator.py): "
         + ", ".join(f"{name} {value * 1000:.0f} ms ({value / steps['plain']:.2f}x)" for name, value in steps.items()),
+        *([f"CTranslate2 row: recipes/benchmarks/deployment.py in {args.out / 'deployment'} (5 rounds, each model in "
+           f"its own process; ours fp32 = the teacher at {converted[BASELINE]['sentences/s']} sentences/s there); "
+           f"no greedy scores."] if converted is not None else []),
         f"Reproduce: python recipes/benchmarks/distillation.py --out {args.out} --steps {args.steps}",
     ]
     (args.out / "distillation_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
