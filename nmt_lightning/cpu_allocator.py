@@ -52,8 +52,8 @@ def relaunch_with_tuned_allocator() -> None:
     there is nothing to do). Call it first thing in a program's entry point, never from a
     library function or a test: the process is replaced."""
     environment = tuned_environment(os.environ)
-    if environment is None or not getattr(sys, "orig_argv", None):
-        return
+    if environment is None or not sys.executable or not getattr(sys, "orig_argv", None):
+        return  # nothing to do, or no way to start this interpreter again (embedded Python)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
