@@ -91,7 +91,7 @@ class BottleneckDecoderLayer(nn.Module):
         """x (B, T, d_model), memory (B', S, d_model); with a cache, x holds the newest position only
         (the cache then holds keys/values at the bottleneck width)."""
         causal = cache is None or x.shape[1] > 1
-        if cache is not None and causal and "self_k" in cache:
+        if cache is not None and causal and "self_kv" in cache:
             raise ValueError("incremental decoding feeds one position at a time")
         self_sink = features.attention_sink("decoder_self_attention") if features is not None else None
         cross_sink = features.attention_sink("cross_attention") if features is not None else None

@@ -70,7 +70,7 @@ class DecoderLayer(nn.Module):
         """x (B, T, D), memory (B, S, D). With a cache, x holds only the newest position(s)
         and attends to every cached one, so no causal mask is needed for a single step."""
         causal = cache is None or x.shape[1] > 1
-        if cache is not None and causal and "self_k" in cache:
+        if cache is not None and causal and "self_kv" in cache:
             raise ValueError("incremental decoding feeds one position at a time")
         self_sink = features.attention_sink("decoder_self_attention") if features is not None else None
         cross_sink = features.attention_sink("cross_attention") if features is not None else None

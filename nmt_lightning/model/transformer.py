@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nmt_lightning.model.attention import LayerCache
+from nmt_lightning.model.attention import KeyValueBuffer, LayerCache
 from nmt_lightning.model.bottleneck import BottleneckDecoderLayer, BottleneckEncoderLayer
 from nmt_lightning.model.features import TransformerFeatures
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer
@@ -243,9 +243,9 @@ class Transformer(nn.Module):
             return  # every hypothesis continues its own history (about one beam step in six)
         for cache in caches:
             for name, value in cache.items():
-                if not name.startswith("cross_"):
-                    cache[name] = value.index_select(0, order)
-                elif encoder_order is not None:
+                if isinstance(value, KeyValueBuffer):
+                    value.reorder(order)
+                elif encoder_order is not None:  # the cross-attention keys/values, one copy per sentence
                     cache[name] = value.index_select(0, encoder_order)
 
     def num_parameters(self) -> int:
