@@ -19,10 +19,10 @@ class KeyValueBuffer:
     Stored time-major, (capacity, 2, B, heads, head_dim), so the filled part is one contiguous
     block: a step's keys/values are written in place, where ``torch.cat`` copied the whole past
     at every step, and reordering the hypotheses copies only the filled part, keys and values in
-    one call. Beam search got 2 to 4% faster on 2 CPU cores (the 6+6 teacher and the int8 3+3
-    student of docs/benchmarks.md; same translations). The capacity doubles
-    when it runs out. Attention reads strided (B, heads, T, head_dim) views; SDPA takes them
-    as they are, at the speed of contiguous ones."""
+    one call. The capacity doubles when it runs out. Attention reads strided
+    (B, heads, T, head_dim) views; SDPA takes them as they are, at the speed of contiguous ones.
+    Beam search got 2 to 4% faster on 2 CPU cores (the 6+6 teacher and the int8 3+3 student of
+    docs/benchmarks.md; same translations)."""
 
     def __init__(self) -> None:
         self.storage: Optional[torch.Tensor] = None
@@ -94,8 +94,8 @@ class MultiHeadAttention(nn.Module):
 
         attn_mask: boolean, True where attention is allowed, broadcastable to (B', heads, T, S).
         cache: for incremental decoding. Self-attention (static_kv=False) appends this step's
-            keys/values to the cache's KeyValueBuffer; cross-attention (static_kv=True) computes the encoder's
-            keys/values once and reuses them.
+            keys/values to the cache's KeyValueBuffer; cross-attention (static_kv=True)
+            computes the encoder's keys/values once and reuses them.
         B may be a multiple g of B' (beam search: the g hypotheses of a sentence, in consecutive
         rows, attend to that sentence's one copy of the encoder output); then is_causal must be
         False, as the g queries of a row become g * T queries of one attention.
