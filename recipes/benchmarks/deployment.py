@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 QAT = ROOT / "runs/int8_benchmark/qat_finetune/runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt"
 BASELINE = "ours fp32"
+CT2_QAT = "CTranslate2 int8 of QAT"  # the QAT model converted to CTranslate2 int8 (the distillation table reads it)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,8 @@ def build_models(args: argparse.Namespace, cuda: bool) -> list[Model]:
         Model("ours QAT int8", "ours", export("qat.int8.safetensors", args.qat_checkpoint, None)),
         Model("CTranslate2 float32", "ctranslate2", convert("ct2-float32", args.fp32_checkpoint, "float32")),
         Model("CTranslate2 int8", "ctranslate2", convert("ct2-int8", args.fp32_checkpoint, "int8")),
-        Model("CTranslate2 int8 of QAT", "ctranslate2", ct2_qat),
-        Model(f"CTranslate2 int8 of QAT, 1 batch x {args.threads} threads", "ctranslate2", ct2_qat, parallel_batches=1),
+        Model(CT2_QAT, "ctranslate2", ct2_qat),
+        Model(f"{CT2_QAT}, 1 batch x {args.threads} threads", "ctranslate2", ct2_qat, parallel_batches=1),
     ]
     if cuda:
         models += [
@@ -260,7 +261,7 @@ def main() -> None:
         f"({identical / len(references):.1%}); beam {args.beam}: {beam_identical}/{len(references)} identical, BLEU "
         f"{quality[models[3].name][0].bleu:.2f} against {quality[BASELINE][0].bleu:.2f} "
         f"({quality[models[3].name][0].bleu - quality[BASELINE][0].bleu:+.2f}).",
-        f"CTranslate2 int8 of QAT against ours QAT int8: BLEU {quality['CTranslate2 int8 of QAT'][0].bleu - qat_bleu:+.2f}.",
+        f"{CT2_QAT} against ours QAT int8: BLEU {quality[CT2_QAT][0].bleu - qat_bleu:+.2f}.",
         "Sentences/s by round: " + "; ".join(f"{name} " + ", ".join(f"{v:.1f}" for v in values)
                                             for name, values in speeds.items()),
         f"Reproduce: python recipes/benchmarks/deployment.py --out {args.out} --rounds {args.rounds} "

@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
+from deployment import BASELINE, CT2_QAT  # noqa: E402  (recipes/benchmarks/deployment.py: its table's row names)
 from side_by_side import (cached, checkpoint_step, cpu_description, export_and_score,  # noqa: E402
                           prepared_test_split, run_fit, translation_speed_rounds,
                           write_table)  # recipes/benchmarks/side_by_side.py
@@ -58,7 +59,6 @@ TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 MAIN_JOB = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
-CT2_ROW, BASELINE = "CTranslate2 int8 of QAT", "ours fp32"  # rows of deployment.py's table
 RECIPE_STEPS = 1400  # tiny.yaml's max_steps: the main job's model is the from-scratch row at this budget
 TEACHER_STEPS = 4000  # teacher.yaml's max_steps
 
@@ -242,7 +242,7 @@ def main() -> None:
                       f"{speed[name] / speed[teacher_name]:.2f}x"])
     converted = ctranslate2_deployment(args, deployment[1])
     if converted is not None:
-        row = converted[CT2_ROW]
+        row = converted[CT2_QAT]
         bleu = float(row["BLEU"])
         table.append(["deployment via CTranslate2 int8 (the same QAT model)", table[-1][1], row["bytes on disk"],
                       f"{bleu:.2f}", row["chrF2"], "–", "–", f"{100 * bleu / teacher_bleu:.1f}%", row["sentences/s"],
