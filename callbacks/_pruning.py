@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from callbacks._compression import record_codec
@@ -38,9 +39,10 @@ class PruningMask(WeightTransform):
 
 
 class PrunedWeights:
-    """The selected weights of one model and their masks. A parameter shared by several modules
-    (an embedding tied to the output projection) is one weight with one mask: its modules hold
-    the same ``PruningMask`` (the same buffer under each module's name)."""
+    """The selected weights of one model and their masks. A parameter shared by several selected
+    modules (an embedding tied to the output projection) is one weight with one mask: its modules
+    hold the same ``PruningMask`` (the same buffer under each module's name). A parameter shared
+    with a module that is not selected is left dense (listed in ``left_dense``)."""
 
     def __init__(self, root: nn.Module, owner: str, include: Sequence[str], exclude: Sequence[str],
                  embeddings: bool) -> None:
@@ -50,6 +52,26 @@ class PrunedWeights:
             modules, all_names = groups.setdefault(id(trainable_weight(module)), ([], []))
             modules.append(module)
             all_names.extend(names)
+        # A parameter also used by a module outside the selection (the output projection tied to
+        # an embedding table when embeddings are not pruned) stays dense: masked in one use only,
+        # its pruned entries would still get gradients from the other and drift from zero.
+        users: dict[int, set[int]] = {}
+        for module in root.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                users.setdefault(id(trainable_weight(module)), set()).add(id(module))
+        self.left_dense: list[str] = []
+        for key, (modules, names) in list(groups.items()):
+            if users.get(key, set()) - {id(m) for m in modules}:
+                self.left_dense.append(names[0])
+                del groups[key]
+        if not groups:
+            raise ValueError(f"{owner}: every selected weight is shared with a module outside the selection "
+                             f"({self.left_dense}); select those modules too (prune_embeddings=True for a tied "
+                             f"embedding)")
+        if self.left_dense:
+            rank_zero_info(f"{owner}: left dense, their weights being shared with modules not selected "
+                           f"(prune_embeddings=True prunes a tied embedding and its projection together): "
+                           f"{', '.join(self.left_dense)}")
         self.groups = list(groups.values())
         for modules, _ in self.groups:
             existing = next((find_weight_transform(m, PruningMask) for m in modules

@@ -61,7 +61,8 @@ class LotteryTicketPruning(L.Callback):
         rewind_step: k, the step whose weights survivors are reset to (0: the initialisation).
         scope: "global" (one magnitude threshold over all selected weights) or "layer".
         include / exclude: globs over qualified module names (default: every nn.Linear).
-        prune_embeddings: also prune nn.Embedding tables (with a tied output projection, both).
+        prune_embeddings: also prune nn.Embedding tables (with a tied output projection, both;
+            without it a projection tied to an embedding stays dense).
         reinitialize: the random-reinitialisation control (survivors get fresh random values).
         masks_from: a checkpoint whose pruning masks are applied at the start (with rounds=0:
             train that ticket's structure; the control of Frankle & Carbin with reinitialize).

@@ -8,11 +8,17 @@ For every precision, the tiny model trains once per method from the same seed on
 batches: plain; 8-bit QAT from step 0 (``QuantizationAwareTraining``); Quant-Noise int8 with
 p = 0.1 on blocks of 8 (``QuantNoise``); word-level KD from a 6+6 teacher of the tiny width
 (``KnowledgeDistillation``; ``--teacher`` names its checkpoint, else one is trained here for
-``--teacher-steps`` steps in fp32, enough to time the teacher's forward pass, not to teach).
-Reported per run: target tokens/s after ``--warmup`` steps (the device synchronised at both
-ends) and against plain training at the same precision, the mean training loss of the last 100
-steps, the validation nll of the model as trained (fake-quantized for QAT), and whether every
-parameter and every QAT activation range is finite. A discarded plain run at each precision
+``--teacher-steps`` steps in fp32, enough to time the teacher's forward pass, not to teach);
+lottery-ticket pruning to 75% in two rounds, rewinding to step 20 (``LotteryTicketPruning``);
+iPQ in its three default stages, one every quarter of the run (``IterativeProductQuantization``);
+and the ``tiny-bottleneck`` student of that teacher trained layer by layer (``ProgressiveKnowledgeTransfer``,
+12 stages, then distillation in the last quarter; its speed is against the plain tiny model, not
+a like-for-like ratio). Reported per run: target tokens/s after ``--warmup`` steps (the device
+synchronised at both ends) and against plain training at the same precision, the mean training
+loss of the last 100 steps, the validation nll of the model as trained (fake-quantized for QAT),
+whether every parameter and every QAT activation range is finite, and the method's own invariant
+(pruned weights exactly zero at the scheduled sparsity; every iPQ stage on its codebook; a layer
+frozen in the next PKT stage unchanged by it). A discarded plain run at each precision
 comes first (measured: without it, whichever run came first was 2-4x slower on an H100). Meant for a GPU (``--accelerator gpu``);
 on CPU only 32-true and bf16-mixed apply.
 Writes OUT/compression_precision.md and .csv.
@@ -34,7 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from callbacks import KnowledgeDistillation, QuantizationAwareTraining, QuantNoise  # noqa: E402
+from callbacks import (IterativeProductQuantization, KnowledgeDistillation, LotteryTicketPruning,  # noqa: E402
+                       ProgressiveKnowledgeTransfer, QuantizationAwareTraining, QuantNoise)
 from nmt_lightning.data import TranslationDataModule  # noqa: E402
 from nmt_lightning.module import TranslationModule  # noqa: E402
 
@@ -76,11 +83,13 @@ class Run:
     train_loss: float
     val_nll: float
     finite: bool
+    invariant: str
 
 
 def module_for(data: TranslationDataModule, **overrides) -> TranslationModule:
-    return TranslationModule(src_vocab_size=data.src_vocab_size, tgt_vocab_size=data.tgt_vocab_size, preset="tiny",
-                             pre_norm=True, lr=0.002, warmup_steps=400, val_bleu=False, **overrides)
+    return TranslationModule(src_vocab_size=data.src_vocab_size, tgt_vocab_size=data.tgt_vocab_size,
+                             **{"preset": "tiny", "pre_norm": True, "lr": 0.002, "warmup_steps": 400, "val_bleu": False,
+                                **overrides})
 
 
 def trainer_options(args: argparse.Namespace, precision: str) -> dict:
@@ -105,20 +114,76 @@ def teacher_checkpoint(args: argparse.Namespace) -> str:
     return str(path)
 
 
-METHODS: dict[str, Callable[[argparse.Namespace], list[L.Callback]]] = {
-    "plain": lambda args: [],
-    "qat": lambda args: [QuantizationAwareTraining(bits=8)],
-    "quant-noise": lambda args: [QuantNoise(p=0.1, scheme="int8", block_size=8)],
-    "distillation": lambda args: [KnowledgeDistillation(teacher_checkpoint(args))],
+class _FrozenLayerWatch(L.Callback):
+    """PKT: the parameters of encoder layer 1 when stage 2 begins and when it ends (frozen in between)."""
+
+    def __init__(self, stage_steps: int) -> None:
+        self.stage_steps = stage_steps
+        self.at: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        if trainer.global_step in (self.stage_steps, 2 * self.stage_steps):
+            self.at[trainer.global_step] = [p.detach().clone() for n, p in pl_module.named_parameters()
+                                            if n.startswith("model.encoder_layers.0.")]
+
+
+@dataclass
+class Method:
+    """The callbacks of one method, the model it trains (preset override) and its invariant."""
+
+    callbacks: Callable[[argparse.Namespace], list[L.Callback]]
+    invariant: Callable[[L.LightningModule, list[L.Callback]], str] = lambda module, callbacks: ""
+    preset: str = "tiny"
+
+
+def _pruned_weights_are_zero(module: L.LightningModule, callbacks: list[L.Callback]) -> str:
+    pruning = next(c for c in callbacks if isinstance(c, LotteryTicketPruning))
+    stray = sum(int((parameter.detach()[mask == 0] != 0).sum()) for _, parameter, mask in pruning.weights.masks())
+    return f"sparsity {pruning.weights.sparsity():.3f} (round {pruning.round}); {stray} pruned weights nonzero"
+
+
+def _codebooks_in_use(module: L.LightningModule, callbacks: list[L.Callback]) -> str:
+    quantizer = next(c for c in callbacks if isinstance(c, IterativeProductQuantization))
+    stages = quantizer._stage_targets
+    done = sum(all(transform.active for transform, _, _ in targets) for targets in stages)
+    return f"{done}/{len(stages)} stages on their codebooks"
+
+
+def _frozen_layer_unchanged(module: L.LightningModule, callbacks: list[L.Callback]) -> str:
+    transfer = next(c for c in callbacks if isinstance(c, ProgressiveKnowledgeTransfer))
+    watch = next(c for c in callbacks if isinstance(c, _FrozenLayerWatch))
+    if len(watch.at) < 2:
+        return f"stage {transfer.stage}: run too short to watch stage 2"
+    first, second = (watch.at[step] for step in sorted(watch.at))
+    moved = sum(not torch.equal(a, b) for a, b in zip(first, second))
+    return f"last stage {transfer.stage + 1}/{len(transfer.stages)}; encoder layer 1 changed in stage 2: {moved} tensors"
+
+
+def _progressive_transfer(args: argparse.Namespace) -> list[L.Callback]:
+    stage_steps = max(1, (3 * args.steps // 4) // 12)  # 12 layer stages in the first three quarters
+    return [ProgressiveKnowledgeTransfer(teacher_checkpoint(args), stage_steps=stage_steps, feature_weight=100.0),
+            _FrozenLayerWatch(stage_steps)]
+
+
+METHODS: dict[str, Method] = {
+    "plain": Method(lambda args: []),
+    "qat": Method(lambda args: [QuantizationAwareTraining(bits=8)]),
+    "quant-noise": Method(lambda args: [QuantNoise(p=0.1, scheme="int8", block_size=8)]),
+    "distillation": Method(lambda args: [KnowledgeDistillation(teacher_checkpoint(args))]),
+    "lottery-ticket": Method(lambda args: [LotteryTicketPruning(sparsity=0.75, rounds=2, round_steps=args.steps * 3 // 8,
+                                                                rewind_step=20)], _pruned_weights_are_zero),
+    "ipq": Method(lambda args: [IterativeProductQuantization(steps_per_stage=args.steps // 4, start_step=args.steps // 4)],
+                  _codebooks_in_use),
+    "progressive-transfer": Method(_progressive_transfer, _frozen_layer_unchanged, preset="tiny-bottleneck"),
 }
 
 
 def train_once(args: argparse.Namespace, precision: str, method: str) -> Run:
-    callbacks = METHODS[method](args)  # (trains the teacher first, if it must)
+    callbacks = METHODS[method].callbacks(args)  # (trains the teacher first, if it must)
     L.seed_everything(args.seed, verbose=False)
     data = TranslationDataModule(args.data_dir, src_lang=args.src, tgt_lang=args.tgt, max_tokens=args.max_tokens,
                                  seed=args.seed)
-    module = module_for(data)
+    module = module_for(data, preset=METHODS[method].preset)
     meter = _Throughput(args.warmup)
     common = trainer_options(args, precision)
     trainer = L.Trainer(max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0,
@@ -129,16 +194,18 @@ def train_once(args: argparse.Namespace, precision: str, method: str) -> Run:
     tensors = [*module.parameters(), *(b for n, b in module.named_buffers() if n.endswith("input_quantizer.absmax"))]
     finite = all(bool(torch.isfinite(t).all()) for t in tensors)
     last = meter.losses[-100:]
-    return Run(precision, method, meter.tokens / meter.seconds, sum(last) / len(last), val_nll, finite)
+    return Run(precision, method, meter.tokens / meter.seconds, sum(last) / len(last), val_nll, finite,
+               METHODS[method].invariant(module, callbacks))
 
 
 def write_table(runs: list[Run], out: Path, notes: list[str]) -> str:
     header = ["precision", "method", "target tokens/s", "speed vs plain", "train loss (last 100 steps)", "valid nll",
-              "all finite"]
+              "all finite", "invariant"]
     plain = {run.precision: run for run in runs if run.method == "plain"}
     table = [[run.precision, run.method, f"{run.tokens_per_second:,.0f}",
               f"{run.tokens_per_second / plain[run.precision].tokens_per_second:.2f}x" if run.precision in plain else "",
-              f"{run.train_loss:.3f}", f"{run.val_nll:.3f}", "yes" if run.finite else "NO"] for run in runs]
+              f"{run.train_loss:.3f}", f"{run.val_nll:.3f}", "yes" if run.finite else "NO",
+              run.invariant] for run in runs]
     markdown = "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                           *("| " + " | ".join(line) + " |" for line in table), "", *notes]) + "\n"
     out.mkdir(parents=True, exist_ok=True)

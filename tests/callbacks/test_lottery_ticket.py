@@ -14,7 +14,7 @@ from callbacks._pruning import PruningMask
 from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
 from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
-from tests.conftest import run_script
+from tests.conftest import run_script, tiny_module, tiny_trainer
 
 LAYERS = ["hidden", "out"]  # 16 x 16 + 3 x 16 = 304 weights
 
@@ -65,6 +65,25 @@ def test_pruned_weights_stay_zero_with_adamw_weight_decay_and_bf16(tmp_path: Pat
         mask = find_weight_transform(module, PruningMask).mask
         assert (trainable_weight(module)[mask == 0] == 0).all(), name  # the parameter itself
         assert (module.weight[mask == 0] == 0).all(), name  # what the layer computes with
+
+
+@pytest.mark.parametrize("prune_embeddings", [False, True])
+def test_a_projection_tied_to_an_embedding_is_pruned_in_every_use_or_not_at_all(prepared_dir: Path, tmp_path: Path,
+                                                                              prune_embeddings: bool) -> None:
+    # Our Transformer ties the output projection to the target embedding. Masked as a projection
+    # only, the table's pruned entries would get gradients through the embedding lookups.
+    module, datamodule = tiny_module(prepared_dir)
+    pruning = LotteryTicketPruning(sparsity=0.75, rounds=2, round_steps=3, rewind_step=1,
+                                   prune_embeddings=prune_embeddings)
+    tiny_trainer(tmp_path, callbacks=[pruning], max_steps=9).fit(module, datamodule=datamodule)
+    tied = trainable_weight(module.model.output_projection)
+    assert tied is trainable_weight(module.model.tgt_embed)
+    pruned = {id(parameter) for _, parameter, _ in pruning.weights.masks()}
+    assert (id(tied) in pruned) == prune_embeddings
+    assert pruning.weights.left_dense == ([] if prune_embeddings else ["model.output_projection"])
+    for name, parameter, mask in pruning.weights.masks():
+        assert (parameter[mask == 0] == 0).all(), name  # after 3 optimiser steps in the last round
+    assert pruning.weights.sparsity() == pytest.approx(0.75, abs=1e-3)
 
 
 def test_resume_in_the_middle_of_round_two_equals_an_uninterrupted_run(tmp_path: Path) -> None:
