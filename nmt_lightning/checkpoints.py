@@ -13,6 +13,15 @@ from nmt_lightning.errors import CorpusError
 from nmt_lightning.module import TranslationModule
 
 
+def load_for_device(path: str | os.PathLike, device: str | torch.device) -> TranslationModule:
+    """``load_translation_module`` moved to ``device``. The int8 and int4 layers of a compressed
+    model run FBGEMM kernels, which exist on CPU only; on any other device the model keeps plain
+    nn.Linear layers holding the decoded weights (the same integer grid as fp32 values; static
+    activation ranges are not applied), so it translates there instead of failing."""
+    runtime_layers = torch.device(device).type == "cpu"
+    return load_translation_module(path, runtime_layers=runtime_layers).to(device)
+
+
 def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
                             quantize: Optional[str] = None, runtime_layers: bool = True) -> TranslationModule:
     """A TranslationModule (eval mode) with its tokenization, from a Lightning checkpoint or a

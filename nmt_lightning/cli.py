@@ -78,13 +78,15 @@ def translate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy search (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: %(default)s)")
     parser.add_argument("--ref", help="reference file: print cased/uncased BLEU and chrF2 on stderr")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, cuda:1, ... (default: %(default)s); int8/int4 kernels are CPU-only, so on a "
+                             "GPU such a model computes with its decoded weights")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's default, one per core)")
     parser.add_argument("--parallel-batches", type=int,
                         help="CTranslate2 only: batches translated at once, sharing --threads "
                              "(default on CPU: one per thread; on GPU: 1)")
     args = parser.parse_args(argv)
-    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.checkpoints import load_for_device
     from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
     from nmt_lightning.evaluation import read_lines, score
     from nmt_lightning.translate import translate_lines
@@ -106,7 +108,7 @@ def translate_main(argv: Sequence[str]) -> int:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            module = load_translation_module(args.checkpoint).to(args.device)
+            module = load_for_device(args.checkpoint, args.device)
 
             def translate(lines: list[str], **options) -> list[str]:
                 return translate_lines(module, lines, **options)

@@ -139,12 +139,12 @@ def distill_with_checkpoint(checkpoint: str, input_prefix: str, output_prefix: s
                             batch_size: int = 64, device: str = "cpu", chunk_lines: int = 2000,
                             progress: bool = True) -> tuple[Path, Path]:
     """``distill_corpus`` with a teacher loaded from a checkpoint or an ``export`` file (int8 is fastest on CPU)."""
-    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.checkpoints import load_for_device
     from nmt_lightning.translate import translate_lines
 
     if beam < 1 or batch_size < 1:
         raise ValueError(f"--beam and --batch-size must be >= 1, got {beam} and {batch_size}")
-    module = load_translation_module(checkpoint).to(device)
+    module = load_for_device(checkpoint, device)
 
     def translate(lines: list[str]) -> list[str]:
         return translate_lines(module, lines, beam=beam, batch_size=batch_size, progress=False)

@@ -14,7 +14,7 @@ from torch import nn
 from callbacks import QuantizationAwareTraining
 from callbacks.quantization_aware_training import fake_quantize
 from nmt_lightning.checkpoint_file import read_checkpoint
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.checkpoints import load_for_device, load_translation_module
 from nmt_lightning.cli import main
 from nmt_lightning.export import export_checkpoint, load_exported
 from nmt_lightning.int8 import Int8Linear
@@ -97,6 +97,12 @@ def test_ptq_int8_export(trained_checkpoint: Path, prepared_dir: Path, tmp_path:
     lines = source_lines(prepared_dir)
     translations = translate_lines(module, lines, beam=2)
     assert len(translations) == len(lines) and all(isinstance(t, str) for t in translations)
+    # FBGEMM's int8 kernels exist on CPU only: on another device (a GPU; "meta" here) the model
+    # computes with its decoded weights in plain nn.Linear layers.
+    assert any(isinstance(m, Int8Linear) for m in load_for_device(tmp_path / "int8.safetensors", "cpu").modules())
+    elsewhere = load_for_device(tmp_path / "int8.safetensors", "meta")
+    assert not any(isinstance(m, Int8Linear) for m in elsewhere.modules())
+    assert elsewhere.model.encoder_layers[0].self_attn.q_proj.weight.device.type == "meta"
 
 
 def test_qat_checkpoint_exports_its_trained_grid(qat_checkpoint: Path, tmp_path: Path) -> None:
