@@ -75,3 +75,26 @@ def test_pruning_composes_with_qat_in_the_export(prepared_dir: Path, tmp_path: P
     # The decoded int8 grid is the fake-quantized weight QAT trained with.
     torch.testing.assert_close(decoded.model.state_dict()[fc1], module.model.encoder_layers[0].ffn.fc1.weight.detach(),
                                rtol=0, atol=1e-6)
+
+
+def test_masks_that_prune_too_little_store_the_weight_dense(prepared_dir: Path, tmp_path: Path) -> None:
+    # A checkpoint of round 0 (masks present, nothing pruned yet) exports no larger than the same
+    # weights without masks: a bitmask costs 1/32 of an fp32 weight, paid only where it saves more.
+    L.seed_everything(0)
+    datamodule = TranslationDataModule(str(prepared_dir), max_tokens=256)
+    module = TranslationModule(datamodule.src_vocab_size, datamodule.tgt_vocab_size, **TINY_MODEL)
+    pruning = LotteryTicketPruning(sparsity=0.8, rounds=1, round_steps=4, rewind_step=1, prune_embeddings=True)
+    trainer = tiny_trainer(tmp_path, max_steps=2, callbacks=[pruning])
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(tmp_path / "round0.ckpt")
+    saved = torch.load(tmp_path / "round0.ckpt", weights_only=True)
+    del saved["compression"]
+    torch.save(saved, tmp_path / "unmarked.ckpt")
+    masked = export_checkpoint(tmp_path / "round0.ckpt", tmp_path / "masked.safetensors", "fp32")
+    plain = export_checkpoint(tmp_path / "unmarked.ckpt", tmp_path / "plain.safetensors", "fp32")
+    # Bitmasks would add one bit per weight (weight_bytes_fp32 / 32 bytes); only the metadata
+    # differs (each weight's chain names the sparse step: some 30 bytes a weight).
+    assert abs(masked.bytes_on_disk - plain.bytes_on_disk) < plain.weight_bytes_fp32 / 32 / 2
+    exported = load_exported(masked.output)
+    for name, tensor in exported.model.state_dict().items():
+        torch.testing.assert_close(tensor, effective(module.eval().model, name), rtol=0, atol=0, msg=name)
