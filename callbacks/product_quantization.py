@@ -191,6 +191,11 @@ class IterativeProductQuantization(L.Callback):
         self.add_codebooks(pl_module)
 
     # ------------------------------------------------------------------ stages
+    @property
+    def quantized_stages(self) -> int:
+        """How many stages are on their codebooks now (0 before ``setup``)."""
+        return sum(all(transform.active for transform, _, _ in targets) for targets in self._stage_targets)
+
     def stage_due(self, global_step: int) -> int:
         """How many stages should be quantized at ``global_step``."""
         if global_step < self.start_step:

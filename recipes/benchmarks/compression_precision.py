@@ -144,9 +144,7 @@ def _pruned_weights_are_zero(module: L.LightningModule, callbacks: list[L.Callba
 
 def _codebooks_in_use(module: L.LightningModule, callbacks: list[L.Callback]) -> str:
     quantizer = next(c for c in callbacks if isinstance(c, IterativeProductQuantization))
-    stages = quantizer._stage_targets
-    done = sum(all(transform.active for transform, _, _ in targets) for targets in stages)
-    return f"{done}/{len(stages)} stages on their codebooks"
+    return f"{quantizer.quantized_stages}/{len(quantizer.stages)} stages on their codebooks"
 
 
 def _frozen_layer_unchanged(module: L.LightningModule, callbacks: list[L.Callback]) -> str:

@@ -68,12 +68,13 @@ def test_stages_quantize_in_turn_and_restart_the_optimiser(tmp_path: Path) -> No
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             active = [weight_transforms(m)[0].active for m in (pl_module.hidden, pl_module.embed, pl_module.out)]
+            assert quantizer.quantized_stages == sum(active)
             # the optimiser itself, not its id(): a freed optimiser's id can be given to the next one
             self.seen.append((trainer.global_step, active, trainer.optimizers[0]))
 
     L.seed_everything(0)
-    model, spy = BagOfWordsClassifier(), Spy()
-    trainer(tmp_path, [ipq(start_step=2), spy], max_steps=12).fit(model, classification_data())
+    model, spy, quantizer = BagOfWordsClassifier(), Spy(), ipq(start_step=2)
+    trainer(tmp_path, [quantizer, spy], max_steps=12).fit(model, classification_data())
     active = {step: flags for step, flags, _ in spy.seen}
     assert active[2] == [False, False, False]  # global_step after the step; stage 0 begins at step 2
     assert active[3] == [True, False, False] and active[7] == [True, True, False] and active[11] == [True, True, True]
