@@ -5,6 +5,11 @@ training only if it has written nothing before. A run that stops at ``max_steps`
 middle of an epoch without validating there therefore keeps the ``last.ckpt`` of the previous
 epoch end: the distillation teacher's 2000-step run left a 1908-step one (and a resume from it
 redoes the last 92 steps). This subclass also writes it when training ends after the last save.
+
+Lightning also writes ``last.ckpt`` at an epoch end or a validation only when it saved a top-k
+checkpoint there, so with ``save_top_k: 0`` (the recipes that keep only the last model) it
+wrote none before the end of training and an interrupted run started again from step 0. Here
+every save trigger writes it, once per step.
 """
 
 from __future__ import annotations
@@ -17,6 +22,21 @@ __all__ = ["ModelCheckpoint"]
 
 class ModelCheckpoint(LightningModelCheckpoint):
     """Lightning's ModelCheckpoint (same arguments); with ``save_last``, ``last.ckpt`` holds the final step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_written_at: int | None = None  # global step of the last write of last.ckpt
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+        if self.save_top_k == 0:  # nothing saved above, so Lightning would skip last.ckpt
+            self._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        if not self.save_last or self._last_written_at == trainer.global_step:
+            return  # written at this step already (Lightning calls it after the top-k save too)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._last_written_at = trainer.global_step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         unsaved = self._last_global_step_saved != trainer.global_step
