@@ -22,7 +22,7 @@ table is an estimated 5 to 6 hours (the issue's limit is 6); ``--round-steps`` s
 late-rewinding ticket the runs are independent: ``--jobs 2`` trains two at a time with the cores
 shared between them (on 2 cores two 1-thread trainings made 2.25 steps/s together, one 2-thread
 training 1.77), each writing its log to its run directory. Every run
-saves a checkpoint at the end of each round and resumes from the last one when interrupted;
+saves a checkpoint at the end of each round and every 200 steps, and resumes from the newest when interrupted;
 scores are cached per point: rerun the same command to continue. Writes OUT/lottery_ticket_table.md
 and .csv, OUT/lottery_ticket.png (one line per method, x = weights remaining on a log scale,
 y = BLEU; needs matplotlib) and the export sizes at 80% sparsity (fp32 and int8 values).
@@ -49,6 +49,7 @@ PRUNINGS = 4
 FINAL_SPARSITY = 1.0 - 0.2 ** (PRUNINGS / 2)  # kept after r prunings: 0.2 ** (r / 2)
 LEVELS = [0.2 ** (r / 2) for r in range(PRUNINGS + 1)]  # fractions of the weights remaining
 ONE_SHOT_LEVELS = LEVELS[2:]
+PROGRESS_STEPS = 200  # how often a run saves the state it resumes from after an interruption
 PRUNE = {"include": ["model.*"], "prune_embeddings": True, "scope": "global"}
 
 
@@ -60,6 +61,19 @@ def round_saver(args: argparse.Namespace) -> dict:
     """A checkpoint at the end of every round (the points of the curves; resume points)."""
     return callback("lightning.pytorch.callbacks.ModelCheckpoint", dirpath="rounds", filename="step{step}",
                     every_n_train_steps=args.round_steps, save_top_k=-1, auto_insert_metric_name=False)
+
+
+def progress_saver() -> dict:
+    """The latest state every ``PROGRESS_STEPS`` steps (only the newest kept): an interrupted
+    round resumes from there instead of from its start."""
+    return callback("lightning.pytorch.callbacks.ModelCheckpoint", dirpath="progress", filename="step{step}",
+                    every_n_train_steps=PROGRESS_STEPS, save_top_k=1, auto_insert_metric_name=False)
+
+
+def resume_point(run_dir: Path) -> Optional[Path]:
+    """The checkpoint of ``run_dir`` with the most steps, round or progress, or None."""
+    saved = [*run_dir.glob("rounds/step*.ckpt"), *run_dir.glob("progress/step*.ckpt")]
+    return max(saved, key=lambda p: int(p.stem[4:]), default=None)
 
 
 def run(args: argparse.Namespace, name: str, callbacks: list[dict], rounds: int, parallel: bool = False) -> Path:
@@ -74,15 +88,16 @@ def run(args: argparse.Namespace, name: str, callbacks: list[dict], rounds: int,
         return run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     add_on = run_dir / "add_on.yaml"
-    add_on.write_text(json.dumps({"trainer": {"callbacks+": [*callbacks, round_saver(args)]}}) + "\n", encoding="utf-8")
-    done = sorted(run_dir.glob("rounds/step*.ckpt"), key=lambda p: int(p.stem[4:]))
+    add_on.write_text(json.dumps({"trainer": {"callbacks+": [*callbacks, round_saver(args), progress_saver()]}}) + "\n",
+                      encoding="utf-8")
+    latest = resume_point(run_dir)
     command = [sys.executable, "-m", "nmt_lightning.cli", "fit", "--config", str(TINY), "--config", str(add_on),
                f"--data.data_dir={args.data_dir}", f"--trainer.max_steps={steps}", "--trainer.max_time=null",
                "--trainer.check_val_every_n_epoch=null", f"--trainer.val_check_interval={args.round_steps}",
                "--model.test_output=null", f"--model.val_bleu_sentences={args.val_sentences}",
                "--trainer.limit_val_batches=1.0" if args.val_sentences >= 300 else "--trainer.limit_val_batches=1"]
-    if done:
-        command.append(f"--ckpt_path={done[-1]}")
+    if latest is not None:
+        command.append(f"--ckpt_path={latest}")
     print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
     if not parallel:
         subprocess.run(command, cwd=run_dir, check=True)
