@@ -25,6 +25,10 @@ test split with beam 4 (and greedy), CPU sentences/s with beam 4 relative to the
 profile of beam search (operator calls and time per sentence, teacher against student) tells
 why the deep, thin shape is or is not faster than its parameter count promises.
 
+``--rows`` trains and compares only some students (e.g. ``--rows scratch pkt`` with longer
+stages: ``--steps 4280 --stage-steps 240`` keeps the 1,400-step distillation stage); use a new
+OUT for other ``--steps`` or ``--stage-steps``, since finished runs are reused by name.
+
 Everything is cached in OUT (runs, exports, scores, speed rounds, profile): an interrupted run
 continues where it stopped when the same command is run again. Writes OUT/mobile_transfer_table.md
 and .csv.
@@ -55,6 +59,7 @@ TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
 LAYERS = 12  # 6 encoder + 6 decoder layers: one PKT stage each
+ROWS = ("scratch", "jkt", "akt", "pkt", "pkt_qat")  # the students, as --rows names them
 
 
 def transfer_yaml(teacher: Path, mode: str, stage_steps: int) -> str:
@@ -74,15 +79,17 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     def student(name: str, add_ons: list[str]) -> Path:
         return run_fit(args.out, name, [TINY, BOTTLENECK], add_ons, data, TRAINED, args.steps)
 
-    rows = [("teacher (6+6, width 256)", teacher, "fp32"),
-            ("bottleneck student from scratch", student("scratch", []), "fp32"),
-            ("JKT", student("jkt", [transfer_yaml(teacher, "joint", args.stage_steps)]), "fp32"),
-            ("AKT", student("akt", [transfer_yaml(teacher, "auxiliary", args.stage_steps)]), "fp32")]
-    pkt = student("pkt", [transfer_yaml(teacher, "progressive", args.stage_steps)])
-    rows.append(("PKT", pkt, "fp32"))
-    deployed = run_fit(args.out, "pkt_qat", [TINY, BOTTLENECK, FINETUNE, QAT], [], [*data, f"--model.init_from={pkt}"],
-                       FINETUNED, args.qat_steps)
-    rows.append(("PKT + QAT, int8", deployed, None))
+    rows = [("teacher (6+6, width 256)", teacher, "fp32")]
+    if "scratch" in args.rows:
+        rows.append(("bottleneck student from scratch", student("scratch", []), "fp32"))
+    for key, mode, name in (("jkt", "joint", "JKT"), ("akt", "auxiliary", "AKT"), ("pkt", "progressive", "PKT")):
+        if key in args.rows or (key == "pkt" and "pkt_qat" in args.rows):
+            rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)]), "fp32"))
+    if "pkt_qat" in args.rows:
+        pkt = rows[-1][1]
+        deployed = run_fit(args.out, "pkt_qat", [TINY, BOTTLENECK, FINETUNE, QAT], [],
+                           [*data, f"--model.init_from={pkt}"], FINETUNED, args.qat_steps)
+        rows.append(("PKT + QAT, int8", deployed, None))
     return rows
 
 
@@ -126,6 +133,8 @@ def main() -> None:
     parser.add_argument("--test-sentences", type=int, default=None, help="score on the first N test sentences (smoke runs)")
     parser.add_argument("--sentences", type=int, default=300, help="sentences per speed round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                        help="students to train and compare with the teacher (pkt_qat brings pkt)")
     args = parser.parse_args()
     if args.steps <= LAYERS * args.stage_steps:
         sys.exit(f"--steps {args.steps} leaves no distillation stage after {LAYERS} x --stage-steps {args.stage_steps}")
@@ -140,7 +149,7 @@ def main() -> None:
                for name, checkpoint, quantize in rows}
     models = {name: load_exported(file) for name, (file, _) in results.items()}
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
-    teacher_name, student_name = rows[0][0], "PKT"
+    teacher_name, student_name = rows[0][0], rows[-1][0] if "PKT" not in results else "PKT"
     profile = cached(args.out / "profile.json", lambda: decoding_profile(
         {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
 
@@ -165,11 +174,12 @@ def main() -> None:
     text += [
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}. Students: tiny-bottleneck, {args.steps} steps "
-        f"each; transfer stages of {args.stage_steps} steps per layer; the int8 row adds {args.qat_steps} QAT steps. "
+        f"each; transfer stages of {args.stage_steps} steps per layer"
+        + (f"; the int8 row adds {args.qat_steps} QAT steps. " if "pkt_qat" in args.rows else ". ") +
         f"Speed: beam 4, {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
         f"{torch.get_num_threads()} threads on {cpu_description()}.",
         f"Reproduce: python recipes/benchmarks/mobile_transfer.py --out {args.out} --steps {args.steps} "
-        f"--stage-steps {args.stage_steps}",
+        f"--stage-steps {args.stage_steps}" + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "mobile_transfer_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
