@@ -194,6 +194,7 @@ def plot(curves: dict[str, list[tuple[float, dict]]], path: Path) -> Optional[Pa
     figure, axes = plt.subplots(figsize=(7, 4.5))
     dense = curves["dense"][0][1]["bleu"]
     axes.axhline(dense, color="black", linestyle=":", label=f"dense ({dense:.2f})")
+    axes.plot([100], [dense], marker="s", color="black")
     for method, series in curves.items():
         if method == "dense":
             continue
@@ -201,9 +202,9 @@ def plot(curves: dict[str, list[tuple[float, dict]]], path: Path) -> Optional[Pa
         axes.plot(x, [result["bleu"] for _, result in series], marker="o", label=method)
     axes.set_xscale("log")
     axes.invert_xaxis()  # from dense (left) to sparse (right), as the seed's figures
-    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-    axes.xaxis.set_major_formatter(plain)
-    axes.xaxis.set_minor_formatter(plain)
+    axes.set_xticks([100 * level for level in LEVELS])  # the levels themselves, where the points are
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.set_xlabel("weights remaining (%, log scale)")
     axes.set_ylabel("BLEU (test, beam 4)")
     axes.set_title("LibreOffice en→cs, tiny Transformer: lottery tickets")
