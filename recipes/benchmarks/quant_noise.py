@@ -22,6 +22,9 @@ ratio against the fp32 export, BLEU and chrF2 (beam 4, the whole test split), CP
 sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns). Then the training throughput of Quant-Noise against plain training, side by side.
 
+``--rows`` trains and scores only some rows (with the control); use a new OUT for another
+``--steps``, since finished runs are reused by name.
+
 Every fine-tuned checkpoint, export, score and round is cached in OUT: an interrupted run
 continues where it stopped (rerun the same command). Writes OUT/quant_noise_table.md and
 .csv, and OUT/quant_noise_frontier.png (BLEU against bytes on disk, log scale; needs
@@ -101,28 +104,43 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
 
 
 def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
-    """(row, training, checkpoint, export --quantize) for every row, training what is missing."""
+    """(row, training, checkpoint, export --quantize) for the uncompressed control and every row
+    of ``args.rows``, training what is missing."""
     steps, start = args.steps, args.fp32_checkpoint
     control = finetune(args, "control", start, [], steps)
-    qn_pq = finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
-    return [
-        ("uncompressed", "fp32 fine-tuning (control)", control, "fp32"),
-        ("int8", "post-processing", control, "int8"),
-        ("int8", "QAT", finetune(args, "qat8", start, [qat(8)], steps), None),
-        ("int8", "Quant-Noise", finetune(args, "quant_noise_int8", start, [quant_noise(args, "int8")], steps), None),
-        ("int4", "post-processing", control, "int4"),
-        ("int4", "QAT", finetune(args, "qat4", start, [qat(4)], steps), None),
-        ("int4", "Quant-Noise", finetune(args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
-        ("iPQ", "post-processing", control, "ipq"),
-        ("iPQ", "QAT (iPQ fine-tuning)", finetune(args, "ipq", control, [ipq(args, 16)], 2 * steps), None),
-        ("iPQ", "Quant-Noise", finetune(args, "quant_noise_ipq", qn_pq, [ipq(args, 16), quant_noise(args, "pq")],
-                                        2 * steps), None),
-        ("iPQ & int8", "Quant-Noise", finetune(args, "quant_noise_ipq_int8", qn_pq,
-                                               [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
-        ("iPQ", "Quant-Noise + distillation", finetune(args, "quant_noise_ipq_kd", qn_pq,
-                                                       [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
-                                                       2 * steps), None),
-    ]
+
+    def qn_pq() -> Path:  # the Quant-Noise pq model the Quant-Noise iPQ rows start from
+        return finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
+
+    rows = {  # --rows name: (method, training, how to train it, export --quantize)
+        "int8_post": ("int8", "post-processing", lambda: control, "int8"),
+        "int8_qat": ("int8", "QAT", lambda: finetune(args, "qat8", start, [qat(8)], steps), None),
+        "int8_quant_noise": ("int8", "Quant-Noise", lambda: finetune(
+            args, "quant_noise_int8", start, [quant_noise(args, "int8")], steps), None),
+        "int4_post": ("int4", "post-processing", lambda: control, "int4"),
+        "int4_qat": ("int4", "QAT", lambda: finetune(args, "qat4", start, [qat(4)], steps), None),
+        "int4_quant_noise": ("int4", "Quant-Noise", lambda: finetune(
+            args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
+        "ipq_post": ("iPQ", "post-processing", lambda: control, "ipq"),
+        "ipq_qat": ("iPQ", "QAT (iPQ fine-tuning)", lambda: finetune(args, "ipq", control, [ipq(args, 16)], 2 * steps),
+                    None),
+        "ipq_quant_noise": ("iPQ", "Quant-Noise", lambda: finetune(
+            args, "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")], 2 * steps), None),
+        "ipq_int8_quant_noise": ("iPQ & int8", "Quant-Noise", lambda: finetune(
+            args, "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
+        "ipq_quant_noise_kd": ("iPQ", "Quant-Noise + distillation", lambda: finetune(
+            args, "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
+            2 * steps), None),
+    }
+    selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
+    for name, (method, training, train, quantize) in rows.items():
+        if name in args.rows:
+            selected.append((method, training, train(), quantize))
+    return selected
+
+
+ROWS = ("int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
+        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_quant_noise_kd")  # --rows names, in the table's order
 
 
 def main() -> None:
@@ -135,6 +153,8 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--throughput-steps", type=int, default=30)
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                        help="rows to train and score besides the uncompressed control (default: all)")
     args = parser.parse_args()
     # Fine-tuning runs in its own directory: every path handed to it must be absolute.
     args.out, args.data_dir, args.fp32_checkpoint = (p.resolve() for p in (args.out, args.data_dir, args.fp32_checkpoint))
@@ -189,7 +209,8 @@ def main() -> None:
         f"{cpu_description()}.",
         "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
-        f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}",
+        f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
+        + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "quant_noise_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
