@@ -21,7 +21,8 @@ Budget: 24 rounds (5 + 5 + 4 + 6 + 4) and a test translation per point. At the t
 table is an estimated 5 to 6 hours (the issue's limit is 6); ``--round-steps`` scales it. After the
 late-rewinding ticket the runs are independent: ``--jobs 2`` trains two at a time with the cores
 shared between them (on 2 cores two 1-thread trainings made 2.25 steps/s together, one 2-thread
-training 1.77), each writing its log to its run directory. Every run
+training 1.77), each writing its log to its run directory (measured: about 4 hours of training
+and 20 minutes of scoring with ``--jobs 2``). Every run
 saves a checkpoint at the end of each round and every 200 steps, and resumes from the newest when interrupted;
 scores are cached per point: rerun the same command to continue. Writes OUT/lottery_ticket_table.md
 and .csv, OUT/lottery_ticket.png (one line per method, x = weights remaining on a log scale,
