@@ -1,6 +1,6 @@
 """The seed's lottery-ticket curves for translation: BLEU against the fraction of weights remaining.
 
-    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket          # 5 to 6 hours on 2 CPU cores
+    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket --jobs 2  # about 4.5 hours on 2 CPU cores
 
 Every model is the tiny 3+3 Transformer on the LibreOffice en->cs corpus, trained with the tiny
 recipe in rounds of ``--round-steps`` steps (default 1000), all nn.Linear weights and the
