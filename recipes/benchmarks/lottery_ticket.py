@@ -1,6 +1,6 @@
 """The seed's lottery-ticket curves for translation: BLEU against the fraction of weights remaining.
 
-    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket --jobs 2  # about 4.5 hours on 2 CPU cores
+    python recipes/benchmarks/lottery_ticket.py --out runs/lottery_ticket  # about 4.5 hours on 2 CPU cores
 
 Every model is the tiny 3+3 Transformer on the LibreOffice en->cs corpus, trained with the tiny
 recipe in rounds of ``--round-steps`` steps (default 1000), all nn.Linear weights and the
@@ -16,14 +16,14 @@ then 0.2 ** (r / 2) after r prunings: 44.7%, 20%, 8.9%, 4.0%.
 | one-shot | one pruning after one round straight to 20%, 8.9% or 4.0%, late rewinding, one round |
 | magnitude pruning | no rewinding: gradual pruning to the level while training one round (Zhu & Gupta) |
 
-Budget: 24 rounds (5 + 5 + 4 + 6 + 4) and a test translation per point. At the tiny model's
-1.3 to 1.5 steps/s on 2 cores a round is 11 to 13 minutes with its validation, so the whole
-table is an estimated 5 to 6 hours (the issue's limit is 6); ``--round-steps`` scales it. After the
-late-rewinding ticket the runs are independent: ``--jobs 2`` trains two at a time with the cores
-shared between them (on 2 cores two 1-thread trainings made 2.25 steps/s together, one 2-thread
-training 1.77), each writing its log to its run directory (measured: about 4 hours of training
-and 20 minutes of scoring with ``--jobs 2``). Every run
-saves a checkpoint at the end of each round and every 200 steps, and resumes from the newest when interrupted;
+Budget: 24 rounds (5 + 5 + 4 + 6 + 4) and a test translation per point. After the
+late-rewinding ticket (alone, on every core) the runs are independent and ``--jobs`` (default 2)
+of them train at a time, each with its share of the cores and its log in its run directory: on
+2 cores two 1-thread trainings make 2.25 steps/s together where one 2-thread training makes
+1.77. Measured on 2 cores: about 4 hours of training (18 minutes a round per run, two at a
+time) and 20 minutes of scoring; ``--jobs 1`` is an estimated 5 to 6 hours (the issue's limit is
+6); ``--round-steps`` scales it. Every run saves a checkpoint at the end of each round and every
+200 steps, and resumes from the newest when interrupted;
 scores are cached per point: rerun the same command to continue. Writes OUT/lottery_ticket_table.md
 and .csv, OUT/lottery_ticket.png (one line per method, x = weights remaining on a log scale,
 y = BLEU; needs matplotlib) and the export sizes at 80% sparsity (fp32 and int8 values).
@@ -225,7 +225,7 @@ def main() -> None:
     parser.add_argument("--test-sentences", type=int, help="score the first N test sentences only (default: all)")
     parser.add_argument("--val-sentences", type=int, default=300,
                         help="validation BLEU at the end of each round on the first N sentences (default: %(default)s)")
-    parser.add_argument("--jobs", type=int, default=1,
+    parser.add_argument("--jobs", type=int, default=2,
                         help="runs trained at a time after the first ticket, sharing the cores (default: %(default)s)")
     args = parser.parse_args()
     if args.jobs < 1:
