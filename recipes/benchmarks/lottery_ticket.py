@@ -79,7 +79,7 @@ def resume_point(run_dir: Path) -> Optional[Path]:
 
 def run(args: argparse.Namespace, name: str, callbacks: list[dict], rounds: int, parallel: bool = False) -> Path:
     """``nmt-lightning fit`` of the tiny recipe for ``rounds`` rounds in OUT/runs/<name>,
-    continued from its last round checkpoint if one exists; returns the run directory.
+    continued from its newest checkpoint (round or progress) if one exists; returns the run directory.
     ``parallel``: one of ``--jobs`` runs at a time, with its share of the cores and its output
     in OUT/runs/<name>/fit.log."""
     run_dir = args.out / "runs" / name

@@ -149,7 +149,8 @@ def main() -> None:
                for name, checkpoint, quantize in rows}
     models = {name: load_exported(file) for name, (file, _) in results.items()}
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
-    teacher_name, student_name = rows[0][0], rows[-1][0] if "PKT" not in results else "PKT"
+    teacher_name = rows[0][0]
+    student_name = "PKT" if "PKT" in results else rows[-1][0]  # the profile's student
     profile = cached(args.out / "profile.json", lambda: decoding_profile(
         {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
 

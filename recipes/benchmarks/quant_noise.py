@@ -53,6 +53,8 @@ FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to a run's directory
 FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]
+ROWS = ("int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
+        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_quant_noise_kd")  # --rows names, in the table's order
 
 
 def callback_yaml(class_path: str, **init_args) -> str:
@@ -132,15 +134,12 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
             args, "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
             2 * steps), None),
     }
+    assert tuple(rows) == ROWS, "ROWS names the rows of build_rows, in order"
     selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
     for name, (method, training, train, quantize) in rows.items():
         if name in args.rows:
             selected.append((method, training, train(), quantize))
     return selected
-
-
-ROWS = ("int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
-        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_quant_noise_kd")  # --rows names, in the table's order
 
 
 def main() -> None:
