@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cached, checkpoint_step, cpu_description, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, cpu_description, run_fit, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
@@ -86,23 +85,9 @@ def qat(bits: int) -> str:
 
 def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str], steps: int) -> Path:
     """``nmt-lightning fit`` of the tiny recipe + finetune.yaml + ``add_ons`` (YAML texts) from ``start``,
-    in OUT/runs/<name> (cached: a finished run is reused)."""
-    run_dir = args.out / "runs" / name
-    checkpoint = run_dir / FINETUNED
-    if checkpoint_step(checkpoint) >= steps:  # a killed run (an epoch-end last.ckpt) starts again
-        return checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
-    configs = ["--config", str(TINY), "--config", str(FINETUNE)]
-    for index, text in enumerate(add_ons):
-        path = run_dir / f"add_on{index}.yaml"
-        path.write_text(text + "\n", encoding="utf-8")
-        configs += ["--config", str(path)]
-    command = [sys.executable, "-m", "nmt_lightning.cli", "fit", *configs, f"--data.data_dir={args.data_dir}",
-               f"--model.init_from={start}", f"--trainer.max_steps={steps}", "--trainer.max_time=null",
-               "--model.test_output=null"]
-    print(f"$ (cd {run_dir} && {' '.join(command[2:])})", file=sys.stderr, flush=True)
-    subprocess.run(command, cwd=run_dir, check=True)
-    return checkpoint
+    in OUT/runs/<name>: a finished run is reused, an interrupted one resumes from its last checkpoint."""
+    return run_fit(args.out, name, [TINY, FINETUNE], add_ons,
+                   [f"--data.data_dir={args.data_dir}", f"--model.init_from={start}"], FINETUNED, steps)
 
 
 def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
