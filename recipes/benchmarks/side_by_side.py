@@ -73,15 +73,20 @@ def checkpoint_step(checkpoint: Path) -> int:
 def translation_speed_rounds(path: Path, models: dict[str, Any], lines: list[str], rounds: int) -> list[dict[str, float]]:
     """Sentences/s with beam 4 of every model (TranslationModules in this process) in each of
     ``rounds`` rounds, models taking turns in an order that rotates per round; the rounds are
-    cached in ``path`` (JSON), and cached rounds that measured other models are measured again."""
+    cached in ``path`` (JSON; each round also records its ``threads``), and cached rounds that
+    measured other models or ran on another number of threads are measured again, so the
+    thread count a table states is the one its rounds ran with."""
+    import torch
+
     from nmt_lightning.translate import translate_lines
 
+    threads = torch.get_num_threads()
     done: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    done = [r for r in done if set(r) == set(models)]
+    done = [r for r in done if r.get("threads") == threads and set(r) - {"threads"} == set(models)]
     names = list(models)
     while len(done) < rounds:
         shift = len(done) % len(names)
-        speeds = {}
+        speeds: dict[str, float] = {"threads": threads}
         for name in names[shift:] + names[:shift]:
             translate_lines(models[name], lines[:32], beam=4, progress=False)  # warm-up
             started = time.perf_counter()
