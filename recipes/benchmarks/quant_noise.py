@@ -34,6 +34,7 @@ matplotlib).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -96,7 +97,8 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
     steps, start = args.steps, args.fp32_checkpoint
     control = finetune(args, "control", start, [], steps)
 
-    def qn_pq() -> Path:  # the Quant-Noise pq model the Quant-Noise iPQ rows start from
+    @functools.cache
+    def qn_pq() -> Path:  # the Quant-Noise pq model the Quant-Noise iPQ rows start from (looked up once)
         return finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
 
     rows = {  # --rows name: (method, training, how to train it, export --quantize)
