@@ -224,6 +224,24 @@ def test_files_of_the_first_format_still_load(trained_checkpoint: Path, prepared
     assert len(translate_lines(old, lines, beam=2)) == len(lines)
 
 
+def test_sentencepiece_model_is_stored_compressed_and_raw_files_still_load(trained_checkpoint: Path, prepared_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """This format stores the sentencepiece model xz-compressed; format 2 stored it raw."""
+    export_checkpoint(trained_checkpoint, tmp_path / "new.safetensors")
+    weights, metadata = stored(tmp_path / "new.safetensors")
+    spm_model = (prepared_dir / "spm.model").read_bytes()
+    assert set(n for n in weights if n.startswith("tokenization.")) == {"tokenization.src_model.xz"}
+    assert weights["tokenization.src_model.xz"].numel() < len(spm_model)
+    assert load_exported(tmp_path / "new.safetensors").tokenization.src_model == spm_model
+    del weights["tokenization.src_model.xz"]
+    weights["tokenization.src_model"] = torch.frombuffer(bytearray(spm_model), dtype=torch.uint8)
+    save_file(weights, str(tmp_path / "old.safetensors"), metadata={**metadata, "format": "nmt-lightning-export/2"})
+    old = load_exported(tmp_path / "old.safetensors")
+    assert old.tokenization.src_model == old.tokenization.tgt_model == spm_model
+    lines = source_lines(prepared_dir)
+    assert translate_lines(old, lines, beam=2) == translate_lines(load_exported(tmp_path / "new.safetensors"), lines, beam=2)
+
+
 def test_export_and_translate_from_the_command_line(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "model.int8.safetensors"
