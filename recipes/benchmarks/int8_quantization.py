@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
@@ -50,7 +49,7 @@ from nmt_lightning.export.plan import compression_manifest  # noqa: E402
 from nmt_lightning.int8 import Int8Linear  # noqa: E402
 from nmt_lightning.module import TranslationModule  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
-from side_by_side import cpu_description  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cpu_description, weight_bytes  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 RECIPES = ROOT / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
@@ -180,12 +179,6 @@ def breakdown_table(rows: list[Row], timings: dict[str, list[tuple[float, dict[s
               + (f"for {target}x it would have to fall to {rest_allowed:.2f} s." if rest_allowed > 0 else
                  f"{target}x is out of reach whatever it costs.")]
     return lines
-
-
-def weight_bytes(path: Path) -> int:
-    """Bytes of the model's tensors in an exported file (without the sentencepiece models)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return sum(handle.get_tensor(name).nbytes for name in handle.keys() if not name.startswith("tokenization."))
 
 
 def write_table(rows: list[Row], out: Path, baseline: Row, notes: list[str]) -> str:

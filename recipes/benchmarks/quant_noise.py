@@ -18,7 +18,7 @@ training is not credited to a method:
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
 (every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
-ratio against the fp32 export, BLEU and chrF2 (beam 4, the whole test split), CPU
+ratio against the fp32 export (the files, and the weights alone as fairseq counts them), BLEU and chrF2 (beam 4, the whole test split), CPU
 sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns). Then the training throughput of Quant-Noise against plain training, side by side.
 
@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cached, cpu_description, run_fit, translation_speed_rounds, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import cached, cpu_description, run_fit, translation_speed_rounds, weight_bytes, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
@@ -177,21 +177,23 @@ def main() -> None:
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     throughput = cached(args.out / "throughput.json", lambda: training_throughput(args))
 
-    fp32_bytes = results[0][3]["bytes"]
-    header = ["method", "training", "bytes on disk", "compression", "BLEU", "chrF2", "sentences/s"]
+    fp32_bytes, fp32_weights = results[0][3]["bytes"], weight_bytes(files[results[0][2]])
+    header = ["method", "training", "bytes on disk", "compression", "weights only", "BLEU", "chrF2", "sentences/s"]
     table = []
     for method, training, key, result in results:
         speed = statistics.median(r[key] for r in rounds)
         table.append([method, training, f"{result['bytes']:,}", f"x{fp32_bytes / result['bytes']:.1f}",
-                      f"{result['bleu']:.2f}", f"{result['chrf']:.2f}", f"{speed:.1f}"])
+                      f"x{fp32_weights / weight_bytes(files[key]):.1f}", f"{result['bleu']:.2f}",
+                      f"{result['chrf']:.2f}", f"{speed:.1f}"])
     text = write_table(args.out / "quant_noise_table.csv", header, table)
     text += [
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}, beam 4. Every row fine-tuned {args.steps} steps "
         f"from {args.fp32_checkpoint} (iPQ rows {3 * args.steps}); Quant-Noise p = {args.p}, blocks of 8 columns "
         f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention. Compression: the fp32 "
-        f"export's bytes over the row's (both include the sentencepiece model). Speed: {args.rounds} rounds over "
-        f"the first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
+        f"export's bytes over the row's (both include the sentencepiece model); weights only: the same for the "
+        f"tensors alone, without the sentencepiece model and the file's header (what the paper's ratios count). "
+        f"Speed: {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
         f"{cpu_description()}.",
         "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),

@@ -50,6 +50,15 @@ def prepared_test_split(data_dir: Path, limit: Optional[int] = None) -> tuple[li
     return read_lines(data_dir / "test.en")[:limit], read_lines(data_dir / "test.cs")[:limit]
 
 
+def weight_bytes(path: Path) -> int:
+    """Bytes of the model's tensors in an exported file, without the sentencepiece models and the
+    header: what fairseq's iPQ SizeTracker counts, and so the papers' compression ratios."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return sum(handle.get_tensor(name).nbytes for name in handle.keys() if not name.startswith("tokenization."))
+
+
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
     """``compute()``'s JSON result, computed once: an interrupted benchmark reads it back."""
     if path.is_file():
