@@ -22,7 +22,7 @@ weight into ``.data``, and dropped weights never come back: fairseq issues 3783,
 In evaluation (``module.eval()``) there is no noise.
 
 The masks come from the callback's own ``torch.Generator`` (on the CPU, so a GPU run draws the
-same noise as a CPU run), one mask per weight per training batch, drawn in
+same noise as a CPU run), one mask per weight per training batch, all drawn at once in
 ``on_train_batch_start``; its state is saved in the callback's checkpoint state, so a resumed
 run draws what an uninterrupted one would (Lightning does not restore the global random
 state). Every DDP rank seeds it the same way and draws in lockstep: the noise is identical on
@@ -61,11 +61,15 @@ class NoisyWeight(WeightTransform):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training or self.mask is None:
             return weight
-        mask = self.mask.repeat_interleave(self.block_size, dim=1)  # (rows, columns): True = noised
+        rows, columns = weight.shape
+        blocks = weight.reshape(rows, columns // self.block_size, self.block_size)
+        mask = self.mask.unsqueeze(-1)  # (rows, blocks, 1): True = noised, broadcast over a block's columns
         if self.scheme == "pq":
-            return weight.masked_fill(mask, 0.0) / (1.0 - self.p)
-        quantized = fake_quantize(weight, weight_absmax(weight, self.per_channel), SCHEMES[self.scheme])
-        return torch.where(mask, quantized, weight)
+            noisy = blocks.masked_fill(mask, 0.0) / (1.0 - self.p)
+        else:
+            quantized = fake_quantize(weight, weight_absmax(weight, self.per_channel), SCHEMES[self.scheme])
+            noisy = torch.where(mask, quantized.reshape(blocks.shape), blocks)
+        return noisy.reshape(rows, columns)
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
@@ -131,11 +135,20 @@ class QuantNoise(L.Callback):
 
     # ------------------------------------------------------------------ noise
     def draw_masks(self) -> None:
-        """A fresh mask per weight from the callback's generator: each block noised with probability p."""
-        for transform, weight in self._noised:
-            rows, columns = weight.shape
-            mask = torch.rand(rows, columns // transform.block_size, generator=self.generator) < self.p
-            transform.mask = mask.to(weight.device)
+        """A fresh mask per weight from the callback's generator: each block noised with probability p.
+
+        One draw for all weights and one copy per device (not one per weight: on a GPU each copy
+        from pageable memory waits for the device); each weight's mask is a view of it."""
+        shapes = [(weight.shape[0], weight.shape[1] // transform.block_size) for transform, weight in self._noised]
+        drawn = torch.rand(sum(rows * blocks for rows, blocks in shapes), generator=self.generator) < self.p
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for device in {weight.device for _, weight in self._noised}:
+            pinned = device.type == "cuda" and torch.cuda.is_available()
+            on_device[device] = (drawn.pin_memory() if pinned else drawn).to(device, non_blocking=pinned)
+        start = 0
+        for (transform, weight), (rows, blocks) in zip(self._noised, shapes):
+            transform.mask = on_device[weight.device][start: start + rows * blocks].view(rows, blocks)
+            start += rows * blocks
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.noised_names = self.add_noise_transforms(pl_module)
