@@ -16,6 +16,7 @@ from callbacks.quantization_aware_training import fake_quantize
 from nmt_lightning.checkpoint_file import read_checkpoint
 from nmt_lightning.checkpoints import load_for_device, load_translation_module
 from nmt_lightning.cli import main
+from nmt_lightning.errors import CorpusError
 from nmt_lightning.export import export_checkpoint, load_exported
 from nmt_lightning.int8 import Int8Linear
 from nmt_lightning.module import TranslationModule
@@ -240,6 +241,12 @@ def test_sentencepiece_model_is_stored_compressed_and_raw_files_still_load(train
     assert old.tokenization.src_model == old.tokenization.tgt_model == spm_model
     lines = source_lines(prepared_dir)
     assert translate_lines(old, lines, beam=2) == translate_lines(load_exported(tmp_path / "new.safetensors"), lines, beam=2)
+    # A damaged compressed model is an error that names the file and the tensor.
+    del weights["tokenization.src_model"]
+    weights["tokenization.src_model.xz"] = torch.zeros(64, dtype=torch.uint8)
+    save_file(weights, str(tmp_path / "damaged.safetensors"), metadata=metadata)
+    with pytest.raises(CorpusError, match=r"damaged\.safetensors.*tokenization\.src_model\.xz"):
+        load_exported(tmp_path / "damaged.safetensors")
 
 
 def test_export_and_translate_from_the_command_line(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,

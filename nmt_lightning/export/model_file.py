@@ -134,7 +134,11 @@ def _pop_sentencepiece(tensors: dict[str, torch.Tensor], side: str) -> Optional[
     (formats 1 and 2); None where the file has none for that side."""
     compressed = tensors.pop(f"tokenization.{side}_model.xz", None)
     if compressed is not None:
-        return lzma.decompress(compressed.numpy().tobytes())
+        try:
+            return lzma.decompress(compressed.numpy().tobytes())
+        except lzma.LZMAError as error:
+            raise CorpusError(f"the exported file's sentencepiece model (tokenization.{side}_model.xz) is damaged: "
+                              f"{error}") from None
     raw = tensors.pop(f"tokenization.{side}_model", None)
     return None if raw is None else raw.numpy().tobytes()
 
@@ -262,4 +266,7 @@ def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> Trans
         metadata = _from_format_1(tensors, metadata)
     if metadata.get("format") not in (FORMAT, FORMAT_2):
         raise CorpusError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
-    return build_module(tensors, metadata, runtime_layers)
+    try:
+        return build_module(tensors, metadata, runtime_layers)
+    except CorpusError as error:
+        raise CorpusError(f"{path}: {error}") from None
