@@ -101,7 +101,9 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
         stored = stored_as[identity]
         entries[name] = {"stored": stored, "parts": parts_of[stored], "codecs": encodings, "options": options}
     tokenization = checkpoint["nmt_lightning_tokenization"]
-    tensors.update(_encode_sentencepiece(tokenization["src_model"], tokenization["tgt_model"]))
+    tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
+    if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
+        tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
     grids = sorted({s["codec"] for e in entries.values() for s in e["codecs"] if codec(s["codec"]).quantizes})
     quantized = any(codec(s["codec"]).quantizes_inputs for e in entries.values() for s in e["codecs"])
     static = any(float(tensors[_key(n, "activation_range")]) > 0 for n, e in entries.items() if "activation_range" in e["options"])
@@ -117,21 +119,22 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
     return EncodedModel(tensors, metadata, fp32_bytes)
 
 
-def _encode_sentencepiece(src_model: bytes, tgt_model: bytes) -> dict[str, torch.Tensor]:
-    """The sentencepiece models as xz-compressed bytes (a 369 KB model of 8,000 pieces takes 128 KB:
-    its vocabulary is text, and it is a fifth of an iPQ file); a joint vocabulary is stored once."""
-    def stored(model: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(lzma.compress(model)), dtype=torch.uint8)
-
-    tensors = {"tokenization.src_model.xz": stored(src_model)}
-    if tgt_model != src_model:
-        tensors["tokenization.tgt_model.xz"] = stored(tgt_model)
-    return tensors
+def _compress_sentencepiece(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` as the file stores them: the sentencepiece models xz-compressed (a 369 KB model
+    of 8,000 pieces takes 128 KB: its vocabulary is text, and it is a fifth of an iPQ file).
+    Only the file needs this; a module built in memory takes the raw models."""
+    stored = dict(tensors)
+    for side in ("src", "tgt"):
+        raw = stored.pop(f"tokenization.{side}_model", None)
+        if raw is not None:
+            stored[f"tokenization.{side}_model.xz"] = torch.frombuffer(
+                bytearray(lzma.compress(raw.numpy().tobytes())), dtype=torch.uint8)
+    return stored
 
 
 def _pop_sentencepiece(tensors: dict[str, torch.Tensor], side: str) -> Optional[bytes]:
-    """The ``side`` ("src"/"tgt") sentencepiece model of a file, compressed (this format) or raw
-    (formats 1 and 2); None where the file has none for that side."""
+    """The ``side`` ("src"/"tgt") sentencepiece model, compressed (a file of this format) or raw
+    (formats 1 and 2, and ``encode_checkpoint``'s tensors in memory); None where there is none."""
     compressed = tensors.pop(f"tokenization.{side}_model.xz", None)
     if compressed is not None:
         try:
@@ -156,7 +159,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     encoded = encode_checkpoint(checkpoint, str(path), quantize)
     output = Path(output)
     with atomic_path(output) as tmp:
-        save_file(encoded.tensors, str(tmp), metadata=encoded.metadata)
+        save_file(_compress_sentencepiece(encoded.tensors), str(tmp), metadata=encoded.metadata)
     return ExportReport(output, encoded.metadata["quantization"], output.stat().st_size, encoded.weight_bytes_fp32,
                         encoded.metadata["activations"])
 
