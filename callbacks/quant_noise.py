@@ -143,7 +143,7 @@ class QuantNoise(L.Callback):
         drawn = torch.rand(sum(rows * blocks for rows, blocks in shapes), generator=self.generator) < self.p
         on_device: dict[torch.device, torch.Tensor] = {}
         for device in {weight.device for _, weight in self._noised}:
-            pinned = device.type == "cuda" and torch.cuda.is_available()
+            pinned = device.type == "cuda"
             on_device[device] = (drawn.pin_memory() if pinned else drawn).to(device, non_blocking=pinned)
         start = 0
         for (transform, weight), (rows, blocks) in zip(self._noised, shapes):

@@ -6,8 +6,8 @@
 
 For every precision, the ``--preset`` model (default tiny) trains once per method from the
 same seed on the same batches: plain; 8-bit QAT from step 0 (``QuantizationAwareTraining``);
-Quant-Noise int8 with p = 0.1 on blocks of 8 (``QuantNoise``); word-level KD from a 6+6 teacher of the tiny width
-(``KnowledgeDistillation``; ``--teacher`` names its checkpoint, else one is trained here for
+Quant-Noise int8 with p = 0.1 on blocks of 8 (``QuantNoise``); word-level KD from a 6+6
+teacher of the tiny width (``KnowledgeDistillation``; ``--teacher`` names its checkpoint, else one is trained here for
 ``--teacher-steps`` steps in fp32, enough to time the teacher's forward pass, not to teach);
 lottery-ticket pruning to 75% in two rounds, rewinding to step 20 (``LotteryTicketPruning``);
 iPQ in its three default stages, one every quarter of the run (``IterativeProductQuantization``);

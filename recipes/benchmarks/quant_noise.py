@@ -18,8 +18,8 @@ training is not credited to a method:
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
 (every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
-ratio against the fp32 export (the files, and the weights alone as fairseq counts them), BLEU and chrF2 (beam 4, the whole test split), CPU
-sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
+ratio against the fp32 export (the files, and the weights alone as fairseq counts them), BLEU
+and chrF2 (beam 4, the whole test split), CPU sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns). Then the training throughput of Quant-Noise against plain training, side by side.
 
 ``--rows`` trains and scores only some rows (with the control); use a new OUT for another
@@ -193,8 +193,8 @@ def main() -> None:
         f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention. Compression: the fp32 "
         f"export's bytes over the row's (both include the sentencepiece model); weights only: the same for the "
         f"tensors alone, without the sentencepiece model and the file's header (what the paper's ratios count). "
-        f"Speed: {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, {torch.get_num_threads()} threads on "
-        f"{cpu_description()}.",
+        f"Speed: {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
+        f"{torch.get_num_threads()} threads on {cpu_description()}.",
         "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
         f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
