@@ -31,7 +31,7 @@ all ranks.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -41,11 +41,34 @@ from callbacks._compression import record_codec
 from callbacks._selection import BlockSizes, check_globs, select_modules
 from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
-from callbacks.quantization_aware_training import fake_quantize, weight_absmax
+from callbacks.quantization_aware_training import round_to_grid, weight_absmax
 
-__all__ = ["QuantNoise", "NoisyWeight", "SCHEMES"]
+__all__ = ["QuantNoise", "NoisyWeight", "SCHEMES", "int_noise"]
 
 SCHEMES = {"int8": 8, "int4": 4, "pq": None}  # scheme -> bits of its integer grid
+
+
+def int_noise(weight: torch.Tensor, mask: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
+    """The rounding error of ``weight`` on its ``bits`` grid in the blocks of ``mask``, zero elsewhere.
+
+    weight (rows, columns); mask (rows, columns / block_size) bool, True = noised; returns
+    (rows, columns). ``weight + int_noise(...)`` is the weight with the selected blocks on the grid."""
+    rows, columns = weight.shape
+    error = round_to_grid(weight, weight_absmax(weight, per_channel), bits) - weight
+    blocks = error.view(rows, mask.shape[1], columns // mask.shape[1])
+    return torch.where(mask.unsqueeze(-1), blocks, 0.0).view(rows, columns)
+
+
+_compiled_int_noise: Optional[Callable[..., torch.Tensor]] = None
+
+
+def compiled_int_noise() -> Callable[..., torch.Tensor]:
+    """``int_noise`` through ``torch.compile`` (made once, on first use): a row reduction and one
+    elementwise kernel instead of about ten kernels per weight."""
+    global _compiled_int_noise
+    if _compiled_int_noise is None:
+        _compiled_int_noise = torch.compile(int_noise)
+    return _compiled_int_noise
 
 
 class NoisyWeight(WeightTransform):
@@ -53,23 +76,27 @@ class NoisyWeight(WeightTransform):
 
     stage = PERTURB
 
-    def __init__(self, scheme: str, p: float, block_size: int, per_channel: bool) -> None:
+    def __init__(self, scheme: str, p: float, block_size: int, per_channel: bool, compile: bool = False) -> None:
         super().__init__()
         self.scheme, self.p, self.block_size, self.per_channel = scheme, p, block_size, per_channel
+        self.compile = compile  # fuse int_noise with torch.compile (same values)
         self.mask: Optional[torch.Tensor] = None  # (rows, columns / block_size) bool; set each step, not saved
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.training or self.mask is None:
             return weight
-        rows, columns = weight.shape
-        blocks = weight.reshape(rows, columns // self.block_size, self.block_size)
-        mask = self.mask.unsqueeze(-1)  # (rows, blocks, 1): True = noised, broadcast over a block's columns
         if self.scheme == "pq":
-            noisy = blocks.masked_fill(mask, 0.0) / (1.0 - self.p)
-        else:
-            quantized = fake_quantize(weight, weight_absmax(weight, self.per_channel), SCHEMES[self.scheme])
-            noisy = torch.where(mask, quantized.reshape(blocks.shape), blocks)
-        return noisy.reshape(rows, columns)
+            rows, columns = weight.shape
+            blocks = weight.reshape(rows, columns // self.block_size, self.block_size)
+            noisy = blocks.masked_fill(self.mask.unsqueeze(-1), 0.0) / (1.0 - self.p)
+            return noisy.reshape(rows, columns)
+        # The noise is a constant of the step: every block's gradient passes straight through
+        # (the straight-through estimator on the noised blocks, exact on the others), so it is
+        # computed outside autograd and the backward pass has nothing of it to do.
+        with torch.no_grad():
+            noise = (compiled_int_noise() if self.compile else int_noise)(
+                weight, self.mask, SCHEMES[self.scheme], self.per_channel)
+        return weight + noise
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
@@ -88,6 +115,9 @@ class QuantNoise(L.Callback):
         noise_embeddings: also noise nn.Embedding tables.
         per_channel: int schemes: one scale per row instead of one per tensor.
         seed: seed of the callback's random generator.
+        compile: compute the int noise through ``torch.compile`` (the same values in a couple of fused
+            kernels per weight instead of about ten: pays on a GPU, where a small model's step is
+            bound by kernel launches; the first steps wait for the compilation).
     """
 
     def __init__(
@@ -101,6 +131,7 @@ class QuantNoise(L.Callback):
         noise_embeddings: bool = True,
         per_channel: bool = True,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
@@ -114,6 +145,7 @@ class QuantNoise(L.Callback):
         self.p, self.scheme, self.block_size, self.block_sizes = float(p), scheme, block_size, self.sizes.block_sizes
         self.include, self.exclude = list(include), list(exclude)
         self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
+        self.compile = compile
         self.generator = torch.Generator().manual_seed(seed)
         self.noised_names: list[str] = []
         self._noised: list[tuple[NoisyWeight, nn.Parameter]] = []  # each transform with the weight it noises
@@ -129,6 +161,7 @@ class QuantNoise(L.Callback):
             transform = add_weight_transform(module, NoisyWeight(self.scheme, self.p, size, self.per_channel))
             if transform.extra_repr() != NoisyWeight(self.scheme, self.p, size, self.per_channel).extra_repr():
                 raise ValueError(f"QuantNoise: {module_names[0]} already has Quant-Noise ({transform.extra_repr()})")
+            transform.compile = self.compile
             self._noised.append((transform, trainable_weight(module)))
             names += module_names
         return names

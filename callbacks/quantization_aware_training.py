@@ -46,7 +46,7 @@ from callbacks._selection import check_globs, select_modules
 from callbacks._transforms import (QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights)
 
-__all__ = ["QuantizationAwareTraining", "FakeQuantizedWeight", "InputQuantizer", "fake_quantize", "weight_absmax"]
+__all__ = ["QuantizationAwareTraining", "FakeQuantizedWeight", "InputQuantizer", "fake_quantize", "round_to_grid", "weight_absmax"]
 
 
 def fake_quantize(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
@@ -55,11 +55,15 @@ def fake_quantize(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Ten
     Forward: ``clamp(round(x * S), -M, M) / S`` with ``S = M / absmax``, computed in fp32 and
     returned in x's dtype. Backward: identity (straight-through estimator).
     """
+    return x + (round_to_grid(x, absmax, bits) - x).detach()
+
+
+def round_to_grid(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x``'s values on the symmetric ``bits`` grid of range ``absmax``: ``fake_quantize``'s
+    forward without its gradient path (for callers that add the rounding error themselves)."""
     limit = 2 ** (bits - 1) - 1
-    x32 = x.float()
     scale = limit / absmax.float().clamp(min=1e-8)
-    quantized = (torch.clamp(torch.round(x32 * scale), -limit, limit) / scale).to(x.dtype)
-    return x + (quantized - x).detach()
+    return (torch.clamp(torch.round(x.float() * scale), -limit, limit) / scale).to(x.dtype)
 
 
 def weight_absmax(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:

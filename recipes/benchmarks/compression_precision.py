@@ -6,7 +6,8 @@
 
 For every precision, the ``--preset`` model (default tiny) trains once per method from the
 same seed on the same batches: plain; 8-bit QAT from step 0 (``QuantizationAwareTraining``);
-Quant-Noise int8 with p = 0.1 on blocks of 8 (``QuantNoise``); word-level KD from a 6+6
+Quant-Noise int8 with p = 0.1 on blocks of 8 (``QuantNoise``; ``quant-noise-compiled``: the
+same with ``compile=True``, its noise fused by torch.compile); word-level KD from a 6+6
 teacher of the tiny width (``KnowledgeDistillation``; ``--teacher`` names its checkpoint, else one is trained here for
 ``--teacher-steps`` steps in fp32, enough to time the teacher's forward pass, not to teach);
 lottery-ticket pruning to 75% in two rounds, rewinding to step 20 (``LotteryTicketPruning``);
@@ -167,6 +168,7 @@ METHODS: dict[str, Method] = {
     "plain": Method(lambda args: []),
     "qat": Method(lambda args: [QuantizationAwareTraining(bits=8)]),
     "quant-noise": Method(lambda args: [QuantNoise(p=0.1, scheme="int8", block_size=8)]),
+    "quant-noise-compiled": Method(lambda args: [QuantNoise(p=0.1, scheme="int8", block_size=8, compile=True)]),
     "distillation": Method(lambda args: [KnowledgeDistillation(teacher_checkpoint(args))]),
     "lottery-ticket": Method(lambda args: [LotteryTicketPruning(sparsity=0.75, rounds=2, round_steps=args.steps * 3 // 8,
                                                                 rewind_step=20)], _pruned_weights_are_zero),
