@@ -21,12 +21,12 @@ every read: the stored weight never changes (fairseq's ``quant_noise`` writes it
 weight into ``.data``, and dropped weights never come back: fairseq issues 3783, 3195).
 In evaluation (``module.eval()``) there is no noise.
 
-The masks come from the callback's own ``torch.Generator`` (on the CPU, so a GPU run draws the
-same noise as a CPU run), one mask per weight per training batch, all drawn at once in
-``on_train_batch_start``; its state is saved in the callback's checkpoint state, so a resumed
-run draws what an uninterrupted one would (Lightning does not restore the global random
-state). Every DDP rank seeds it the same way and draws in lockstep: the noise is identical on
-all ranks.
+The masks come from the callback's own ``torch.Generator``, on the device of the weights (a GPU
+run draws other masks than a CPU run from the same seed), one mask per weight per training
+batch, all drawn at once in ``on_train_batch_start``; its state is saved in the callback's
+checkpoint state, so a resumed run draws what an uninterrupted one would (Lightning does not
+restore the global random state). Every DDP rank seeds it the same way and draws in lockstep:
+the noise is identical on all ranks.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
@@ -146,7 +147,8 @@ class QuantNoise(L.Callback):
         self.include, self.exclude = list(include), list(exclude)
         self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
         self.compile = compile
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator: Optional[torch.Generator] = None  # made on the weights' device at the first draw
+        self._saved_generator: Optional[tuple[str, torch.Tensor]] = None  # (device type, state) from a checkpoint
         self.noised_names: list[str] = []
         self._noised: list[tuple[NoisyWeight, nn.Parameter]] = []  # each transform with the weight it noises
 
@@ -170,18 +172,36 @@ class QuantNoise(L.Callback):
     def draw_masks(self) -> None:
         """A fresh mask per weight from the callback's generator: each block noised with probability p.
 
-        One draw for all weights and one copy per device (not one per weight: on a GPU each copy
-        from pageable memory waits for the device); each weight's mask is a view of it."""
+        One draw for all weights, on the device of the first weight (drawn on the CPU and copied,
+        the masks cost a Transformer-base step 18 ms of host time on our CPU); each weight's mask is a view of it."""
         shapes = [(weight.shape[0], weight.shape[1] // transform.block_size) for transform, weight in self._noised]
-        drawn = torch.rand(sum(rows * blocks for rows, blocks in shapes), generator=self.generator) < self.p
-        on_device: dict[torch.device, torch.Tensor] = {}
-        for device in {weight.device for _, weight in self._noised}:
-            pinned = device.type == "cuda"
-            on_device[device] = (drawn.pin_memory() if pinned else drawn).to(device, non_blocking=pinned)
+        device = self._noised[0][1].device
+        drawn = torch.rand(sum(rows * blocks for rows, blocks in shapes), device=device,
+                           generator=self._generator_on(device)) < self.p
+        on_device = {device: drawn}
         start = 0
         for (transform, weight), (rows, blocks) in zip(self._noised, shapes):
+            if weight.device not in on_device:  # a model spread over devices
+                on_device[weight.device] = drawn.to(weight.device)
             transform.mask = on_device[weight.device][start: start + rows * blocks].view(rows, blocks)
             start += rows * blocks
+
+    def _generator_on(self, device: torch.device) -> torch.Generator:
+        """The callback's generator, made on ``device`` at the first draw there, from the seed or
+        from the state a checkpoint saved on a device of the same type (the CPU's Mersenne Twister
+        and CUDA's Philox have different states: a run resumed on the other kind of device restarts
+        its noise from the seed, with a warning)."""
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device).manual_seed(self.seed)
+            if self._saved_generator is not None:
+                saved_type, state = self._saved_generator
+                if saved_type == device.type:
+                    self.generator.set_state(state)
+                else:
+                    rank_zero_warn(f"QuantNoise: the checkpoint's noise generator ran on {saved_type}, this run "
+                                   f"draws on {device.type}: the noise restarts from seed {self.seed}")
+            self._saved_generator = None
+        return self.generator
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.noised_names = self.add_noise_transforms(pl_module)
@@ -195,7 +215,12 @@ class QuantNoise(L.Callback):
                 "per_channel": self.per_channel}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self._settings(), "generator": self.generator.get_state()}
+        if self.generator is not None:
+            saved: Optional[tuple[str, torch.Tensor]] = (self.generator.device.type, self.generator.get_state())
+        else:  # nothing drawn yet: what was loaded, if anything
+            saved = self._saved_generator
+        return {**self._settings(), "generator": saved[1] if saved else None,
+                "generator_device": saved[0] if saved else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = {key: state_dict.get(key) for key in self._settings()}
@@ -203,7 +228,10 @@ class QuantNoise(L.Callback):
             raise ValueError(f"QuantNoise: the checkpoint trained with {saved} but this callback has "
                              f"{self._settings()}; resuming would change the noise mid-run (start a new run from "
                              f"its weights instead)")
-        self.generator.set_state(state_dict["generator"])
+        state = state_dict.get("generator")
+        # Checkpoints written before the generator moved to the weights' device drew on the CPU.
+        self._saved_generator = None if state is None else (state_dict.get("generator_device") or "cpu", state)
+        self.generator = None  # made again at the next draw, from this state
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, "QuantNoise")

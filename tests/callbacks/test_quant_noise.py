@@ -145,6 +145,41 @@ def test_resume_draws_the_same_noise_as_an_uninterrupted_run(tmp_path: Path, sch
     assert_same_state(straight, resumed, tolerance=0)
 
 
+def test_generator_state_round_trips_and_the_other_device_type_restarts_from_the_seed() -> None:
+    """The generator lives on the weights' device; its state is saved with that device's type.
+    A state saved before the first draw after loading is the loaded one; a CPU run given a
+    state from a CUDA run (or a CUDA run given a CPU one) restarts from the seed with a warning."""
+    model, callback = noised_model(p=0.3, block_size=4, seed=3)
+    model.train()
+    callback.draw_masks()
+    saved = callback.state_dict()
+    assert saved["generator_device"] == "cpu"
+    callback.draw_masks()
+    expected = model.hidden.weight.detach().clone()
+
+    other_model, other = noised_model(p=0.3, block_size=4, seed=3)
+    other_model.load_state_dict(model.state_dict())
+    other_model.train()
+    other.load_state_dict(saved)
+    assert torch.equal(other.state_dict()["generator"], saved["generator"])  # nothing drawn yet: kept
+    other.draw_masks()
+    assert torch.equal(other_model.hidden.weight, expected)
+
+    old_format = {key: value for key, value in saved.items() if key != "generator_device"}
+    other.load_state_dict(old_format)  # written when the generator was always on the CPU
+    other.draw_masks()
+    assert torch.equal(other_model.hidden.weight, expected)
+
+    other.load_state_dict({**saved, "generator_device": "cuda"})
+    with pytest.warns(UserWarning, match="noise restarts from seed 3"):
+        other.draw_masks()
+    fresh_model, fresh = noised_model(p=0.3, block_size=4, seed=3)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh_model.train()
+    fresh.draw_masks()
+    assert torch.equal(other_model.hidden.weight, fresh_model.hidden.weight)
+
+
 def test_resuming_with_other_noise_is_refused(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
