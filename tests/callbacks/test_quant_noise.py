@@ -246,3 +246,33 @@ def test_two_process_ddp_draws_the_same_noise_on_both_ranks(tmp_path: Path) -> N
     assert len(ranks[0]["masks"]) == 5 and ranks[0]["masks"] == ranks[1]["masks"]
     assert len({str(mask) for mask in ranks[0]["masks"]}) == 5  # a new mask every step
     assert ranks[0]["weights"] == ranks[1]["weights"]  # and the replicas stay equal
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_on_a_gpu_the_masks_are_drawn_there_and_a_resume_draws_the_same_noise(tmp_path: Path, compile: bool) -> None:
+    straight, resumed = resumed_and_uninterrupted(
+        tmp_path, lambda: BagOfWordsClassifier(),
+        lambda: [QuantNoise(p=0.3, scheme="int4", block_size=4, compile=compile)],
+        classification_data, stop=5, total=12, accelerator="gpu")
+    assert_same_state(straight, resumed, tolerance=0)
+    model, callback = noised_model(p=0.3, block_size=4, compile=compile)
+    model.cuda().train()
+    callback.draw_masks()
+    assert model.hidden.parametrizations.weight[0].mask.device.type == "cuda"
+    assert callback.state_dict()["generator_device"] == "cuda"
+
+
+@needs_cuda
+def test_compiled_noise_equals_the_eager_noise_on_a_gpu() -> None:
+    eager, eager_callback = noised_model(p=0.3, scheme="int8", block_size=4)
+    fused, fused_callback = noised_model(p=0.3, scheme="int8", block_size=4, compile=True)
+    fused.load_state_dict(eager.state_dict())
+    for model, callback in ((eager, eager_callback), (fused, fused_callback)):
+        model.cuda().train()
+        callback.draw_masks()
+    for name in ("hidden", "out", "embed"):
+        torch.testing.assert_close(getattr(fused, name).weight, getattr(eager, name).weight, rtol=0, atol=1e-6)
