@@ -169,6 +169,40 @@ def test_checkpoint_and_export_of_a_translation_model(prepared_dir: Path, tmp_pa
     assert len(translations) == 8 and translations == translate_lines(trained, lines, beam=2, progress=False)
 
 
+def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Path) -> None:
+    """centroid_bits=8, the paper's "iPQ & int8": int8 codebooks, and what stays dense (here the
+    biases and LayerNorm parameters, and the layers a later stage would have quantized) in 8 bits:
+    nothing is stored as fp32 but the scales and ranges beside 8-bit values."""
+    import json
+
+    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translate import translate_lines
+    from tests.conftest import train_tiny_checkpoint
+
+    checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, max_steps=12, callbacks=(
+        IterativeProductQuantization(steps_per_stage=8, centroids=16, centroid_bits=8),))  # 2 of 3 stages
+    report = export_checkpoint(checkpoint, tmp_path / "ipq_int8.safetensors")
+    fp32 = export_checkpoint(checkpoint, tmp_path / "fp32.safetensors", "fp32")
+    assert report.bytes_on_disk < fp32.bytes_on_disk
+    with safe_open(str(tmp_path / "ipq_int8.safetensors"), framework="pt") as handle:
+        wide = {key: handle.get_tensor(key) for key in handle.keys()
+                if handle.get_tensor(key).dtype == torch.float32 and handle.get_tensor(key).numel() > 2}
+        codecs = {name: [step["codec"] for step in entry["codecs"]]
+                  for name, entry in json.loads(handle.metadata()["weights"]).items()}
+    assert not wide, sorted(wide)
+    assert {"ipq", "int8", "affine8"} == {c for steps in codecs.values() for c in steps}  # a stage not yet run: int8
+    trained = load_translation_module(checkpoint).model
+    exported = load_exported(tmp_path / "ipq_int8.safetensors").model
+    for name, parameter in trained.named_parameters():
+        if parameter.dim() == 1:  # affine8: within half a level, a 510th of the tensor's spread
+            spread = float(parameter.detach().max() - parameter.detach().min())
+            torch.testing.assert_close(exported.get_parameter(name), parameter.detach(), rtol=0,
+                                       atol=spread / 510 * (1 + 1e-5) + 1e-7)
+    lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:4]
+    assert len(translate_lines(load_exported(tmp_path / "ipq_int8.safetensors"), lines, beam=2, progress=False)) == 4
+
+
 def test_ipq_under_qat_is_refused_at_export_naming_both(prepared_dir: Path, tmp_path: Path) -> None:
     from callbacks import QuantizationAwareTraining
     from nmt_lightning.errors import CorpusError

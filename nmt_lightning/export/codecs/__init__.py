@@ -109,4 +109,4 @@ def runtime_linear(parts: Parts, steps: list[Mapping], bias: Optional[torch.Tens
 
 
 # The codecs this package ships (each registers itself).
-from nmt_lightning.export.codecs import int4, int8, ipq, sparse  # noqa: E402,F401
+from nmt_lightning.export.codecs import affine8, int4, int8, ipq, sparse  # noqa: E402,F401
