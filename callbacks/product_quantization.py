@@ -118,7 +118,8 @@ class IterativeProductQuantization(L.Callback):
         block_sizes: glob -> block size, first match wins (default: 4 for ``*attn.*``).
         exclude: globs of modules never quantized.
         kmeans_iterations: Lloyd iterations per codebook.
-        centroid_bits: 16 (fp16 codebooks in the export) or 8 (int8 codebooks: "iPQ & int8").
+        centroid_bits: 16 (fp16 codebooks in the export) or 8 (int8 codebooks: "iPQ & int8"; the
+            export then stores what stays dense in 8 bits too, biases and LayerNorm included).
         seed: seed of the k-means initialisation.
     """
 
