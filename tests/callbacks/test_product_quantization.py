@@ -169,6 +169,19 @@ def test_checkpoint_and_export_of_a_translation_model(prepared_dir: Path, tmp_pa
     assert len(translations) == 8 and translations == translate_lines(trained, lines, beam=2, progress=False)
 
 
+def test_ipq_codec_decodes_without_a_stored_shape_and_files_that_have_one() -> None:
+    from nmt_lightning.export.codecs import decode_chain, encode_chain
+
+    centroids, assignments = torch.randn(16, 4), torch.randint(0, 16, (6, 3))
+    weight = centroids[assignments].reshape(6, 12)
+    step = {"codec": "ipq", "block_size": 4, "centroids": "c", "assignments": "a"}
+    parts = encode_chain(weight, [step], {"c": centroids, "a": assignments}.__getitem__)
+    assert "shape" not in parts
+    torch.testing.assert_close(decode_chain(parts, [step]), weight, rtol=2 ** -11, atol=0)
+    older = {**parts, "shape": torch.tensor([6, 12])}  # as files written before the shape was dropped
+    assert torch.equal(decode_chain(older, [step]), decode_chain(parts, [step]))
+
+
 def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Path) -> None:
     """centroid_bits=8, the paper's "iPQ & int8": int8 codebooks, and what stays dense (here the
     biases and LayerNorm parameters, and the layers a later stage would have quantized) in 8 bits:

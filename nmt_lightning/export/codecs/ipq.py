@@ -30,7 +30,9 @@ class ProductQuantizationCodec(Codec):
             raise ValueError(f"ipq: assignments {tuple(assignments.shape)} with blocks of {block_size} do not cover "
                              f"a weight of shape {tuple(weight.shape)}")
         index_type = torch.uint8 if len(centroids) <= 256 else torch.int16
-        encoded = {"": assignments.to(index_type), "shape": torch.tensor(weight.shape, dtype=torch.int64)}
+        # The weight's shape is (assignment rows, assignment columns x block_size): not stored
+        # (older files carry it as a part "shape", which decoding ignores).
+        encoded = {"": assignments.to(index_type)}
         if int(spec.get("centroid_bits", 16)) == 8:
             values, scale = quantize_weight(centroids, 8, per_channel=False)
             encoded.update(centroids=values, centroid_scale=scale)
@@ -43,8 +45,8 @@ class ProductQuantizationCodec(Codec):
         centroids = parts["centroids"].float()
         if "centroid_scale" in parts:
             centroids = centroids * parts["centroid_scale"].float()
-        rows, columns = (int(v) for v in parts["shape"])
-        weight = centroids[parts[""].long()].reshape(rows, columns)
+        assignments = parts[""].long()  # (rows, columns / block_size)
+        weight = centroids[assignments].reshape(len(assignments), -1)  # (rows, columns)
         rest = {k: v for k, v in parts.items() if k not in ("", "centroids", "centroid_scale", "shape")}
         return {**rest, "": weight}
 
