@@ -174,6 +174,8 @@ class QuantNoise(L.Callback):
 
         One draw for all weights, on the device of the first weight (drawn on the CPU and copied,
         the masks cost a Transformer-base step 18 ms of host time on our CPU); each weight's mask is a view of it."""
+        if not self._noised:
+            return
         shapes = [(weight.shape[0], weight.shape[1] // transform.block_size) for transform, weight in self._noised]
         device = self._noised[0][1].device
         drawn = torch.rand(sum(rows * blocks for rows, blocks in shapes), device=device,
