@@ -113,7 +113,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
         "activations": ("static" if static else "dynamic") if quantized else "fp32",
         "hyper_parameters": json.dumps(hyper_parameters),
         "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
-        "weights": json.dumps(entries, separators=(",", ":")),  # compact: 200 entries in every file
+        "weights": json.dumps(entries),
         "source_checkpoint": origin,
     }
     return EncodedModel(tensors, metadata, fp32_bytes)
