@@ -14,7 +14,7 @@ training is not credited to a method:
 | int8 / int4, Quant-Noise | fine-tuning with Quant-Noise int8 / int4, p = ``--p`` | its grid |
 | iPQ, QAT | the control, then iPQ: 3 stages of ``--steps`` * 2 / 3 (Stock et al.) | ipq |
 | iPQ, Quant-Noise | fine-tuning with Quant-Noise pq, then iPQ with Quant-Noise pq on the layers still dense | ipq |
-| iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq + ``--quantize int8`` |
+| iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq, int8 codebooks, biases and norms in 8 bits |
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
 (every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
