@@ -31,6 +31,7 @@ the noise is identical on all ranks.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
@@ -60,16 +61,11 @@ def int_noise(weight: torch.Tensor, mask: torch.Tensor, bits: int, per_channel: 
     return torch.where(mask.unsqueeze(-1), blocks, 0.0).view(rows, columns)
 
 
-_compiled_int_noise: Optional[Callable[..., torch.Tensor]] = None
-
-
+@functools.cache
 def compiled_int_noise() -> Callable[..., torch.Tensor]:
     """``int_noise`` through ``torch.compile`` (made once, on first use): a row reduction and one
     elementwise kernel instead of about ten kernels per weight."""
-    global _compiled_int_noise
-    if _compiled_int_noise is None:
-        _compiled_int_noise = torch.compile(int_noise)
-    return _compiled_int_noise
+    return torch.compile(int_noise)
 
 
 class NoisyWeight(WeightTransform):

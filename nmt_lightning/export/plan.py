@@ -3,7 +3,7 @@ the exporter's ``quantize`` option."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from torch import nn
 
@@ -61,6 +61,14 @@ def quantizable_weights(model: nn.Module) -> list[str]:
 INT8_STEP = {"codec": "int8", "order": 20, "bits": 8, "per_channel": False}
 
 
+def _quantize_where_dense(plan: dict[str, Steps], names: Iterable[str], step: Callable[[str], dict]) -> None:
+    """Append ``step(name)`` to each named tensor's steps unless one of them already quantizes it."""
+    for name in names:
+        steps = plan.setdefault(name, [])
+        if not any(codec(s["codec"]).quantizes for s in steps):
+            steps.append(step(name))
+
+
 def _eight_bits_beside_int8_codebooks(plan: dict[str, Steps], model: nn.Module) -> None:
     """The paper's "iPQ & int8": a model trained with int8 codebooks
     (``IterativeProductQuantization(centroid_bits=8)``) stores what stays dense in 8 bits too:
@@ -70,10 +78,8 @@ def _eight_bits_beside_int8_codebooks(plan: dict[str, Steps], model: nn.Module) 
     if not any(s["codec"] == "ipq" and int(s.get("centroid_bits", 16)) == 8 for steps in plan.values() for s in steps):
         return
     weights = set(quantizable_weights(model))
-    for name, _ in model.named_parameters(remove_duplicate=False):
-        steps = plan.setdefault(name, [])
-        if not any(codec(s["codec"]).quantizes for s in steps):
-            steps.append(dict(INT8_STEP) if name in weights else {"codec": "affine8", "order": 20})
+    _quantize_where_dense(plan, (name for name, _ in model.named_parameters(remove_duplicate=False)),
+                          lambda name: dict(INT8_STEP) if name in weights else {"codec": "affine8", "order": 20})
 
 
 def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) -> dict[str, Steps]:
@@ -89,10 +95,7 @@ def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) 
         # Post-training: int8 per tensor (Q8BERT's "DQ"); int4 per row (a 15-level grid per
         # tensor loses too much). Embeddings as well as nn.Linear.
         step = INT8_STEP if quantize == "int8" else {"codec": "int4", "order": 20, "bits": 4, "per_channel": True}
-        for name in quantizable_weights(model):
-            steps = plan.setdefault(name, [])
-            if not any(codec(s["codec"]).quantizes for s in steps):
-                steps.append(dict(step))
+        _quantize_where_dense(plan, quantizable_weights(model), lambda name: dict(step))
     _eight_bits_beside_int8_codebooks(plan, model)
     for name, steps in plan.items():
         grids = [s["codec"] for s in steps if codec(s["codec"]).quantizes]
