@@ -248,7 +248,8 @@ class ProgressiveKnowledgeTransfer(L.Callback):
                     copied.append(name)
         rank_zero_info(f"ProgressiveKnowledgeTransfer: copied the teacher's {', '.join(copied)}" if copied else
                        "ProgressiveKnowledgeTransfer: no embedding parameter of the teacher has the student's shape; "
-                       "the student's embeddings start from their initialisation")
+                       "the student's embeddings keep the module's own initialisation (nmt_lightning's "
+                       "init_from with init_layers: none starts narrower ones from the teacher's, factorised)")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.teacher.attach(pl_module)

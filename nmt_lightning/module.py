@@ -89,7 +89,9 @@ class TranslationModule(L.LightningModule):
     deeper model of the same width (a distillation teacher): ``"every_other"`` copies its layers
     1, 3, 5, ... into a student half as deep, ``{encoder: [...], decoder: [...]}`` the listed
     layers; embeddings, output projection and final norms are copied too
-    (``nmt_lightning.model.initialization``).
+    (``nmt_lightning.model.initialization``). ``"none"`` copies only those, for a student whose
+    blocks differ (a bottleneck student). Narrower student embeddings (``embedding_dim``) start
+    from the teacher's factorised by a truncated SVD.
     """
 
     def __init__(

@@ -8,11 +8,22 @@ as they are, and student layer i of each stack is a copy of teacher layer ``laye
 
 ``"every_other"`` takes layers 1, 3, 5, ... (0-based) of a teacher twice as deep: the top
 teacher layer, the one whose output the final norm and the output projection were trained on,
-is always kept. Any other choice is a list per stack.
+is always kept. Any other choice is a list per stack. ``"none"`` copies no layer: the student's
+blocks may then be shaped otherwise (a MobileBERT-style bottleneck student), and it starts
+from the teacher's embeddings, output projection and final norms only.
+
+A student with narrower embeddings than its teacher (``embedding_dim`` e < d_model) gets them
+factorised: the teacher's table E (V, d) = U S V^T truncated to rank e, the student's table
+U_e S_e^1/2 (V, e), the maps after the lookup sqrt(d/e) V_e S_e^1/2 (d, e) (the lookup is
+scaled by sqrt(e) where the teacher's is by sqrt(d)) and the map before the output projection
+S_e^1/2 V_e^T (e, d). Student and teacher then compute the same inputs and logits up to the
+best rank-e approximation of E (Eckart-Young); MobileBERT's teacher has the student's narrow
+embedding, so it copies it as it is.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Mapping, Sequence, Union
 
@@ -21,10 +32,18 @@ import torch
 from nmt_lightning.model.transformer import Transformer
 
 EVERY_OTHER = "every_other"
+NO_LAYERS = "none"
 LayerChoice = Union[str, Mapping[str, Sequence[int]], None]
 
 # Fields a student may differ in from its teacher; all others must match for a weight copy.
-_FREE_FIELDS = {"encoder_layers", "decoder_layers", "dropout", "attention_dropout", "activation_dropout"}
+_FREE_FIELDS = {"encoder_layers", "decoder_layers", "dropout", "attention_dropout", "activation_dropout",
+                "embedding_dim", "max_positions"}
+# ... and with no layer copied, what shapes the blocks too.
+_FREE_WITHOUT_LAYERS = _FREE_FIELDS | {"ffn_dim", "heads", "bottleneck_dim", "stacked_ffn"}
+# The tensors around the layers that carry the embedding width: (table, map after the lookup)
+# for the inputs, and the output projection with the map before it.
+_INPUT_TABLES = (("src_embed.weight", "encoder_embed_projection"), ("tgt_embed.weight", "decoder_embed_projection"))
+_OUTPUT_TABLE = ("output_projection.weight", "output_down_projection")
 
 
 def every_other_layer(teacher_layers: int, student_layers: int, stack: str = "encoder") -> list[int]:
@@ -44,9 +63,11 @@ def chosen_layers(student: Transformer, teacher: Transformer, choice: LayerChoic
               "decoder": (teacher.config.decoder_layers, student.config.decoder_layers)}
     if choice is None or choice == EVERY_OTHER:
         return {stack: every_other_layer(t, s, stack) for stack, (t, s) in depths.items()}
+    if choice == NO_LAYERS:
+        return {}
     if isinstance(choice, str) or not isinstance(choice, Mapping):
-        raise ValueError(f"init_layers must be '{EVERY_OTHER}' or a mapping like {{encoder: [1, 3, 5], decoder: [1, 3, 5]}}, "
-                         f"got {choice!r}")
+        raise ValueError(f"init_layers must be '{EVERY_OTHER}', '{NO_LAYERS}' or a mapping like "
+                         f"{{encoder: [1, 3, 5], decoder: [1, 3, 5]}}, got {choice!r}")
     unknown = set(choice) - set(depths)
     if unknown:
         raise ValueError(f"init_layers: unknown stack(s) {sorted(unknown)}; use 'encoder' and 'decoder'")
@@ -62,33 +83,86 @@ def chosen_layers(student: Transformer, teacher: Transformer, choice: LayerChoic
     return layers
 
 
-def _check_compatible(student: Transformer, teacher: Transformer) -> None:
+def _check_compatible(student: Transformer, teacher: Transformer, copies_layers: bool) -> None:
     mine, theirs = asdict(student.config), asdict(teacher.config)
-    differing = sorted(k for k in mine if k not in _FREE_FIELDS and mine[k] != theirs[k])
+    free = _FREE_FIELDS if copies_layers else _FREE_WITHOUT_LAYERS
+    differing = sorted(k for k in mine if k not in free and mine[k] != theirs[k])
     if differing:
-        raise ValueError("the teacher's layers do not fit the student: they differ in "
+        what = "the teacher's layers do not fit the student" if copies_layers else "the teacher's embeddings do not fit the student"
+        allowed = ("the number of layers, the embedding width and the dropout rates (init_layers="
+                   f"'{NO_LAYERS}' copies no layer, for a student whose blocks are shaped otherwise)" if copies_layers
+                   else "the number and shape of the blocks, the embedding width and the dropout rates")
+        raise ValueError(f"{what}: they differ in "
                          + ", ".join(f"{k} (student {mine[k]!r}, teacher {theirs[k]!r})" for k in differing)
-                         + "; only the number of layers and the dropout rates may differ")
+                         + f"; only {allowed} may differ")
+    student_width, teacher_width = _embedding_width(student), _embedding_width(teacher)
+    if student_width != teacher_width and (student_width > teacher_width or teacher_width != teacher.config.d_model):
+        raise ValueError(f"the student's embeddings ({student_width} wide) can start from the teacher's only when "
+                         f"they are as wide, or narrower than a teacher whose embeddings are d_model wide "
+                         f"(the teacher's are {teacher_width}, its d_model {teacher.config.d_model})")
+
+
+def _embedding_width(model: Transformer) -> int:
+    return model.config.embedding_dim or model.config.d_model
+
+
+def factorized_table(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """table (V, d) -> (left (V, rank), scales (rank,), right (rank, d)), table ~ left @ diag(scales) @ right,
+    the truncated SVD with the singular values split evenly (left = U S^1/2, right = S^1/2 V^T)."""
+    u, s, vh = torch.linalg.svd(table.detach().double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).float(), s[:rank].float(), (root[:, None] * vh[:rank]).float()
+
+
+def _factorized_embeddings(student: Transformer, teacher_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The student's narrow tables and their maps from the teacher's full-width tables (module docstring)."""
+    e, d = _embedding_width(student), student.config.d_model
+    values: dict[str, torch.Tensor] = {}
+    for table, after_lookup in _INPUT_TABLES:
+        left, _, right = factorized_table(teacher_state[table], e)
+        values[table] = left
+        values[f"{after_lookup}.weight"] = math.sqrt(d / e) * right.T  # (d, e)
+        values[f"{after_lookup}.bias"] = torch.zeros(d)
+    table, before_output = _OUTPUT_TABLE
+    left, _, right = factorized_table(teacher_state[table], e)
+    values[table] = left  # the same tensor as tgt_embed's where they are tied (same teacher table)
+    values[f"{before_output}.weight"] = right  # (e, d)
+    return values
 
 
 def initialize_from_teacher(student: Transformer, teacher: Transformer, layers: LayerChoice = None) -> dict[str, str]:
-    """Copy the teacher's weights into ``student`` in place; returns {student name: teacher name}
-    for every tensor copied (the whole student state_dict, each tensor from exactly one source)."""
-    _check_compatible(student, teacher)
+    """Copy the teacher's weights into ``student`` in place; returns {student name: teacher source}
+    for every tensor copied (with layers, the whole student state_dict; with ``"none"`` all but
+    the layers, which keep their initialisation)."""
     picked = chosen_layers(student, teacher, layers)
+    _check_compatible(student, teacher, copies_layers=bool(picked))
     teacher_state = teacher.state_dict()
+    factorized = (_factorized_embeddings(student, teacher_state)
+                  if _embedding_width(student) != _embedding_width(teacher) else {})
     source_of: dict[str, str] = {}
     for name in student.state_dict():
         stack, _, rest = name.partition("_layers.")
-        if stack in picked and rest:
-            index, _, tail = rest.partition(".")
-            source_of[name] = f"{stack}_layers.{picked[stack][int(index)]}.{tail}"
+        if rest and stack in ("encoder", "decoder"):
+            if stack in picked:
+                index, _, tail = rest.partition(".")
+                source_of[name] = f"{stack}_layers.{picked[stack][int(index)]}.{tail}"
+        elif name in factorized:
+            source_of[name] = f"rank-{_embedding_width(student)} factors of {_teacher_table(name)}"
         else:
             source_of[name] = name
-    missing = sorted(source for source in source_of.values() if source not in teacher_state)
+    missing = sorted(source for name, source in source_of.items() if name not in factorized and source not in teacher_state)
     if missing:
         raise ValueError(f"the teacher has no tensor {missing[0]}")
     with torch.no_grad():
-        student.load_state_dict({name: teacher_state[source].clone() for name, source in source_of.items()})
+        student.load_state_dict({name: factorized[name] if name in factorized else teacher_state[source].clone()
+                                 for name, source in source_of.items()}, strict=bool(picked))
     return source_of
+
+
+def _teacher_table(name: str) -> str:
+    """The teacher's table a factorised student tensor comes from."""
+    for table, after_lookup in _INPUT_TABLES:
+        if name in (table, f"{after_lookup}.weight", f"{after_lookup}.bias"):
+            return table
+    return _OUTPUT_TABLE[0]
 

@@ -52,7 +52,7 @@ def test_the_chosen_layers_and_nothing_else_are_copied(layers, encoder: list[int
     ({"encoder": [0, 1, 5]}, r"each must be a distinct layer index in \[0, 5\)"),
     ({"encoder": [1, 1, 2]}, "distinct"),
     ({"middle": [0]}, "unknown stack"),
-    ("all", "init_layers must be 'every_other' or a mapping"),
+    ("all", "init_layers must be 'every_other', 'none' or a mapping"),
 ])
 def test_impossible_choices_are_refused(layers, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -77,3 +77,69 @@ def test_a_recipe_sets_it_on_the_module(tmp_path: Path) -> None:
         TranslationModule(**options, encoder_layers=2, decoder_layers=1, init_from=str(tmp_path / "t.ckpt"))
     with pytest.raises(ValueError, match="init_layers chooses layers of the init_from checkpoint; give init_from too"):
         TranslationModule(**options, init_layers="every_other")
+
+
+def test_narrower_embeddings_are_the_teachers_factorised_exactly_at_full_rank() -> None:
+    """A teacher table of rank 12: 12-wide factors reproduce it, so a student with the teacher's
+    layers computes the teacher's logits."""
+    teacher, student = model(2, 2), model(2, 2, embedding_dim=12)
+    with torch.no_grad():
+        teacher.src_embed.weight.copy_(torch.randn(40, 12) @ torch.randn(12, 32) / 12)
+    source_of = initialize_from_teacher(student, teacher, "every_other")
+    assert source_of["encoder_embed_projection.weight"] == "rank-12 factors of src_embed.weight"
+    source, decoder_input = torch.randint(1, 40, (3, 7)), torch.randint(1, 40, (3, 5))
+    teacher.eval(), student.eval()
+    with torch.no_grad():
+        expected, found = teacher(source, decoder_input), student(source, decoder_input)
+    # Float32 rounding through an SVD of a 40 x 32 table and two layers: relative error ~1e-6.
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_narrower_embeddings_are_the_best_low_rank_approximation() -> None:
+    teacher, student = model(2, 2), model(2, 2, embedding_dim=8)
+    initialize_from_teacher(student, teacher, "every_other")
+    table = teacher.src_embed.weight.detach().double()
+    u, s, vh = torch.linalg.svd(table, full_matrices=False)
+    best = (u[:, :8] * s[:8]) @ vh[:8]  # (40, 32): Eckart-Young's rank-8 optimum
+    with torch.no_grad():
+        looked_up = student.encoder_embed_projection(student.src_embed.weight) * 8 ** 0.5 / 32 ** 0.5
+        scores = student.output_down_projection.weight.T @ student.output_projection.weight.T  # (32, 40)
+    torch.testing.assert_close(looked_up.double(), best, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores.T.double(), best, rtol=0, atol=1e-5)
+    assert student.tgt_embed is student.src_embed  # ties survive
+
+
+def test_none_copies_embeddings_and_final_norms_into_a_bottleneck_student() -> None:
+    teacher = model(2, 2)
+    student = model(2, 2, embedding_dim=16, bottleneck_dim=8, stacked_ffn=2, ffn_dim=16)
+    untouched = {name: tensor.clone() for name, tensor in student.state_dict().items() if "_layers." in name}
+    source_of = initialize_from_teacher(student, teacher, "none")
+    assert not any("_layers." in name for name in source_of)
+    for name, tensor in student.state_dict().items():
+        if name in untouched:
+            assert torch.equal(tensor, untouched[name]), name
+    assert_copied(student.encoder_norm, teacher.encoder_norm)
+    assert_copied(student.decoder_norm, teacher.decoder_norm)
+    assert source_of["src_embed.weight"] == "rank-16 factors of src_embed.weight"
+
+
+@pytest.mark.parametrize(("student_options", "teacher_options", "message"), [
+    (dict(embedding_dim=16, bottleneck_dim=8), dict(), "differ in bottleneck_dim.*init_layers='none'"),
+    (dict(embedding_dim=16), dict(embedding_dim=24), "narrower than a teacher whose embeddings are d_model wide"),
+    (dict(d_model=16, ffn_dim=16), dict(), "differ in d_model"),
+])
+def test_embeddings_that_cannot_be_factorised_are_refused(student_options, teacher_options, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        initialize_from_teacher(model(2, 2, **student_options), model(2, 2, **teacher_options),
+                                "every_other" if "bottleneck_dim" in student_options else "none")
+
+
+def test_a_bottleneck_recipe_starts_from_the_teachers_embeddings(tmp_path: Path) -> None:
+    options = dict(src_vocab_size=40, tgt_vocab_size=40, d_model=32, heads=2, pre_norm=True, encoder_layers=2,
+                   decoder_layers=2)
+    teacher = TranslationModule(**options, ffn_dim=64)
+    torch.save({"state_dict": teacher.state_dict(), "hyper_parameters": dict(teacher.hparams)}, tmp_path / "t.ckpt")
+    student = TranslationModule(**options, ffn_dim=16, bottleneck_dim=8, stacked_ffn=2, embedding_dim=16,
+                                init_from=str(tmp_path / "t.ckpt"), init_layers="none")
+    assert_copied(student.model.decoder_norm, teacher.model.decoder_norm)
+    assert student.model.src_embed.weight.shape == (40, 16)
