@@ -15,6 +15,7 @@ the tiny recipe; only what the row names changes:
 | AKT | transfer losses added to the distillation loss from the first step |
 | PKT | one layer per stage (``--stage-steps`` each, encoder then decoder), then distillation |
 | PKT + QAT, int8 | the PKT student, ``--qat-steps`` of QAT, exported to int8 |
+| JKT / PKT, teacher's embeddings | as JKT / PKT, the student starting from the teacher's embedding table factorised to its 128 columns (truncated SVD), output projection and final norms (``init_layers: none``) |
 
 (distillation: 0.5 cross-entropy + 0.5 the teacher's soft targets at T = 1; transfer: the
 normalised squared error of layer outputs x 100 plus the KL of attention maps.)
@@ -26,7 +27,8 @@ profile of beam search (operator calls and time per sentence, teacher against st
 why the deep, thin shape is or is not faster than its parameter count promises.
 
 ``--rows`` trains and compares only some students (e.g. ``--rows scratch pkt`` with longer
-stages: ``--steps 4280 --stage-steps 240`` keeps the 1,400-step distillation stage); use a new
+stages: ``--steps 4280 --stage-steps 240`` keeps the 1,400-step distillation stage; the
+teacher's-embeddings rows ``jkt_embed pkt_embed`` run only when named); use a new
 OUT for other ``--steps`` or ``--stage-steps``, since finished runs are reused by name.
 
 Everything is cached in OUT (runs, exports, scores, speed rounds, profile): an interrupted run
@@ -59,7 +61,8 @@ TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
 LAYERS = 12  # 6 encoder + 6 decoder layers: one PKT stage each
-ROWS = ("scratch", "jkt", "akt", "pkt", "pkt_qat")  # the students, as --rows names them
+ROWS = ("scratch", "jkt", "akt", "pkt", "pkt_qat")  # the students, as --rows names them (the default)
+EMBEDDING_ROWS = ("jkt_embed", "pkt_embed")  # JKT / PKT from the teacher's factorised embeddings, when named
 
 
 def transfer_yaml(teacher: Path, mode: str, stage_steps: int) -> str:
@@ -76,8 +79,8 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     teacher = teacher_checkpoint(args)
     data = [f"--data.data_dir={args.data_dir}"]
 
-    def student(name: str, add_ons: list[str]) -> Path:
-        return run_fit(args.out, name, [TINY, BOTTLENECK], add_ons, data, TRAINED, args.steps)
+    def student(name: str, add_ons: list[str], options: tuple[str, ...] = ()) -> Path:
+        return run_fit(args.out, name, [TINY, BOTTLENECK], add_ons, [*data, *options], TRAINED, args.steps)
 
     rows = [("teacher (6+6, width 256)", teacher, "fp32")]
     if "scratch" in args.rows:
@@ -85,8 +88,13 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     for key, mode, name in (("jkt", "joint", "JKT"), ("akt", "auxiliary", "AKT"), ("pkt", "progressive", "PKT")):
         if key in args.rows or (key == "pkt" and "pkt_qat" in args.rows):
             rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)]), "fp32"))
+    from_teacher = (f"--model.init_from={teacher}", "--model.init_layers=none")
+    for key, mode, name in (("jkt_embed", "joint", "JKT, teacher's embeddings"),
+                            ("pkt_embed", "progressive", "PKT, teacher's embeddings")):
+        if key in args.rows:
+            rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)], from_teacher), "fp32"))
     if "pkt_qat" in args.rows:
-        pkt = rows[-1][1]
+        pkt = next(checkpoint for name, checkpoint, _ in rows if name == "PKT")
         deployed = run_fit(args.out, "pkt_qat", [TINY, BOTTLENECK, FINETUNE, QAT], [],
                            [*data, f"--model.init_from={pkt}"], FINETUNED, args.qat_steps)
         rows.append(("PKT + QAT, int8", deployed, None))
@@ -133,7 +141,7 @@ def main() -> None:
     parser.add_argument("--test-sentences", type=int, default=None, help="score on the first N test sentences (smoke runs)")
     parser.add_argument("--sentences", type=int, default=300, help="sentences per speed round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+    parser.add_argument("--rows", nargs="+", choices=ROWS + EMBEDDING_ROWS, default=list(ROWS),
                         help="students to train and compare with the teacher (pkt_qat brings pkt)")
     args = parser.parse_args()
     if args.steps <= LAYERS * args.stage_steps:
