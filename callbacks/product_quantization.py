@@ -34,7 +34,7 @@ from torch import nn
 from callbacks._compression import record_codec
 from callbacks._kmeans import kmeans
 from callbacks._optimization import restart_optimization
-from callbacks._selection import BlockSizes, check_globs, select_modules
+from callbacks._selection import BlockSizes, check_globs, matches, select_modules
 from callbacks._transforms import (CODEBOOK, PERTURB, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 
@@ -116,6 +116,8 @@ class IterativeProductQuantization(L.Callback):
             fewer blocks.
         block_size: columns per block (fairseq: 8 for feed-forward and embeddings, 4 for attention).
         block_sizes: glob -> block size, first match wins (default: 4 for ``*attn.*``).
+        centroid_counts: glob -> codewords, first match wins, else ``centroids`` (a larger
+            codebook where a layer needs it: 4096 codewords cost 12 bits a block in the export).
         exclude: globs of modules never quantized.
         kmeans_iterations: Lloyd iterations per codebook.
         centroid_bits: 16 (fp16 codebooks in the export) or 8 (int8 codebooks: "iPQ & int8"; the
@@ -131,6 +133,7 @@ class IterativeProductQuantization(L.Callback):
         centroids: int = 256,
         block_size: int = 8,
         block_sizes: Optional[dict[str, int]] = None,
+        centroid_counts: Optional[dict[str, int]] = None,
         exclude: Sequence[str] = (),
         kmeans_iterations: int = 20,
         centroid_bits: int = 16,
@@ -142,8 +145,11 @@ class IterativeProductQuantization(L.Callback):
             raise ValueError(f"{owner}: steps_per_stage must be an integer >= 1, got {steps_per_stage!r}")
         if not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"{owner}: start_step must be an integer >= 0, got {start_step!r}")
-        if not isinstance(centroids, int) or not 1 <= centroids <= 65536:
-            raise ValueError(f"{owner}: centroids must be an integer in [1, 65536], got {centroids!r}")
+        self.centroid_counts = dict(centroid_counts or {})
+        for name, count in {"centroids": centroids, **{f"centroid_counts[{k!r}]": v
+                                                      for k, v in self.centroid_counts.items()}}.items():
+            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 65536:
+                raise ValueError(f"{owner}: {name} must be an integer in [1, 65536], got {count!r}")
         if not isinstance(kmeans_iterations, int) or kmeans_iterations < 1:
             raise ValueError(f"{owner}: kmeans_iterations must be an integer >= 1, got {kmeans_iterations!r}")
         if centroid_bits not in (8, 16):
@@ -179,7 +185,9 @@ class IterativeProductQuantization(L.Callback):
                 transform = by_parameter.get(id(weight))
                 if transform is None:
                     blocks = weight.numel() // size
-                    transform = CentroidWeight(weight.shape, size, min(self.centroids, blocks)).to(weight.device)
+                    count = next((k for pattern, k in self.centroid_counts.items() if matches(names[0], [pattern])),
+                                 self.centroids)
+                    transform = CentroidWeight(weight.shape, size, min(count, blocks)).to(weight.device)
                     by_parameter[id(weight)] = transform
                 transform = add_weight_transform(module, transform)
                 targets.append((transform, module, names))
@@ -239,7 +247,8 @@ class IterativeProductQuantization(L.Callback):
     # ------------------------------------------------------------------ checkpoint
     def _settings(self) -> dict[str, Any]:
         return {"stages": self.stages, "centroids": self.centroids, "block_size": self.block_size,
-                "block_sizes": self.block_sizes, "steps_per_stage": self.steps_per_stage, "start_step": self.start_step}
+                "block_sizes": self.block_sizes, "steps_per_stage": self.steps_per_stage, "start_step": self.start_step,
+                "centroid_counts": self.centroid_counts or None}  # None: what checkpoints before it hold
 
     def state_dict(self) -> dict[str, Any]:
         return self._settings()

@@ -182,6 +182,45 @@ def test_ipq_codec_decodes_without_a_stored_shape_and_files_that_have_one() -> N
     assert torch.equal(decode_chain(older, [step]), decode_chain(parts, [step]))
 
 
+@pytest.mark.parametrize("codewords", [257, 1000, 4096, 65536])
+def test_indices_of_codebooks_above_256_words_are_packed_to_their_bits(codewords: int) -> None:
+    from nmt_lightning.export.codecs import decode_chain, encode_chain
+
+    generator = torch.Generator().manual_seed(codewords)
+    centroids = torch.randn(codewords, 2, generator=generator)
+    assignments = torch.randint(0, codewords, (7, 5), generator=generator)
+    assignments[0, 0], assignments[-1, -1] = 0, codewords - 1  # both ends of the range
+    weight = centroids[assignments].reshape(7, 10)
+    step = {"codec": "ipq", "block_size": 2, "centroids": "c", "assignments": "a"}
+    parts = encode_chain(weight, [step], {"c": centroids, "a": assignments}.__getitem__)
+    bits = (codewords - 1).bit_length()  # 9, 10, 12, 16
+    assert parts[""].dtype == torch.uint8 and parts[""].numel() == -(-35 * bits // 8)
+    assert parts["index_layout"].tolist() == [7, 5, bits]
+    torch.testing.assert_close(decode_chain(parts, [step]), weight, rtol=2 ** -11, atol=0)
+
+
+def test_int16_indices_of_older_files_read_as_unsigned() -> None:
+    from nmt_lightning.export.codecs import decode_chain
+
+    centroids = torch.randn(40000, 1)
+    assignments = torch.tensor([[3, 39999]])
+    older = {"": assignments.to(torch.int16), "centroids": centroids.half()}  # 39999 wraps to -25537
+    step = {"codec": "ipq", "block_size": 1, "centroids": "c", "assignments": "a"}
+    assert torch.equal(decode_chain(older, [step]), centroids[assignments].reshape(1, 2).half().float())
+
+
+def test_centroid_counts_give_chosen_layers_a_larger_codebook() -> None:
+    model = BagOfWordsClassifier()
+    callback = ipq(centroid_counts={"embed": 32})
+    callback.add_codebooks(model)
+    sizes = {name: weight_transforms(getattr(model, name))[0].centroids.shape[0] for name in ("hidden", "embed")}
+    assert sizes == {"hidden": 8, "embed": 32}
+    with pytest.raises(ValueError, match=r"centroid_counts\['embed'\] must be an integer in \[1, 65536\]"):
+        ipq(centroid_counts={"embed": 0})
+    with pytest.raises(ValueError, match="trained with .* but this callback has"):
+        ipq().load_state_dict(callback.state_dict())  # another codebook layout does not resume
+
+
 def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Path) -> None:
     """centroid_bits=8, the paper's "iPQ & int8": int8 codebooks, and what stays dense (here the
     biases and LayerNorm parameters, and the layers a later stage would have quantized) in 8 bits:
