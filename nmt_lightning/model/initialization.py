@@ -106,12 +106,13 @@ def _embedding_width(model: Transformer) -> int:
     return model.config.embedding_dim or model.config.d_model
 
 
-def factorized_table(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """table (V, d) -> (left (V, rank), scales (rank,), right (rank, d)), table ~ left @ diag(scales) @ right,
-    the truncated SVD with the singular values split evenly (left = U S^1/2, right = S^1/2 V^T)."""
+def factorized_table(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """table (V, d) -> (left (V, rank), right (rank, d)), left @ right the best rank-``rank``
+    approximation of table: its truncated SVD with the singular values split evenly
+    (left = U S^1/2, right = S^1/2 V^T), computed in float64."""
     u, s, vh = torch.linalg.svd(table.detach().double(), full_matrices=False)
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).float(), s[:rank].float(), (root[:, None] * vh[:rank]).float()
+    return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
 def _factorized_embeddings(student: Transformer, teacher_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -119,12 +120,12 @@ def _factorized_embeddings(student: Transformer, teacher_state: Mapping[str, tor
     e, d = _embedding_width(student), student.config.d_model
     values: dict[str, torch.Tensor] = {}
     for table, after_lookup in _INPUT_TABLES:
-        left, _, right = factorized_table(teacher_state[table], e)
+        left, right = factorized_table(teacher_state[table], e)
         values[table] = left
         values[f"{after_lookup}.weight"] = math.sqrt(d / e) * right.T  # (d, e)
         values[f"{after_lookup}.bias"] = torch.zeros(d)
     table, before_output = _OUTPUT_TABLE
-    left, _, right = factorized_table(teacher_state[table], e)
+    left, right = factorized_table(teacher_state[table], e)
     values[table] = left  # the same tensor as tgt_embed's where they are tied (same teacher table)
     values[f"{before_output}.weight"] = right  # (e, d)
     return values
