@@ -15,6 +15,7 @@ training is not credited to a method:
 | iPQ, QAT | the control, then iPQ: 3 stages of ``--steps`` * 2 / 3 (Stock et al.) | ipq |
 | iPQ, Quant-Noise | fine-tuning with Quant-Noise pq, then iPQ with Quant-Noise pq on the layers still dense | ipq |
 | iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq, int8 codebooks, biases and norms in 8 bits |
+| iPQ & int8, Quant-Noise, bits moved | the same, stages embeddings first, the embedding with 4096 codewords (12-bit codes), feed-forward blocks of 16 (noise too): about the same bytes | the same |
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
 (every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
@@ -52,23 +53,29 @@ TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to a run's directory
 FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
-IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]
+IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]  # fairseq's order
+EMBEDDINGS_FIRST = [IPQ_STAGES[1], IPQ_STAGES[0], IPQ_STAGES[2]]
+BLOCK_SIZES = {"*attn.*": 4}  # fairseq's: 8 columns, 4 in attention
+MOVED = {"stages": EMBEDDINGS_FIRST, "block_sizes": {"*attn.*": 4, "*.ffn.*": 16}, "centroid_counts": {"*embed*": 4096}}
 ROWS = ("int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
-        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_quant_noise_kd")  # --rows names, in the table's order
+        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_int8_quant_noise_moved",
+        "ipq_quant_noise_kd")  # --rows names, in the table's order
 
 
 def callback_yaml(class_path: str, **init_args) -> str:
     return json.dumps({"trainer": {"callbacks+": [{"class_path": class_path, "init_args": init_args}]}})
 
 
-def quant_noise(args: argparse.Namespace, scheme: str) -> str:
-    return callback_yaml("callbacks.QuantNoise", p=args.p, scheme=scheme, block_size=8, block_sizes={"*attn.*": 4},
+def quant_noise(args: argparse.Namespace, scheme: str, block_sizes: dict = BLOCK_SIZES) -> str:
+    return callback_yaml("callbacks.QuantNoise", p=args.p, scheme=scheme, block_size=8, block_sizes=block_sizes,
                          include=["model.*"], per_channel=True, seed=0)
 
 
-def ipq(args: argparse.Namespace, centroid_bits: int) -> str:
+def ipq(args: argparse.Namespace, centroid_bits: int, stages: list = IPQ_STAGES, block_sizes: dict = BLOCK_SIZES,
+        centroid_counts: Optional[dict] = None) -> str:
+    counts = {"centroid_counts": centroid_counts} if centroid_counts else {}
     return callback_yaml("callbacks.IterativeProductQuantization", steps_per_stage=args.steps * 2 // 3,
-                         stages=IPQ_STAGES, centroids=256, block_size=8, block_sizes={"*attn.*": 4},
+                         stages=stages, centroids=256, **counts, block_size=8, block_sizes=block_sizes,
                          centroid_bits=centroid_bits, seed=0)
 
 
@@ -117,6 +124,9 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
             args, "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")], 2 * steps), None),
         "ipq_int8_quant_noise": ("iPQ & int8", "Quant-Noise", lambda: finetune(
             args, "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
+        "ipq_int8_quant_noise_moved": ("iPQ & int8", "Quant-Noise, bits moved", lambda: finetune(
+            args, "quant_noise_ipq_int8_moved", qn_pq(), [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])],
+            2 * steps), "int8"),
         "ipq_quant_noise_kd": ("iPQ", "Quant-Noise + distillation", lambda: finetune(
             args, "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
             2 * steps), None),
@@ -190,7 +200,8 @@ def main() -> None:
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}, beam 4. Every row fine-tuned {args.steps} steps "
         f"from {args.fp32_checkpoint} (iPQ rows {3 * args.steps}); Quant-Noise p = {args.p}, blocks of 8 columns "
-        f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention. Compression: the fp32 "
+        f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention (\"bits moved\": "
+        f"embeddings with 4096 codewords first, then feed-forward in blocks of 16, then attention). Compression: the fp32 "
         f"export's bytes over the row's (both include the sentencepiece model); weights only: the same for the "
         f"tensors alone, without the sentencepiece model and the file's header (what the paper's ratios count). "
         f"Speed: {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
