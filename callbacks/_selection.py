@@ -9,13 +9,14 @@ all its names or none, else the callback would treat one tensor two ways.
 from __future__ import annotations
 
 import fnmatch
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, TypeVar
 
 from torch import nn
 
-__all__ = ["BlockSizes", "SelectedModule", "check_globs", "select_modules"]
+__all__ = ["BlockSizes", "SelectedModule", "check_globs", "first_match", "select_modules"]
 
 SelectedModule = tuple[nn.Module, list[str]]  # (module, every qualified name it has)
+T = TypeVar("T")
 
 
 def check_globs(owner: str, include: Sequence[str], exclude: Sequence[str]) -> None:
@@ -27,6 +28,11 @@ def check_globs(owner: str, include: Sequence[str], exclude: Sequence[str]) -> N
 
 def matches(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in globs)
+
+
+def first_match(name: str, by_glob: Mapping[str, T], default: T) -> T:
+    """The value of the first glob of ``by_glob`` matching ``name``, else ``default``."""
+    return next((value for pattern, value in by_glob.items() if fnmatch.fnmatchcase(name, pattern)), default)
 
 
 def select_modules(root: nn.Module, owner: str, include: Sequence[str], exclude: Sequence[str],
@@ -65,7 +71,7 @@ class BlockSizes:
 
     def of(self, name: str, weight: nn.Parameter) -> int:
         """The block size of module ``name``'s ``weight`` (rows, columns); it must divide the columns."""
-        size = next((size for pattern, size in self.block_sizes.items() if matches(name, [pattern])), self.block_size)
+        size = first_match(name, self.block_sizes, self.block_size)
         if weight.shape[1] % size:
             raise ValueError(f"{self.owner}: block size {size} does not divide the {weight.shape[1]} columns of "
                              f"{name}.weight {tuple(weight.shape)}; choose a divisor (block_size, or block_sizes for "

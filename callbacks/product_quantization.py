@@ -34,7 +34,7 @@ from torch import nn
 from callbacks._compression import record_codec
 from callbacks._kmeans import kmeans
 from callbacks._optimization import restart_optimization
-from callbacks._selection import BlockSizes, check_globs, matches, select_modules
+from callbacks._selection import BlockSizes, check_globs, first_match, select_modules
 from callbacks._transforms import (CODEBOOK, PERTURB, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 
@@ -185,8 +185,7 @@ class IterativeProductQuantization(L.Callback):
                 transform = by_parameter.get(id(weight))
                 if transform is None:
                     blocks = weight.numel() // size
-                    count = next((k for pattern, k in self.centroid_counts.items() if matches(names[0], [pattern])),
-                                 self.centroids)
+                    count = first_match(names[0], self.centroid_counts, self.centroids)
                     transform = CentroidWeight(weight.shape, size, min(count, blocks)).to(weight.device)
                     by_parameter[id(weight)] = transform
                 transform = add_weight_transform(module, transform)

@@ -115,19 +115,31 @@ def factorized_table(table: torch.Tensor, rank: int) -> tuple[torch.Tensor, torc
     return (u[:, :rank] * root).float(), (root[:, None] * vh[:rank]).float()
 
 
-def _factorized_embeddings(student: Transformer, teacher_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The student's narrow tables and their maps from the teacher's full-width tables (module docstring)."""
+def _factorized_embeddings(student: Transformer,
+                           teacher_state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, str]]:
+    """{student tensor: (value, its source)}: the student's narrow tables and their maps from the
+    teacher's full-width tables (module docstring). A table tied in the teacher is factorised once."""
     e, d = _embedding_width(student), student.config.d_model
-    values: dict[str, torch.Tensor] = {}
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # storage of a teacher table -> its factors
+
+    def factorized(table: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = teacher_state[table].data_ptr()
+        if key not in factors:
+            factors[key] = factorized_table(teacher_state[table], e)
+        return factors[key]
+
+    values: dict[str, tuple[torch.Tensor, str]] = {}
     for table, after_lookup in _INPUT_TABLES:
-        left, right = factorized_table(teacher_state[table], e)
-        values[table] = left
-        values[f"{after_lookup}.weight"] = math.sqrt(d / e) * right.T  # (d, e)
-        values[f"{after_lookup}.bias"] = torch.zeros(d)
+        left, right = factorized(table)
+        source = f"rank-{e} factors of {table}"
+        values[table] = (left, source)
+        values[f"{after_lookup}.weight"] = (math.sqrt(d / e) * right.T, source)  # (d, e)
+        values[f"{after_lookup}.bias"] = (torch.zeros(d), source)
     table, before_output = _OUTPUT_TABLE
-    left, right = factorized_table(teacher_state[table], e)
-    values[table] = left  # the same tensor as tgt_embed's where they are tied (same teacher table)
-    values[f"{before_output}.weight"] = right  # (e, d)
+    left, right = factorized(table)
+    source = f"rank-{e} factors of {table}"
+    values[table] = (left, source)  # the same tensor as tgt_embed's where they are tied (same teacher table)
+    values[f"{before_output}.weight"] = (right, source)  # (e, d)
     return values
 
 
@@ -148,22 +160,13 @@ def initialize_from_teacher(student: Transformer, teacher: Transformer, layers: 
                 index, _, tail = rest.partition(".")
                 source_of[name] = f"{stack}_layers.{picked[stack][int(index)]}.{tail}"
         elif name in factorized:
-            source_of[name] = f"rank-{_embedding_width(student)} factors of {_teacher_table(name)}"
+            source_of[name] = factorized[name][1]
         else:
             source_of[name] = name
     missing = sorted(source for name, source in source_of.items() if name not in factorized and source not in teacher_state)
     if missing:
         raise ValueError(f"the teacher has no tensor {missing[0]}")
     with torch.no_grad():
-        student.load_state_dict({name: factorized[name] if name in factorized else teacher_state[source].clone()
+        student.load_state_dict({name: factorized[name][0] if name in factorized else teacher_state[source].clone()
                                  for name, source in source_of.items()}, strict=bool(picked))
     return source_of
-
-
-def _teacher_table(name: str) -> str:
-    """The teacher's table a factorised student tensor comes from."""
-    for table, after_lookup in _INPUT_TABLES:
-        if name in (table, f"{after_lookup}.weight", f"{after_lookup}.bias"):
-            return table
-    return _OUTPUT_TABLE[0]
-
