@@ -12,13 +12,13 @@ training is not credited to a method:
 | int8 / int4 / iPQ, post-processing | the control | ``--quantize int8`` / ``int4`` / k-means without fine-tuning |
 | int8 / int4, QAT | fine-tuning with QAT at 8 / 4 bits | its grid |
 | int8 / int4, Quant-Noise | fine-tuning with Quant-Noise int8 / int4, p = ``--p`` | its grid |
-| iPQ, QAT | the control, then iPQ: 3 stages of ``--steps`` * 2 / 3 (Stock et al.) | ipq |
+| iPQ, QAT | the control, then iPQ: 3 stages of ``--ipq-steps`` / 3 (Stock et al.) | ipq |
 | iPQ, Quant-Noise | fine-tuning with Quant-Noise pq, then iPQ with Quant-Noise pq on the layers still dense | ipq |
 | iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq, int8 codebooks, biases and norms in 8 bits |
 | iPQ & int8, Quant-Noise, bits moved | the same, stages embeddings first, the embedding with 4096 codewords (12-bit codes), feed-forward blocks of 16 (noise too): about the same bytes | the same |
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
 
-(every iPQ row thus trains ``--steps`` + 2 ``--steps``). Columns: bytes on disk, compression
+(every iPQ row thus trains ``--steps`` + ``--ipq-steps``, by default 2 ``--steps``). Columns: bytes on disk, compression
 ratio against the fp32 export (the files, and the weights alone as fairseq counts them), BLEU
 and chrF2 (beam 4, the whole test split), CPU sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns). Then the training throughput of Quant-Noise against plain training, side by side.
@@ -74,7 +74,7 @@ def quant_noise(args: argparse.Namespace, scheme: str, block_sizes: dict = BLOCK
 def ipq(args: argparse.Namespace, centroid_bits: int, stages: list = IPQ_STAGES, block_sizes: dict = BLOCK_SIZES,
         centroid_counts: Optional[dict] = None) -> str:
     counts = {"centroid_counts": centroid_counts} if centroid_counts else {}
-    return callback_yaml("callbacks.IterativeProductQuantization", steps_per_stage=args.steps * 2 // 3,
+    return callback_yaml("callbacks.IterativeProductQuantization", steps_per_stage=args.ipq_steps // 3,
                          stages=stages, centroids=256, **counts, block_size=8, block_sizes=block_sizes,
                          centroid_bits=centroid_bits, seed=0)
 
@@ -101,7 +101,7 @@ def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str
 def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
     """(row, training, checkpoint, export --quantize) for the uncompressed control and every row
     of ``args.rows``, training what is missing."""
-    steps, start = args.steps, args.fp32_checkpoint
+    steps, start, ipq_steps = args.steps, args.fp32_checkpoint, args.ipq_steps
     control = finetune(args, "control", start, [], steps)
 
     @functools.cache
@@ -118,18 +118,18 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
         "int4_quant_noise": ("int4", "Quant-Noise", lambda: finetune(
             args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
         "ipq_post": ("iPQ", "post-processing", lambda: control, "ipq"),
-        "ipq_qat": ("iPQ", "QAT (iPQ fine-tuning)", lambda: finetune(args, "ipq", control, [ipq(args, 16)], 2 * steps),
+        "ipq_qat": ("iPQ", "QAT (iPQ fine-tuning)", lambda: finetune(args, "ipq", control, [ipq(args, 16)], ipq_steps),
                     None),
         "ipq_quant_noise": ("iPQ", "Quant-Noise", lambda: finetune(
-            args, "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")], 2 * steps), None),
+            args, "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")], ipq_steps), None),
         "ipq_int8_quant_noise": ("iPQ & int8", "Quant-Noise", lambda: finetune(
-            args, "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")], 2 * steps), "int8"),
+            args, "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")], ipq_steps), "int8"),
         "ipq_int8_quant_noise_moved": ("iPQ & int8", "Quant-Noise, bits moved", lambda: finetune(
             args, "quant_noise_ipq_int8_moved", qn_pq(), [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])],
-            2 * steps), "int8"),
+            ipq_steps), "int8"),
         "ipq_quant_noise_kd": ("iPQ", "Quant-Noise + distillation", lambda: finetune(
             args, "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
-            2 * steps), None),
+            ipq_steps), None),
     }
     assert tuple(rows) == ROWS, "ROWS names the rows of build_rows, in order"
     selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
@@ -144,7 +144,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs/quant_noise")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
     parser.add_argument("--fp32-checkpoint", type=Path, default=FP32)
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of a row (iPQ rows: 3x)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of a row (iPQ rows: these, then --ipq-steps)")
+    parser.add_argument("--ipq-steps", type=int, default=None,
+                        help="iPQ fine-tuning steps, a third per stage (default: 2 x --steps)")
     parser.add_argument("--p", type=float, default=0.1, help="Quant-Noise's fraction of noised blocks")
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
@@ -157,6 +159,9 @@ def main() -> None:
     for path, what in ((args.fp32_checkpoint, "--fp32-checkpoint"), (args.data_dir / "test.en", "--data-dir")):
         if not path.exists():
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    args.ipq_steps = args.ipq_steps or 2 * args.steps
+    if args.ipq_steps < 3:
+        sys.exit(f"--ipq-steps: {args.ipq_steps} leaves an iPQ stage without a step; give at least 3")
     args.out.mkdir(parents=True, exist_ok=True)
 
     from nmt_lightning.evaluation import read_lines, score
@@ -199,7 +204,7 @@ def main() -> None:
     text += [
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}, beam 4. Every row fine-tuned {args.steps} steps "
-        f"from {args.fp32_checkpoint} (iPQ rows {3 * args.steps}); Quant-Noise p = {args.p}, blocks of 8 columns "
+        f"from {args.fp32_checkpoint} (iPQ rows {args.steps} + {args.ipq_steps}); Quant-Noise p = {args.p}, blocks of 8 columns "
         f"(4 in attention); iPQ: 256 codewords, stages feed-forward, embeddings, attention (\"bits moved\": "
         f"embeddings with 4096 codewords first, then feed-forward in blocks of 16, then attention). Compression: the fp32 "
         f"export's bytes over the row's (both include the sentencepiece model); weights only: the same for the "
@@ -209,6 +214,7 @@ def main() -> None:
         "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
         f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
+        + ("" if args.ipq_steps == 2 * args.steps else f" --ipq-steps {args.ipq_steps}")
         + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "quant_noise_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
