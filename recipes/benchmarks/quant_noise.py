@@ -9,6 +9,7 @@ training is not credited to a method:
 | row | training (from the fp32 model) | export |
 |---|---|---|
 | uncompressed | fine-tuning, ``--steps`` steps, no callback (the control) | fp32 |
+| uncompressed, the iPQ rows' budget | the same for ``--steps`` + ``--ipq-steps`` steps: what the extra training alone buys | fp32 |
 | int8 / int4 / iPQ, post-processing | the control | ``--quantize int8`` / ``int4`` / k-means without fine-tuning |
 | int8 / int4, QAT | fine-tuning with QAT at 8 / 4 bits | its grid |
 | int8 / int4, Quant-Noise | fine-tuning with Quant-Noise int8 / int4, p = ``--p`` | its grid |
@@ -57,7 +58,7 @@ IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]  # fa
 EMBEDDINGS_FIRST = [IPQ_STAGES[1], IPQ_STAGES[0], IPQ_STAGES[2]]
 BLOCK_SIZES = {"*attn.*": 4}  # fairseq's: 8 columns, 4 in attention
 MOVED = {"stages": EMBEDDINGS_FIRST, "block_sizes": {"*attn.*": 4, "*.ffn.*": 16}, "centroid_counts": {"*embed*": 4096}}
-ROWS = ("int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
+ROWS = ("fp32_ipq_budget", "int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
         "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_int8_quant_noise_moved",
         "ipq_quant_noise_kd")  # --rows names, in the table's order
 
@@ -109,6 +110,8 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
         return finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
 
     rows = {  # --rows name: (method, training, how to train it, export --quantize)
+        "fp32_ipq_budget": ("uncompressed", f"fp32 fine-tuning, {steps + ipq_steps} steps (the iPQ rows' budget)",
+                            lambda: finetune(args, f"control_{steps + ipq_steps}", start, [], steps + ipq_steps), "fp32"),
         "int8_post": ("int8", "post-processing", lambda: control, "int8"),
         "int8_qat": ("int8", "QAT", lambda: finetune(args, "qat8", start, [qat(8)], steps), None),
         "int8_quant_noise": ("int8", "Quant-Noise", lambda: finetune(
@@ -261,7 +264,7 @@ def plot(results: list, path: Path) -> None:
                "fp32 fine-tuning (control)": "D"}
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, training, _, result in results:
-        axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=markers.get(training, "o"), s=70,
+        axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=markers.get(training, "D" if training.startswith("fp32") else "o"), s=70,
                      label=f"{method}, {training}")
     axes.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
