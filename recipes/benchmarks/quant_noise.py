@@ -58,8 +58,8 @@ IPQ_STAGES = [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]]  # fa
 EMBEDDINGS_FIRST = [IPQ_STAGES[1], IPQ_STAGES[0], IPQ_STAGES[2]]
 BLOCK_SIZES = {"*attn.*": 4}  # fairseq's: 8 columns, 4 in attention
 MOVED = {"stages": EMBEDDINGS_FIRST, "block_sizes": {"*attn.*": 4, "*.ffn.*": 16}, "centroid_counts": {"*embed*": 4096}}
-ROWS = ("fp32_ipq_budget", "int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise", "ipq_post", "ipq_qat",
-        "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_int8_quant_noise_moved",
+ROWS = ("fp32_ipq_budget", "int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise",
+        "ipq_post", "ipq_qat", "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_int8_quant_noise_moved",
         "ipq_quant_noise_kd")  # --rows names, in the table's order
 
 
@@ -162,7 +162,8 @@ def main() -> None:
     for path, what in ((args.fp32_checkpoint, "--fp32-checkpoint"), (args.data_dir / "test.en", "--data-dir")):
         if not path.exists():
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
-    args.ipq_steps = args.ipq_steps or 2 * args.steps
+    if args.ipq_steps is None:
+        args.ipq_steps = 2 * args.steps
     if args.ipq_steps < 3:
         sys.exit(f"--ipq-steps: {args.ipq_steps} leaves an iPQ stage without a step; give at least 3")
     args.out.mkdir(parents=True, exist_ok=True)
