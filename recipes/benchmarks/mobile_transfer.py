@@ -31,7 +31,7 @@ stages: ``--steps 4280 --stage-steps 240`` keeps the 1,400-step distillation sta
 teacher's-embeddings rows ``jkt_embed pkt_embed`` run only when named); use a new
 OUT for other ``--steps`` or ``--stage-steps``, since finished runs are reused by name.
 
-Everything is cached in OUT (runs, exports, scores, speed rounds, profile): an interrupted run
+Everything is cached in OUT (runs, exports, scores, speed rounds, profiles): an interrupted run
 continues where it stopped when the same command is run again. Writes OUT/mobile_transfer_table.md
 and .csv.
 """
@@ -159,7 +159,8 @@ def main() -> None:
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     teacher_name = rows[0][0]
     student_name = "PKT" if "PKT" in results else rows[-1][0]  # the profile's student
-    profile = cached(args.out / "profile.json", lambda: decoding_profile(
+    slug = "".join(c if c.isalnum() else "_" for c in student_name).strip("_")
+    profile = cached(args.out / f"profile_{slug}.json", lambda: decoding_profile(  # one cache per profiled student
         {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
 
     speed = {name: statistics.median(r[name] for r in rounds) for name in results}
