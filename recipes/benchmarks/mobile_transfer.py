@@ -16,6 +16,7 @@ the tiny recipe; only what the row names changes:
 | PKT | one layer per stage (``--stage-steps`` each, encoder then decoder), then distillation |
 | PKT + QAT, int8 | the PKT student, ``--qat-steps`` of QAT, exported to int8 |
 | JKT / PKT, teacher's embeddings | as JKT / PKT, the student starting from the teacher's embedding table factorised to its 128 columns (truncated SVD), output projection and final norms (``init_layers: none``) |
+| PKT, teacher's embeddings + QAT, int8 | that PKT student, ``--qat-steps`` of QAT, exported to int8 |
 
 (distillation: 0.5 cross-entropy + 0.5 the teacher's soft targets at T = 1; transfer: the
 normalised squared error of layer outputs x 100 plus the KL of attention maps.)
@@ -28,7 +29,7 @@ why the deep, thin shape is or is not faster than its parameter count promises.
 
 ``--rows`` trains and compares only some students (e.g. ``--rows scratch pkt`` with longer
 stages: ``--steps 4280 --stage-steps 240`` keeps the 1,400-step distillation stage; the
-teacher's-embeddings rows ``jkt_embed pkt_embed`` run only when named); use a new
+teacher's-embeddings rows ``jkt_embed pkt_embed pkt_embed_qat`` run only when named); use a new
 OUT for other ``--steps`` or ``--stage-steps``, since finished runs are reused by name.
 
 Everything is cached in OUT (runs, exports, scores, speed rounds, profiles): an interrupted run
@@ -60,9 +61,10 @@ QAT = ROOT / "recipes/compress/qat.yaml"
 TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")  # relative to a student's run directory
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+QAT_STEPS = 300  # --qat-steps by default
 LAYERS = 12  # 6 encoder + 6 decoder layers: one PKT stage each
 ROWS = ("scratch", "jkt", "akt", "pkt", "pkt_qat")  # the students, as --rows names them (the default)
-EMBEDDING_ROWS = ("jkt_embed", "pkt_embed")  # JKT / PKT from the teacher's factorised embeddings, when named
+EMBEDDING_ROWS = ("jkt_embed", "pkt_embed", "pkt_embed_qat")  # JKT / PKT from the teacher's factorised embeddings, when named
 
 
 def transfer_yaml(teacher: Path, mode: str, stage_steps: int) -> str:
@@ -91,13 +93,14 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     from_teacher = (f"--model.init_from={teacher}", "--model.init_layers=none")
     for key, mode, name in (("jkt_embed", "joint", "JKT, teacher's embeddings"),
                             ("pkt_embed", "progressive", "PKT, teacher's embeddings")):
-        if key in args.rows:
+        if key in args.rows or (key == "pkt_embed" and "pkt_embed_qat" in args.rows):
             rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)], from_teacher), "fp32"))
-    if "pkt_qat" in args.rows:
-        pkt = next(checkpoint for name, checkpoint, _ in rows if name == "PKT")
-        deployed = run_fit(args.out, "pkt_qat", [TINY, BOTTLENECK, FINETUNE, QAT], [],
-                           [*data, f"--model.init_from={pkt}"], FINETUNED, args.qat_steps)
-        rows.append(("PKT + QAT, int8", deployed, None))
+    for key, base in (("pkt_qat", "PKT"), ("pkt_embed_qat", "PKT, teacher's embeddings")):
+        if key in args.rows:  # the PKT student, fine-tuned with QAT and exported to int8
+            start = next(checkpoint for name, checkpoint, _ in rows if name == base)
+            deployed = run_fit(args.out, key, [TINY, BOTTLENECK, FINETUNE, QAT], [],
+                               [*data, f"--model.init_from={start}"], FINETUNED, args.qat_steps)
+            rows.append((f"{base} + QAT, int8", deployed, None))
     return rows
 
 
@@ -137,12 +140,12 @@ def main() -> None:
     parser.add_argument("--teacher-checkpoint", type=Path, default=TEACHER)
     parser.add_argument("--steps", type=int, default=2120, help="training steps of every student")
     parser.add_argument("--stage-steps", type=int, default=60, help="steps per PKT layer stage")
-    parser.add_argument("--qat-steps", type=int, default=300, help="QAT fine-tuning steps of the int8 row")
+    parser.add_argument("--qat-steps", type=int, default=QAT_STEPS, help="QAT fine-tuning steps of the int8 row")
     parser.add_argument("--test-sentences", type=int, default=None, help="score on the first N test sentences (smoke runs)")
     parser.add_argument("--sentences", type=int, default=300, help="sentences per speed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--rows", nargs="+", choices=ROWS + EMBEDDING_ROWS, default=list(ROWS),
-                        help="students to train and compare with the teacher (pkt_qat brings pkt)")
+                        help="students to train and compare with the teacher (pkt_qat brings pkt, pkt_embed_qat pkt_embed)")
     args = parser.parse_args()
     if args.steps <= LAYERS * args.stage_steps:
         sys.exit(f"--steps {args.steps} leaves no distillation stage after {LAYERS} x --stage-steps {args.stage_steps}")
@@ -158,7 +161,8 @@ def main() -> None:
     models = {name: load_exported(file) for name, (file, _) in results.items()}
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)
     teacher_name = rows[0][0]
-    student_name = "PKT" if "PKT" in results else rows[-1][0]  # the profile's student
+    student_name = next((name for name in ("PKT", "PKT, teacher's embeddings") if name in results),
+                        rows[-1][0])  # the profile's student
     slug = "".join(c if c.isalnum() else "_" for c in student_name).strip("_")
     profile = cached(args.out / f"profile_{slug}.json", lambda: decoding_profile(  # one cache per profiled student
         {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
@@ -189,7 +193,9 @@ def main() -> None:
         f"Speed: beam 4, {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
         f"{torch.get_num_threads()} threads on {cpu_description()}.",
         f"Reproduce: python recipes/benchmarks/mobile_transfer.py --out {args.out} --steps {args.steps} "
-        f"--stage-steps {args.stage_steps}" + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
+        f"--stage-steps {args.stage_steps}" + ("" if args.qat_steps == QAT_STEPS else f" --qat-steps {args.qat_steps}")
+        + ("" if args.test_sentences is None else f" --test-sentences {args.test_sentences}")
+        + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "mobile_transfer_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
