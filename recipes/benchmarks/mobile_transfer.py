@@ -51,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import (cached, cpu_description, export_and_score, prepared_test_split,  # noqa: E402
+from side_by_side import (cached, cpu_description, export_and_score, file_slug, prepared_test_split,  # noqa: E402
                           run_fit, translation_speed_rounds, write_table)  # recipes/benchmarks/side_by_side.py
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
@@ -84,16 +84,17 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     def student(name: str, add_ons: list[str], options: tuple[str, ...] = ()) -> Path:
         return run_fit(args.out, name, [TINY, BOTTLENECK], add_ons, [*data, *options], TRAINED, args.steps)
 
+    wanted = set(args.rows) | {row.removesuffix("_qat") for row in args.rows}  # a QAT row brings its student
     rows = [("teacher (6+6, width 256)", teacher, "fp32")]
-    if "scratch" in args.rows:
+    if "scratch" in wanted:
         rows.append(("bottleneck student from scratch", student("scratch", []), "fp32"))
     for key, mode, name in (("jkt", "joint", "JKT"), ("akt", "auxiliary", "AKT"), ("pkt", "progressive", "PKT")):
-        if key in args.rows or (key == "pkt" and "pkt_qat" in args.rows):
+        if key in wanted:
             rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)]), "fp32"))
     from_teacher = (f"--model.init_from={teacher}", "--model.init_layers=none")
     for key, mode, name in (("jkt_embed", "joint", "JKT, teacher's embeddings"),
                             ("pkt_embed", "progressive", "PKT, teacher's embeddings")):
-        if key in args.rows or (key == "pkt_embed" and "pkt_embed_qat" in args.rows):
+        if key in wanted:
             rows.append((name, student(key, [transfer_yaml(teacher, mode, args.stage_steps)], from_teacher), "fp32"))
     for key, base in (("pkt_qat", "PKT"), ("pkt_embed_qat", "PKT, teacher's embeddings")):
         if key in args.rows:  # the PKT student, fine-tuned with QAT and exported to int8
@@ -163,8 +164,7 @@ def main() -> None:
     teacher_name = rows[0][0]
     student_name = next((name for name in ("PKT", "PKT, teacher's embeddings") if name in results),
                         rows[-1][0])  # the profile's student
-    slug = "".join(c if c.isalnum() else "_" for c in student_name).strip("_")
-    profile = cached(args.out / f"profile_{slug}.json", lambda: decoding_profile(  # one cache per profiled student
+    profile = cached(args.out / f"profile_{file_slug(student_name)}.json", lambda: decoding_profile(  # one per student
         {teacher_name: models[teacher_name], student_name: models[student_name]}, sources[: min(100, args.sentences)]))
 
     speed = {name: statistics.median(r[name] for r in rounds) for name in results}

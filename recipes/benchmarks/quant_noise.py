@@ -261,12 +261,11 @@ def plot(results: list, path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
     markers = {"post-processing": "o", "QAT": "s", "QAT (iPQ fine-tuning)": "s", "Quant-Noise": "*",
-               "Quant-Noise + distillation": "P",
-               "fp32 fine-tuning (control)": "D"}
+               "Quant-Noise + distillation": "P"}
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, training, _, result in results:
-        axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=markers.get(training, "D" if training.startswith("fp32") else "o"), s=70,
-                     label=f"{method}, {training}")
+        marker = "D" if training.startswith("fp32") else markers.get(training, "o")  # the uncompressed rows: diamonds
+        axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=marker, s=70, label=f"{method}, {training}")
     axes.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
     axes.xaxis.set_major_formatter(plain)

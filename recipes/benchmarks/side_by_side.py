@@ -135,6 +135,11 @@ def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overr
     return checkpoint
 
 
+def file_slug(name: str) -> str:
+    """``name`` as a file name: every character but letters and digits made ``_``."""
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
 def export_and_score(out: Path, row: tuple[str, Path, Optional[str]], sources: list[str],
                      references: list[str]) -> tuple[Path, dict]:
     """Export the row's checkpoint (``export --quantize``, None: what it trained) to
@@ -147,7 +152,7 @@ def export_and_score(out: Path, row: tuple[str, Path, Optional[str]], sources: l
     from nmt_lightning.translate import translate_lines
 
     name, checkpoint, quantize = row
-    slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+    slug = file_slug(name)
     model_file = out / "exports" / f"{slug}.safetensors"
     if not model_file.is_file():
         model_file.parent.mkdir(parents=True, exist_ok=True)
