@@ -189,7 +189,7 @@ def main() -> None:
         "",
         f"Test split: {len(references)} sentences of {args.data_dir}. Students: tiny-bottleneck, {args.steps} steps "
         f"each; transfer stages of {args.stage_steps} steps per layer"
-        + (f"; the int8 row adds {args.qat_steps} QAT steps. " if "pkt_qat" in args.rows else ". ") +
+        + (f"; the int8 row adds {args.qat_steps} QAT steps. " if any(r.endswith("_qat") for r in args.rows) else ". ") +
         f"Speed: beam 4, {args.rounds} rounds over the first {args.sentences} test sentences, models taking turns, "
         f"{torch.get_num_threads()} threads on {cpu_description()}.",
         f"Reproduce: python recipes/benchmarks/mobile_transfer.py --out {args.out} --steps {args.steps} "

@@ -95,8 +95,10 @@ def qat(bits: int) -> str:
 def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str], steps: int) -> Path:
     """``nmt-lightning fit`` of the tiny recipe + finetune.yaml + ``add_ons`` (YAML texts) from ``start``,
     in OUT/runs/<name>: a finished run is reused, an interrupted one resumes from its last checkpoint."""
-    return run_fit(args.out, name, [TINY, FINETUNE], add_ons,
-                   [f"--data.data_dir={args.data_dir}", f"--model.init_from={start}"], FINETUNED, steps)
+    overrides = [f"--data.data_dir={args.data_dir}", f"--model.init_from={start}"]
+    if args.val_bleu_sentences is not None:  # validation's beam search is a third of a 1-thread epoch
+        overrides.append(f"--model.val_bleu_sentences={args.val_bleu_sentences}")
+    return run_fit(args.out, name, [TINY, FINETUNE], add_ons, overrides, FINETUNED, steps)
 
 
 def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[str]]]:
@@ -153,6 +155,9 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=0.1, help="Quant-Noise's fraction of noised blocks")
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--val-bleu-sentences", type=int, default=None,
+                        help="validation BLEU on this many sentences while fine-tuning (default: the recipe's 300); "
+                             "it only informs the log, rows export their last checkpoint")
     parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to train and score besides the uncompressed control (default: all)")
@@ -219,6 +224,7 @@ def main() -> None:
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
         f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
         + ("" if args.ipq_steps == 2 * args.steps else f" --ipq-steps {args.ipq_steps}")
+        + ("" if args.val_bleu_sentences is None else f" --val-bleu-sentences {args.val_bleu_sentences}")
         + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "quant_noise_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
