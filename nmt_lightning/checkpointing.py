@@ -10,6 +10,12 @@ Lightning also writes ``last.ckpt`` at an epoch end or a validation only when it
 checkpoint there, so with ``save_top_k: 0`` (the recipes that keep only the last model) it
 wrote none before the end of training and an interrupted run started again from step 0. Here
 every save trigger writes it, once per step.
+
+Lightning also keeps a ``last.ckpt`` it did not write itself (a rerun in the same directory, or
+a run directory copied elsewhere and resumed there) and writes ``last-v1.ckpt`` beside it, so
+whatever reads ``last.ckpt`` (the recipes, the benchmarks, ``export``) got the old model: a
+copied 4,280-step student resumed to 6,400 steps left its 6,400-step model in ``last-v1.ckpt``.
+Here ``last.ckpt`` is always replaced.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         if not self.save_last or self._last_written_at == trainer.global_step:
             return  # written at this step already (Lightning calls it after the top-k save too)
+        # Lightning's version counter stops at the file it last wrote: name last.ckpt as that file
+        # so an old one is overwritten instead of kept beside a last-v1.ckpt.
+        self.last_model_path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         super()._save_last_checkpoint(trainer, monitor_candidates)
         self._last_written_at = trainer.global_step
 
