@@ -15,7 +15,8 @@ Lightning also keeps a ``last.ckpt`` it did not write itself (a rerun in the sam
 a run directory copied elsewhere and resumed there) and writes ``last-v1.ckpt`` beside it, so
 whatever reads ``last.ckpt`` (the recipes, the benchmarks, ``export``) got the old model: a
 copied 4,280-step student resumed to 6,400 steps left its 6,400-step model in ``last-v1.ckpt``.
-Here ``last.ckpt`` is always replaced.
+Here ``last.ckpt`` is always replaced (so two of these callbacks with ``save_last`` need two
+directories).
 """
 
 from __future__ import annotations
