@@ -2,8 +2,8 @@
 
 The real commands take half an hour; here ``nmt-lightning`` and ``python`` are stand-ins on
 PATH that act as the real ones do on the files that matter: ``fit`` writes last.ckpt, or
-last-v1.ckpt when last.ckpt exists (Lightning's version counter), and ``translate`` records
-which checkpoint it was given.
+last-v1.ckpt when last.ckpt exists (Lightning's own ModelCheckpoint; the recipes' replaces
+it), and ``translate`` records which checkpoint it was given.
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ RUN=runs/libreoffice_en_cs_tiny
 INT8=runs/int8_benchmark
 
 # A second run trains a new model: the first run's checkpoints and benchmark files move to
-# runs/previous/<time>/ (else Lightning would write last-v1.ckpt beside the old last.ckpt,
-# and the cached fine-tuned models would belong to the old model).
+# runs/previous/<time>/ (else the old run's best-BLEU checkpoints would sit beside the new
+# ones, and the cached fine-tuned models would belong to the old model).
 if [ -e "$RUN" ] || [ -e "$INT8" ]; then
     PREVIOUS="runs/previous/$(date +%Y%m%d-%H%M%S)"
     mkdir -p "$PREVIOUS"
