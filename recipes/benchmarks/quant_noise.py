@@ -169,10 +169,10 @@ def main() -> None:
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
     if args.ipq_steps is None:
         args.ipq_steps = 2 * args.steps
-    if args.val_bleu_sentences is not None and args.val_bleu_sentences < 1:
-        sys.exit(f"--val-bleu-sentences: {args.val_bleu_sentences}; give at least 1 (or leave it out for the recipe's 300)")
     if args.ipq_steps < 3:
         sys.exit(f"--ipq-steps: {args.ipq_steps} leaves an iPQ stage without a step; give at least 3")
+    if args.val_bleu_sentences is not None and args.val_bleu_sentences < 1:
+        sys.exit(f"--val-bleu-sentences: {args.val_bleu_sentences}; give at least 1 (or leave it out for the recipe's 300)")
     args.out.mkdir(parents=True, exist_ok=True)
 
     from nmt_lightning.evaluation import read_lines, score
