@@ -24,6 +24,8 @@ ratio against the fp32 export (the files, and the weights alone as fairseq count
 and chrF2 (beam 4, the whole test split), CPU sentences/s (``--rounds`` rounds over the first ``--sentences`` test sentences, models taking
 turns). Then the training throughput of Quant-Noise against plain training, side by side.
 
+``--ipq-lr`` sets the iPQ stages' peak learning rate (each stage restarts the schedule and warms
+up to it again; default finetune.yaml's 0.001); those runs and rows are named after it.
 ``--rows`` trains and scores only some rows (with the control); use a new OUT for another
 ``--steps``, since finished runs are reused by name.
 
@@ -92,10 +94,14 @@ def qat(bits: int) -> str:
                          include=["model.*"], quantize_embeddings=True)
 
 
-def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str], steps: int) -> Path:
+def finetune(args: argparse.Namespace, name: str, start: Path, add_ons: list[str], steps: int,
+             lr: Optional[float] = None) -> Path:
     """``nmt-lightning fit`` of the tiny recipe + finetune.yaml + ``add_ons`` (YAML texts) from ``start``,
-    in OUT/runs/<name>: a finished run is reused, an interrupted one resumes from its last checkpoint."""
+    in OUT/runs/<name>: a finished run is reused, an interrupted one resumes from its last checkpoint.
+    ``lr``: the peak learning rate instead of finetune.yaml's (the run's name says so)."""
     overrides = [f"--data.data_dir={args.data_dir}", f"--model.init_from={start}"]
+    if lr is not None:
+        overrides.append(f"--model.lr={lr}")
     if args.val_bleu_sentences is not None:  # validation's beam search is a third of a 1-thread epoch
         overrides.append(f"--model.val_bleu_sentences={args.val_bleu_sentences}")
     return run_fit(args.out, name, [TINY, FINETUNE], add_ons, overrides, FINETUNED, steps)
@@ -106,6 +112,12 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
     of ``args.rows``, training what is missing."""
     steps, start, ipq_steps = args.steps, args.fp32_checkpoint, args.ipq_steps
     control = finetune(args, "control", start, [], steps)
+    # --ipq-lr: the iPQ stages' peak learning rate; their runs and rows are named after it
+    lr, lr_name, lr_label = args.ipq_lr, f"_lr{args.ipq_lr:g}" if args.ipq_lr else "", \
+        f", peak lr {args.ipq_lr:g}" if args.ipq_lr else ""
+
+    def ipq_finetune(name: str, begin: Path, add_ons: list[str]) -> Path:
+        return finetune(args, name + lr_name, begin, add_ons, ipq_steps, lr)
 
     @functools.cache
     def qn_pq() -> Path:  # the Quant-Noise pq model the Quant-Noise iPQ rows start from (looked up once)
@@ -123,18 +135,17 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
         "int4_quant_noise": ("int4", "Quant-Noise", lambda: finetune(
             args, "quant_noise_int4", start, [quant_noise(args, "int4")], steps), None),
         "ipq_post": ("iPQ", "post-processing", lambda: control, "ipq"),
-        "ipq_qat": ("iPQ", "QAT (iPQ fine-tuning)", lambda: finetune(args, "ipq", control, [ipq(args, 16)], ipq_steps),
+        "ipq_qat": ("iPQ", f"QAT (iPQ fine-tuning){lr_label}", lambda: ipq_finetune("ipq", control, [ipq(args, 16)]),
                     None),
-        "ipq_quant_noise": ("iPQ", "Quant-Noise", lambda: finetune(
-            args, "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")], ipq_steps), None),
-        "ipq_int8_quant_noise": ("iPQ & int8", "Quant-Noise", lambda: finetune(
-            args, "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")], ipq_steps), "int8"),
-        "ipq_int8_quant_noise_moved": ("iPQ & int8", "Quant-Noise, bits moved", lambda: finetune(
-            args, "quant_noise_ipq_int8_moved", qn_pq(), [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])],
-            ipq_steps), "int8"),
-        "ipq_quant_noise_kd": ("iPQ", "Quant-Noise + distillation", lambda: finetune(
-            args, "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)],
-            ipq_steps), None),
+        "ipq_quant_noise": ("iPQ", f"Quant-Noise{lr_label}", lambda: ipq_finetune(
+            "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")]), None),
+        "ipq_int8_quant_noise": ("iPQ & int8", f"Quant-Noise{lr_label}", lambda: ipq_finetune(
+            "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")]), "int8"),
+        "ipq_int8_quant_noise_moved": ("iPQ & int8", f"Quant-Noise, bits moved{lr_label}", lambda: ipq_finetune(
+            "quant_noise_ipq_int8_moved", qn_pq(),
+            [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])]), "int8"),
+        "ipq_quant_noise_kd": ("iPQ", f"Quant-Noise + distillation{lr_label}", lambda: ipq_finetune(
+            "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)]), None),
     }
     assert tuple(rows) == ROWS, "ROWS names the rows of build_rows, in order"
     selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
@@ -152,6 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps of a row (iPQ rows: these, then --ipq-steps)")
     parser.add_argument("--ipq-steps", type=int, default=None,
                         help="iPQ fine-tuning steps, a third per stage (default: 2 x --steps)")
+    parser.add_argument("--ipq-lr", type=float, default=None,
+                        help="peak learning rate of the iPQ stages (default: finetune.yaml's 0.001, each stage "
+                             "warming up to it again); the iPQ runs and rows are named after it")
     parser.add_argument("--p", type=float, default=0.1, help="Quant-Noise's fraction of noised blocks")
     parser.add_argument("--sentences", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
@@ -171,6 +185,8 @@ def main() -> None:
         args.ipq_steps = 2 * args.steps
     if args.ipq_steps < 3:
         sys.exit(f"--ipq-steps: {args.ipq_steps} leaves an iPQ stage without a step; give at least 3")
+    if args.ipq_lr is not None and not args.ipq_lr > 0:
+        sys.exit(f"--ipq-lr: {args.ipq_lr}; give a learning rate above 0")
     if args.val_bleu_sentences is not None and args.val_bleu_sentences < 1:
         sys.exit(f"--val-bleu-sentences: {args.val_bleu_sentences}; give at least 1 (or leave it out for the recipe's 300)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -226,6 +242,7 @@ def main() -> None:
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
         f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
         + ("" if args.ipq_steps == 2 * args.steps else f" --ipq-steps {args.ipq_steps}")
+        + ("" if args.ipq_lr is None else f" --ipq-lr {args.ipq_lr:g}")
         + ("" if args.val_bleu_sentences is None else f" --val-bleu-sentences {args.val_bleu_sentences}")
         + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
@@ -268,11 +285,11 @@ def plot(results: list, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return
-    markers = {"post-processing": "o", "QAT": "s", "QAT (iPQ fine-tuning)": "s", "Quant-Noise": "*",
-               "Quant-Noise + distillation": "P"}
+    markers = (("fp32", "D"), ("post-processing", "o"), ("QAT", "s"), ("Quant-Noise + distillation", "P"),
+               ("Quant-Noise", "*"))  # by how the training column starts, first match
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, training, _, result in results:
-        marker = "D" if training.startswith("fp32") else markers.get(training, "o")  # the uncompressed rows: diamonds
+        marker = next((m for start, m in markers if training.startswith(start)), "o")
         axes.scatter(result["bytes"] / 1e6, result["bleu"], marker=marker, s=70, label=f"{method}, {training}")
     axes.set_xscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
