@@ -112,9 +112,9 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
     of ``args.rows``, training what is missing."""
     steps, start, ipq_steps = args.steps, args.fp32_checkpoint, args.ipq_steps
     control = finetune(args, "control", start, [], steps)
-    # --ipq-lr: the iPQ stages' peak learning rate; their runs and rows are named after it
-    lr, lr_name, lr_label = args.ipq_lr, f"_lr{args.ipq_lr:g}" if args.ipq_lr else "", \
-        f", peak lr {args.ipq_lr:g}" if args.ipq_lr else ""
+    lr = args.ipq_lr  # the iPQ stages' peak learning rate (None: finetune.yaml's); it names their runs and rows
+    lr_name = f"_lr{lr:g}" if lr else ""  # run directory suffix
+    lr_label = f", peak lr {lr:g}" if lr else ""  # training column
 
     def ipq_finetune(name: str, begin: Path, add_ons: list[str]) -> Path:
         return finetune(args, name + lr_name, begin, add_ons, ipq_steps, lr)
