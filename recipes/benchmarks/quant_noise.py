@@ -18,6 +18,7 @@ training is not credited to a method:
 | iPQ & int8, Quant-Noise | the same with int8 codebooks | ipq, int8 codebooks, biases and norms in 8 bits |
 | iPQ & int8, Quant-Noise, bits moved | the same, stages embeddings first, the embedding with 4096 codewords (12-bit codes), feed-forward blocks of 16 (noise too): about the same bytes | the same |
 | iPQ, Quant-Noise + distillation | as iPQ, Quant-Noise, with word-level KD from the control during iPQ (the paper's recipe) | ipq |
+| iPQ & int8, Quant-Noise + distillation, bits moved | the "bits moved" row with that distillation | as "bits moved" |
 
 (every iPQ row thus trains ``--steps`` + ``--ipq-steps``, by default 2 ``--steps``). Columns: bytes on disk, compression
 ratio against the fp32 export (the files, and the weights alone as fairseq counts them), BLEU
@@ -62,7 +63,7 @@ BLOCK_SIZES = {"*attn.*": 4}  # fairseq's: 8 columns, 4 in attention
 MOVED = {"stages": EMBEDDINGS_FIRST, "block_sizes": {"*attn.*": 4, "*.ffn.*": 16}, "centroid_counts": {"*embed*": 4096}}
 ROWS = ("fp32_ipq_budget", "int8_post", "int8_qat", "int8_quant_noise", "int4_post", "int4_qat", "int4_quant_noise",
         "ipq_post", "ipq_qat", "ipq_quant_noise", "ipq_int8_quant_noise", "ipq_int8_quant_noise_moved",
-        "ipq_quant_noise_kd")  # --rows names, in the table's order
+        "ipq_quant_noise_kd", "ipq_int8_quant_noise_moved_kd")  # --rows names, in the table's order
 
 
 def callback_yaml(class_path: str, **init_args) -> str:
@@ -146,6 +147,10 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
             [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])]), "int8"),
         "ipq_quant_noise_kd": ("iPQ", f"Quant-Noise + distillation{lr_label}", lambda: ipq_finetune(
             "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)]), None),
+        "ipq_int8_quant_noise_moved_kd": ("iPQ & int8", f"Quant-Noise + distillation, bits moved{lr_label}",
+                                          lambda: ipq_finetune("quant_noise_ipq_int8_moved_kd", qn_pq(), [
+                                              ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"]),
+                                              distillation(control)]), "int8"),
     }
     assert tuple(rows) == ROWS, "ROWS names the rows of build_rows, in order"
     selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
