@@ -120,6 +120,9 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
     def ipq_finetune(name: str, begin: Path, add_ons: list[str]) -> Path:
         return finetune(args, name + lr_name, begin, add_ons, ipq_steps, lr)
 
+    ipq_noise = [ipq(args, 16), quant_noise(args, "pq")]  # iPQ with Quant-Noise pq on the layers still dense
+    ipq_int8_noise_moved = [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])]  # "bits moved"
+
     @functools.cache
     def qn_pq() -> Path:  # the Quant-Noise pq model the Quant-Noise iPQ rows start from (looked up once)
         return finetune(args, "quant_noise_pq", start, [quant_noise(args, "pq")], steps)
@@ -139,18 +142,16 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, str, Path, Optional[
         "ipq_qat": ("iPQ", f"QAT (iPQ fine-tuning){lr_label}", lambda: ipq_finetune("ipq", control, [ipq(args, 16)]),
                     None),
         "ipq_quant_noise": ("iPQ", f"Quant-Noise{lr_label}", lambda: ipq_finetune(
-            "quant_noise_ipq", qn_pq(), [ipq(args, 16), quant_noise(args, "pq")]), None),
+            "quant_noise_ipq", qn_pq(), ipq_noise), None),
         "ipq_int8_quant_noise": ("iPQ & int8", f"Quant-Noise{lr_label}", lambda: ipq_finetune(
             "quant_noise_ipq_int8", qn_pq(), [ipq(args, 8), quant_noise(args, "pq")]), "int8"),
         "ipq_int8_quant_noise_moved": ("iPQ & int8", f"Quant-Noise, bits moved{lr_label}", lambda: ipq_finetune(
-            "quant_noise_ipq_int8_moved", qn_pq(),
-            [ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"])]), "int8"),
+            "quant_noise_ipq_int8_moved", qn_pq(), ipq_int8_noise_moved), "int8"),
         "ipq_quant_noise_kd": ("iPQ", f"Quant-Noise + distillation{lr_label}", lambda: ipq_finetune(
-            "quant_noise_ipq_kd", qn_pq(), [ipq(args, 16), quant_noise(args, "pq"), distillation(control)]), None),
+            "quant_noise_ipq_kd", qn_pq(), ipq_noise + [distillation(control)]), None),
         "ipq_int8_quant_noise_moved_kd": ("iPQ & int8", f"Quant-Noise + distillation, bits moved{lr_label}",
-                                          lambda: ipq_finetune("quant_noise_ipq_int8_moved_kd", qn_pq(), [
-                                              ipq(args, 8, **MOVED), quant_noise(args, "pq", MOVED["block_sizes"]),
-                                              distillation(control)]), "int8"),
+                                          lambda: ipq_finetune("quant_noise_ipq_int8_moved_kd", qn_pq(),
+                                                               ipq_int8_noise_moved + [distillation(control)]), "int8"),
     }
     assert tuple(rows) == ROWS, "ROWS names the rows of build_rows, in order"
     selected = [("uncompressed", "fp32 fine-tuning (control)", control, "fp32")]
