@@ -108,13 +108,33 @@ def translation_speed_rounds(path: Path, models: dict[str, Any], lines: list[str
     return done
 
 
+def check_run_settings(run_dir: Path, settings: dict[str, Any]) -> None:
+    """Record ``settings`` in ``run_dir``/run.json, or exit with the differences from the ones
+    recorded there (a run directory cached before run.json existed adopts the current ones)."""
+    record = run_dir / "run.json"
+    if record.is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        changed = [key for key in sorted(set(saved) | set(settings)) if saved.get(key) != settings.get(key)]
+        if changed:
+            details = "; ".join(f"{key}: {saved.get(key)!r} then, {settings.get(key)!r} now" for key in changed)
+            sys.exit(f"{run_dir}: this cached run trained with other settings ({details}). Give another --out, "
+                     f"or delete the directory to train it again.")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
+
+
 def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
             result: Path, steps: int) -> Path:
     """``nmt-lightning fit`` of ``steps`` steps in ``out``/runs/<name> (recipe paths are relative, so
     each run has its own directory). Cached: a finished run is reused, an interrupted one resumes
-    from its last checkpoint (written at every epoch end)."""
+    from its last checkpoint (written at every epoch end). The run's settings are kept in
+    ``run.json`` beside it: a cached run trained with other settings (another ``--steps``, add-on
+    or option under the same ``--out``) is an error, not a silent reuse or a mixed resume."""
     run_dir = out / "runs" / name
     checkpoint = run_dir / result
+    check_run_settings(run_dir, {"configs": [str(c) for c in configs], "add_ons": list(add_ons),
+                                 "overrides": list(overrides), "steps": steps})
     done = checkpoint_step(checkpoint)
     if done >= steps:
         return checkpoint
