@@ -123,3 +123,19 @@ def run_script(name: str, *arguments: object, timeout: int = 300) -> None:
     result = subprocess.run([sys.executable, str(SCRIPTS / name), *map(str, arguments)], env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
+
+
+def import_benchmark(name: str):
+    """The module ``recipes/benchmarks/<name>.py`` (the benchmarks import each other by file name,
+    so their folder is on the path while it loads)."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)

@@ -1,21 +1,15 @@
 """The benchmarks' run cache (recipes/benchmarks/side_by_side.py) refuses a run trained with other settings."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
+from tests.conftest import import_benchmark
 
 
 def check_run_settings():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from side_by_side import check_run_settings
-    finally:
-        sys.path.pop(0)
-    return check_run_settings
+    return import_benchmark("side_by_side").check_run_settings
 
 
 def test_run_settings_recorded_then_matched(tmp_path: Path) -> None:

@@ -1,4 +1,3 @@
-import sys
 import time
 from pathlib import Path
 
@@ -7,16 +6,11 @@ from torch import nn
 
 from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
 
-BENCHMARKS = Path(__file__).parents[1] / "recipes" / "benchmarks"
+from tests.conftest import import_benchmark as import_any_benchmark
 
 
 def import_benchmark():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import int8_quantization
-    finally:
-        sys.path.pop(0)
-    return int8_quantization
+    return import_any_benchmark("int8_quantization")
 
 
 def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
