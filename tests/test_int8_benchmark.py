@@ -6,15 +6,11 @@ from torch import nn
 
 from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
 
-from tests.conftest import import_benchmark as import_any_benchmark
-
-
-def import_benchmark():
-    return import_any_benchmark("int8_quantization")
+from tests.conftest import import_benchmark
 
 
 def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
-    time_in_linear_layers = import_benchmark().time_in_linear_layers
+    time_in_linear_layers = import_benchmark("int8_quantization").time_in_linear_layers
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     model[2] = Int8Linear(Int8Weight(*quantize_weight(model[2].weight.detach(), bits=8, per_channel=False)), model[2].bias)
 
@@ -29,7 +25,7 @@ def test_time_in_linear_layers_counts_fp32_and_int8_linears_only() -> None:
 
 
 def test_breakdown_says_how_small_the_rest_must_be_for_the_target() -> None:
-    benchmark = import_benchmark()
+    benchmark = import_benchmark("int8_quantization")
     rows = [benchmark.Row("fp32", Path("fp32")), benchmark.Row(benchmark.PTQ_ROW, Path("int8"))]
     timings = {"fp32": [(5.0, {"attention": 1.0, "output projection": 2.0}), (6.0, {"attention": 1.0, "output projection": 2.0})],
                benchmark.PTQ_ROW: [(3.5, {"attention": 0.5, "output projection": 1.0})]}
@@ -43,7 +39,7 @@ def test_breakdown_says_how_small_the_rest_must_be_for_the_target() -> None:
 
 
 def test_speed_ratio_pairs_each_round_with_the_baselines_same_round() -> None:
-    benchmark = import_benchmark()
+    benchmark = import_benchmark("int8_quantization")
     fp32, int8 = benchmark.Row("fp32", Path("fp32")), benchmark.Row("int8", Path("int8"))
     # The host slows down after round 2: both models feel it in the same rounds.
     fp32.speeds, int8.speeds = [80.0, 80.0, 60.0, 60.0, 60.0], [160.0, 160.0, 120.0, 120.0, 120.0]

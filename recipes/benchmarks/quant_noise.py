@@ -247,12 +247,14 @@ def main() -> None:
         "Training throughput (target tokens/s, Lightning, the same batches, taking turns; median of rounds): "
         + ", ".join(f"{name} {value:.0f} ({value / throughput['plain'] - 1:+.1%})" for name, value in throughput.items()),
         f"Reproduce: python recipes/benchmarks/quant_noise.py --out {args.out} --steps {args.steps} --p {args.p}"
-        + ("" if args.fp32_checkpoint == FP32.resolve() else f" --fp32-checkpoint {args.fp32_checkpoint}")
-        + ("" if args.data_dir == (ROOT / "data/libreoffice_en_cs").resolve() else f" --data-dir {args.data_dir}")
+        + ("" if args.fp32_checkpoint == parser.get_default("fp32_checkpoint").resolve()
+           else f" --fp32-checkpoint {args.fp32_checkpoint}")
+        + ("" if args.data_dir == parser.get_default("data_dir").resolve() else f" --data-dir {args.data_dir}")
         + ("" if args.ipq_steps == 2 * args.steps else f" --ipq-steps {args.ipq_steps}")
         + ("" if args.ipq_lr is None else f" --ipq-lr {args.ipq_lr:g}")
         + ("" if args.val_bleu_sentences is None else f" --val-bleu-sentences {args.val_bleu_sentences}")
-        + ("" if args.throughput_steps == 30 else f" --throughput-steps {args.throughput_steps}")
+        + ("" if args.throughput_steps == parser.get_default("throughput_steps")
+           else f" --throughput-steps {args.throughput_steps}")
         + ("" if set(args.rows) == set(ROWS) else f" --rows {' '.join(args.rows)}"),
     ]
     (args.out / "quant_noise_table.md").write_text("\n".join(text) + "\n", encoding="utf-8")
