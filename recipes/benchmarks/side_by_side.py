@@ -138,7 +138,6 @@ def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overr
     done = checkpoint_step(checkpoint)
     if done >= steps:
         return checkpoint
-    run_dir.mkdir(parents=True, exist_ok=True)
     options = [option for config in configs for option in ("--config", str(config))]
     for index, text in enumerate(add_ons):
         path = run_dir / f"add_on{index}.yaml"
