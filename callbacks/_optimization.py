@@ -27,6 +27,7 @@ reach some parameters at all (layer-wise transfer of a lower layer) needs
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any, Iterable, Sequence
 
 import lightning as L
@@ -37,13 +38,28 @@ from callbacks._transforms import plain_name
 __all__ = ["restart_optimization", "matching_parameters", "ParameterFreezer"]
 
 
-def restart_optimization(trainer: L.Trainer) -> None:
+def restart_optimization(trainer: L.Trainer, schedule_step: int = 0) -> None:
     """Replace the optimisers and learning-rate schedulers by fresh ones from the LightningModule's
-    ``configure_optimizers`` (new state, schedule from step 0), through the trainer's strategy."""
+    ``configure_optimizers`` (new state), through the trainer's strategy. The schedules start at
+    ``schedule_step``: 0 is their start (the warm-up again); k continues them from step k, as a
+    late-rewound lottery ticket does (Frankle et al. 2020 rewind the weights *and* the schedule
+    to step k). Each new step-interval scheduler is stepped ``schedule_step`` times, which is
+    exact for any scheduler, chained ones included; epoch-interval schedulers start afresh."""
+    if isinstance(schedule_step, bool) or not isinstance(schedule_step, int) or schedule_step < 0:
+        raise ValueError(f"restart_optimization: schedule_step must be an integer >= 0, got {schedule_step!r}")
     strategy = trainer.strategy
     for optimizer in strategy.optimizers:
         optimizer.zero_grad(set_to_none=True)
     strategy.setup_optimizers(trainer)
+    if schedule_step == 0:
+        return
+    with warnings.catch_warnings():
+        # torch warns that the scheduler steps before its optimiser: here that is the point.
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)", category=UserWarning)
+        for config in trainer.lr_scheduler_configs:
+            if config.interval == "step":
+                for _ in range(schedule_step):
+                    config.scheduler.step()
 
 
 def matching_parameters(module: nn.Module, patterns: Sequence[str]) -> list[str]:

@@ -8,8 +8,15 @@ for Transformer translation). Each round of this callback:
 
     train ``round_steps`` steps (or ``round_epochs`` epochs)  ->  prune a fraction of the
     surviving weights (smallest |w|, over all selected layers or per layer)  ->  reset every
-    parameter to its step-k value (pruned entries stay 0)  ->  restart the optimiser and the
-    learning-rate schedule
+    parameter to its step-k value (pruned entries stay 0)  ->  a fresh optimiser, and the
+    learning-rate schedule rewound to step k as well
+
+Rewinding the schedule with the weights is Frankle et al.'s (2020) definition: the ticket
+retrains from W_k *with the learning rate of step k onwards*, so with a warm-up longer than k
+it finishes the warm-up instead of starting it again (``schedule="restart"`` starts each
+round's schedule at step 0 instead; the two differ only by k steps of the schedule, see
+docs/methods.md for the measured difference). Adam's moments start afresh each round, as in
+Frankle et al.'s code (their optimiser state is not part of the rewind point).
 
 ``rounds`` prunings reach ``sparsity`` geometrically (the kept fraction after round r is
 ``(1 - sparsity) ** (r / rounds)``; ``rounds=1`` is one-shot pruning), then a last round trains
@@ -41,6 +48,7 @@ __all__ = ["LotteryTicketPruning"]
 
 OWNER = "LotteryTicketPruning"
 SCOPES = ("global", "layer")
+SCHEDULES = ("continue", "restart")
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
@@ -59,6 +67,8 @@ class LotteryTicketPruning(L.Callback):
             follows from ``sparsity`` (the last round prunes exactly to it).
         round_steps / round_epochs: the training length of a round (exactly one of them).
         rewind_step: k, the step whose weights survivors are reset to (0: the initialisation).
+        schedule: "continue" (each round's learning-rate schedule resumes at step k, with the
+            weights: Frankle et al. 2020) or "restart" (each round's schedule starts at step 0).
         scope: "global" (one magnitude threshold over all selected weights) or "layer".
         include / exclude: globs over qualified module names (default: every nn.Linear).
         prune_embeddings: also prune nn.Embedding tables (with a tied output projection, both;
@@ -77,6 +87,7 @@ class LotteryTicketPruning(L.Callback):
         round_steps: Optional[int] = None,
         round_epochs: Optional[int] = None,
         rewind_step: int = 0,
+        schedule: str = "continue",
         scope: str = "global",
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
@@ -108,6 +119,9 @@ class LotteryTicketPruning(L.Callback):
                              f"(round_steps={round_steps})")
         if scope not in SCOPES:
             raise ValueError(f"{OWNER}: scope must be one of {SCOPES}, got {scope!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"{OWNER}: schedule must be one of {SCHEDULES}, got {schedule!r}")
+        self.schedule = schedule
         check_globs(OWNER, include, exclude)
         if self.rounds == 0 and masks_from is None:
             raise ValueError(f"{OWNER}: rounds=0 prunes nothing; give rounds >= 1, or masks_from to train given masks")
@@ -219,7 +233,7 @@ class LotteryTicketPruning(L.Callback):
         else:
             self.weights.zero_pruned()
         self.current_sparsity = self.weights.sparsity()
-        restart_optimization(trainer)
+        restart_optimization(trainer, schedule_step=self.rewind_step if self.schedule == "continue" else 0)
         self._log_layers(trainer)
 
     @torch.no_grad()

@@ -13,7 +13,11 @@ mask (rows, columns / block_size). Schemes:
   the whole tensor (or of their row, ``per_channel``): the QAT callback's ``fake_quantize``,
   with its straight-through gradient. p = 1 with int8 is exactly QAT's weight quantization.
 - ``pq``: the paper's proxy for product quantization: the selected blocks are dropped (zero)
-  and the others scaled by 1 / (1 - p), as dropout (so p < 1).
+  and the others scaled by 1 / (1 - p), as dropout (so p < 1). The gradient, as in the paper
+  and fairseq, is the straight-through estimator: every block, dropped or kept, receives the
+  gradient of the noisy weight unscaled (fairseq gets it by writing the noisy weight into
+  ``.data``). ``pq_gradient="dropout"`` differentiates the dropout instead: dropped blocks get
+  no gradient and kept ones 1 / (1 - p) of theirs (docs/methods.md compares the two).
 
 The noisy weight is a ``WeightTransform`` (``callbacks/_transforms.py``, stage PERTURB: after
 a pruning mask, before fake quantization), computed afresh from the untouched parameter at
@@ -48,6 +52,7 @@ from callbacks.quantization_aware_training import round_to_grid, weight_absmax
 __all__ = ["QuantNoise", "NoisyWeight", "SCHEMES", "int_noise"]
 
 SCHEMES = {"int8": 8, "int4": 4, "pq": None}  # scheme -> bits of its integer grid
+PQ_GRADIENTS = ("straight_through", "dropout")
 
 
 def int_noise(weight: torch.Tensor, mask: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
@@ -73,9 +78,11 @@ class NoisyWeight(WeightTransform):
 
     stage = PERTURB
 
-    def __init__(self, scheme: str, p: float, block_size: int, per_channel: bool, compile: bool = False) -> None:
+    def __init__(self, scheme: str, p: float, block_size: int, per_channel: bool, compile: bool = False,
+                 pq_gradient: str = "straight_through") -> None:
         super().__init__()
         self.scheme, self.p, self.block_size, self.per_channel = scheme, p, block_size, per_channel
+        self.pq_gradient = pq_gradient
         self.compile = compile  # fuse int_noise with torch.compile (same values)
         self.mask: Optional[torch.Tensor] = None  # (rows, columns / block_size) bool; set each step, not saved
 
@@ -85,8 +92,10 @@ class NoisyWeight(WeightTransform):
         if self.scheme == "pq":
             rows, columns = weight.shape
             blocks = weight.reshape(rows, columns // self.block_size, self.block_size)
-            noisy = blocks.masked_fill(self.mask.unsqueeze(-1), 0.0) / (1.0 - self.p)
-            return noisy.reshape(rows, columns)
+            noisy = (blocks.masked_fill(self.mask.unsqueeze(-1), 0.0) / (1.0 - self.p)).reshape(rows, columns)
+            if self.pq_gradient == "dropout":
+                return noisy  # differentiated: 0 for dropped blocks, 1 / (1 - p) for kept ones
+            return weight + (noisy - weight).detach()  # value of the noisy weight, identity gradient
         # The noise is a constant of the step: every block's gradient passes straight through
         # (the straight-through estimator on the noised blocks, exact on the others), so it is
         # computed outside autograd and the backward pass has nothing of it to do.
@@ -96,7 +105,8 @@ class NoisyWeight(WeightTransform):
         return weight + noise
 
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme}, p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}"
+        gradient = f", pq_gradient={self.pq_gradient}" if self.scheme == "pq" else ""
+        return f"scheme={self.scheme}, p={self.p}, block_size={self.block_size}, per_channel={self.per_channel}{gradient}"
 
 
 class QuantNoise(L.Callback):
@@ -115,6 +125,8 @@ class QuantNoise(L.Callback):
         compile: compute the int noise through ``torch.compile`` (the same values in a couple of fused
             kernels per weight instead of about ten: pays on a GPU, where a small model's step is
             bound by kernel launches; the first steps wait for the compilation).
+        pq_gradient: scheme "pq" only: "straight_through" (the paper's and fairseq's: every block gets
+            the noisy weight's gradient) or "dropout" (dropped blocks get none, kept ones 1 / (1 - p)).
     """
 
     def __init__(
@@ -129,6 +141,7 @@ class QuantNoise(L.Callback):
         per_channel: bool = True,
         seed: int = 0,
         compile: bool = False,
+        pq_gradient: str = "straight_through",
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
@@ -143,6 +156,9 @@ class QuantNoise(L.Callback):
         self.include, self.exclude = list(include), list(exclude)
         self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
         self.compile = compile
+        if pq_gradient not in PQ_GRADIENTS:
+            raise ValueError(f"QuantNoise: pq_gradient must be one of {PQ_GRADIENTS}, got {pq_gradient!r}")
+        self.pq_gradient = pq_gradient
         self.generator: Optional[torch.Generator] = None  # made on the weights' device at the first draw
         self._saved_generator: Optional[tuple[str, torch.Tensor]] = None  # (device type, state) from a checkpoint
         self.noised_names: list[str] = []
@@ -156,8 +172,9 @@ class QuantNoise(L.Callback):
         for module, module_names in select_modules(root, "QuantNoise", self.include, self.exclude,
                                                    self.noise_embeddings):
             size = self.sizes.of(module_names[0], trainable_weight(module))
-            transform = add_weight_transform(module, NoisyWeight(self.scheme, self.p, size, self.per_channel))
-            if transform.extra_repr() != NoisyWeight(self.scheme, self.p, size, self.per_channel).extra_repr():
+            wanted = NoisyWeight(self.scheme, self.p, size, self.per_channel, pq_gradient=self.pq_gradient)
+            transform = add_weight_transform(module, wanted)
+            if transform.extra_repr() != wanted.extra_repr():
                 raise ValueError(f"QuantNoise: {module_names[0]} already has Quant-Noise ({transform.extra_repr()})")
             transform.compile = self.compile
             self._noised.append((transform, trainable_weight(module)))
@@ -209,8 +226,11 @@ class QuantNoise(L.Callback):
 
     # ------------------------------------------------------------------ checkpoint
     def _settings(self) -> dict[str, Any]:
-        return {"p": self.p, "scheme": self.scheme, "block_size": self.block_size, "block_sizes": self.block_sizes,
-                "per_channel": self.per_channel}
+        settings = {"p": self.p, "scheme": self.scheme, "block_size": self.block_size, "block_sizes": self.block_sizes,
+                    "per_channel": self.per_channel}
+        if self.scheme == "pq":
+            settings["pq_gradient"] = self.pq_gradient
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         if self.generator is not None:
@@ -221,7 +241,9 @@ class QuantNoise(L.Callback):
                 "generator_device": saved[0] if saved else None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {key: state_dict.get(key) for key in self._settings()}
+        # A pq checkpoint from before pq_gradient existed trained with the dropout gradient.
+        defaults = {"pq_gradient": "dropout"}
+        saved = {key: state_dict.get(key, defaults.get(key)) for key in self._settings()}
         if saved != self._settings():
             raise ValueError(f"QuantNoise: the checkpoint trained with {saved} but this callback has "
                              f"{self._settings()}; resuming would change the noise mid-run (start a new run from "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -125,18 +126,23 @@ def check_run_settings(run_dir: Path, settings: dict[str, Any]) -> None:
 
 
 def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overrides: list[str],
-            result: Path, steps: int) -> Path:
+            result: Path, steps: int, finished: Optional[Path] = None, threads: Optional[int] = None,
+            log: Optional[Path] = None) -> Path:
     """``nmt-lightning fit`` of ``steps`` steps in ``out``/runs/<name> (recipe paths are relative, so
     each run has its own directory). Cached: a finished run is reused, an interrupted one resumes
     from its last checkpoint (written at every epoch end). The run's settings are kept in
     ``run.json`` beside it: a cached run trained with other settings (another ``--steps``, add-on
-    or option under the same ``--out``) is an error, not a silent reuse or a mixed resume."""
+    or option under the same ``--out``) is an error, not a silent reuse or a mixed resume.
+
+    ``finished``: a file (relative to the run's directory) whose presence also ends the run, for
+    runs that stop themselves before ``steps`` (a plateau); ``threads``: the run's CPU threads
+    (OMP_NUM_THREADS), for runs side by side; ``log``: where its output goes (default: inherited)."""
     run_dir = out / "runs" / name
     checkpoint = run_dir / result
     check_run_settings(run_dir, {"configs": [str(c) for c in configs], "add_ons": list(add_ons),
                                  "overrides": list(overrides), "steps": steps})
     done = checkpoint_step(checkpoint)
-    if done >= steps:
+    if done >= steps or (finished is not None and (run_dir / finished).is_file()):
         return checkpoint
     options = [option for config in configs for option in ("--config", str(config))]
     for index, text in enumerate(add_ons):
@@ -150,7 +156,12 @@ def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overr
         resumed.write_bytes(checkpoint.read_bytes())
         command.append(f"--ckpt_path={resumed}")
     print(f"$ (cd {run_dir} && nmt-lightning {' '.join(command[3:])})", file=sys.stderr, flush=True)
-    subprocess.run(command, cwd=run_dir, check=True)
+    environment = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    if log is None:
+        subprocess.run(command, cwd=run_dir, check=True, env=environment)
+    else:
+        with open(log, "a", encoding="utf-8") as handle:
+            subprocess.run(command, cwd=run_dir, check=True, env=environment, stdout=handle, stderr=subprocess.STDOUT)
     return checkpoint
 
 
