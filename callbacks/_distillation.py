@@ -6,31 +6,31 @@ student's batch and add a word-level soft-target term; ``owner`` names the callb
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from callbacks._arguments import number, shown
 
 __all__ = ["check_weight", "check_temperature", "check_teacher_inputs", "teacher_inputs_of", "soft_target_loss"]
 
 
 def check_weight(owner: str, name: str, value: float) -> float:
     """A loss weight: a finite number >= 0."""
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return number(owner, name, value, minimum=0.0)
 
 
 def check_temperature(owner: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{owner}: temperature must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number(owner, "temperature", value, minimum=0.0, low_open=True)
 
 
 def check_teacher_inputs(owner: str, fields: Sequence[Union[str, int]]) -> list[Union[str, int]]:
-    if isinstance(fields, (str, int)) or not fields:
-        raise ValueError(f"{owner}: teacher_inputs is a non-empty list of batch fields, got {fields!r}")
+    """A non-empty list of batch fields: dict keys (strings) or tuple positions (integers >= 0)."""
+    if isinstance(fields, (str, bytes, int)) or not isinstance(fields, Sequence) or not fields or not all(
+            (isinstance(f, str) and f) or (isinstance(f, int) and not isinstance(f, bool) and f >= 0) for f in fields):
+        raise ValueError(f"{owner}: teacher_inputs must be a non-empty list of batch fields (keys, or positions >= 0), "
+                         f"got {shown(fields)}")
     return list(fields)
 
 

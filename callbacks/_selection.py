@@ -13,6 +13,8 @@ from typing import Mapping, Optional, Sequence, TypeVar
 
 from torch import nn
 
+from callbacks._arguments import glob_mapping, integer
+
 __all__ = ["BlockSizes", "SelectedModule", "check_globs", "first_match", "select_modules"]
 
 SelectedModule = tuple[nn.Module, list[str]]  # (module, every qualified name it has)
@@ -63,11 +65,10 @@ class BlockSizes:
     glob of ``block_sizes`` matching the module's name, else ``block_size``."""
 
     def __init__(self, owner: str, block_size: int, block_sizes: Optional[Mapping[str, int]]) -> None:
-        self.owner, self.block_size, self.block_sizes = owner, block_size, dict(block_sizes or {})
-        named = {"block_size": block_size, **{f"block_sizes[{k!r}]": v for k, v in self.block_sizes.items()}}
-        for name, size in named.items():
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"{owner}: {name} must be a positive integer, got {size!r}")
+        self.owner = owner
+        self.block_size = integer(owner, "block_size", block_size, minimum=1)
+        self.block_sizes = glob_mapping(owner, "block_sizes", block_sizes,
+                                        lambda name, size: integer(owner, name, size, minimum=1))
 
     def of(self, name: str, weight: nn.Parameter) -> int:
         """The block size of module ``name``'s ``weight`` (rows, columns); it must divide the columns."""

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from callbacks._arguments import shown
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
                                     teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
@@ -78,6 +79,9 @@ class HiddenStateProjection(nn.Module):
 
 
 def _parse_layer_map(layer_map: Optional[Mapping[str, str]]) -> dict[str, str]:
+    if layer_map is not None and not isinstance(layer_map, Mapping):
+        raise ValueError(f"KnowledgeDistillation: layer_map must be a mapping of student state to teacher state, e.g. "
+                         f"{{'decoder.3': 'decoder.6'}}, got {shown(layer_map)}")
     layer_map = dict(DEFAULT_LAYER_MAP if layer_map is None else layer_map)
     if not layer_map:
         raise ValueError("KnowledgeDistillation: layer_map is empty; give at least one student: teacher pair")
@@ -153,7 +157,7 @@ class KnowledgeDistillation(L.Callback):
                              "distilled; set soft_weight > 0 (word-level KD) and/or hidden_weight > 0 (cosine loss)")
         self.layer_map = _parse_layer_map(layer_map)
         self.teacher_inputs = check_teacher_inputs(owner, teacher_inputs)
-        self.teacher = FrozenTeacher(teacher, teacher_loader)
+        self.teacher = FrozenTeacher(teacher, teacher_loader, owner)
         self._pass: Optional[_TeacherPass] = None
         self._previous_task_weight: Optional[float] = None
 

@@ -32,16 +32,16 @@ the random generator are this callback's state, so a run stopped anywhere resume
 from __future__ import annotations
 
 import math
-import pathlib
 from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from callbacks._arguments import existing_file, flag, globs, integer, number, one_of, shown
+from callbacks._checkpoint import read_checkpoint
 from callbacks._optimization import restart_optimization
 from callbacks._pruning import PrunedWeights, masks_in_checkpoint
-from callbacks._selection import check_globs
 from callbacks._transforms import refuse_optimizer_state_of_untransformed_weights
 
 __all__ = ["LotteryTicketPruning"]
@@ -49,12 +49,6 @@ __all__ = ["LotteryTicketPruning"]
 OWNER = "LotteryTicketPruning"
 SCOPES = ("global", "layer")
 SCHEDULES = ("continue", "restart")
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{OWNER}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class LotteryTicketPruning(L.Callback):
@@ -96,38 +90,35 @@ class LotteryTicketPruning(L.Callback):
         masks_from: Optional[str] = None,
         seed: int = 0,
     ) -> None:
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"{OWNER}: sparsity must be in [0, 1), got {sparsity!r}")
+        self.sparsity = number(OWNER, "sparsity", sparsity, 0.0, 1.0, high_open=True)
         if prune_fraction is not None:
-            if not isinstance(prune_fraction, (int, float)) or not 0.0 < prune_fraction < 1.0:
-                raise ValueError(f"{OWNER}: prune_fraction must be in (0, 1), got {prune_fraction!r}")
+            prune_fraction = number(OWNER, "prune_fraction", prune_fraction, 0.0, 1.0, low_open=True, high_open=True)
             # The smallest number of rounds that reaches the target with this fraction per round.
             rounds = max(1, math.ceil(math.log(1.0 - sparsity) / math.log(1.0 - prune_fraction) - 1e-9)) \
                 if sparsity > 0 else 0
         elif rounds is None:
-            raise ValueError(f"{OWNER}: give rounds (1 = one-shot) or prune_fraction")
-        self.rounds = _positive_int("rounds", rounds, minimum=0)
+            raise ValueError(f"{OWNER}: rounds must be given (1 = one-shot), or prune_fraction instead, got None")
+        self.rounds = integer(OWNER, "rounds", rounds, minimum=0)
         self.prune_fraction = prune_fraction
         if (round_steps is None) == (round_epochs is None):
-            raise ValueError(f"{OWNER}: give exactly one of round_steps and round_epochs, got "
-                             f"round_steps={round_steps!r}, round_epochs={round_epochs!r}")
-        self.round_steps = None if round_steps is None else _positive_int("round_steps", round_steps)
-        self.round_epochs = None if round_epochs is None else _positive_int("round_epochs", round_epochs)
-        self.rewind_step = _positive_int("rewind_step", rewind_step, minimum=0)
+            raise ValueError(f"{OWNER}: round_steps or round_epochs must be given, exactly one of them; got "
+                             f"round_steps={shown(round_steps)}, round_epochs={shown(round_epochs)}")
+        self.round_steps = None if round_steps is None else integer(OWNER, "round_steps", round_steps, minimum=1)
+        self.round_epochs = None if round_epochs is None else integer(OWNER, "round_epochs", round_epochs, minimum=1)
+        self.rewind_step = integer(OWNER, "rewind_step", rewind_step, minimum=0)
         if self.round_steps is not None and self.rewind_step >= self.round_steps:
-            raise ValueError(f"{OWNER}: rewind_step ({rewind_step}) must come before the end of the first round "
-                             f"(round_steps={round_steps})")
-        if scope not in SCOPES:
-            raise ValueError(f"{OWNER}: scope must be one of {SCOPES}, got {scope!r}")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"{OWNER}: schedule must be one of {SCHEDULES}, got {schedule!r}")
-        self.schedule = schedule
-        check_globs(OWNER, include, exclude)
+            raise ValueError(f"{OWNER}: rewind_step must come before the end of the first round (round_steps="
+                             f"{round_steps}), got {rewind_step}")
+        self.schedule = one_of(OWNER, "schedule", schedule, SCHEDULES)
+        self.scope = one_of(OWNER, "scope", scope, SCOPES)
+        self.include, self.exclude = globs(OWNER, "include", include, allow_empty=False), globs(OWNER, "exclude", exclude)
+        self.prune_embeddings = flag(OWNER, "prune_embeddings", prune_embeddings)
+        self.reinitialize = flag(OWNER, "reinitialize", reinitialize)
+        self.masks_from = None if masks_from is None else existing_file(OWNER, "masks_from", masks_from)
         if self.rounds == 0 and masks_from is None:
-            raise ValueError(f"{OWNER}: rounds=0 prunes nothing; give rounds >= 1, or masks_from to train given masks")
-        self.sparsity, self.scope = float(sparsity), scope
-        self.include, self.exclude, self.prune_embeddings = list(include), list(exclude), bool(prune_embeddings)
-        self.reinitialize, self.masks_from, self.seed = bool(reinitialize), masks_from, int(seed)
+            raise ValueError(f"{OWNER}: rounds=0 prunes nothing; rounds must be >= 1, or masks_from must name the "
+                             f"masks to train, got rounds=0")
+        self.seed = integer(OWNER, "seed", seed, 0, 2 ** 63 - 1)
         self.weights: Optional[PrunedWeights] = None
         # Callback state (checkpointed):
         self.round = 0  # prunings done
@@ -168,11 +159,8 @@ class LotteryTicketPruning(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks_from is not None and not self.masks_applied:
-            if not pathlib.Path(self.masks_from).is_file():
-                raise FileNotFoundError(f"{OWNER}: masks_from {self.masks_from}: no such checkpoint")
-            # Tensors and plain data only (paths as hyper-parameters too): unpickling runs no code.
-            with torch.serialization.safe_globals([pathlib.PosixPath, pathlib.WindowsPath]):
-                state = torch.load(self.masks_from, map_location="cpu", weights_only=True).get("state_dict", {})
+            # Tensors and plain data only: unpickling runs no code.
+            state = read_checkpoint(OWNER, "masks_from", self.masks_from).get("state_dict", {})
             masks = masks_in_checkpoint(state)
             if not masks:
                 raise ValueError(f"{OWNER}: masks_from {self.masks_from} holds no pruning masks")

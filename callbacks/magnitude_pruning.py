@@ -19,8 +19,8 @@ from typing import Any, Optional, Sequence
 
 import lightning as L
 
+from callbacks._arguments import flag, globs, integer, number, one_of
 from callbacks._pruning import PrunedWeights
-from callbacks._selection import check_globs
 from callbacks._transforms import refuse_optimizer_state_of_untransformed_weights
 
 __all__ = ["MagnitudePruning"]
@@ -36,19 +36,13 @@ class MagnitudePruning(L.Callback):
     def __init__(self, sparsity: float = 0.8, end_step: int = 1000, start_step: int = 0, frequency: int = 100,
                  scope: str = "global", include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                  prune_embeddings: bool = False) -> None:
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"{OWNER}: sparsity must be in [0, 1), got {sparsity!r}")
-        for name, value, minimum in (("start_step", start_step, 0), ("frequency", frequency, 1)):
-            if not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{OWNER}: {name} must be an integer >= {minimum}, got {value!r}")
-        if not isinstance(end_step, int) or end_step <= start_step:
-            raise ValueError(f"{OWNER}: end_step must be an integer > start_step ({start_step}), got {end_step!r}")
-        if scope not in ("global", "layer"):
-            raise ValueError(f"{OWNER}: scope must be 'global' or 'layer', got {scope!r}")
-        check_globs(OWNER, include, exclude)
-        self.sparsity, self.start_step, self.end_step, self.frequency = float(sparsity), start_step, end_step, frequency
-        self.scope, self.include, self.exclude = scope, list(include), list(exclude)
-        self.prune_embeddings = bool(prune_embeddings)
+        self.sparsity = number(OWNER, "sparsity", sparsity, 0.0, 1.0, high_open=True)
+        self.start_step = integer(OWNER, "start_step", start_step, minimum=0)
+        self.end_step = integer(OWNER, "end_step", end_step, minimum=start_step + 1)
+        self.frequency = integer(OWNER, "frequency", frequency, minimum=1)
+        self.scope = one_of(OWNER, "scope", scope, ("global", "layer"))
+        self.include, self.exclude = globs(OWNER, "include", include, allow_empty=False), globs(OWNER, "exclude", exclude)
+        self.prune_embeddings = flag(OWNER, "prune_embeddings", prune_embeddings)
         self.weights: Optional[PrunedWeights] = None
         self.current_sparsity = 0.0
 

@@ -31,14 +31,17 @@ import lightning as L
 import torch
 from torch import nn
 
+from callbacks._arguments import glob_mapping, globs, integer, shown
 from callbacks._compression import record_codec
 from callbacks._kmeans import kmeans
 from callbacks._optimization import restart_optimization
-from callbacks._selection import BlockSizes, check_globs, first_match, select_modules
+from callbacks._selection import BlockSizes, first_match, select_modules
 from callbacks._transforms import (CODEBOOK, PERTURB, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 
 __all__ = ["IterativeProductQuantization", "CentroidWeight", "DEFAULT_STAGES"]
+
+OWNER = "IterativeProductQuantization"
 
 # fairseq's order for a translation Transformer (our module names; any model gives its own globs).
 DEFAULT_STAGES = (("*.ffn.*",), ("*embed*", "*output_projection"), ("*attn.*",))
@@ -140,42 +143,35 @@ class IterativeProductQuantization(L.Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        owner = "IterativeProductQuantization"
-        if not isinstance(steps_per_stage, int) or steps_per_stage < 1:
-            raise ValueError(f"{owner}: steps_per_stage must be an integer >= 1, got {steps_per_stage!r}")
-        if not isinstance(start_step, int) or start_step < 0:
-            raise ValueError(f"{owner}: start_step must be an integer >= 0, got {start_step!r}")
-        self.centroid_counts = dict(centroid_counts or {})
-        for name, count in {"centroids": centroids, **{f"centroid_counts[{k!r}]": v
-                                                      for k, v in self.centroid_counts.items()}}.items():
-            if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= 65536:
-                raise ValueError(f"{owner}: {name} must be an integer in [1, 65536], got {count!r}")
-        if not isinstance(kmeans_iterations, int) or kmeans_iterations < 1:
-            raise ValueError(f"{owner}: kmeans_iterations must be an integer >= 1, got {kmeans_iterations!r}")
-        if centroid_bits not in (8, 16):
-            raise ValueError(f"{owner}: centroid_bits must be 16 (fp16) or 8 (int8), got {centroid_bits!r}")
-        self.sizes = BlockSizes(owner, block_size, {"*attn.*": 4} if block_sizes is None else block_sizes)
-        if isinstance(stages, str) or not stages or any(isinstance(s, str) or not s for s in stages):
-            raise ValueError(f"{owner}: stages is a list of lists of globs, e.g. [['*.ffn.*'], ['*attn.*']], "
-                             f"got {stages!r}")
-        check_globs(owner, ["*"], exclude)
-        self.steps_per_stage, self.start_step = steps_per_stage, start_step
-        self.stages = [list(stage) for stage in stages]
-        self.centroids, self.block_size, self.block_sizes = centroids, block_size, self.sizes.block_sizes
-        self.exclude, self.kmeans_iterations = list(exclude), kmeans_iterations
-        self.centroid_bits, self.seed = centroid_bits, seed
+        self.steps_per_stage = integer(OWNER, "steps_per_stage", steps_per_stage, minimum=1)
+        self.start_step = integer(OWNER, "start_step", start_step, minimum=0)
+        self.centroids = integer(OWNER, "centroids", centroids, 1, 65536)
+        self.centroid_counts = glob_mapping(OWNER, "centroid_counts", centroid_counts,
+                                            lambda name, count: integer(OWNER, name, count, 1, 65536))
+        self.kmeans_iterations = integer(OWNER, "kmeans_iterations", kmeans_iterations, minimum=1)
+        if isinstance(centroid_bits, bool) or centroid_bits not in (8, 16):
+            raise ValueError(f"{OWNER}: centroid_bits must be 16 (fp16 codebooks) or 8 (int8), got {shown(centroid_bits)}")
+        self.centroid_bits = centroid_bits
+        self.sizes = BlockSizes(OWNER, block_size, {"*attn.*": 4} if block_sizes is None else block_sizes)
+        self.block_size, self.block_sizes = block_size, self.sizes.block_sizes
+        if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
+            raise ValueError(f"{OWNER}: stages must be a non-empty list of lists of globs, e.g. [['*.ffn.*'], "
+                             f"['*attn.*']], got {shown(stages)}")
+        self.stages = [globs(OWNER, f"stages[{index}]", stage, allow_empty=False) for index, stage in enumerate(stages)]
+        self.exclude = globs(OWNER, "exclude", exclude)
+        self.seed = integer(OWNER, "seed", seed, 0, 2 ** 63 - 1)
         self._stage_targets: list[list[tuple[CentroidWeight, nn.Module, list[str]]]] = []
 
     # ------------------------------------------------------------------ structure
     def add_codebooks(self, root: nn.Module) -> None:
         """Put an (inactive) CentroidWeight on every weight of every stage (idempotent)."""
-        owner = "IterativeProductQuantization"
+        owner = OWNER
         by_parameter: dict[int, CentroidWeight] = {}  # one codebook per tensor (tied weights share it)
         taken: set[int] = set()
         self._stage_targets = []
-        for index, globs in enumerate(self.stages):
+        for index, stage_globs in enumerate(self.stages):
             targets = []
-            for module, names in select_modules(root, f"{owner} stage {index} {globs}", globs, self.exclude,
+            for module, names in select_modules(root, f"{owner} stage {index} {stage_globs}", stage_globs, self.exclude,
                                                 required=False):
                 if id(module) in taken:
                     continue  # an earlier stage has it
@@ -191,7 +187,7 @@ class IterativeProductQuantization(L.Callback):
                 transform = add_weight_transform(module, transform)
                 targets.append((transform, module, names))
             if not targets:
-                raise ValueError(f"{owner}: stage {index} {globs} selects no nn.Linear / nn.Embedding module "
+                raise ValueError(f"{owner}: stage {index} {stage_globs} selects no nn.Linear / nn.Embedding module "
                                  f"(not excluded and not taken by an earlier stage)")
             self._stage_targets.append(targets)
 

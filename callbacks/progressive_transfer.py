@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from callbacks._arguments import flag, integer, one_of, shown
 from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
                                     teacher_inputs_of)
@@ -73,6 +74,39 @@ DEFAULT_LAYER_MODULES = {"encoder": "model.encoder_layers", "decoder": "model.de
 DEFAULT_EMBEDDING_MODULES = {"encoder": ["model.src_embed", "model.encoder_embed_projection"],
                              "decoder": ["model.tgt_embed", "model.decoder_embed_projection"]}
 _PROBABILITY_FLOOR = 1e-12  # log of a masked (zero) probability stays finite; its weight p_teacher is 0 there
+
+
+def _module_name(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{OWNER}: {name} must be a qualified module name such as 'model.encoder_layers', "
+                         f"got {shown(value)}")
+    return value
+
+
+def _module_names(name: str, value: Any) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or \
+            not all(isinstance(item, str) and item for item in value):
+        raise ValueError(f"{OWNER}: {name} must be a list of qualified module names, got {shown(value)}")
+    return list(value)
+
+
+def _layer_numbers(name: str, value: Any) -> list[int]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in value):
+        raise ValueError(f"{OWNER}: {name} must be a non-empty list of teacher layer numbers (from 1), got {shown(value)}")
+    return list(value)
+
+
+def _side_mapping(name: str, value: Any, check: Any) -> dict[str, Any]:
+    """A mapping 'encoder' / 'decoder' -> value (None: empty), each value checked by ``check(entry name, value)``."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{OWNER}: {name} must be a mapping of 'encoder' / 'decoder' to values, got {shown(value)}")
+    unknown = [key for key in value if key not in SIDES]
+    if unknown:
+        raise ValueError(f"{OWNER}: {name} keys must be 'encoder' / 'decoder', got {shown(unknown)}")
+    return {side: check(f"{name}[{side!r}]", item) for side, item in value.items()}
 
 
 class _Stage:
@@ -132,38 +166,30 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         teacher_layers: Optional[Mapping[str, Sequence[int]]] = None,
         teacher_inputs: Sequence[Union[str, int]] = ("source", "decoder_input"),
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"ProgressiveKnowledgeTransfer: mode must be one of {MODES}, got {mode!r}")
-        if not isinstance(stage_steps, int) or isinstance(stage_steps, bool) or stage_steps < 1:
-            raise ValueError(f"ProgressiveKnowledgeTransfer: stage_steps must be an integer >= 1, got {stage_steps!r}")
-        self.mode, self.stage_steps, self.temperature = mode, stage_steps, check_temperature(OWNER, temperature)
+        self.mode = one_of(OWNER, "mode", mode, MODES)
+        self.stage_steps = integer(OWNER, "stage_steps", stage_steps, minimum=1)
+        self.temperature = check_temperature(OWNER, temperature)
         self.feature_weight = check_weight(OWNER, "feature_weight", feature_weight)
         self.attention_weight = check_weight(OWNER, "attention_weight", attention_weight)
         self.soft_weight = check_weight(OWNER, "soft_weight", soft_weight)
         self.hard_weight = check_weight(OWNER, "hard_weight", hard_weight)
         if self.feature_weight == 0 and self.attention_weight == 0:
-            raise ValueError("ProgressiveKnowledgeTransfer: feature_weight and attention_weight are both 0, so no "
-                             "layer would learn from the teacher; use KnowledgeDistillation for output-only KD")
+            raise ValueError(f"{OWNER}: feature_weight and attention_weight are both 0, so no layer would learn from "
+                             f"the teacher; use KnowledgeDistillation for output-only KD")
         if self.soft_weight == 0 and self.hard_weight == 0:
-            raise ValueError("ProgressiveKnowledgeTransfer: soft_weight and hard_weight are both 0, so the "
-                             "distillation stage would train on nothing")
-        if isinstance(sides, str) or not sides or any(side not in SIDES for side in sides) or len(set(sides)) != len(sides):
-            raise ValueError(f"ProgressiveKnowledgeTransfer: sides is a non-empty list of {list(SIDES)}, got {sides!r}")
+            raise ValueError(f"{OWNER}: soft_weight and hard_weight are both 0, so the distillation stage would train "
+                             f"on nothing")
+        if isinstance(sides, (str, bytes)) or not isinstance(sides, Sequence) or not sides or \
+                any(not isinstance(side, str) or side not in SIDES for side in sides) or len(set(sides)) != len(sides):
+            raise ValueError(f"{OWNER}: sides must be a non-empty list of {list(SIDES)}, each once, got {shown(sides)}")
         self.sides = [side for side in SIDES if side in sides]  # encoder first: a decoder layer reads its output
-        self.layer_modules = {**DEFAULT_LAYER_MODULES, **dict(layer_modules or {})}
-        self.embedding_modules = {**DEFAULT_EMBEDDING_MODULES, **{k: list(v) for k, v in dict(embedding_modules or {}).items()}}
-        for name, mapping in (("layer_modules", self.layer_modules), ("embedding_modules", self.embedding_modules)):
-            unknown = set(mapping) - set(SIDES)
-            if unknown:
-                raise ValueError(f"ProgressiveKnowledgeTransfer: {name} keys are 'encoder' / 'decoder', got {sorted(unknown)}")
-        self.copy_embeddings = bool(copy_embeddings)
-        self.teacher_layers = {side: list(layers) for side, layers in dict(teacher_layers or {}).items()}
-        for side, layers in self.teacher_layers.items():
-            if side not in SIDES or not layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
-                raise ValueError(f"ProgressiveKnowledgeTransfer: teacher_layers maps 'encoder' / 'decoder' to lists of "
-                                 f"teacher layer numbers, got {side!r}: {layers!r}")
+        self.layer_modules = {**DEFAULT_LAYER_MODULES, **_side_mapping("layer_modules", layer_modules, _module_name)}
+        self.embedding_modules = {**DEFAULT_EMBEDDING_MODULES,
+                                  **_side_mapping("embedding_modules", embedding_modules, _module_names)}
+        self.copy_embeddings = flag(OWNER, "copy_embeddings", copy_embeddings)
+        self.teacher_layers = _side_mapping("teacher_layers", teacher_layers, _layer_numbers)
         self.teacher_inputs = check_teacher_inputs(OWNER, teacher_inputs)
-        self.teacher = FrozenTeacher(teacher, teacher_loader)
+        self.teacher = FrozenTeacher(teacher, teacher_loader, OWNER)
         self.depth: dict[str, int] = {}
         self.mapping: dict[str, list[int]] = {}  # side -> the teacher layer of student layer l at [l - 1]
         self.stages: list[_Stage] = []

@@ -43,14 +43,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
+from callbacks._arguments import flag, globs, integer, number, one_of
 from callbacks._compression import record_codec
-from callbacks._selection import BlockSizes, check_globs, select_modules
+from callbacks._selection import BlockSizes, select_modules
 from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
 from callbacks.quantization_aware_training import round_to_grid, weight_absmax
 
 __all__ = ["QuantNoise", "NoisyWeight", "SCHEMES", "int_noise"]
 
+OWNER = "QuantNoise"
 SCHEMES = {"int8": 8, "int4": 4, "pq": None}  # scheme -> bits of its integer grid
 PQ_GRADIENTS = ("straight_through", "dropout")
 
@@ -144,21 +146,19 @@ class QuantNoise(L.Callback):
         pq_gradient: str = "straight_through",
     ) -> None:
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"QuantNoise: scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
-        if not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"QuantNoise: p must be in [0, 1], got {p!r}")
+        self.scheme = one_of(OWNER, "scheme", scheme, list(SCHEMES))
+        self.p = number(OWNER, "p", p, 0.0, 1.0)
         if scheme == "pq" and p >= 1.0:
-            raise ValueError("QuantNoise: p must be < 1 with scheme 'pq' (every block dropped leaves no weight to rescale)")
-        self.sizes = BlockSizes("QuantNoise", block_size, block_sizes)
-        check_globs("QuantNoise", include, exclude)
-        self.p, self.scheme, self.block_size, self.block_sizes = float(p), scheme, block_size, self.sizes.block_sizes
-        self.include, self.exclude = list(include), list(exclude)
-        self.noise_embeddings, self.per_channel, self.seed = noise_embeddings, per_channel, seed
-        self.compile = compile
-        if pq_gradient not in PQ_GRADIENTS:
-            raise ValueError(f"QuantNoise: pq_gradient must be one of {PQ_GRADIENTS}, got {pq_gradient!r}")
-        self.pq_gradient = pq_gradient
+            raise ValueError(f"{OWNER}: p must be < 1 with scheme 'pq' (every block dropped leaves no weight to rescale), "
+                             f"got {p}")
+        self.sizes = BlockSizes(OWNER, block_size, block_sizes)
+        self.block_size, self.block_sizes = block_size, self.sizes.block_sizes
+        self.include, self.exclude = globs(OWNER, "include", include, allow_empty=False), globs(OWNER, "exclude", exclude)
+        self.noise_embeddings = flag(OWNER, "noise_embeddings", noise_embeddings)
+        self.per_channel = flag(OWNER, "per_channel", per_channel)
+        self.seed = integer(OWNER, "seed", seed, 0, 2 ** 63 - 1)
+        self.compile = flag(OWNER, "compile", compile)
+        self.pq_gradient = one_of(OWNER, "pq_gradient", pq_gradient, PQ_GRADIENTS)
         self.generator: Optional[torch.Generator] = None  # made on the weights' device at the first draw
         self._saved_generator: Optional[tuple[str, torch.Tensor]] = None  # (device type, state) from a checkpoint
         self.noised_names: list[str] = []

@@ -41,10 +41,13 @@ import lightning as L
 import torch
 from torch import nn
 
+from callbacks._arguments import flag, globs, integer, number
 from callbacks._compression import record_codec
-from callbacks._selection import check_globs, select_modules
+from callbacks._selection import select_modules
 from callbacks._transforms import (QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights)
+
+OWNER = "QuantizationAwareTraining"
 
 __all__ = ["QuantizationAwareTraining", "FakeQuantizedWeight", "InputQuantizer", "fake_quantize", "round_to_grid", "weight_absmax"]
 
@@ -171,16 +174,12 @@ class QuantizationAwareTraining(L.Callback):
         start_step: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
-        if not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}")
-        check_globs("QuantizationAwareTraining", include, exclude)
-        self.bits, self.per_channel = bits, per_channel
-        self.include, self.exclude = list(include), list(exclude)
-        self.quantize_embeddings, self.ema_decay, self.start_step = quantize_embeddings, ema_decay, start_step
+        self.bits = integer(OWNER, "bits", bits, 2, 8)
+        self.per_channel = flag(OWNER, "per_channel", per_channel)
+        self.include, self.exclude = globs(OWNER, "include", include, allow_empty=False), globs(OWNER, "exclude", exclude)
+        self.quantize_embeddings = flag(OWNER, "quantize_embeddings", quantize_embeddings)
+        self.ema_decay = number(OWNER, "ema_decay", ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        self.start_step = integer(OWNER, "start_step", start_step, minimum=0)
         self.quantized_names: list[str] = []
         self._quantized_modules: list[nn.Module] = []
 

@@ -75,6 +75,8 @@ class PlateauStopping(Callback):
                 raise ValueError(f"PlateauStopping: {name} must be an integer >= {least}, got {value!r}")
         self.monitor, self.min_gain, self.window = monitor, float(min_gain), float(window)
         self.min_steps, self.min_validations = min_steps, min_validations
+        if record is not None and not isinstance(record, (str, Path)):
+            raise ValueError(f"PlateauStopping: record must be the path of a JSON file to write, got {record!r}")
         self.record = Path(record) if record else None
         self.history: list[tuple[int, float]] = []
         self.stopped_at: Optional[int] = None

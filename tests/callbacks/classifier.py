@@ -58,10 +58,10 @@ class ResumableLoader(DataLoader):
         self._skip = state["served"]
 
 
-def classification_data(samples: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+def classification_data(samples: int = 64, batch_size: int = 8, seed: int = 0, vocabulary: int = 30) -> DataLoader:
     """Label = (sum of tokens) mod 3: learnable from a bag of words. Fixed order (no shuffling)."""
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 30, (samples, 6), generator=generator)
+    tokens = torch.randint(0, vocabulary, (samples, 6), generator=generator)
     return ResumableLoader(TensorDataset(tokens, tokens.sum(1) % 3), batch_size=batch_size, shuffle=False)
 
 

@@ -121,22 +121,6 @@ def test_prune_fraction_sets_the_rounds() -> None:
     assert pruning.kept_after(8) == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    (dict(sparsity=1.0), "sparsity must be in \\[0, 1\\), got 1.0"),
-    (dict(rounds=None), "give rounds \\(1 = one-shot\\) or prune_fraction"),
-    (dict(prune_fraction=1.5), "prune_fraction must be in \\(0, 1\\)"),
-    (dict(round_epochs=2), "exactly one of round_steps and round_epochs"),
-    (dict(round_steps=None), "exactly one of round_steps and round_epochs"),
-    (dict(rewind_step=4), "rewind_step \\(4\\) must come before the end of the first round"),
-    (dict(scope="row"), "scope must be one of"),
-    (dict(rounds=0), "rounds=0 prunes nothing"),
-    (dict(include="hidden"), "include and exclude are lists of globs"),
-])
-def test_misconfiguration_names_the_argument(settings: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        ticket(**settings)
-
-
 def test_too_few_steps_for_the_rounds_is_said(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="3 rounds of 4 steps and the last ticket's training need max_steps = 16; "
                                          "this fit stops at 10, in round 2"):
@@ -216,5 +200,5 @@ def test_gradual_magnitude_pruning_follows_the_cubic_schedule_and_resumes(tmp_pa
     straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, lambda: [gradual()],
                                                   classification_data, stop=5, total=12)
     assert_same_state(straight, resumed, tolerance=0)
-    with pytest.raises(ValueError, match="end_step must be an integer > start_step \\(2\\)"):
+    with pytest.raises(ValueError, match="end_step must be an integer >= 3, got 2"):
         MagnitudePruning(start_step=2, end_step=2)

@@ -90,20 +90,6 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(tmp_path: P
     assert_same_state(straight, resumed, tolerance=0)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(steps_per_stage=0), "steps_per_stage must be an integer >= 1"),
-    (dict(centroids=0), r"centroids must be an integer in \[1, 65536\]"),
-    (dict(block_size=0), "block_size must be a positive integer"),
-    (dict(stages=[]), "stages is a list of lists of globs"),
-    (dict(stages=["*"]), "stages is a list of lists of globs"),
-    (dict(centroid_bits=4), "centroid_bits must be 16"),
-    (dict(exclude="out"), "lists of globs"),
-])
-def test_misconfiguration(settings: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        ipq(**settings)
-
-
 def test_a_stage_selecting_nothing_and_a_block_size_not_dividing_are_errors() -> None:
     with pytest.raises(ValueError, match=r"stage 1 \['decoder\*'\] selects no"):
         ipq(stages=[["hidden"], ["decoder*"]]).add_codebooks(BagOfWordsClassifier())

@@ -13,7 +13,7 @@ from callbacks._teacher import FrozenTeacher
 from callbacks._transforms import weight_transforms
 from nmt_lightning.int8 import Int8Linear
 from nmt_lightning.module import TranslationModule
-from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
 from tests.callbacks.helpers import trainer
 from tests.callbacks.staged import TeacherOutputs
 from tests.conftest import run_script, train_tiny_checkpoint
@@ -59,13 +59,51 @@ def test_the_teacher_stays_outside_the_student(teacher_checkpoint: Path, tmp_pat
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
-def test_misconfigured_teachers(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="teacher checkpoint must be a path"):
+def test_misconfigured_teachers(teacher_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="^FrozenTeacher: teacher must be the path of a file, got ''$"):
         FrozenTeacher("")
-    with pytest.raises(ValueError, match="teacher loader 'no.such.function' is not an importable callable"):
-        FrozenTeacher(str(tmp_path / "x.ckpt"), loader="no.such.function")
-    with pytest.raises(FileNotFoundError, match="teacher checkpoint .*x.ckpt: no such file"):
-        FrozenTeacher(str(tmp_path / "x.ckpt")).load(BagOfWordsClassifier())
+    with pytest.raises(FileNotFoundError, match="^FrozenTeacher: teacher .*x.ckpt: no such file$"):
+        FrozenTeacher(str(tmp_path / "x.ckpt"))
+    with pytest.raises(ValueError, match="^Owner: teacher_loader 'no.such.function' is not an importable callable"):
+        FrozenTeacher(str(teacher_checkpoint), loader="no.such.function", owner="Owner")
+    (tmp_path / "garbage.ckpt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"^FrozenTeacher: teacher .*garbage.ckpt is not a checkpoint: it does not "
+                                         r"start as a file torch.save writes"):
+        FrozenTeacher(str(tmp_path / "garbage.ckpt"))
+    # The right magic bytes, then garbage: the loader fails, in one line naming the file and the loader.
+    (tmp_path / "truncated.ckpt").write_bytes(teacher_checkpoint.read_bytes()[:200])
+    teacher = FrozenTeacher(str(tmp_path / "truncated.ckpt"))
+    with pytest.raises(ValueError, match=r"^FrozenTeacher: teacher .*truncated.ckpt could not be loaded by "
+                                         r"BagOfWordsClassifier.load_from_checkpoint: \w+") as caught:
+        teacher.load(BagOfWordsClassifier())
+    assert "\n" not in str(caught.value)
+
+
+class Unsafe:
+    """An object whose unpickling would run code: a teacher file holding it is refused."""
+
+
+def test_a_teacher_file_holding_python_objects_is_refused(teacher_checkpoint: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(teacher_checkpoint, weights_only=True)
+    checkpoint["payload"] = Unsafe()
+    torch.save(checkpoint, tmp_path / "unsafe.ckpt")
+    with pytest.raises(ValueError, match=r"^FrozenTeacher: teacher .*unsafe.ckpt could not be loaded by .*: it holds "
+                                         r"Python objects that unpickling would run"):
+        FrozenTeacher(str(tmp_path / "unsafe.ckpt")).load(BagOfWordsClassifier())
+
+
+def test_a_batch_beyond_the_teachers_vocabulary_is_refused_before_the_lookup(tmp_path: Path) -> None:
+    """The teacher's embedding has 20 entries, the student's batch ids up to 29: a one-line error
+    naming the table, not an IndexError from inside the teacher's forward."""
+    fit = trainer(tmp_path / "t", [], max_steps=1)
+    fit.fit(DistillableClassifier(vocab_size=20), classification_data(vocabulary=20))
+    fit.save_checkpoint(tmp_path / "small.ckpt")
+    teacher = FrozenTeacher(str(tmp_path / "small.ckpt"), owner="Owner")
+    module = teacher.load(DistillableClassifier())
+    assert module(torch.tensor([[19, 0]])).shape == (1, 3)
+    with pytest.raises(ValueError, match=r"^Owner: the batch holds token id 29 but the teacher's embedding embed has "
+                                         r"20 entries: teacher and student must share the vocabulary$"):
+        teacher(torch.tensor([[29, 1]]))
 
 
 def test_a_translation_teacher_is_dense_fp32(prepared_dir: Path, tmp_path: Path) -> None:

@@ -1,0 +1,60 @@
+"""Reading a checkpoint a callback is given (a teacher, another run's masks), safely and with one-line errors.
+
+A checkpoint is untrusted input: it is loaded with ``torch.load(weights_only=True)`` (tensors
+and plain data, paths as hyper-parameters too), so unpickling runs no code. A file that
+``torch.save`` did not write, a truncated one, or one holding Python objects is refused in one
+line naming the callback, the argument and the file.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import pickle
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["checkpoint_problem", "describe_load_error", "read_checkpoint"]
+
+TORCH_SAVE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip format; the legacy format is a pickle
+SAFE_GLOBALS = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+
+
+def checkpoint_problem(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a file ``torch.save`` wrote (None if its first bytes fit one)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start:
+        return "it is empty"
+    if not any(start.startswith(magic) for magic in TORCH_SAVE_MAGIC):
+        return f"it does not start as a file torch.save writes (first bytes {start!r})"
+    return None
+
+
+def describe_load_error(error: BaseException) -> str:
+    """The reason a load failed, on one line (unsafe contents said as such)."""
+    text = str(error).strip()
+    if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "")
+        return f"it holds Python objects that unpickling would run, not only tensors and plain data ({detail})"
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def read_checkpoint(owner: str, argument: str, path: str | Path) -> dict[str, Any]:
+    """The contents of the checkpoint ``path`` given as ``argument`` to the callback ``owner``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{owner}: {argument} {path}: no such file")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{owner}: {argument} {path} is not a checkpoint: {problem}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{owner}: {argument} {path} could not be read: {describe_load_error(error)}") from None
+    if not isinstance(contents, dict):
+        raise ValueError(f"{owner}: {argument} {path} is not a checkpoint (it holds a {type(contents).__name__})")
+    return contents

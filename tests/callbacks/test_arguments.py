@@ -1,0 +1,184 @@
+"""Every callback refuses a bad argument where it is given: one line naming the callback and the argument.
+
+Twenty-odd probes per callback: wrong types (a bool is not an int, a string is not a number, a
+single string is not a list of globs), values out of range, files that do not exist or are not
+checkpoints, impossible combinations.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from callbacks import (IterativeProductQuantization, KnowledgeDistillation, LotteryTicketPruning, MagnitudePruning,
+                       ProgressiveKnowledgeTransfer, QuantizationAwareTraining, QuantNoise)
+from nmt_lightning.plateau import PlateauStopping
+
+NAN, INF = float("nan"), float("inf")
+
+PROBES = {
+    QuantizationAwareTraining: ({}, [
+        ("bits", dict(bits="8")), ("bits", dict(bits=8.0)), ("bits", dict(bits=True)), ("bits", dict(bits=1)),
+        ("bits", dict(bits=9)), ("bits", dict(bits=None)), ("per_channel", dict(per_channel="yes")),
+        ("per_channel", dict(per_channel=1)), ("include", dict(include="model.*")), ("include", dict(include=[])),
+        ("include", dict(include=[1])), ("include", dict(include=None)), ("exclude", dict(exclude="x")),
+        ("exclude", dict(exclude=[None])), ("quantize_embeddings", dict(quantize_embeddings="no")),
+        ("ema_decay", dict(ema_decay="0.9")), ("ema_decay", dict(ema_decay=0)), ("ema_decay", dict(ema_decay=1)),
+        ("ema_decay", dict(ema_decay=True)), ("ema_decay", dict(ema_decay=NAN)), ("start_step", dict(start_step="5")),
+        ("start_step", dict(start_step=-1)), ("start_step", dict(start_step=True)), ("start_step", dict(start_step=1.5)),
+    ]),
+    QuantNoise: ({}, [
+        ("p", dict(p="0.1")), ("p", dict(p=-0.1)), ("p", dict(p=1.5)), ("p", dict(p=True)), ("p", dict(p=NAN)),
+        ("p", dict(p=1.0, scheme="pq")), ("scheme", dict(scheme="int2")), ("scheme", dict(scheme=8)),
+        ("block_size", dict(block_size=True)), ("block_size", dict(block_size=0)), ("block_size", dict(block_size="8")),
+        ("block_size", dict(block_size=8.0)), ("block_sizes", dict(block_sizes={"*attn*": 0})),
+        ("block_sizes", dict(block_sizes={"*attn*": True})), ("block_sizes", dict(block_sizes=[4])),
+        ("include", dict(include="*")), ("include", dict(include=[])), ("exclude", dict(exclude="*")),
+        ("noise_embeddings", dict(noise_embeddings=0)), ("per_channel", dict(per_channel="true")),
+        ("seed", dict(seed=-1)), ("seed", dict(seed="0")), ("compile", dict(compile=1)),
+        ("pq_gradient", dict(scheme="pq", pq_gradient="ste")),
+    ]),
+    IterativeProductQuantization: ({}, [
+        ("steps_per_stage", dict(steps_per_stage=0)), ("steps_per_stage", dict(steps_per_stage=True)),
+        ("steps_per_stage", dict(steps_per_stage="100")), ("steps_per_stage", dict(steps_per_stage=10.0)),
+        ("stages", dict(stages="*.ffn.*")), ("stages", dict(stages=[])), ("stages", dict(stages=["*.ffn.*"])),
+        ("stages", dict(stages=[[]])), ("stages", dict(stages=[[3]])), ("start_step", dict(start_step=-5)),
+        ("start_step", dict(start_step=True)), ("centroids", dict(centroids=0)), ("centroids", dict(centroids=70000)),
+        ("centroids", dict(centroids=True)), ("block_size", dict(block_size=False)),
+        ("block_sizes", dict(block_sizes={"*": -1})), ("centroid_counts", dict(centroid_counts={"*embed*": 0})),
+        ("centroid_counts", dict(centroid_counts=["*embed*"])), ("exclude", dict(exclude="*attn*")),
+        ("kmeans_iterations", dict(kmeans_iterations=0)), ("kmeans_iterations", dict(kmeans_iterations="20")),
+        ("centroid_bits", dict(centroid_bits=4)), ("centroid_bits", dict(centroid_bits=True)),
+        ("seed", dict(seed=None)),
+    ]),
+    LotteryTicketPruning: (dict(round_steps=10), [
+        ("sparsity", dict(sparsity=1.0)), ("sparsity", dict(sparsity=-0.1)), ("sparsity", dict(sparsity="0.8")),
+        ("sparsity", dict(sparsity=True)), ("rounds", dict(rounds=None)), ("rounds", dict(rounds=True)),
+        ("rounds", dict(rounds=-1)), ("rounds", dict(rounds=2.0)), ("rounds", dict(rounds=0)),
+        ("prune_fraction", dict(prune_fraction=0.0)), ("prune_fraction", dict(prune_fraction="0.2")),
+        ("round_steps", dict(round_steps=True)), ("round_steps", dict(round_steps=0)),
+        ("round_steps", dict(round_steps=None)), ("round_epochs", dict(round_steps=None, round_epochs=0)),
+        ("round_steps", dict(round_epochs=2)), ("rewind_step", dict(rewind_step=10)),
+        ("rewind_step", dict(rewind_step=-1)), ("rewind_step", dict(rewind_step="40")),
+        ("schedule", dict(schedule="rewind")), ("scope", dict(scope="model")), ("include", dict(include="*")),
+        ("exclude", dict(exclude=[2])), ("prune_embeddings", dict(prune_embeddings="yes")),
+        ("reinitialize", dict(reinitialize=1)), ("masks_from", dict(masks_from="no/such.ckpt")),
+        ("masks_from", dict(masks_from=3)), ("seed", dict(seed=1.0)),
+    ]),
+    MagnitudePruning: ({}, [
+        ("sparsity", dict(sparsity=1)), ("sparsity", dict(sparsity="0.5")), ("sparsity", dict(sparsity=NAN)),
+        ("sparsity", dict(sparsity=False)), ("end_step", dict(end_step=0)), ("end_step", dict(end_step=True)),
+        ("end_step", dict(end_step="1000")), ("end_step", dict(start_step=100, end_step=100)),
+        ("start_step", dict(start_step=-1)), ("start_step", dict(start_step=2.5)), ("start_step", dict(start_step=None)),
+        ("frequency", dict(frequency=0)), ("frequency", dict(frequency=True)), ("frequency", dict(frequency="10")),
+        ("scope", dict(scope="Global")), ("scope", dict(scope=None)), ("include", dict(include="*")),
+        ("include", dict(include=[])), ("exclude", dict(exclude="x")), ("exclude", dict(exclude=[""])),
+        ("prune_embeddings", dict(prune_embeddings=None)), ("prune_embeddings", dict(prune_embeddings=0)),
+    ]),
+}
+TEACHER_PROBES = {
+    KnowledgeDistillation: [
+        ("temperature", dict(temperature=0)), ("temperature", dict(temperature=NAN)),
+        ("temperature", dict(temperature="2")), ("temperature", dict(temperature=True)),
+        ("soft_weight", dict(soft_weight=-1.0)), ("soft_weight", dict(soft_weight="0.5")),
+        ("hard_weight", dict(hard_weight=INF)), ("hard_weight", dict(hard_weight=True)),
+        ("hidden_weight", dict(hidden_weight=-0.5)), ("soft_weight", dict(soft_weight=0.0)),
+        ("layer_map", dict(hidden_weight=1.0, layer_map={"decoder.x": "decoder.1"})),
+        ("layer_map", dict(hidden_weight=1.0, layer_map={"encoder.1": "decoder.1"})),
+        ("layer_map", dict(hidden_weight=1.0, layer_map={})), ("layer_map", dict(layer_map=["decoder.1"])),
+        ("teacher_inputs", dict(teacher_inputs="source")), ("teacher_inputs", dict(teacher_inputs=[])),
+        ("teacher_inputs", dict(teacher_inputs=[True])), ("teacher_inputs", dict(teacher_inputs=[-1])),
+        ("teacher", dict(teacher="")), ("teacher", dict(teacher="no/such.ckpt")), ("teacher", dict(teacher=5)),
+        ("teacher", dict(teacher="GARBAGE")), ("teacher_loader", dict(teacher_loader="no.such.loader")),
+        ("teacher_loader", dict(teacher_loader=3)),
+    ],
+    ProgressiveKnowledgeTransfer: [
+        ("mode", dict(mode="pkt")), ("mode", dict(mode=None)), ("stage_steps", dict(stage_steps=0)),
+        ("stage_steps", dict(stage_steps=True)), ("stage_steps", dict(stage_steps="10")),
+        ("temperature", dict(temperature=0)), ("feature_weight", dict(feature_weight=-1.0)),
+        ("feature_weight", dict(feature_weight="100")), ("attention_weight", dict(attention_weight=NAN)),
+        ("feature_weight", dict(feature_weight=0.0, attention_weight=0.0)),
+        ("soft_weight", dict(soft_weight=0.0, hard_weight=0.0)), ("hard_weight", dict(hard_weight=False)),
+        ("sides", dict(sides=["encoder", "middle"])), ("sides", dict(sides="encoder")),
+        ("sides", dict(sides=["encoder", "encoder"])), ("layer_modules", dict(layer_modules={"both": "model.layers"})),
+        ("layer_modules", dict(layer_modules={"encoder": 3})), ("layer_modules", dict(layer_modules=["x"])),
+        ("embedding_modules", dict(embedding_modules={"encoder": "model.src_embed"})),
+        ("copy_embeddings", dict(copy_embeddings="no")), ("teacher_layers", dict(teacher_layers={"encoder": [1.5]})),
+        ("teacher_layers", dict(teacher_layers={"encoder": [0]})), ("teacher_layers", dict(teacher_layers={"encoder": []})),
+        ("teacher_inputs", dict(teacher_inputs="source")), ("teacher", dict(teacher="no/such.ckpt")),
+        ("teacher", dict(teacher="GARBAGE")),
+    ],
+}
+PLATEAU_PROBES = [
+    ("monitor", dict(monitor="")), ("monitor", dict(monitor=3)), ("min_gain", dict(min_gain="0.3")),
+    ("min_gain", dict(min_gain=NAN)), ("min_gain", dict(min_gain=True)), ("window", dict(window=0)),
+    ("window", dict(window=0.75)), ("window", dict(window="0.25")), ("min_steps", dict(min_steps=-1)),
+    ("min_steps", dict(min_steps=True)), ("min_steps", dict(min_steps=1.5)), ("min_validations", dict(min_validations=0)),
+    ("min_validations", dict(min_validations="2")), ("record", dict(record=5)),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("arguments")
+    torch.save({"state_dict": {}}, folder / "teacher.ckpt")
+    (folder / "garbage.ckpt").write_text("not a checkpoint\n", encoding="utf-8")
+    return {"teacher": str(folder / "teacher.ckpt"), "GARBAGE": str(folder / "garbage.ckpt")}
+
+
+def assert_one_line_naming(error: BaseException, owner: str, argument: str) -> None:
+    message = str(error)
+    assert "\n" not in message, message
+    assert message.startswith(f"{owner}: "), message
+    assert argument in message, message
+
+
+def cases(table: dict) -> list:
+    return [pytest.param(cls, base, argument, settings, id=f"{cls.__name__}-{argument}-{index}")
+            for cls, (base, probes) in table.items() for index, (argument, settings) in enumerate(probes)]
+
+
+@pytest.mark.parametrize(("cls", "base", "argument", "settings"), cases(PROBES))
+def test_a_bad_argument_is_refused_in_one_line(cls, base: dict, argument: str, settings: dict) -> None:
+    with pytest.raises((ValueError, TypeError, FileNotFoundError)) as caught:
+        cls(**{**base, **settings})
+    assert_one_line_naming(caught.value, cls.__name__, argument)
+
+
+@pytest.mark.parametrize(("cls", "base", "argument", "settings"),
+                         cases({cls: ({}, probes) for cls, probes in TEACHER_PROBES.items()}))
+def test_a_bad_distillation_argument_is_refused_in_one_line(files: dict, cls, base: dict, argument: str,
+                                                            settings: dict) -> None:
+    settings = {key: files.get(value, value) if isinstance(value, str) else value for key, value in settings.items()}
+    with pytest.raises((ValueError, TypeError, FileNotFoundError)) as caught:
+        cls(**{"teacher": files["teacher"], **settings})
+    assert_one_line_naming(caught.value, cls.__name__, argument)
+
+
+@pytest.mark.parametrize(("argument", "settings"), PLATEAU_PROBES)
+def test_a_bad_plateau_argument_is_refused_in_one_line(argument: str, settings: dict) -> None:
+    with pytest.raises(ValueError) as caught:
+        PlateauStopping(**settings)
+    assert_one_line_naming(caught.value, "PlateauStopping", argument)
+
+
+@pytest.mark.parametrize("cls", [*PROBES, *TEACHER_PROBES])
+def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
+    """Good values of every type pass: ints for floats, tuples for lists, a Path for a file."""
+    extra = {LotteryTicketPruning: dict(round_steps=10, rewind_step=0, sparsity=1 / 2, schedule="restart"),
+             KnowledgeDistillation: dict(teacher=Path(files["teacher"]), temperature=1, soft_weight=1),
+             ProgressiveKnowledgeTransfer: dict(teacher=files["teacher"], teacher_layers={"encoder": (2, 4)}),
+             QuantNoise: dict(p=0, include=("model.*",), block_sizes={"*attn*": 4}),
+             IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096}),
+             MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4)}
+    cls(**extra.get(cls, {}))
+
+
+def test_masks_from_must_be_a_checkpoint_with_masks(files: dict, tmp_path: Path) -> None:
+    """masks_from is checked where given (a file) and read safely when training starts."""
+    ticket = LotteryTicketPruning(rounds=0, round_steps=10, masks_from=files["GARBAGE"])
+    with pytest.raises(ValueError, match=r"^LotteryTicketPruning: masks_from .*garbage.ckpt is not a checkpoint"):
+        from callbacks._checkpoint import read_checkpoint
+        read_checkpoint("LotteryTicketPruning", "masks_from", ticket.masks_from)
