@@ -115,6 +115,23 @@ def test_use_int8_linears_keeps_the_bias_and_the_shapes() -> None:
     torch.testing.assert_close(model(x), expected, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_exact_ties_round_half_to_even_in_the_export_as_in_qat(bits: int) -> None:
+    """max|W| = M makes the scale exactly 1, so every x.5 is an exact tie; IEEE rounding (half to
+    even, torch.round's and the QAT forward's) gives these codes, written by hand. Rounding half
+    away from zero (floor(x + 0.5)) would give 1, 2, 3, -1, -2, -3 and break the export's promise
+    of the very codes QAT trained with."""
+    from callbacks.quantization_aware_training import round_to_grid, weight_absmax
+
+    limit = 2 ** (bits - 1) - 1
+    weight = torch.tensor([[float(limit), 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, limit - 0.5]])
+    values, scale = quantize_weight(weight, bits, per_channel=False)
+    assert values.tolist() == [[limit, 0, 2, 2, 0, -2, -2, limit - 1]]  # M is odd: M - 0.5 goes down to even M - 1
+    assert float(scale) == 1.0
+    trained = round_to_grid(weight, weight_absmax(weight, per_channel=False), bits)  # what QAT's forward used
+    assert torch.equal(trained, values.float() * scale)
+
+
 def test_bad_int8_weights_are_refused() -> None:
     with pytest.raises(ValueError, match="2-D int8 tensor"):
         Int8Linear(Int8Weight(torch.zeros(4, 4), torch.tensor(1.0)), None)

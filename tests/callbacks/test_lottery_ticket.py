@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import LambdaCallback
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from callbacks import KnowledgeDistillation, LotteryTicketPruning, QuantizationA
 from callbacks._pruning import PruningMask
 from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
 from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
+from tests.callbacks.fixed import A, B, TwoLinears, batches
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
 from tests.conftest import run_script, tiny_module, tiny_trainer
 
@@ -202,3 +204,70 @@ def test_gradual_magnitude_pruning_follows_the_cubic_schedule_and_resumes(tmp_pa
     assert_same_state(straight, resumed, tolerance=0)
     with pytest.raises(ValueError, match="end_step must be an integer >= 3, got 2"):
         MagnitudePruning(start_step=2, end_step=2)
+
+
+# Which weights a magnitude round keeps, written by hand for tests/callbacks/fixed.py's weights,
+# 50% kept (6 of 12): |A| = 9 .1 5 4 / .3 7 .4 6 and |B| = .5 .6 / .8 .05.
+GLOBAL_KEEP = ([[1, 0, 1, 1], [0, 1, 0, 1]], [[0, 0], [1, 0]])  # the 6 largest |w| of both: 9 7 6 5 4 .8
+LAYER_KEEP = ([[1, 0, 1, 0], [0, 1, 0, 1]], [[0, 1], [1, 0]])  # the larger half of each: 9 7 6 5 | .8 .6
+# (Ranking by signed value would keep 6 5 .8 .5 .4 .3; a per-layer round run as "global" keeps LAYER_KEEP.)
+
+
+@pytest.mark.parametrize(("scope", "expected"), [("global", GLOBAL_KEEP), ("layer", LAYER_KEEP)])
+@pytest.mark.parametrize("method", ["ticket", "gradual"])
+def test_a_round_keeps_the_largest_magnitudes_over_the_model_or_per_layer(tmp_path: Path, scope: str, expected: tuple,
+                                                                         method: str) -> None:
+    from callbacks import MagnitudePruning
+
+    model = TwoLinears()  # lr 0: the weights pruned are the ones above
+    if method == "ticket":  # one round of 2 steps, then the pruning at step 2
+        pruning, steps = LotteryTicketPruning(sparsity=0.5, rounds=1, round_steps=2, scope=scope), 3
+    else:  # the cubic schedule reaches 50% at step 1
+        pruning, steps = MagnitudePruning(sparsity=0.5, start_step=0, end_step=1, frequency=1, scope=scope), 2
+    trainer(tmp_path, [pruning], max_steps=steps).fit(model, batches([[1.0, 1.0, 1.0, 1.0]] * steps))
+    for name, weights, kept in zip(("a", "b"), (A, B), expected):
+        module = getattr(model, name)
+        assert find_weight_transform(module, PruningMask).mask.tolist() == kept, (scope, name)
+        # The survivors keep their values, the pruned ones are exactly zero.
+        assert trainable_weight(module).tolist() == (torch.tensor(weights) * torch.tensor(kept)).tolist()
+
+
+@pytest.mark.parametrize(("stop", "total"), [(7, 9), (5, 7)])
+def test_resume_right_before_a_pruning_and_inside_a_round(tmp_path: Path, stop: int, total: int) -> None:
+    """Prunings at steps 4, 8, 12. Stopped one step before the second pruning; and stopped after
+    the first one and resumed to a step before the next, where nothing rewinds: a mask not
+    restored from the checkpoint would let the pruned weights train again."""
+    straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, lambda: [ticket()],
+                                                  classification_data, stop=stop, total=total)
+    assert "hidden.parametrizations.weight.0.mask" in resumed
+    assert_same_state(straight, resumed, tolerance=0)
+    if total == 7:
+        for name in LAYERS:  # 152 of 304 pruned at step 4 (over both layers); still exactly 0 three steps on
+            mask = resumed[f"{name}.parametrizations.weight.0.mask"]
+            assert (resumed[f"{name}.parametrizations.weight.original"][mask == 0] == 0).all()
+        assert sum(int(resumed[f"{name}.parametrizations.weight.0.mask"].sum()) for name in LAYERS) == 152
+
+
+class RampClassifier(BagOfWordsClassifier):
+    """Adam with lr = 0.01 * (step + 1): every step of the schedule has its own rate."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        ramp = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step + 1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": ramp, "interval": "step"}}
+
+
+def test_late_rewinding_continues_the_schedule_from_step_k(tmp_path: Path) -> None:
+    """Frankle et al. rewind the learning rate with the weights: after each pruning (steps 3 and
+    6) the rate is the one of step k = 2 and goes on from there; ``schedule="restart"`` starts
+    it again at step 0. Adam's moments start afresh either way."""
+    expected = {"continue": [0.01, 0.02, 0.03, 0.03, 0.04, 0.05, 0.03],
+                "restart": [0.01, 0.02, 0.03, 0.01, 0.02, 0.03, 0.01]}
+    for schedule, rates in expected.items():
+        seen = []
+        probe = LambdaCallback(on_train_batch_start=lambda t, *_: seen.append(
+            round(t.optimizers[0].param_groups[0]["lr"], 9)))
+        pruning = LotteryTicketPruning(sparsity=0.75, rounds=2, round_steps=3, rewind_step=2, schedule=schedule,
+                                       include=LAYERS)
+        trainer(tmp_path / schedule, [pruning, probe], max_steps=7).fit(RampClassifier(), classification_data())
+        assert seen == rates, schedule

@@ -293,3 +293,28 @@ def test_post_training_ipq_export_from_the_command_line(trained_checkpoint: Path
     compressed = train_tiny_checkpoint(prepared_dir, tmp_path / "qat", callbacks=(QuantNoise(),))
     with pytest.raises(CorpusError, match="post-training iPQ quantizes an uncompressed model"):
         export_checkpoint(compressed, tmp_path / "twice.safetensors", "ipq")
+
+
+def test_the_default_stages_are_fairseqs_order_on_a_translation_model(prepared_dir: Path, tmp_path: Path) -> None:
+    """Stock et al. / fairseq quantize a Transformer's feed-forward layers first, then the
+    embeddings (with the output projection tied to them), then attention; one stage a step here."""
+    from tests.conftest import tiny_module, tiny_trainer
+
+    module, datamodule = tiny_module(prepared_dir)
+    quantization = IterativeProductQuantization(steps_per_stage=1, centroids=4, kmeans_iterations=1)
+    stages: list[set[str]] = []
+
+    def record(trainer, pl_module, *_):
+        stages.append({name for name, m in pl_module.named_modules()
+                       if any(isinstance(t, CentroidWeight) and t.active for t in weight_transforms(m))})
+
+    probe = L.pytorch.callbacks.LambdaCallback(on_train_batch_start=record)
+    tiny_trainer(tmp_path, max_steps=3, callbacks=[quantization, probe]).fit(module, datamodule=datamodule)
+    feed_forward = {f"model.{side}_layers.0.ffn.{fc}" for side in ("encoder", "decoder") for fc in ("fc1", "fc2")}
+    embeddings = {"model.src_embed", "model.output_projection"}  # shared embedding (tgt_embed is src_embed)
+    attention = {f"model.{layer}.{projection}" for layer in ("encoder_layers.0.self_attn", "decoder_layers.0.self_attn",
+                                                            "decoder_layers.0.cross_attn")
+                 for projection in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert stages[0] == feed_forward
+    assert stages[1] - {"model.tgt_embed"} == feed_forward | embeddings
+    assert stages[2] - {"model.tgt_embed"} == feed_forward | embeddings | attention

@@ -14,6 +14,7 @@ from callbacks._transforms import trainable_weight, weight_transforms
 from callbacks.quant_noise import NoisyWeight
 from callbacks.quantization_aware_training import FakeQuantizedWeight, fake_quantize, weight_absmax
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.fixed import A, B, TwoLinears, batches
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
 from tests.callbacks.test_transforms import MaskCallback
 
@@ -262,3 +263,48 @@ def test_compiled_noise_equals_the_eager_noise_on_a_gpu() -> None:
         callback.draw_masks()
     for name in ("hidden", "out", "embed"):
         torch.testing.assert_close(getattr(fused, name).weight, getattr(eager, name).weight, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "pq"])
+def test_the_stored_weight_is_never_written(tmp_path: Path, scheme: str) -> None:
+    """With lr 0 the parameters must come out of training bit for bit as they went in, although
+    every step's forward pass saw noisy weights (fairseq's quant_noise writes them into .data)."""
+    model = TwoLinears()
+    seen = []
+    model.a.register_forward_hook(lambda module, args, output: seen.append(module.weight.detach().clone()))
+    noise = QuantNoise(p=0.5, scheme=scheme, block_size=2, seed=0)
+    trainer(tmp_path, [noise], max_steps=6).fit(model, batches([[1.0, 1.0, 1.0, 1.0]] * 6))
+    assert torch.equal(trainable_weight(model.a), torch.tensor(A))
+    assert torch.equal(trainable_weight(model.b), torch.tensor(B))
+    assert sum(not torch.equal(weight, torch.tensor(A)) for weight in seen) >= 3  # the noise acted
+    model.eval()
+    assert torch.equal(model.a.weight, torch.tensor(A))  # and evaluation sees the exact weight
+
+
+def test_the_noise_of_int_schemes_is_the_rounding_error_of_the_chosen_blocks() -> None:
+    """int4, per row: row 0 of A has max|w| 9, scale 7 / 9; its blocks of 2 are (-9, 0.1) and
+    (5, -4). Noising only the second block puts 5 and -4 on the grid, by hand: round(5 * 7 / 9)
+    = 4 -> 4 * 9 / 7, round(-4 * 7 / 9) = -3 -> -3 * 9 / 7; everything else stays exact."""
+    transform = NoisyWeight("int4", p=0.5, block_size=2, per_channel=True).train()
+    transform.mask = torch.tensor([[False, True], [False, False]])
+    noisy = transform(torch.tensor(A))
+    expected = torch.tensor(A)
+    expected[0, 2], expected[0, 3] = 4 * 9 / 7, -3 * 9 / 7
+    torch.testing.assert_close(noisy, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "dropout"])
+def test_the_pq_noise_and_its_gradient(gradient: str) -> None:
+    """pq, p = 0.25, blocks of 2: the dropped blocks are 0 and the kept ones scaled by 1 / 0.75.
+    The paper's gradient (straight through) reaches every block unscaled; the dropout gradient
+    is 0 on dropped blocks and 1 / 0.75 of it on kept ones."""
+    transform = NoisyWeight("pq", p=0.25, block_size=2, per_channel=True, pq_gradient=gradient).train()
+    transform.mask = torch.tensor([[True, False], [False, True]])
+    weight = torch.tensor(A, requires_grad=True)
+    upstream = torch.arange(1.0, 9.0).view(2, 4)
+    noisy = transform(weight)
+    kept = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(noisy, torch.tensor(A) * kept / 0.75, rtol=0, atol=1e-6)
+    (noisy * upstream).sum().backward()
+    expected = upstream if gradient == "straight_through" else upstream * kept / 0.75
+    torch.testing.assert_close(weight.grad, expected, rtol=0, atol=1e-6)

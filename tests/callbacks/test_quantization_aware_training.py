@@ -19,6 +19,7 @@ from callbacks.quantization_aware_training import (
     weight_absmax,
 )
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
+from tests.callbacks.fixed import TwoLinears, batches
 from tests.callbacks.helpers import (
     assert_same_state,
     resumed_and_uninterrupted,
@@ -256,3 +257,19 @@ def test_a_plain_checkpoint_loads_into_the_quantized_model(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="saved without weight transforms on embed.weight.*start from its weights"):
         trainer(tmp_path / "b", [QuantizationAwareTraining()], max_steps=6).fit(
             BagOfWordsClassifier(), classification_data(), ckpt_path=tmp_path / "ckpt" / "plain.ckpt")
+
+
+def test_the_activation_range_is_the_ema_of_the_batch_maxima(tmp_path: Path) -> None:
+    """Q8BERT's activation range, by hand for three batches whose max|x| is 2, 4 and 1 (decay
+    0.9): 2 (the first batch's own), 0.9 * 2 + 0.1 * 4 = 2.2, 0.9 * 2.2 + 0.1 * 1 = 2.08. Each
+    step quantizes on the range of the steps before it: at the second, x = -4 saturates at -2."""
+    model = TwoLinears()
+    seen = []
+    model.a.register_forward_hook(lambda module, args, output: seen.append(args[0].detach().clone()))
+    qat = QuantizationAwareTraining(include=["a"], ema_decay=0.9)
+    trainer(tmp_path, [qat], max_steps=3).fit(model, batches([[2.0, -1.0, 0.5, 0.0], [-4.0, 1.0, 0.0, 0.0],
+                                                              [1.0, 0.5, 0.0, 0.0]]))
+    assert model.a.input_quantizer.absmax.item() == pytest.approx(2.08, rel=1e-6)
+    assert seen[1][0, 0].item() == -2.0  # on the grid of range 2: clamp(round(-4 * 127 / 2), -127, 127) / (127 / 2)
+    assert seen[1][0, 1].item() == pytest.approx(round(127 / 2) / (127 / 2), rel=1e-6)  # 1 on that grid: 64 / 63.5
+    assert seen[0][0, 2].item() == pytest.approx(round(0.5 * 127 / 2) / (127 / 2), rel=1e-6)  # first batch: its own range
