@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import LambdaCallback
 import pytest
 import torch
 
-from callbacks import KnowledgeDistillation, LotteryTicketPruning, QuantizationAwareTraining
+from callbacks import KnowledgeDistillation, LotteryTicketPruning, QuantizationAwareTraining, QuantNoise
 from callbacks._pruning import PruningMask
 from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
 from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
@@ -271,3 +271,35 @@ def test_late_rewinding_continues_the_schedule_from_step_k(tmp_path: Path) -> No
                                        include=LAYERS)
         trainer(tmp_path / schedule, [pruning, probe], max_steps=7).fit(RampClassifier(), classification_data())
         assert seen == rates, schedule
+
+
+def test_two_process_ddp_gradual_pruning_keeps_the_masks_identical(tmp_path: Path) -> None:
+    run_script("magnitude_pruning_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["sparsity"] == pytest.approx(0.75, abs=1 / 304)
+
+
+def test_two_process_ddp_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped at step 5 (inside the second round) and resumed to 8 under DDP: masks, weights and
+    the activation ranges equal an uninterrupted 8-step run on both ranks."""
+    for mode in ("straight", "first", "resumed"):
+        run_script("resume_ddp.py", tmp_path, mode)
+    states = {(mode, rank): json.loads((tmp_path / f"{mode}.rank{rank}.json").read_text())
+              for mode in ("straight", "resumed") for rank in range(2)}
+    assert "hidden.parametrizations.weight.0.mask" in states["straight", 0]
+    assert "hidden.input_quantizer.absmax" in states["straight", 0]
+    assert states["straight", 0] == states["straight", 1] == states["resumed", 0] == states["resumed", 1]
+
+
+def test_three_callbacks_on_one_layer_resume_mid_run_as_uninterrupted(tmp_path: Path) -> None:
+    """A lottery ticket's mask, Quant-Noise and QAT on the same weights (mask -> noise -> grid),
+    stopped inside the second round and resumed: the same weights, masks and ranges."""
+    def callbacks() -> list:
+        return [QuantizationAwareTraining(include=LAYERS, quantize_embeddings=False),
+                QuantNoise(p=0.25, scheme="int8", block_size=4, include=LAYERS, seed=3), ticket()]
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, BagOfWordsClassifier, callbacks, classification_data,
+                                                  stop=6, total=11)
+    assert {"hidden.parametrizations.weight.0.mask", "hidden.input_quantizer.absmax"} <= set(resumed)
+    assert_same_state(straight, resumed, tolerance=0)

@@ -226,3 +226,72 @@ def test_the_bottleneck_student_trains_with_qat_and_exports_to_int8(teacher: Pat
     assert linear and set(linear.values()) == {Int8Linear}, linear
     lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:2]
     assert len(translate_lines(deployed, lines, beam=1, progress=False)) == 2
+
+
+def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(tmp_path: Path) -> None:
+    """MobileBERT's two transfer losses, computed here from their definitions in float64 on random
+    features: the feature-map loss is the mean squared difference of the two layer outputs, each
+    normalised over its width (no learned scale); the attention loss is KL(teacher || student) per
+    query (summed over keys), averaged over heads, real query positions and the layer's maps.
+    Reversing the KL, dropping the normalisation or averaging over padding gives other numbers."""
+    from types import SimpleNamespace
+
+    from callbacks.progressive_transfer import _Stage
+
+    torch.save({}, tmp_path / "teacher.ckpt")
+    transfer = ProgressiveKnowledgeTransfer(str(tmp_path / "teacher.ckpt"))
+    transfer.stages, transfer.stage = [_Stage([("encoder", 1), ("decoder", 1)], distill=False, trainable=None)], 0
+    transfer.mapping = {"encoder": [1], "decoder": [1]}
+    generator = torch.Generator().manual_seed(0)
+    batch_size, source_length, target_length, width, heads = 2, 5, 4, 6, 3
+
+    def features(scale: float) -> SimpleNamespace:
+        def attention(queries: int, keys: int) -> torch.Tensor:
+            return torch.softmax(scale * torch.randn(batch_size, heads, queries, keys, generator=generator), dim=-1)
+        return SimpleNamespace(
+            encoder_states=[torch.randn(batch_size, source_length, width, generator=generator) * scale + 1 for _ in range(2)],
+            decoder_states=[torch.randn(batch_size, target_length, width, generator=generator) * scale for _ in range(2)],
+            encoder_self_attention=[attention(source_length, source_length)],
+            decoder_self_attention=[attention(target_length, target_length)],
+            cross_attention=[attention(target_length, source_length)])
+
+    student, teacher = features(1.0), features(3.0)
+    source_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    target_mask = torch.tensor([[True] * 4, [True] * 2 + [False] * 2])
+    num_tokens = int(target_mask.sum())
+    batch = object()
+    context = SimpleNamespace(batch=batch, logits=torch.zeros(batch_size, target_length, 7), features=student,
+                              target_mask=target_mask, source_mask=source_mask, num_tokens=num_tokens)
+    transfer._pass = (batch, context.logits, teacher)
+
+    def normalised(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        mean = x.mean(-1, keepdim=True)
+        return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
+
+    per_layer = []
+    for side, mask in (("encoder", source_mask), ("decoder", target_mask)):
+        mine = normalised(getattr(student, f"{side}_states")[1][mask])
+        theirs = normalised(getattr(teacher, f"{side}_states")[1][mask])
+        per_layer.append(((mine - theirs) ** 2).mean())
+    expected_features = sum(per_layer) / 2 * num_tokens
+
+    def kl(theirs: torch.Tensor, mine: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        total, count = 0.0, 0
+        for b in range(theirs.shape[0]):
+            for h in range(theirs.shape[1]):
+                for q in range(theirs.shape[2]):
+                    if queries[b, q]:
+                        p, r = theirs[b, h, q].double(), mine[b, h, q].double()
+                        total, count = total + (p * (p.log() - r.log())).sum(), count + 1
+        return total / count
+
+    maps = [kl(teacher.encoder_self_attention[0], student.encoder_self_attention[0], source_mask),
+            kl(teacher.decoder_self_attention[0], student.decoder_self_attention[0], target_mask),
+            kl(teacher.cross_attention[0], student.cross_attention[0], target_mask)]
+    expected_attention = sum(maps) / 3 * num_tokens
+    assert transfer._feature_loss(context).item() == pytest.approx(expected_features.item(), rel=1e-5)
+    assert transfer._attention_loss(context).item() == pytest.approx(expected_attention.item(), rel=1e-5)
+    reversed_kl = sum(kl(s, t, m) for s, t, m in ((student.encoder_self_attention[0], teacher.encoder_self_attention[0],
+                                                   source_mask),)) * num_tokens
+    assert abs(reversed_kl - maps[0] * num_tokens) > 0.1  # the inputs tell the two directions apart
