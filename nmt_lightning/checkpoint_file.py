@@ -32,14 +32,24 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format, or its legacy pickle
+        raise CorpusError(f"{path}: not a checkpoint: it does not start as a file torch.save writes "
+                          f"(first bytes {start!r})")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      str(error).strip().splitlines()[0] if str(error).strip() else "")
-        raise CorpusError(f"{path}: refused to load: it holds Python objects that unpickling would run, not only "
-                          f"tensors and plain data ({reason})") from None
+        text = str(error)
+        unsafe = next((line.strip() for line in text.splitlines() if "Unsupported global" in line or "GLOBAL" in line), "")
+        if unsafe:
+            raise CorpusError(f"{path}: refused to load: it holds Python objects that unpickling would run, not only "
+                              f"tensors and plain data ({unsafe})") from None
+        # Not a pickle torch.save wrote at all (random bytes, a text file): say so, not "Python objects".
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported operand" in line
+                       or "invalid load key" in line), text.strip().splitlines()[0] if text.strip() else "")
+        raise CorpusError(f"{path}: not a checkpoint: torch.load cannot read it ({detail})") from None
     except Exception as error:  # a truncated or foreign file: say which, in one line
         raise CorpusError(f"{path}: not a readable checkpoint ({type(error).__name__}: "
                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''})") from None
