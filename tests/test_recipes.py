@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from nmt_lightning.cli import main
 from nmt_lightning.lightning_cli import TranslationCLI
@@ -35,18 +36,46 @@ def test_first_line_is_the_command(recipe: Path) -> None:
     assert first.startswith("# nmt-lightning fit --config ") and str(recipe.relative_to(RECIPES.parent)) in first
 
 
+def instantiate(recipe: Path, prepared_dir: Path) -> TranslationCLI:
+    """The recipe (after tiny.yaml for an add-on) built by the CLI without running; a teacher it
+    names is created as an empty checkpoint (callbacks check their files where they are made)."""
+    configs = ["--config", str(TINY), "--config", str(recipe)] if recipe in ADD_ONS else ["--config", str(recipe)]
+    if "init_from:" in recipe.read_text():  # the checkpoint it fine-tunes does not exist here
+        configs += ["--model.init_from=null", "--model.init_layers=null"]
+    for line in recipe.read_text().splitlines():
+        if line.strip().startswith("teacher:"):
+            teacher = Path(line.split(":", 1)[1].strip())
+            teacher.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"state_dict": {}}, teacher)
+    # GPU recipes are checked for their keys and types on this CPU machine.
+    return TranslationCLI(TranslationModule, TranslationDataModule, run=False,
+                          args=[*configs, f"--data.data_dir={prepared_dir}", "--trainer.accelerator=cpu",
+                                "--trainer.devices=1", *SMALL])
+
+
 @pytest.mark.parametrize("recipe", ALL_YAML, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_instantiates(recipe: Path, prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    configs = ["--config", str(TINY), "--config", str(recipe)] if recipe in ADD_ONS else ["--config", str(recipe)]
-    if "init_from:" in recipe.read_text():  # the checkpoint it fine-tunes does not exist here
-        configs += ["--model.init_from=null", "--model.init_layers=null"]
-    # GPU recipes are checked for their keys and types on this CPU machine.
-    cli = TranslationCLI(TranslationModule, TranslationDataModule, run=False,
-                         args=[*configs, f"--data.data_dir={prepared_dir}", "--trainer.accelerator=cpu",
-                               "--trainer.devices=1", *SMALL])
+    cli = instantiate(recipe, prepared_dir)
     assert cli.model.hparams.src_vocab_size == cli.datamodule.src_vocab_size
+
+
+@pytest.mark.parametrize("add_on", sorted((RECIPES / "compress").glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_add_on_writes_to_a_run_directory_of_its_own(add_on: Path, prepared_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An add-on appends its suffix to the run directory (checkpoints, logs): running it never
+    replaces the last.ckpt of the model it started from, which benchmarks read as the main job's."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    cli = instantiate(add_on, prepared_dir)
+    suffix = add_on.read_text(encoding="utf-8").split("run_suffixes+: [", 1)[1].split("]", 1)[0]
+    expected = f"runs/libreoffice_en_cs_tiny_{suffix}"
+    assert cli.trainer.default_root_dir == expected
+    assert [c.dirpath for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)] == [
+        str(tmp_path / expected / "checkpoints")]  # (Lightning makes it absolute)
+    assert cli.trainer.logger.save_dir == expected
 
 
 def test_tiny_recipe_fast_dev_run(prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,7 +94,8 @@ def test_train_then_qat_finetune_then_export(prepared_dir: Path, tmp_path: Path,
     assert fp32.is_file()
     assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "finetune.yaml"),
                  "--config", str(RECIPES / "compress" / "qat.yaml"), *quick]) == 0
-    qat = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+    qat = Path("runs/libreoffice_en_cs_tiny_finetune_qat/checkpoints/last.ckpt")  # an add-on's own run directory
+    assert not Path("runs/libreoffice_en_cs_tiny_finetune").exists()
     assert main(["export", "--checkpoint", str(qat), "--output", "model.int8.safetensors"]) == 0
     assert ": int8," in capsys.readouterr().err
     # A checkpoint written by LightningCLI (it carries the CLI's private hyper-parameters) and
@@ -86,7 +116,7 @@ def test_quant_noise_then_ipq_through_the_cli(prepared_dir: Path, tmp_path: Path
     assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "finetune.yaml"),
                  "--config", str(RECIPES / "compress" / "quant_noise.yaml"),
                  "--config", str(RECIPES / "compress" / "ipq.yaml"), *quick]) == 0
-    checkpoint = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+    checkpoint = Path("runs/libreoffice_en_cs_tiny_finetune_quant_noise_ipq/checkpoints/last.ckpt")
     assert main(["export", "--checkpoint", str(checkpoint), "--output", "model.safetensors"]) == 0
     assert ": int4+ipq," in capsys.readouterr().err  # feed-forward codebooks (stage 0), int4 elsewhere
     assert main(["translate", "--checkpoint", "model.safetensors", "--input", str(prepared_dir / "test.en"),
@@ -103,7 +133,7 @@ def test_teacher_then_distilled_student_through_the_cli(prepared_dir: Path, tmp_
                  "--model.encoder_layers=2", "--model.decoder_layers=2"]) == 0
     assert Path("runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt").is_file()
     assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "compress" / "distill.yaml"), *quick]) == 0
-    student = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    student = Path("runs/libreoffice_en_cs_tiny_distilled/checkpoints/last.ckpt")
     assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors"]) == 0
     assert main(["translate", "--checkpoint", "student.safetensors", "--input", str(prepared_dir / "test.en"),
                  "--output", "hyp.cs", "--beam", "2"]) == 0
@@ -121,7 +151,7 @@ def test_teacher_then_bottleneck_student_with_progressive_transfer_through_the_c
         assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "bottleneck.yaml"),
                      "--config", str(RECIPES / "compress" / "progressive_transfer.yaml"), *quick,
                      "--model.bottleneck_dim=16", "--model.embedding_dim=16"]) == 0
-    student = Path("runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt")
+    student = Path("runs/libreoffice_en_cs_bottleneck_pkt/checkpoints/last.ckpt")
     assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors", "--quantize", "int8"]) == 0
     assert main(["translate", "--checkpoint", "student.safetensors", "--input", str(prepared_dir / "test.en"),
                  "--output", "hyp.cs", "--beam", "2"]) == 0

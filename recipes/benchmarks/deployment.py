@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from side_by_side import cpu_description, write_table  # recipes/benchmarks/side_by_side.py
+from side_by_side import MAIN_JOB_MODEL, check_given_model, cpu_description, write_table  # side_by_side.py
 
 ROOT = Path(__file__).resolve().parents[2]
 
 FP32 = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
-QAT = ROOT / "runs/int8_benchmark/qat_finetune/runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt"
+QAT = ROOT / "runs/int8_benchmark/qat_finetune/runs/libreoffice_en_cs_tiny_finetune_qat/checkpoints/last.ckpt"
 BASELINE = "ours fp32"
 CT2_QAT = "CTranslate2 int8 of QAT"  # the QAT model converted to CTranslate2 int8 (the distillation table reads it)
 
@@ -214,6 +214,8 @@ def main() -> None:
                        (args.data_dir / "test.en", "--data-dir")):
         if not path.exists():
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    check_given_model(args.fp32_checkpoint, "--fp32-checkpoint", MAIN_JOB_MODEL,
+                      default=args.fp32_checkpoint == parser.get_default("fp32_checkpoint"))
     import torch
     from sacrebleu.metrics import BLEU
 

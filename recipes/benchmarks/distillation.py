@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
 from deployment import BASELINE, CT2_QAT  # noqa: E402  (recipes/benchmarks/deployment.py: its table's row names)
-from side_by_side import (cached, checkpoint_step, cpu_description, export_and_score,  # noqa: E402
+from side_by_side import (MAIN_JOB_MODEL, TEACHER_MODEL, cached, check_given_model, checkpoint_step, cpu_description, export_and_score,  # noqa: E402
                           prepared_test_split, run_fit, translation_speed_rounds,
                           write_table)  # recipes/benchmarks/side_by_side.py
 
@@ -58,7 +58,7 @@ QAT = ROOT / "recipes/compress/qat.yaml"
 TEACHER = ROOT / "runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt"
 MAIN_JOB = ROOT / "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 TRAINED = Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")  # relative to a student's run directory
-FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")
+FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune_qat/checkpoints/last.ckpt")  # tiny + finetune + qat.yaml
 RECIPE_STEPS = 1400  # tiny.yaml's max_steps: the main job's model is the from-scratch row at this budget
 TEACHER_STEPS = 4000  # teacher.yaml's max_steps
 
@@ -83,6 +83,7 @@ def teacher_checkpoint(args: argparse.Namespace) -> Path:
     if path != TEACHER.resolve():
         if not path.is_file():
             sys.exit(f"--teacher-checkpoint {path}: no such file")
+        check_given_model(path, "--teacher-checkpoint", {**TEACHER_MODEL, "what": "a 6+6 teacher"}, default=False)
         return path
     done = checkpoint_step(path)
     if done < TEACHER_STEPS:
@@ -94,6 +95,7 @@ def teacher_checkpoint(args: argparse.Namespace) -> Path:
             resumed.write_bytes(path.read_bytes())
             command.append(f"--ckpt_path={resumed}")
         subprocess.run(command, cwd=ROOT, check=True)
+    check_given_model(path, "--teacher-checkpoint", TEACHER_MODEL, default=True)
     return path
 
 
@@ -119,6 +121,7 @@ def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]
     kd = distillation_yaml(teacher)
     rows = [("teacher (6+6)", teacher, "fp32")]
     if args.steps == RECIPE_STEPS and MAIN_JOB.is_file():
+        check_given_model(MAIN_JOB, "the student from scratch", MAIN_JOB_MODEL, default=True)
         scratch = MAIN_JOB
     else:
         scratch = student(args, "scratch", args.data_dir, False, [])

@@ -49,7 +49,7 @@ from nmt_lightning.export.plan import compression_manifest  # noqa: E402
 from nmt_lightning.int8 import Int8Linear  # noqa: E402
 from nmt_lightning.module import TranslationModule  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
-from side_by_side import cpu_description, weight_bytes  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import MAIN_JOB_MODEL, check_given_model, cpu_description, weight_bytes  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
@@ -60,6 +60,7 @@ CONTROL_ROW = "fp32 + same fine-tuning (control)"
 EXPORT_FILES = {"fp32": "fp32.safetensors", PTQ_ROW: "ptq.int8.safetensors", "QAT int8": "qat.int8.safetensors",
                 CONTROL_ROW: "control.fp32.safetensors"}  # row -> file name in OUT
 FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune/checkpoints/last.ckpt")  # relative to the run's directory
+QAT_FINETUNED = Path("runs/libreoffice_en_cs_tiny_finetune_qat/checkpoints/last.ckpt")  # qat.yaml's run_suffixes
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run_cli(arguments: list[str], cwd: Path) -> None:
 
 def finetune(fp32_checkpoint: Path, data_dir: Path, run_dir: Path, quantize: bool) -> Path:
     """The fine-tuning recipe, run in ``run_dir`` (its relative paths land there)."""
-    checkpoint = run_dir / FINETUNED
+    checkpoint = run_dir / (QAT_FINETUNED if quantize else FINETUNED)
     if checkpoint.is_file():
         print(f"reusing {checkpoint} (delete {run_dir} to fine-tune again)")
         return checkpoint
@@ -209,6 +210,8 @@ def train_and_export(args: argparse.Namespace, out: Path, data_dir: Path) -> tup
         run_cli(["fit", "--config", str(TINY), f"--data.data_dir={data_dir}"], Path.cwd())
         if not fp32_checkpoint.is_file():
             raise SystemExit(f"{fp32_checkpoint}: still missing after training tiny.yaml (pass --fp32-checkpoint)")
+    check_given_model(fp32_checkpoint, "--fp32-checkpoint", MAIN_JOB_MODEL,
+                      default=args.fp32_checkpoint == "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
     qat_checkpoint = (Path(args.qat_checkpoint).resolve() if args.qat_checkpoint
                       else finetune(fp32_checkpoint, data_dir, out / "qat_finetune", quantize=True))
 

@@ -51,7 +51,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the repository
 
-from side_by_side import cached, cpu_description, run_fit, translation_speed_rounds, weight_bytes, write_table  # noqa: E402  (recipes/benchmarks/side_by_side.py)
+from side_by_side import (MAIN_JOB_MODEL, cached, check_given_model, cpu_description, run_fit,  # noqa: E402
+                          translation_speed_rounds, weight_bytes, write_table)  # (recipes/benchmarks/side_by_side.py)
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
 FINETUNE = ROOT / "recipes/libreoffice_en_cs/finetune.yaml"
@@ -187,6 +188,8 @@ def main() -> None:
     for path, what in ((args.fp32_checkpoint, "--fp32-checkpoint"), (args.data_dir / "test.en", "--data-dir")):
         if not path.exists():
             sys.exit(f"{what}: {path} does not exist; run bash recipes/libreoffice_en_cs/main_job.sh first")
+    check_given_model(args.fp32_checkpoint, "--fp32-checkpoint", MAIN_JOB_MODEL,
+                      default=args.fp32_checkpoint == parser.get_default("fp32_checkpoint").resolve())
     if args.ipq_steps is None:
         args.ipq_steps = 2 * args.steps
     if args.ipq_steps < 3:

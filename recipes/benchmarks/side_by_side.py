@@ -199,3 +199,38 @@ def export_and_score(out: Path, row: tuple[str, Path, Optional[str]], sources: l
         return result
 
     return model_file, cached(out / "scores" / f"{slug}.json", scores)
+
+
+# What the recipes train: (encoder layers, decoder layers, d_model, max_steps).
+MAIN_JOB_MODEL = {"what": "the main job's model (tiny.yaml)", "layers": (3, 3), "d_model": 256, "steps": 1400}
+TEACHER_MODEL = {"what": "the teacher (tiny.yaml + teacher.yaml)", "layers": (6, 6), "d_model": 256, "steps": 4000}
+
+
+def check_given_model(path: Path, argument: str, expected: dict, default: bool) -> dict:
+    """Refuse a checkpoint that is not the model a benchmark takes it for: another architecture,
+    a compressed run (an add-on's), or, when the benchmark's default path is used, another step
+    count than the recipe's (a run stopped early, or an add-on that replaced its last.ckpt).
+    An explicitly given checkpoint may have trained any number of steps: it is the user's
+    choice, and the tables name it. Returns (step, layers, d_model) as read."""
+    from nmt_lightning.checkpoint_file import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    hyper = checkpoint.get("hyper_parameters", {})
+    presets = {"tiny": (3, 3, 256)}
+    preset = presets.get(hyper.get("preset", "tiny"), (None, None, None))
+    layers = (hyper.get("encoder_layers") or preset[0], hyper.get("decoder_layers") or preset[1])
+    d_model = hyper.get("d_model") or preset[2]
+    step = int(checkpoint.get("global_step", 0))
+    found = {"step": step, "layers": layers, "d_model": d_model}
+    problems = []
+    if layers != expected["layers"] or d_model != expected["d_model"]:
+        problems.append(f"it is a {layers[0]}+{layers[1]} model of width {d_model}, {expected['what']} is "
+                        f"{expected['layers'][0]}+{expected['layers'][1]} of width {expected['d_model']}")
+    if checkpoint.get("compression") or any(".parametrizations." in key for key in checkpoint.get("state_dict", {})):
+        problems.append("it was trained with compression callbacks (an add-on recipe's run)")
+    if default and step != expected["steps"]:
+        problems.append(f"it trained {step:,} steps, the recipe {expected['steps']:,}")
+    if problems:
+        sys.exit(f"{argument}: {path} is not {expected['what']}: {'; '.join(problems)}. Train it with the recipe, or "
+                 f"pass the checkpoint you mean explicitly with {argument}")
+    return found
