@@ -1,9 +1,10 @@
 """Quant-Noise (Fan et al. 2020): quantization noise on a random subset of weight blocks.
 
 At every training step a random fraction ``p`` of each selected weight's blocks receives the
-noise of the target compression; the other blocks stay exact, so unbiased gradients flow
-through them. The network learns to tolerate the compression without the bias of training
-every weight through it (what QAT does, p = 1).
+noise of the target compression; the other blocks stay exact. The network learns to tolerate
+the compression while most of its weights see no noise at each step (QAT, p = 1, trains every
+weight through it); the gradient passes straight through the noise (the straight-through
+estimator), to noised and exact blocks alike.
 
 A weight (rows, columns) is cut into blocks of ``block_size`` consecutive columns within a
 row (for nn.Linear: input features, as in the paper; for nn.Embedding: embedding dimensions),
