@@ -15,17 +15,10 @@ from torch import nn
 
 from callbacks._arguments import glob_mapping, integer
 
-__all__ = ["BlockSizes", "SelectedModule", "check_globs", "first_match", "select_modules"]
+__all__ = ["BlockSizes", "SelectedModule", "first_match", "select_modules"]
 
 SelectedModule = tuple[nn.Module, list[str]]  # (module, every qualified name it has)
 T = TypeVar("T")
-
-
-def check_globs(owner: str, include: Sequence[str], exclude: Sequence[str]) -> None:
-    if isinstance(include, str) or isinstance(exclude, str):
-        raise ValueError(f"{owner}: include and exclude are lists of globs, e.g. ['*'], not a single string")
-    if not include:
-        raise ValueError(f"{owner}: include must name at least one glob (['*'] selects every module)")
 
 
 def matches(name: str, globs: Sequence[str]) -> bool:
