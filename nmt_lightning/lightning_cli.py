@@ -16,6 +16,7 @@ in ``runs/libreoffice_en_cs_tiny_finetune_qat``, and an add-on never overwrites 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -82,9 +83,12 @@ class TranslationCLI(LightningCLI):
 
 
 def run_lightning_cli(argv: Optional[Sequence[str]] = None) -> TranslationCLI:
-    return TranslationCLI(
-        TranslationModule,
-        TranslationDataModule,
-        args=list(argv) if argv is not None else None,
-        save_config_kwargs={"overwrite": True},
-    )
+    """LightningCLI on ``argv`` (default: the command line). The arguments are handed over as
+    ``args`` with the process's own hidden: LightningCLI warns, on every run, when it sees both."""
+    program = sys.argv
+    sys.argv = program[:1]
+    try:
+        return TranslationCLI(TranslationModule, TranslationDataModule,
+                              args=list(program[1:] if argv is None else argv), save_config_kwargs={"overwrite": True})
+    finally:
+        sys.argv = program
