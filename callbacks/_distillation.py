@@ -13,7 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from callbacks._arguments import number, shown
 
-__all__ = ["check_weight", "check_temperature", "check_teacher_inputs", "teacher_inputs_of", "soft_target_loss"]
+__all__ = ["check_weight", "check_temperature", "check_teacher_inputs", "teacher_inputs_of", "soft_target_loss",
+           "task_weight_of"]
 
 
 def check_weight(owner: str, name: str, value: float) -> float:
@@ -92,3 +93,11 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"soft_target_loss: student logits {tuple(student_logits.shape)}, teacher logits "
                          f"{tuple(teacher_logits.shape)} and mask {tuple(mask.shape)} do not match")
     return _SoftTargetKL.apply(student_logits, teacher_logits.detach(), mask.bool(), float(temperature))
+
+
+def task_weight_of(module: Any, name: str) -> float:
+    """The module's current weight of its task loss ``name``, to restore at the end of a fit:
+    ``module.loss_weight(name)`` where the module offers it (the protocol's optional getter),
+    else 1.0 (a module without the getter is assumed to weigh its own loss 1)."""
+    getter = getattr(module, "loss_weight", None)
+    return float(getter(name)) if callable(getter) else 1.0

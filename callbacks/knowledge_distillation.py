@@ -31,8 +31,9 @@ The protocol a LightningModule must follow (nmt_lightning's TranslationModule do
   ``requesting(["hidden_states"])`` (the teacher is called with one as its last argument) and
   ``context.source_mask`` for encoder positions; ``hidden_size`` on student and teacher when
   their widths may differ (a learned projection then maps the student's states to the
-  teacher's width; it trains with the student, is saved in its checkpoint so a resume continues
-  it, and is not part of the translation model, so export leaves it out).
+  teacher's width; it trains with the student and is saved in its checkpoint beside the
+  student's weights, not among them, so a resume continues it and the student's checkpoint
+  still loads into the student's own class).
 - Optionally ``tokenization`` on both modules: when both have one they must be equal (the same
   sentencepiece models), else the teacher's token ids would mean other words.
 """
@@ -50,13 +51,14 @@ from torch import nn
 
 from callbacks._arguments import shown
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
-                                    teacher_inputs_of)
+                                    task_weight_of, teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
 
 __all__ = ["KnowledgeDistillation", "HiddenStateProjection"]
 
 SOFT_TERM, HIDDEN_TERM, TASK_LOSS = "distill_soft", "distill_hidden", "cross_entropy"
 PROJECTION_NAME = "distillation_projection"
+PROJECTION_KEY = "distillation_projection_state"  # the checkpoint entry beside the student's state_dict
 _FEATURE_KEY = re.compile(r"^(encoder|decoder)(_output|\.(\d+))$")
 DEFAULT_LAYER_MAP = {"encoder_output": "encoder_output", "decoder_output": "decoder_output"}
 
@@ -76,6 +78,13 @@ class HiddenStateProjection(nn.Module):
 
     def forward(self, pair: int, states: torch.Tensor) -> torch.Tensor:  # (N, Ds) -> (N, Dt)
         return states @ self.weight[pair].t()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        # The student's checkpoint keeps the projection beside its state_dict (see
+        # KnowledgeDistillation.on_save_checkpoint): the module's load finds none and keeps the
+        # current values, which the callback's on_load_checkpoint then replaces by the saved ones.
+        state_dict.setdefault(f"{prefix}weight", self.weight.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def _parse_layer_map(layer_map: Optional[Mapping[str, str]]) -> dict[str, str]:
@@ -199,7 +208,7 @@ class KnowledgeDistillation(L.Callback):
                             f"extension point through which a callback adds loss terms (see callbacks/"
                             f"knowledge_distillation.py for the protocol); {type(pl_module).__name__} lacks it")
         if self.hard_weight != 1.0:
-            self._previous_task_weight = getattr(pl_module, "loss_weights", {}).get(TASK_LOSS, 1.0)
+            self._previous_task_weight = task_weight_of(pl_module, TASK_LOSS)
             pl_module.set_loss_weight(TASK_LOSS, self.hard_weight)
         if self.soft_weight > 0:
             pl_module.register_loss_term(SOFT_TERM, self._soft_loss, self.soft_weight)
@@ -217,6 +226,25 @@ class KnowledgeDistillation(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._pass = None  # the teacher's activations of this batch are no longer needed
+
+    # ------------------------------------------------------------------ checkpoint
+    # The width projection trains with the student but is not part of it: its weights travel
+    # in the checkpoint beside the student's state_dict, not inside it, so the student's
+    # checkpoint loads into its own class (and can be a teacher in turn), and a resumed run
+    # gets them back before the state_dict is loaded into the module holding the projection.
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        moved = {key: state.pop(key) for key in [k for k in state if k.startswith(f"{PROJECTION_NAME}.")]}
+        if moved:
+            checkpoint[PROJECTION_KEY] = moved
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning has loaded the module's state by now (the projection kept its values, see
+        # HiddenStateProjection._load_from_state_dict); the optimiser's state comes after this.
+        moved = checkpoint.get(PROJECTION_KEY)
+        projection = getattr(pl_module, PROJECTION_NAME, None)
+        if moved and projection is not None:
+            projection.load_state_dict({key[len(PROJECTION_NAME) + 1:]: value for key, value in moved.items()})
 
     # ------------------------------------------------------------------ the teacher's pass
     def _teacher_pass(self, context: Any) -> _TeacherPass:

@@ -60,7 +60,7 @@ from torch import nn
 from callbacks._arguments import flag, integer, one_of, shown
 from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
-                                    teacher_inputs_of)
+                                    task_weight_of, teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
 
 __all__ = ["ProgressiveKnowledgeTransfer"]
@@ -257,6 +257,12 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             self.depth[side] = mine
             self.mapping[side] = list(chosen) if chosen is not None else list(range(1, mine + 1))
         self.stages = self._build_stages()
+        patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules.get(side, [])]
+        if patterns and not matching_parameters(pl_module, patterns):
+            raise ValueError(f"{OWNER}: embedding_modules {self.embedding_modules} name no parameter of the "
+                             f"{type(pl_module).__name__}, so its embeddings would stay frozen through every layer "
+                             f"stage; name the modules holding them, or give empty lists to train them only in the "
+                             f"distillation stage")
         if self.copy_embeddings:
             self._copy_embeddings(pl_module, teacher)
 
@@ -290,7 +296,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             rank_zero_warn(f"ProgressiveKnowledgeTransfer: the transfer stages take {self.transfer_steps} steps "
                            f"(stage_steps={self.stage_steps} x {self.transfer_steps // self.stage_steps} layers) but "
                            f"max_steps={trainer.max_steps}: this fit ends before the distillation stage")
-        self._previous_task_weight = getattr(pl_module, "loss_weights", {}).get(TASK_LOSS, 1.0)
+        self._previous_task_weight = task_weight_of(pl_module, TASK_LOSS)
         self._applied_this_fit = False
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,

@@ -239,6 +239,14 @@ class TranslationModule(L.LightningModule):
     def remove_loss_term(self, name: str) -> None:
         self.loss_terms.pop(name, None)
 
+    def loss_weight(self, name: str) -> float:
+        """The weight of the term ``name`` (``"cross_entropy"`` or a registered one)."""
+        if name == CROSS_ENTROPY:
+            return self.loss_weights[CROSS_ENTROPY]
+        if name in self.loss_terms:
+            return self.loss_terms[name].weight
+        raise ValueError(f"loss_weight: no loss term '{name}' (registered: {[CROSS_ENTROPY, *self.loss_terms]})")
+
     def set_loss_weight(self, name: str, weight: float) -> None:
         """Scale the term ``name`` (``"cross_entropy"`` or a registered one) by ``weight`` >= 0."""
         if weight < 0 or not math.isfinite(weight):

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import KnowledgeDistillation, QuantizationAwareTraining
 from callbacks._transforms import weight_transforms
-from callbacks.knowledge_distillation import PROJECTION_NAME
+from callbacks.knowledge_distillation import PROJECTION_KEY, PROJECTION_NAME
 from nmt_lightning.bpe import PAD_ID
 from nmt_lightning.checkpoints import load_translation_module
 from nmt_lightning.data import TranslationDataModule
@@ -176,8 +176,13 @@ def test_hidden_states_of_another_width_train_a_projection_that_resumes_and_is_n
     resumed = run(tmp_path / "c", 8, ckpt_path=tmp_path / "ckpt" / "mid.ckpt")
     for name, tensor in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    # The student's checkpoint holds the projection; translating and exporting leave it out.
-    assert f"{PROJECTION_NAME}.weight" in torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)["state_dict"]
+    # The student's checkpoint holds the projection beside its weights, not among them: it loads
+    # into its own class (so it can be a teacher in turn), and translating leaves it out.
+    saved = torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)
+    assert f"{PROJECTION_NAME}.weight" not in saved["state_dict"]
+    assert saved[PROJECTION_KEY][f"{PROJECTION_NAME}.weight"].shape == (3, 48, 32)
+    reloaded = TranslationModule.load_from_checkpoint(tmp_path / "ckpt" / "mid.ckpt", weights_only=True)
+    assert not hasattr(reloaded, PROJECTION_NAME)
     deployed = load_translation_module(tmp_path / "ckpt" / "mid.ckpt")
     assert not hasattr(deployed, PROJECTION_NAME)
 
@@ -241,3 +246,18 @@ def test_an_int8_export_is_a_faster_teacher(trained_checkpoint: Path, prepared_d
     tiny_trainer(tmp_path, max_steps=3, callbacks=[distillation]).fit(student, datamodule=datamodule)
     assert any(isinstance(m, Int8Linear) for m in distillation.teacher.module.modules())
     assert torch.isfinite(student.trainer.logged_metrics["train/distill_soft"])
+
+
+def test_the_task_weight_a_module_had_is_restored_after_the_fit(classifier_teacher: Path, tmp_path: Path) -> None:
+    """A module whose own task weight was 0.8 ends the distillation fit at 0.8 (read through the
+    protocol's loss_weight getter), not at 1.0."""
+
+    class WeighedClassifier(DistillableClassifier):
+        def loss_weight(self, name):
+            return self.task_weight if name == "cross_entropy" else self.terms[name][1]
+
+    student = WeighedClassifier()
+    student.task_weight = 0.8
+    distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], hard_weight=0.3)
+    trainer(tmp_path, [distillation], max_steps=2).fit(student, classification_data())
+    assert student.task_weight == 0.8 and student.terms == {}

@@ -295,3 +295,16 @@ def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(tmp_path
     reversed_kl = sum(kl(s, t, m) for s, t, m in ((student.encoder_self_attention[0], teacher.encoder_self_attention[0],
                                                    source_mask),)) * num_tokens
     assert abs(reversed_kl - maps[0] * num_tokens) > 0.1  # the inputs tell the two directions apart
+
+
+def test_embedding_modules_that_name_nothing_are_refused(teacher: Path, prepared_dir: Path) -> None:
+    """On a module whose embeddings live elsewhere, the defaults would match nothing and leave the
+    embeddings frozen through every layer stage: refused, naming the argument; empty lists are a choice."""
+    module, _ = student(prepared_dir)
+    wrong = ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": ["model.embeddings"],
+                                                                          "decoder": ["model.target_embeddings"]})
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: embedding_modules .* name no parameter of "
+                                         r"the TranslationModule"):
+        wrong.setup(None, module, "fit")
+    ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": [], "decoder": []},
+                                 copy_embeddings=False).setup(None, module, "fit")
