@@ -18,16 +18,19 @@ from typing import Any, Mapping, Optional, Sequence
 __all__ = ["flag", "globs", "integer", "number", "one_of", "existing_file", "glob_mapping", "shown"]
 
 
+# pragma: no mutate start  (wording of messages only: docs/mutation_testing.md)
 def shown(value: Any, limit: int = 60) -> str:
     """``repr(value)`` on one line, cut to ``limit`` characters."""
     text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+# pragma: no mutate end
 
 
 def _fail(owner: str, name: str, wanted: str, value: Any) -> ValueError:
     return ValueError(f"{owner}: {name} must be {wanted}, got {shown(value)}")
 
 
+# pragma: no mutate start  (wording of messages only: docs/mutation_testing.md)
 def _bound(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
@@ -40,6 +43,7 @@ def _range_text(minimum: Optional[float], maximum: Optional[float], low_open: bo
     if maximum is not None:
         return f" {'<' if high_open else '<='} {_bound(maximum)}"
     return ""
+# pragma: no mutate end
 
 
 def integer(owner: str, name: str, value: Any, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:

@@ -32,6 +32,7 @@ def checkpoint_problem(path: Path) -> Optional[str]:
     return None
 
 
+# pragma: no mutate start  (wording of messages only: docs/mutation_testing.md)
 def describe_load_error(error: BaseException) -> str:
     """The reason a load failed, on one line (unsafe contents said as such)."""
     text = str(error).strip()
@@ -40,6 +41,7 @@ def describe_load_error(error: BaseException) -> str:
         return f"it holds Python objects that unpickling would run, not only tensors and plain data ({detail})"
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
+# pragma: no mutate end
 
 
 def read_checkpoint(owner: str, argument: str, path: str | Path) -> dict[str, Any]:

@@ -116,11 +116,13 @@ class _Stage:
     def __init__(self, layers: list[tuple[str, int]], distill: bool, trainable: Optional[list[str]]) -> None:
         self.layers, self.distill, self.trainable = layers, distill, trainable
 
+    # pragma: no mutate start  (wording of messages only: docs/mutation_testing.md)
     def describe(self) -> str:
         parts = [f"transfer of {side} layer {index}" for side, index in self.layers[:2]]
         if len(self.layers) > 2:
             parts[-1] += f" ... ({len(self.layers)} layers)"
         return " + ".join(parts + (["distillation"] if self.distill else []))
+    # pragma: no mutate end
 
 
 class ProgressiveKnowledgeTransfer(L.Callback):

@@ -55,6 +55,7 @@ PROBES = {
     ]),
     LotteryTicketPruning: (dict(round_steps=10), [
         ("sparsity", dict(sparsity=1.0)), ("sparsity", dict(sparsity=-0.1)), ("sparsity", dict(sparsity="0.8")),
+        ("prune_fraction", dict(prune_fraction=1.0)), ("prune_fraction", dict(prune_fraction=-0.5)),
         ("sparsity", dict(sparsity=True)), ("rounds", dict(rounds=None)), ("rounds", dict(rounds=True)),
         ("rounds", dict(rounds=-1)), ("rounds", dict(rounds=2.0)), ("rounds", dict(rounds=0)),
         ("prune_fraction", dict(prune_fraction=0.0)), ("prune_fraction", dict(prune_fraction="0.2")),
@@ -69,6 +70,7 @@ PROBES = {
     ]),
     MagnitudePruning: ({}, [
         ("sparsity", dict(sparsity=1)), ("sparsity", dict(sparsity="0.5")), ("sparsity", dict(sparsity=NAN)),
+        ("sparsity", dict(sparsity=-0.25)),
         ("sparsity", dict(sparsity=False)), ("end_step", dict(end_step=0)), ("end_step", dict(end_step=True)),
         ("end_step", dict(end_step="1000")), ("end_step", dict(start_step=100, end_step=100)),
         ("start_step", dict(start_step=-1)), ("start_step", dict(start_step=2.5)), ("start_step", dict(start_step=None)),
@@ -129,10 +131,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def assert_one_line_naming(error: BaseException, owner: str, argument: str) -> None:
+    """One line that starts with the callback and the argument ("QuantNoise: p must be ...")."""
     message = str(error)
     assert "\n" not in message, message
-    assert message.startswith(f"{owner}: "), message
-    assert argument in message, message
+    assert message.startswith(f"{owner}: {argument}"), message
 
 
 def cases(table: dict) -> list:
@@ -168,17 +170,78 @@ def test_a_bad_plateau_argument_is_refused_in_one_line(argument: str, settings: 
 def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
     """Good values of every type pass: ints for floats, tuples for lists, a Path for a file."""
     extra = {LotteryTicketPruning: dict(round_steps=10, rewind_step=0, sparsity=1 / 2, schedule="restart"),
-             KnowledgeDistillation: dict(teacher=Path(files["teacher"]), temperature=1, soft_weight=1),
-             ProgressiveKnowledgeTransfer: dict(teacher=files["teacher"], teacher_layers={"encoder": (2, 4)}),
+             KnowledgeDistillation: dict(teacher=Path(files["teacher"]), temperature=1, soft_weight=1,
+                                         layer_map={"decoder.1": "decoder.2"}, teacher_inputs=[0, "source"]),
+             ProgressiveKnowledgeTransfer: dict(teacher=files["teacher"], teacher_layers={"encoder": (2, 4)},
+                                                layer_modules={"encoder": "model.blocks"},
+                                                embedding_modules={"decoder": ("model.embed", "model.scale")}),
              QuantNoise: dict(p=0, include=("model.*",), block_sizes={"*attn*": 4}),
              IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096}),
              MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4)}
-    cls(**extra.get(cls, {}))
+    made = cls(**extra.get(cls, {}))
+    if cls is ProgressiveKnowledgeTransfer:
+        assert made.layer_modules["encoder"] == "model.blocks"
+        assert made.embedding_modules["decoder"] == ["model.embed", "model.scale"]
+        assert made.teacher_layers == {"encoder": [2, 4]}
 
 
-def test_masks_from_must_be_a_checkpoint_with_masks(files: dict, tmp_path: Path) -> None:
-    """masks_from is checked where given (a file) and read safely when training starts."""
+# The defaults, as the papers (and fairseq's code) set them: a changed default changes the method.
+DEFAULTS = {
+    QuantizationAwareTraining: dict(bits=8, per_channel=False, include=("*",), exclude=(), quantize_embeddings=True,
+                                    ema_decay=0.99, start_step=0),  # Q8BERT: 8 bits, EMA of max|x|
+    QuantNoise: dict(p=0.1, scheme="int8", block_size=8, block_sizes=None, include=("*",), exclude=(),
+                     noise_embeddings=True, per_channel=True, seed=0, compile=False,
+                     pq_gradient="straight_through"),  # Fan et al.: p 0.05-0.2, blocks of 8, STE
+    IterativeProductQuantization: dict(steps_per_stage=1000, start_step=0, centroids=256, block_size=8, block_sizes=None,
+                                       centroid_counts=None, exclude=(), kmeans_iterations=20, centroid_bits=16,
+                                       seed=0),  # Stock et al.: 256 codewords, blocks of 8 (4 in attention)
+    LotteryTicketPruning: dict(sparsity=0.8, rounds=1, prune_fraction=None, round_steps=None, round_epochs=None,
+                               rewind_step=0, schedule="continue", scope="global", include=("*",), exclude=(),
+                               prune_embeddings=False, reinitialize=False, masks_from=None, seed=0),
+    MagnitudePruning: dict(sparsity=0.8, end_step=1000, start_step=0, frequency=100, scope="global", include=("*",),
+                           exclude=(), prune_embeddings=False),  # Zhu & Gupta's cubic schedule
+    KnowledgeDistillation: dict(teacher_loader=None, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
+                                hidden_weight=0.0, layer_map=None, teacher_inputs=("source", "decoder_input")),
+    ProgressiveKnowledgeTransfer: dict(teacher_loader=None, mode="progressive", stage_steps=1000, feature_weight=100.0,
+                                       attention_weight=1.0, soft_weight=0.5, hard_weight=0.5, temperature=1.0,
+                                       sides=("encoder", "decoder"), layer_modules=None, embedding_modules=None,
+                                       copy_embeddings=True, teacher_layers=None,
+                                       teacher_inputs=("source", "decoder_input")),  # MobileBERT's Model Garden
+}
+
+
+@pytest.mark.parametrize("cls", list(DEFAULTS))
+def test_the_defaults_are_the_papers(cls) -> None:
+    import inspect
+
+    from callbacks.product_quantization import DEFAULT_STAGES
+
+    found = {name: parameter.default for name, parameter in inspect.signature(cls).parameters.items()
+             if parameter.default is not inspect.Parameter.empty}
+    expected = dict(DEFAULTS[cls])
+    if cls is IterativeProductQuantization:
+        expected["stages"] = DEFAULT_STAGES
+    assert found == expected
+
+
+class Unsafe:
+    """An object whose unpickling would run code."""
+
+
+def test_masks_from_is_read_safely(files: dict, tmp_path: Path) -> None:
+    """masks_from is checked where given (a file) and read when training starts: a file that is no
+    checkpoint, and one holding Python objects, are refused in one line; a checkpoint's contents
+    come back as tensors on the CPU."""
+    from callbacks._checkpoint import read_checkpoint
+
     ticket = LotteryTicketPruning(rounds=0, round_steps=10, masks_from=files["GARBAGE"])
     with pytest.raises(ValueError, match=r"^LotteryTicketPruning: masks_from .*garbage.ckpt is not a checkpoint"):
-        from callbacks._checkpoint import read_checkpoint
         read_checkpoint("LotteryTicketPruning", "masks_from", ticket.masks_from)
+    torch.save({"state_dict": {}, "payload": Unsafe()}, tmp_path / "unsafe.ckpt")
+    with pytest.raises(ValueError, match=r"^Owner: masks_from .*unsafe.ckpt could not be read: it holds Python "
+                                         r"objects that unpickling would run"):
+        read_checkpoint("Owner", "masks_from", tmp_path / "unsafe.ckpt")
+    torch.save({"state_dict": {"m": torch.ones(2)}}, tmp_path / "good.ckpt")
+    assert read_checkpoint("Owner", "masks_from", tmp_path / "good.ckpt")["state_dict"]["m"].device.type == "cpu"
+    with pytest.raises(FileNotFoundError, match=r"^Owner: masks_from .*gone.ckpt: no such file$"):
+        read_checkpoint("Owner", "masks_from", tmp_path / "gone.ckpt")

@@ -303,3 +303,45 @@ def test_three_callbacks_on_one_layer_resume_mid_run_as_uninterrupted(tmp_path: 
                                                   stop=6, total=11)
     assert {"hidden.parametrizations.weight.0.mask", "hidden.input_quantizer.absmax"} <= set(resumed)
     assert_same_state(straight, resumed, tolerance=0)
+
+
+def test_gradual_pruning_prunes_on_the_schedule_and_only_there(tmp_path: Path) -> None:
+    """Zhu & Gupta's cubic schedule, start 2, end 10, every 3 steps: prunings at steps 2 (target 0),
+    5, 8 and at end_step 10, none in between. Kept of 304 weights, by hand: s(5) = 0.75 (1 - (5/8)^3),
+    keep round(304 (1 - s(5))) = 132; s(8) = 0.75 (1 - (2/8)^3), keep 80; s(10) = 0.75, keep 76."""
+    from callbacks import MagnitudePruning
+
+    pruning = MagnitudePruning(sparsity=0.75, start_step=2, end_step=10, frequency=3, include=LAYERS)
+    probe = Probe(pruning)
+    trainer(tmp_path, [pruning, probe], max_steps=13).fit(BagOfWordsClassifier(), classification_data())
+    kept = [probe.remaining[step] for step in range(13)]
+    assert kept == [304, 304, 304, 304, 304, 132, 132, 132, 80, 80, 76, 76, 76]
+
+
+def test_gradual_pruning_errors_name_it(tmp_path: Path) -> None:
+    from callbacks import MagnitudePruning
+
+    with pytest.raises(ValueError, match="^MagnitudePruning selected no nn.Linear module with include=\\['nothing'\\]"):
+        trainer(tmp_path, [MagnitudePruning(include=["nothing"])], max_steps=1).fit(
+            BagOfWordsClassifier(), classification_data())
+    with pytest.raises(ValueError, match=r"^MagnitudePruning: the checkpoint was pruned on the schedule None"):
+        MagnitudePruning().load_state_dict({})
+    plain = tmp_path / "plain.ckpt"
+    fit = trainer(tmp_path / "plain", [], max_steps=2)
+    fit.fit(BagOfWordsClassifier(), classification_data())
+    fit.save_checkpoint(plain)
+    with pytest.raises(ValueError, match="^MagnitudePruning: the checkpoint was saved without weight transforms"):
+        trainer(tmp_path / "resume", [MagnitudePruning(include=LAYERS)], max_steps=4).fit(
+            BagOfWordsClassifier(), classification_data(), ckpt_path=plain)
+
+
+def test_masks_are_read_from_a_checkpoint_whose_weights_have_other_transforms_too() -> None:
+    """masks_in_checkpoint: a weight's mask, not its codebook or QAT state beside it in the chain."""
+    from callbacks._pruning import masks_in_checkpoint
+
+    mask = torch.tensor([[1.0, 0.0]])
+    state = {"fc.parametrizations.weight.original": torch.ones(1, 2), "fc.parametrizations.weight.0.mask": mask,
+             "fc.parametrizations.weight.1.centroids": torch.zeros(4, 2), "fc.bias": torch.zeros(1),
+             "block.fc.parametrizations.weight.2.mask": mask * 2}
+    found = masks_in_checkpoint(state)
+    assert set(found) == {"fc", "block.fc"} and torch.equal(found["fc"], mask) and torch.equal(found["block.fc"], mask * 2)

@@ -308,3 +308,19 @@ def test_the_pq_noise_and_its_gradient(gradient: str) -> None:
     (noisy * upstream).sum().backward()
     expected = upstream if gradient == "straight_through" else upstream * kept / 0.75
     torch.testing.assert_close(weight.grad, expected, rtol=0, atol=1e-6)
+
+
+def test_with_qat_on_the_same_weight_the_export_follows_qats_grid(tmp_path: Path) -> None:
+    """Quant-Noise int4 beside QAT int8 on the same layers: QAT's grid decides the encoding, so the
+    checkpoint's manifest holds QAT's int8 step and no int4 step for those weights."""
+    model = BagOfWordsClassifier()
+    fit = trainer(tmp_path, [QuantNoise(p=0.2, scheme="int4", block_size=4, include=["hidden", "out"]),
+                             QuantizationAwareTraining(include=["hidden"], quantize_embeddings=False)], max_steps=2)
+    fit.fit(model, classification_data())
+    checkpoint: dict = {}
+    for callback in fit.callbacks:
+        if isinstance(callback, (QuantNoise, QuantizationAwareTraining)):
+            callback.on_save_checkpoint(fit, model, checkpoint)
+    manifest = checkpoint["compression"]
+    assert [step["codec"] for step in manifest["hidden.weight"]] == ["int8"]  # QAT's, not Quant-Noise's int4
+    assert [step["codec"] for step in manifest["out.weight"]] == ["int4"]  # Quant-Noise alone there
