@@ -270,6 +270,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side, each on cores/jobs threads (default: %(default)s)")
     parser.add_argument("--only", choices=STAGES, help="one stage only")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "results.md", help="the page written (default: %(default)s)")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md",
+                        help="whose summary (between its study markers) is rewritten (default: %(default)s)")
     parser.add_argument("--test-sentences", type=int, default=None, help="score the first N test sentences (default: all)")
     parser.add_argument("--speed-sentences", type=int, default=500, help="test sentences per speed round (default: %(default)s)")
     parser.add_argument("--speed-rounds", type=int, default=3, help="speed rounds, models taking turns (default: %(default)s)")

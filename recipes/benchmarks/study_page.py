@@ -132,7 +132,7 @@ def plot(points: list[tuple[str, float, float, Optional[float]]], out: Path) -> 
         axes.set_ylabel("BLEU (test split, beam 4; mean of seeds)")
         axes.grid(True, which="both", alpha=0.3)
         figure.tight_layout()
-        path = out / f"{name}.png"
+        path = out / f"study_{name}.png"
         figure.savefig(path, dpi=120)
         plt.close(figure)
         written.append(path)
@@ -142,7 +142,7 @@ def plot(points: list[tuple[str, float, float, Optional[float]]], out: Path) -> 
 def write(study: Any, args: argparse.Namespace) -> Path:
     out = args.out
     tables = collect(study)
-    figures = out / "figures"
+    figures = args.page.parent / "figures"  # beside the page, so the page's links work where it is kept
     figures.mkdir(parents=True, exist_ok=True)
     convergence = reference_lines(study, out, figures)
     now = datetime.date.today().isoformat()
@@ -186,6 +186,8 @@ def write(study: Any, args: argparse.Namespace) -> Path:
     lines += ["", "## Every method on one figure", ""]
     lines += [f"![{path.stem}]({relative(path, args.page)})" for path in written] or ["No row is scored yet."]
     text = "\n".join(lines) + "\n"
+    if not args.smoke:
+        write_summary(summary_lines(study, tables), args.readme)
     args.page.parent.mkdir(parents=True, exist_ok=True)
     args.page.write_text(text, encoding="utf-8")
     (out / "results.md").write_text(text, encoding="utf-8")
@@ -233,11 +235,10 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         record = out / "runs" / row.run / PLATEAU
         summary = json.loads(record.read_text()) if record.is_file() else None
         scores = study.score(row)
-        lines.append(f"| {row.label} | {history[-1][0] if history else 0:,} | {'yes' if summary else 'not yet'} | "
-                     f"{history[-1][1]:.2f} | {summary['gain']:.2f} |" if history and summary else
-                     f"| {row.label} | {history[-1][0] if history else 0:,} | not yet | "
-                     f"{history[-1][1] if history else 0:.2f} | |")
-        lines[-1] += f" {scores['bleu']:.2f} |" if scores else " |"
+        steps, last = (f"{history[-1][0]:,}", f"{history[-1][1]:.2f}") if history else ("0", "")
+        gain = f"{summary['gain']:.2f}" if summary else ""
+        test = f"{scores['bleu']:.2f}" if scores else ""
+        lines.append(f"| {row.label} | {steps} | {'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -254,9 +255,9 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         axes.grid(alpha=0.3)
         axes.legend()
         figure.tight_layout()
-        figure.savefig(figures / "convergence.png", dpi=120)
+        figure.savefig(figures / "study_convergence.png", dpi=120)
         plt.close(figure)
-        lines += ["", f"![convergence]({relative(figures / 'convergence.png', study.args.page)})"]
+        lines += ["", f"![convergence]({relative(figures / 'study_convergence.png', study.args.page)})"]
     return lines
 
 
@@ -269,3 +270,36 @@ def validation_history(run_dir: Path) -> list[tuple[int, float]]:
                 if row.get("val/bleu"):
                     points[int(row["step"])] = float(row["val/bleu"])
     return sorted(points.items())
+
+
+SUMMARY_START = "<!-- study summary: written by recipes/benchmarks/study.py -->"
+SUMMARY_END = "<!-- end of the study summary -->"
+
+
+def summary_lines(study: Any, tables: dict) -> list[str]:
+    """The README's summary: every claim of the study with our mean difference and verdict."""
+    found = [(comparison, compare(study, comparison, tables)) for comparison in study.plan.comparisons]
+    measured = [(c, f) for c, f in found if f["difference"] is not None]
+    if not measured:
+        return ["The study has not finished: its converged references are still training, so no method is",
+                "compared yet. Each method's page gives the measurements made before the study, with their",
+                "budgets and seeds said where the numbers are."]
+    lines = [f"{len(measured)} of {len(found)} comparisons measured so far ({datetime.date.today().isoformat()}, "
+             f"{cpu_description()}); the rest in [docs/results.md](docs/results.md) as they finish.", "",
+             "| the paper's claim | system − baseline, BLEU | seeds | p per seed | our numbers |", "|---|---|---|---|---|"]
+    for comparison, result in measured:
+        lines.append(f"| {comparison.claim} | {result['difference']:+.2f} ({comparison.system} − {comparison.baseline}) "
+                     f"| {result['seeds']} | {', '.join(f'{p:.3f}' for p in result['p'])} | {result['verdict']} |")
+    return lines
+
+
+def write_summary(lines: list[str], readme: Path) -> None:
+    """Replace the README's text between the summary markers (left alone when they are missing)."""
+    if not readme.is_file():
+        return
+    text = readme.read_text(encoding="utf-8")
+    if SUMMARY_START not in text or SUMMARY_END not in text:
+        return
+    head, rest = text.split(SUMMARY_START, 1)
+    _, tail = rest.split(SUMMARY_END, 1)
+    readme.write_text(head + SUMMARY_START + "\n" + "\n".join(lines) + "\n" + SUMMARY_END + tail, encoding="utf-8")
