@@ -12,6 +12,9 @@ a QAT-trained checkpoint exports its int8 grid by default. ``quantize="int8"`` a
 every nn.Linear / nn.Embedding weight not quantized yet (post-training quantization, Q8BERT's
 "DQ" baseline: dynamic activations); ``quantize="fp32"`` drops the quantizing steps.
 
+Any other module trained with the callbacks exports the same way: ``export_module(checkpoint,
+model, output)`` and ``load_module(model, path)`` (``module_file.py``).
+
 Loading decodes every tensor to fp32 and deploys each nn.Linear whose codec offers a faster
 form in that form (int8: ``nmt_lightning.int8.Int8Linear``, static activations on the trained
 range where the file has one, dynamic elsewhere).
@@ -20,6 +23,7 @@ range where the file has one, dynamic elsewhere).
 from nmt_lightning.export.codecs import CODECS, Codec, register
 from nmt_lightning.export.model_file import (FORMAT, ExportReport, build_module, encode_checkpoint, export_checkpoint,
                                              is_export_file, load_exported)
+from nmt_lightning.export.module_file import export_module, load_module
 
 __all__ = ["CODECS", "Codec", "FORMAT", "ExportReport", "build_module", "encode_checkpoint", "export_checkpoint",
-           "is_export_file", "load_exported", "register"]
+           "export_module", "is_export_file", "load_exported", "load_module", "register"]

@@ -15,10 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nmt_lightning.atomic import atomic_path
-from nmt_lightning.checkpoint_file import model_weights, read_checkpoint
+from nmt_lightning.checkpoint_file import read_checkpoint
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.export.codecs import codec, decode_chain, encode_chain, encoding_spec, runtime_linear
-from nmt_lightning.export.plan import export_plan
+from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.tokenization import Tokenization
 
@@ -43,80 +42,28 @@ class EncodedModel:
     weight_bytes_fp32: int
 
 
-def _key(stored: str, part: str) -> str:
-    return f"{stored}.{part}" if part else stored
-
-
-def _state_tensor(state: Mapping[str, torch.Tensor], key: str, name: str, origin: str) -> torch.Tensor:
-    if key not in state:
-        raise CorpusError(f"{origin}: the compression manifest names {key} for {name}, but the checkpoint has no "
-                          f"such tensor")
-    return state[key].detach()
-
-
 def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Optional[str] = None) -> EncodedModel:
     """Encode the Transformer of a TranslationModule checkpoint; ``origin`` names it in errors."""
     if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CorpusError(f"{origin}: not a checkpoint of a translation model")
     hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
     model = TranslationModule.from_hyperparameters(hyper_parameters).model
-    state = checkpoint["state_dict"]
-    weights = model_weights(state, model)
-    missing = sorted(set(model.state_dict()) - set(weights))
-    if missing:
-        raise CorpusError(f"{origin}: the checkpoint lacks {len(missing)} weights of its model, e.g. {missing[0]}")
-    try:
-        plan = export_plan(checkpoint, model, quantize)
-    except KeyError as error:
-        raise CorpusError(f"{origin}: a compression step lacks the field {error}") from None
-    tensors: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
-    stored_as: dict[tuple, str] = {}  # (storage, encoding) -> the name it is stored under
-    parts_of: dict[str, list[str]] = {}
-    fp32_storages: set[tuple] = set()
-    fp32_bytes = 0
-    for name, tensor in weights.items():
-        steps = plan.get(name, [])
-        encodings = [encoding_spec(step) for step in steps]
-        storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if storage not in fp32_storages:
-            fp32_storages.add(storage)
-            fp32_bytes += tensor.numel() * 4
-        identity = (*storage, json.dumps(encodings, sort_keys=True))
-        if identity not in stored_as:
-            stored_as[identity] = name
-            parts = encode_chain(tensor, steps, lambda key: _state_tensor(state, key, name, origin))
-            parts_of[name] = sorted(parts)
-            for part, value in parts.items():
-                tensors[_key(name, part)] = value.contiguous()
-        options = []
-        for step in steps:
-            for field in codec(step["codec"]).runtime_options:
-                if field in step:
-                    if step[field] not in state:
-                        raise CorpusError(f"{origin}: the compression manifest names {step[field]} as the {field} of "
-                                          f"{name}, but the checkpoint has no such tensor")
-                    tensors[_key(name, field)] = state[step[field]].detach().float().contiguous()
-                    options.append(field)
-        stored = stored_as[identity]
-        entries[name] = {"stored": stored, "parts": parts_of[stored], "codecs": encodings, "options": options}
+    encoded = encode_module_checkpoint(checkpoint, model, origin, quantize, prefix="model.")
+    tensors = dict(encoded.tensors)
     tokenization = checkpoint["nmt_lightning_tokenization"]
     tensors["tokenization.src_model"] = torch.frombuffer(bytearray(tokenization["src_model"]), dtype=torch.uint8)
     if tokenization["tgt_model"] != tokenization["src_model"]:  # a joint vocabulary is stored once
         tensors["tokenization.tgt_model"] = torch.frombuffer(bytearray(tokenization["tgt_model"]), dtype=torch.uint8)
-    grids = sorted({s["codec"] for e in entries.values() for s in e["codecs"] if codec(s["codec"]).quantizes})
-    quantized = any(codec(s["codec"]).quantizes_inputs for e in entries.values() for s in e["codecs"])
-    static = any(float(tensors[_key(n, "activation_range")]) > 0 for n, e in entries.items() if "activation_range" in e["options"])
     metadata = {
         "format": FORMAT,
-        "quantization": "+".join(grids) or "fp32",
-        "activations": ("static" if static else "dynamic") if quantized else "fp32",
+        "quantization": encoded.quantization(),
+        "activations": encoded.activations(),
         "hyper_parameters": json.dumps(hyper_parameters),
         "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
-        "weights": json.dumps(entries),
+        "weights": json.dumps(encoded.entries),
         "source_checkpoint": origin,
     }
-    return EncodedModel(tensors, metadata, fp32_bytes)
+    return EncodedModel(tensors, metadata, encoded.weight_bytes_fp32)
 
 
 def _compress_sentencepiece(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,32 +111,6 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
                         encoded.metadata["activations"])
 
 
-def _set_attribute(root: nn.Module, dotted: str, value: Any) -> None:
-    parent, _, attribute = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attribute, value)
-
-
-def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict]) -> None:
-    """One parameter under several names whose files entries differ (an fp32 embedding and an
-    int8 output projection) becomes one parameter per encoding, each loaded with its own values."""
-    users: dict[int, list[str]] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        users.setdefault(id(parameter), []).append(name)
-    for names in users.values():
-        groups: dict[str, list[str]] = {}
-        for name in names:
-            entry = entries[name]
-            groups.setdefault(json.dumps([entry["stored"], entry["codecs"]]), []).append(name)
-        first, *others = groups.values()
-        first_modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in first}
-        for group in others:
-            if {id(model.get_submodule(n.rpartition(".")[0])) for n in group} & first_modules:
-                raise CorpusError(f"{group[0]} and {first[0]} are one module but encoded differently")
-            replacement = nn.Parameter(model.get_parameter(group[0]).detach().clone())
-            for name in group:
-                _set_attribute(model, name, replacement)
-
-
 def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
                  runtime_layers: bool = True) -> TranslationModule:
     """A TranslationModule (eval mode, CPU) from encoded tensors and their metadata.
@@ -206,25 +127,7 @@ def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise CorpusError("the exported file has no sentencepiece model (tokenization.src_model)")
     tgt_model = _pop_sentencepiece(tensors, "tgt") or src_model
     module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
-    entries = json.loads(metadata["weights"])
-
-    def parts(entry: dict) -> dict[str, torch.Tensor]:
-        return {part: tensors[_key(entry["stored"], part)] for part in entry["parts"]}
-
-    model = module.model
-    _untie_where_encodings_differ(model, entries)
-    model.load_state_dict({name: decode_chain(parts(e), e["codecs"]) for name, e in entries.items()}, strict=True)
-    if not runtime_layers:
-        return module.eval()
-    deployed: dict[int, nn.Module] = {}
-    for name, linear in list(model.named_modules(remove_duplicate=False)):
-        entry = entries.get(f"{name}.weight")
-        if not isinstance(linear, nn.Linear) or not entry or not entry["codecs"]:
-            continue
-        if id(linear) not in deployed:
-            options = {field: tensors[_key(f"{name}.weight", field)] for field in entry["options"]}
-            deployed[id(linear)] = runtime_linear(parts(entry), entry["codecs"], linear.bias, options) or linear
-        _set_attribute(model, name, deployed[id(linear)])
+    fill_module(module.model, tensors, json.loads(metadata["weights"]), runtime_layers)
     return module.eval()
 
 

@@ -82,13 +82,14 @@ def _eight_bits_beside_int8_codebooks(plan: dict[str, Steps], model: nn.Module) 
                           lambda name: dict(INT8_STEP) if name in weights else {"codec": "affine8", "order": 20})
 
 
-def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str]) -> dict[str, Steps]:
+def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str], prefix: str = "model.") -> dict[str, Steps]:
     """The steps per tensor: the manifest as trained (None); without its quantizing steps
     ("fp32"); or with int8 / int4 added where nothing quantizes yet (post-training, dynamic
-    activations). A model with int8 codebooks keeps nothing in fp32 (``_eight_bits_beside_int8_codebooks``)."""
+    activations). A model with int8 codebooks keeps nothing in fp32 (``_eight_bits_beside_int8_codebooks``).
+    ``prefix``: where ``model``'s tensors sit in the checkpoint (the manifest's names)."""
     if quantize not in (None, *QUANTIZE_CHOICES):
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES} or None, got {quantize!r}")
-    plan = manifest_steps(checkpoint)
+    plan = manifest_steps(checkpoint, prefix)
     if quantize == "fp32":
         plan = {name: [s for s in steps if not codec(s["codec"]).quantizes] for name, steps in plan.items()}
     elif quantize in ("int8", "int4"):
