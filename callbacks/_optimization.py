@@ -27,13 +27,13 @@ reach some parameters at all (layer-wise transfer of a lower layer) needs
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from typing import Any, Iterable, Sequence
+import warnings
 
 import lightning as L
 from torch import nn
 
-from callbacks._transforms import plain_name
+from compression_contract.names import logical_name
 
 __all__ = ["restart_optimization", "matching_parameters", "ParameterFreezer"]
 
@@ -66,7 +66,7 @@ def matching_parameters(module: nn.Module, patterns: Sequence[str]) -> list[str]
     """Names (as ``module.named_parameters()`` gives them) matching any of the globs, matched by
     the plain name (``hidden.weight``) also when a weight transform sits on the tensor."""
     return [name for name, _ in module.named_parameters()
-            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(plain_name(name), p) for p in patterns)]
+            if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(logical_name(name), p) for p in patterns)]
 
 
 class ParameterFreezer:

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
+import torch
 from torch import nn
 
-from callbacks._compression import record_codec
 from callbacks._selection import select_modules
-from callbacks._transforms import MASK, WeightTransform, add_weight_transform, find_weight_transform, trainable_weight, \
-    weight_transforms
-
-SPARSE_ORDER = 30  # after any quantization (20): the sparse step stores the survivors of the quantized values
+from callbacks._transforms import (WeightTransform, add_weight_transform, find_weight_transform, trainable_weight,
+                                   weight_transforms)
+from compression_contract.manifest import MASK, SPARSE_ORDER, record_codec
 
 
 class PruningMask(WeightTransform):

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from callbacks._arguments import existing_file, shown
-from callbacks._checkpoint import checkpoint_problem, describe_load_error
+from compression_contract.checkpoints import checkpoint_problem, describe_load_error
 
 __all__ = ["FrozenTeacher", "resolve_callable"]
 

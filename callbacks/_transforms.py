@@ -30,11 +30,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-__all__ = ["CODEBOOK", "MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
-           "plain_name", "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
+from compression_contract.manifest import CODEBOOK, MASK, PERTURB, QUANTIZE
+from compression_contract.names import logical_name
 
-# Stages of the chain: a transform of a lower stage sees the raw weight first.
-MASK, PERTURB, CODEBOOK, QUANTIZE = 0, 10, 15, 20
+__all__ = ["CODEBOOK", "MASK", "PERTURB", "QUANTIZE", "WeightTransform", "add_weight_transform", "find_weight_transform",
+           "logical_name", "refuse_optimizer_state_of_untransformed_weights", "trainable_weight", "weight_transforms"]
+
+# Stages of the chain (compression_contract.manifest): a transform of a lower stage sees the raw weight first.
 
 T = TypeVar("T", bound="WeightTransform")
 
@@ -56,12 +58,6 @@ class WeightTransform(nn.Module):
         """Whether this transform fixes how the weight is stored on export (a fake-quantization
         grid, a codebook in use): another callback then records no encoding of its own for it."""
         return False
-
-
-def plain_name(name: str) -> str:
-    """``fc.parametrizations.weight.original`` -> ``fc.weight``: a parameter's name without the chain."""
-    head, found, tail = name.partition(".parametrizations.")
-    return f"{head}.{tail.removesuffix('.original')}" if found else name
 
 
 def weight_transforms(module: nn.Module, tensor_name: str = "weight") -> list[WeightTransform]:

@@ -46,17 +46,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
+import torch.nn.functional as F
 
 from callbacks._arguments import shown
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
-                                    task_weight_of, teacher_inputs_of)
+                                     task_weight_of, teacher_inputs_of)
 from callbacks._teacher import FrozenTeacher
+from compression_contract.protocols import TASK_LOSS, missing_members
 
 __all__ = ["KnowledgeDistillation", "HiddenStateProjection"]
 
-SOFT_TERM, HIDDEN_TERM, TASK_LOSS = "distill_soft", "distill_hidden", "cross_entropy"
+SOFT_TERM, HIDDEN_TERM = "distill_soft", "distill_hidden"
 PROJECTION_NAME = "distillation_projection"
 PROJECTION_KEY = "distillation_projection_state"  # the checkpoint entry beside the student's state_dict
 _FEATURE_KEY = re.compile(r"^(encoder|decoder)(_output|\.(\d+))$")
@@ -202,8 +203,8 @@ class KnowledgeDistillation(L.Callback):
                              f"student: {_describe_tokenization(mine)}): its token ids would mean other words. "
                              f"Prepare the student's data with the teacher's sentencepiece models "
                              f"(nmt-lightning prepare --bpe-from <the teacher's data directory>)")
-        missing = [name for name in ("register_loss_term", "remove_loss_term") if not callable(getattr(pl_module, name, None))]
-        if self.hard_weight != 1.0 and not callable(getattr(pl_module, "set_loss_weight", None)):
+        missing = missing_members(pl_module, ("register_loss_term", "remove_loss_term"))
+        if self.hard_weight != 1.0 and missing_members(pl_module, ("set_loss_weight",)):
             missing.append("set_loss_weight (hard_weight != 1)")
         if missing:
             raise TypeError(f"KnowledgeDistillation needs the LightningModule to offer {', '.join(missing)}: the "

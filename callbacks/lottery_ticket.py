@@ -35,14 +35,14 @@ import math
 from typing import Any, Optional, Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
+import torch
 
 from callbacks._arguments import existing_file, flag, globs, integer, number, one_of, shown
-from callbacks._checkpoint import read_checkpoint
 from callbacks._optimization import restart_optimization
 from callbacks._pruning import PrunedWeights, masks_in_checkpoint
 from callbacks._transforms import refuse_optimizer_state_of_untransformed_weights
+from compression_contract.checkpoints import read_checkpoint
 
 __all__ = ["LotteryTicketPruning"]
 
@@ -160,7 +160,7 @@ class LotteryTicketPruning(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks_from is not None and not self.masks_applied:
             # Tensors and plain data only: unpickling runs no code.
-            state = read_checkpoint(OWNER, "masks_from", self.masks_from).get("state_dict", {})
+            state = read_checkpoint(self.masks_from, f"{OWNER}: masks_from").get("state_dict", {})
             masks = masks_in_checkpoint(state)
             if not masks:
                 raise ValueError(f"{OWNER}: masks_from {self.masks_from} holds no pruning masks")

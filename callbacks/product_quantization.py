@@ -32,19 +32,17 @@ import torch
 from torch import nn
 
 from callbacks._arguments import glob_mapping, globs, integer, shown
-from callbacks._compression import record_codec
-from callbacks._kmeans import kmeans
 from callbacks._optimization import restart_optimization
 from callbacks._selection import BlockSizes, first_match, select_modules
-from callbacks._transforms import (CODEBOOK, PERTURB, WeightTransform, add_weight_transform,
+from callbacks._transforms import (WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
+from compression_contract.manifest import CODEBOOK, PERTURB, record_codec
+from compression_contract.product_quantization import DEFAULT_BLOCK_SIZES, DEFAULT_STAGES, learn_codebook
 
 __all__ = ["IterativeProductQuantization", "CentroidWeight", "DEFAULT_STAGES"]
 
 OWNER = "IterativeProductQuantization"
 
-# fairseq's order for a translation Transformer (our module names; any model gives its own globs).
-DEFAULT_STAGES = (("*.ffn.*",), ("*embed*", "*output_projection"), ("*attn.*",))
 
 
 class _GatherWithMeanGradient(torch.autograd.Function):
@@ -88,11 +86,10 @@ class CentroidWeight(WeightTransform):
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, iterations: int, generator: torch.Generator) -> None:
         """Learn the codebook of ``weight`` (rows, columns) and switch to it."""
-        blocks = weight.detach().float().reshape(-1, self.block_size)
-        centroids, assignments = kmeans(blocks, self.centroids.shape[0], iterations, generator)
+        centroids, assignments = learn_codebook(weight, self.block_size, self.centroids.shape[0], iterations, generator)
         self.centroids.copy_(centroids)
-        self.assignments.copy_(assignments.view_as(self.assignments))
-        self.counts.copy_(torch.bincount(assignments, minlength=len(self.counts)).float())
+        self.assignments.copy_(assignments)
+        self.counts.copy_(torch.bincount(assignments.flatten(), minlength=len(self.counts)).float())
         self.quantized.fill_(True)
         self.active = True
 
@@ -152,7 +149,7 @@ class IterativeProductQuantization(L.Callback):
         if isinstance(centroid_bits, bool) or centroid_bits not in (8, 16):
             raise ValueError(f"{OWNER}: centroid_bits must be 16 (fp16 codebooks) or 8 (int8), got {shown(centroid_bits)}")
         self.centroid_bits = centroid_bits
-        self.sizes = BlockSizes(OWNER, block_size, {"*attn.*": 4} if block_sizes is None else block_sizes)
+        self.sizes = BlockSizes(OWNER, block_size, DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes)
         self.block_size, self.block_sizes = block_size, self.sizes.block_sizes
         if isinstance(stages, (str, bytes)) or not isinstance(stages, Sequence) or not stages:
             raise ValueError(f"{OWNER}: stages must be a non-empty list of lists of globs, e.g. [['*.ffn.*'], "

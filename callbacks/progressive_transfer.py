@@ -52,16 +52,17 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
-import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+import torch
 from torch import nn
+import torch.nn.functional as F
 
 from callbacks._arguments import flag, integer, one_of, shown
-from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
 from callbacks._distillation import (check_teacher_inputs, check_temperature, check_weight, soft_target_loss,
-                                    task_weight_of, teacher_inputs_of)
+                                     task_weight_of, teacher_inputs_of)
+from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
 from callbacks._teacher import FrozenTeacher
+from compression_contract.protocols import TASK_LOSS, missing_members
 
 __all__ = ["ProgressiveKnowledgeTransfer"]
 
@@ -69,7 +70,7 @@ OWNER = "ProgressiveKnowledgeTransfer"
 MODES = ("progressive", "joint", "auxiliary")
 SIDES = ("encoder", "decoder")
 ATTENTION_KINDS = {"encoder": ("encoder_self_attention",), "decoder": ("decoder_self_attention", "cross_attention")}
-FEATURE_TERM, ATTENTION_TERM, SOFT_TERM, TASK_LOSS = "transfer_features", "transfer_attention", "transfer_soft", "cross_entropy"
+FEATURE_TERM, ATTENTION_TERM, SOFT_TERM = "transfer_features", "transfer_attention", "transfer_soft"
 DEFAULT_LAYER_MODULES = {"encoder": "model.encoder_layers", "decoder": "model.decoder_layers"}
 DEFAULT_EMBEDDING_MODULES = {"encoder": ["model.src_embed", "model.encoder_embed_projection"],
                              "decoder": ["model.tgt_embed", "model.decoder_embed_projection"]}
@@ -287,8 +288,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.teacher.attach(pl_module)
-        missing = [name for name in ("register_loss_term", "remove_loss_term", "set_loss_weight")
-                   if not callable(getattr(pl_module, name, None))]
+        missing = missing_members(pl_module, ("register_loss_term", "remove_loss_term", "set_loss_weight"))
         if missing:
             raise TypeError(f"ProgressiveKnowledgeTransfer needs the LightningModule to offer {', '.join(missing)} "
                             f"(the loss extension point, see callbacks/knowledge_distillation.py); "

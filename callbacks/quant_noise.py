@@ -45,11 +45,12 @@ import torch
 from torch import nn
 
 from callbacks._arguments import flag, globs, integer, number, one_of
-from callbacks._compression import record_codec
 from callbacks._selection import BlockSizes, select_modules
-from callbacks._transforms import (PERTURB, QUANTIZE, WeightTransform, add_weight_transform,
+from callbacks._transforms import (WeightTransform, add_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
-from callbacks.quantization_aware_training import round_to_grid, weight_absmax
+from compression_contract.grid import absmax_of as weight_absmax
+from compression_contract.grid import round_to_grid
+from compression_contract.manifest import PERTURB, QUANTIZE, record_codec
 
 __all__ = ["QuantNoise", "NoisyWeight", "SCHEMES", "int_noise"]
 

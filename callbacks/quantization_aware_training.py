@@ -42,10 +42,12 @@ import torch
 from torch import nn
 
 from callbacks._arguments import flag, globs, integer, number
-from callbacks._compression import record_codec
 from callbacks._selection import select_modules
-from callbacks._transforms import (QUANTIZE, WeightTransform, add_weight_transform, find_weight_transform,
+from callbacks._transforms import (WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights)
+from compression_contract.grid import absmax_of as weight_absmax  # the grid the export stores
+from compression_contract.grid import round_to_grid
+from compression_contract.manifest import QUANTIZE, record_codec
 
 OWNER = "QuantizationAwareTraining"
 
@@ -59,20 +61,6 @@ def fake_quantize(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Ten
     returned in x's dtype. Backward: identity (straight-through estimator).
     """
     return x + (round_to_grid(x, absmax, bits) - x).detach()
-
-
-def round_to_grid(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x``'s values on the symmetric ``bits`` grid of range ``absmax``: ``fake_quantize``'s
-    forward without its gradient path (for callers that add the rounding error themselves)."""
-    limit = 2 ** (bits - 1) - 1
-    scale = limit / absmax.float().clamp(min=1e-8)
-    return (torch.clamp(torch.round(x.float() * scale), -limit, limit) / scale).to(x.dtype)
-
-
-def weight_absmax(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """max|W| over the whole tensor, or per row (output channel / embedding entry) as (rows, 1)."""
-    weight = weight.detach().float()
-    return weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().max()
 
 
 class FakeQuantizedWeight(WeightTransform):

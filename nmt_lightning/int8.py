@@ -30,21 +30,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from compression_contract.grid import quantize_weight  # the grid QAT trains on: the export stores its codes
+
 __all__ = ["Int8Weight", "Int8Linear", "quantize_weight", "static_activation_bits", "use_int8_linears"]
-
-
-def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 values, float32 scale) with ``weight ~= values * scale``; scale is () or (rows, 1).
-
-    The codes are computed exactly as quantization-aware training rounds (``round(W * M / max|W|)``
-    in fp32, callbacks/quantization_aware_training.py), so a QAT model exports the very codes
-    its forward pass used, bit for bit.
-    """
-    limit = 2 ** (bits - 1) - 1
-    weight = weight.float()
-    absmax = (weight.abs().amax(dim=1, keepdim=True) if per_channel else weight.abs().max()).clamp(min=1e-8)
-    values = torch.clamp(torch.round(weight * (limit / absmax)), -limit, limit).to(torch.int8)
-    return values, absmax / limit
 
 
 def _pack(values: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.ScriptObject:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+import math
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchmetrics import SumMetric
 from torchmetrics.text import CHRFScore, SacreBLEUScore
 
+from compression_contract.protocols import TASK_LOSS
 from nmt_lightning.bpe import PAD_ID
 from nmt_lightning.checkpoint_file import PARAMETRIZED, model_weights, read_checkpoint
 from nmt_lightning.decoding import beam_search, greedy_search
@@ -21,7 +22,7 @@ from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, Transformer
 from nmt_lightning.model.initialization import initialize_from_teacher
 from nmt_lightning.tokenization import Tokenization
 
-CROSS_ENTROPY = "cross_entropy"  # the name of the label-smoothed loss in set_loss_weight
+CROSS_ENTROPY = TASK_LOSS  # the name of the label-smoothed loss in set_loss_weight (the contract's)
 
 
 @dataclass

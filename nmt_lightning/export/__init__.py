@@ -7,7 +7,7 @@ the output projection) is stored once when both are encoded the same way, and se
 when they are not (an fp32 embedding tied to a QAT-trained int8 projection).
 
 What each tensor becomes comes from the checkpoint itself: every compression callback writes
-its steps into the checkpoint's ``compression`` manifest (``callbacks/_compression.py``), so
+its steps into the checkpoint's ``compression`` manifest (``compression_contract.manifest``), so
 a QAT-trained checkpoint exports its int8 grid by default. ``quantize="int8"`` adds int8 to
 every nn.Linear / nn.Embedding weight not quantized yet (post-training quantization, Q8BERT's
 "DQ" baseline: dynamic activations); ``quantize="fp32"`` drops the quantizing steps.

@@ -7,10 +7,10 @@ from typing import Callable, Iterable, Mapping, Optional
 
 from torch import nn
 
+from compression_contract.manifest import COMPRESSION_KEY, QUANTIZE
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.codecs import codec
 
-COMPRESSION_KEY = "compression"  # written by the callbacks (callbacks/_compression.py)
 QUANTIZE_CHOICES = ("int8", "int4", "fp32")
 Steps = list[dict]
 
@@ -58,7 +58,7 @@ def quantizable_weights(model: nn.Module) -> list[str]:
             if isinstance(module, (nn.Linear, nn.Embedding))]
 
 
-INT8_STEP = {"codec": "int8", "order": 20, "bits": 8, "per_channel": False}
+INT8_STEP = {"codec": "int8", "order": QUANTIZE, "bits": 8, "per_channel": False}
 
 
 def _quantize_where_dense(plan: dict[str, Steps], names: Iterable[str], step: Callable[[str], dict]) -> None:
@@ -79,7 +79,7 @@ def _eight_bits_beside_int8_codebooks(plan: dict[str, Steps], model: nn.Module) 
         return
     weights = set(quantizable_weights(model))
     _quantize_where_dense(plan, (name for name, _ in model.named_parameters(remove_duplicate=False)),
-                          lambda name: dict(INT8_STEP) if name in weights else {"codec": "affine8", "order": 20})
+                          lambda name: dict(INT8_STEP) if name in weights else {"codec": "affine8", "order": QUANTIZE})
 
 
 def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str], prefix: str = "model.") -> dict[str, Steps]:
@@ -95,7 +95,7 @@ def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str], 
     elif quantize in ("int8", "int4"):
         # Post-training: int8 per tensor (Q8BERT's "DQ"); int4 per row (a 15-level grid per
         # tensor loses too much). Embeddings as well as nn.Linear.
-        step = INT8_STEP if quantize == "int8" else {"codec": "int4", "order": 20, "bits": 4, "per_channel": True}
+        step = INT8_STEP if quantize == "int8" else {"codec": "int4", "order": QUANTIZE, "bits": 4, "per_channel": True}
         _quantize_where_dense(plan, quantizable_weights(model), lambda name: dict(step))
     _eight_bits_beside_int8_codebooks(plan, model)
     for name, steps in plan.items():

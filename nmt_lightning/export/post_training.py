@@ -1,24 +1,35 @@
 """Post-training iPQ for ``nmt-lightning export --quantize ipq``: k-means codebooks without fine-tuning.
 
-Product quantization's codebooks are learnt by the compression callback
-(``callbacks.IterativeProductQuantization``). The core never imports the callbacks package
-(it must work without it, and a callback must work on models that are not ours), so, like a
-YAML recipe's ``class_path``, the callback is resolved here by its dotted name when this
-option is used, and applied to the checkpoint's model: every stage quantized at once, with its
-default settings (256 codewords; blocks of 8 columns, 4 in attention; fp16 codebooks).
-The result is the checkpoint a trained iPQ run would have written, ready for the encoder.
+Every stage of the default iPQ schedule (``compression_contract.product_quantization``:
+feed-forward, embeddings with the tied output projection, attention; blocks of 8 columns, 4 in
+attention; 256 codewords; fp16 codebooks) is quantized at once from the model's trained weights,
+through the same k-means as the training callback (``callbacks.IterativeProductQuantization``,
+which this package never imports). The result is the checkpoint a trained iPQ run would have
+written (codebook and assignments as state tensors, ``ipq`` steps in the manifest), ready for
+the encoder.
 """
 
 from __future__ import annotations
 
-import importlib
+import fnmatch
 from typing import Any, Mapping
 
+import torch
+from torch import nn
+
+from compression_contract.manifest import CODEBOOK, record_codec
+from compression_contract.product_quantization import (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZES, DEFAULT_STAGES,
+                                                       learn_codebook)
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.plan import compression_manifest
 from nmt_lightning.module import TranslationModule
 
-IPQ_CALLBACK = "callbacks.IterativeProductQuantization"
+CODEWORDS, ITERATIONS, SEED = 256, 20, 0
+
+
+def _block_size(name: str) -> int:
+    return next((size for pattern, size in DEFAULT_BLOCK_SIZES.items() if fnmatch.fnmatchcase(name, pattern)),
+                DEFAULT_BLOCK_SIZE)
 
 
 def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, Any]:
@@ -26,12 +37,6 @@ def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, A
     if compression_manifest(checkpoint):
         raise CorpusError(f"{origin}: post-training iPQ quantizes an uncompressed model, but this checkpoint was "
                           f"trained with compression callbacks; export it as trained (no --quantize)")
-    module_name, _, class_name = IPQ_CALLBACK.rpartition(".")
-    try:
-        callback_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError):
-        raise CorpusError(f"--quantize ipq needs {IPQ_CALLBACK} (the callbacks package of this repository) "
-                          f"on the Python path") from None
     hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
     module = TranslationModule.from_hyperparameters(hyper_parameters)
     try:
@@ -39,5 +44,29 @@ def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, A
     except RuntimeError as error:
         first = str(error).strip().splitlines()[1:2] or [""]
         raise CorpusError(f"{origin}: its weights do not fit its own hyper-parameters ({first[0].strip()})") from None
-    entries = callback_class().quantize_post_training(module)
-    return {**checkpoint, "state_dict": module.state_dict(), **entries}
+    state = dict(checkpoint["state_dict"])
+    entries: dict[str, Any] = {}
+    # The callback's order and seeds: per stage, the modules its globs select (each once, with all
+    # its names, in named_modules order, not taken by an earlier stage); one codebook per tensor.
+    modules: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, layer in module.named_modules(remove_duplicate=False):
+        if isinstance(layer, (nn.Linear, nn.Embedding)):
+            modules.setdefault(id(layer), (layer, []))[1].append(name)
+    taken: set[int] = set()
+    codebooks: dict[int, str] = {}  # id(weight) -> the state_dict prefix of its codebook
+    for index, globs in enumerate(DEFAULT_STAGES):
+        targets = [(key, layer, names) for key, (layer, names) in modules.items() if key not in taken
+                   and any(fnmatch.fnmatchcase(names[0], pattern) for pattern in globs)]
+        for position, (key, layer, names) in enumerate(targets):
+            taken.add(key)
+            size = _block_size(names[0])
+            if id(layer.weight) not in codebooks:
+                generator = torch.Generator().manual_seed(SEED * 1_000_003 + index * 1009 + position)
+                centroids, assignments = learn_codebook(layer.weight.detach(), size, CODEWORDS, ITERATIONS, generator)
+                prefix = codebooks[id(layer.weight)] = f"{names[0]}.post_training_ipq"
+                state[f"{prefix}.centroids"], state[f"{prefix}.assignments"] = centroids, assignments
+            prefix = codebooks[id(layer.weight)]
+            for name in names:
+                record_codec(entries, f"{name}.weight", "ipq", CODEBOOK, block_size=size, centroid_bits=16,
+                             centroids=f"{prefix}.centroids", assignments=f"{prefix}.assignments")
+    return {**checkpoint, "state_dict": state, **entries}

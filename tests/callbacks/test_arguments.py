@@ -232,16 +232,16 @@ def test_masks_from_is_read_safely(files: dict, tmp_path: Path) -> None:
     """masks_from is checked where given (a file) and read when training starts: a file that is no
     checkpoint, and one holding Python objects, are refused in one line; a checkpoint's contents
     come back as tensors on the CPU."""
-    from callbacks._checkpoint import read_checkpoint
+    from compression_contract.checkpoints import read_checkpoint
 
     ticket = LotteryTicketPruning(rounds=0, round_steps=10, masks_from=files["GARBAGE"])
     with pytest.raises(ValueError, match=r"^LotteryTicketPruning: masks_from .*garbage.ckpt is not a checkpoint"):
-        read_checkpoint("LotteryTicketPruning", "masks_from", ticket.masks_from)
+        read_checkpoint(ticket.masks_from, "LotteryTicketPruning: masks_from")
     torch.save({"state_dict": {}, "payload": Unsafe()}, tmp_path / "unsafe.ckpt")
     with pytest.raises(ValueError, match=r"^Owner: masks_from .*unsafe.ckpt could not be read: it holds Python "
                                          r"objects that unpickling would run"):
-        read_checkpoint("Owner", "masks_from", tmp_path / "unsafe.ckpt")
+        read_checkpoint(tmp_path / "unsafe.ckpt", "Owner: masks_from")
     torch.save({"state_dict": {"m": torch.ones(2)}}, tmp_path / "good.ckpt")
-    assert read_checkpoint("Owner", "masks_from", tmp_path / "good.ckpt")["state_dict"]["m"].device.type == "cpu"
+    assert read_checkpoint(tmp_path / "good.ckpt", "Owner: masks_from")["state_dict"]["m"].device.type == "cpu"
     with pytest.raises(FileNotFoundError, match=r"^Owner: masks_from .*gone.ckpt: no such file$"):
-        read_checkpoint("Owner", "masks_from", tmp_path / "gone.ckpt")
+        read_checkpoint(tmp_path / "gone.ckpt", "Owner: masks_from")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from callbacks import IterativeProductQuantization, QuantNoise
-from callbacks._kmeans import kmeans
+from compression_contract.product_quantization import kmeans
 from callbacks._transforms import trainable_weight, weight_transforms
 from callbacks.product_quantization import CentroidWeight
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data

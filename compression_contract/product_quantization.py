@@ -1,17 +1,27 @@
-"""k-means on the rows of a matrix, in torch: the codebooks of product quantization.
+"""k-means on the rows of a matrix, in torch: the codebooks of product quantization, and the
+defaults of iterative product quantization.
 
 Deterministic for a generator: the initial centroids are distinct blocks drawn with it, the
 iterations (Lloyd's) draw nothing. An empty cluster takes over half of the most populated one:
 both centroids move apart by 1e-3 of the points' spread in each dimension and the next
 assignment splits its blocks (fairseq's rule for iPQ). The distances are computed in chunks, so memory stays at
 ``chunk x k`` floats whatever the number of blocks.
+
+The defaults of iterative product quantization for a translation Transformer (Stock et al.;
+fairseq's): the stages in which groups of layers are quantized (feed-forward, then embeddings
+with the tied output projection, then attention), and columns per block (8; 4 in attention).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["kmeans", "nearest_centroids"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "DEFAULT_BLOCK_SIZES", "DEFAULT_STAGES", "kmeans", "learn_codebook", "nearest_centroids"]
+
+# fairseq's order for a translation Transformer (nmt_lightning's module names; any model gives its own globs).
+DEFAULT_STAGES = (("*.ffn.*",), ("*embed*", "*output_projection"), ("*attn.*",))
+DEFAULT_BLOCK_SIZE = 8
+DEFAULT_BLOCK_SIZES = {"*attn.*": 4}  # glob -> columns per block, first match wins
 
 
 def nearest_centroids(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -45,3 +55,12 @@ def kmeans(points: torch.Tensor, k: int, iterations: int, generator: torch.Gener
             sizes[largest] //= 2
             sizes[empty] = sizes[largest]
     return centroids, nearest_centroids(points, centroids)
+
+
+def learn_codebook(weight: torch.Tensor, block_size: int, k: int, iterations: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (rows, columns) cut into blocks of ``block_size`` columns -> (codebook (k', block_size),
+    assignments (rows, columns / block_size)), k' = min(k, number of blocks)."""
+    blocks = weight.detach().float().reshape(-1, block_size)
+    centroids, assignments = kmeans(blocks, min(k, len(blocks)), iterations, generator)
+    return centroids, assignments.view(weight.shape[0], weight.shape[1] // block_size)

@@ -1,25 +1,27 @@
-"""What a compression callback tells the exporter, in the checkpoint it saves.
+"""How a compression callback tells an exporter what it did, in the checkpoint it saves.
 
-``checkpoint["compression"]`` maps the qualified name of a tensor (as the LightningModule
+``checkpoint[COMPRESSION_KEY]`` maps the qualified name of a tensor (as the LightningModule
 names it, e.g. ``model.decoder_layers.0.ffn.fc1.weight``) to the list of codec steps that
 encode it, each a dict of plain values::
 
     {"codec": "int8", "order": 20, "bits": 8, "per_channel": False,
      "activation_range": "model.decoder_layers.0.ffn.fc1.input_quantizer.absmax"}
 
-``order`` is the encoding order (the first step encodes the trained weight); values that
-are strings ending in a state_dict key refer to tensors of the same checkpoint. The exporter
-(``nmt_lightning.export``) holds one codec per name and never needs to know which callback
-wrote the step, so a new compression method adds a codec, not a branch in the exporter.
+``order`` is the encoding order (the first step encodes the trained weight); string values
+that are state_dict keys name tensors of the same checkpoint. The weight-transform stages are
+ordered the same way: a transform of a lower stage sees the raw weight first.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-COMPRESSION_KEY = "compression"
+__all__ = ["CODEBOOK", "COMPRESSION_KEY", "MASK", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "record_codec"]
 
-__all__ = ["COMPRESSION_KEY", "record_codec"]
+COMPRESSION_KEY = "compression"
+# Stages of the weight-transform chain, and the encoding order of their codec steps.
+MASK, PERTURB, CODEBOOK, QUANTIZE = 0, 10, 15, 20
+SPARSE_ORDER = 30  # after any quantization: the sparse step stores the survivors of the quantized values
 
 
 def record_codec(checkpoint: dict[str, Any], tensor_name: str, codec: str, order: int, **spec: Any) -> None:
