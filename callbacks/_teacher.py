@@ -39,7 +39,7 @@ from compression_contract.checkpoints import checkpoint_problem, describe_load_e
 __all__ = ["FrozenTeacher", "resolve_callable"]
 
 
-def resolve_callable(dotted: str, owner: str = "teacher_loader") -> Callable[..., Any]:
+def resolve_callable(dotted: str, owner: str = "resolve_callable") -> Callable[..., Any]:
     """``package.module.attr[.attr]`` -> the object (the longest importable module prefix wins)."""
     if not isinstance(dotted, str) or not dotted:
         raise ValueError(f"{owner}: teacher_loader must be the dotted path of a callable, got {shown(dotted)}")

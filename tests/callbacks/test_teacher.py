@@ -122,3 +122,19 @@ def test_two_process_ddp_keeps_the_teacher_out_of_the_wrapper(teacher_checkpoint
         facts = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert facts["wrapped_parameters"] == facts["student_parameters"]
         assert facts["teacher_calls"] == 3 and not facts["teacher_training"]
+
+
+def test_a_loader_is_resolved_by_the_longest_importable_prefix() -> None:
+    """``package.module.attribute[.attribute]``: the longest prefix that imports is the module, the
+    rest are attributes (a class's method too); what does not resolve to a callable is refused."""
+    import collections
+    import os.path
+
+    from callbacks._teacher import resolve_callable
+
+    assert resolve_callable("os.path.join") is os.path.join
+    assert resolve_callable("collections.OrderedDict.fromkeys") == collections.OrderedDict.fromkeys
+    assert resolve_callable("tests.callbacks.test_teacher.small_teacher") is small_teacher
+    for wrong in ("os.path.no_such_function", "os.sep", "no_such_package.loader", "os"):
+        with pytest.raises(ValueError, match=f"^resolve_callable: teacher_loader '{wrong}' is not an importable callable"):
+            resolve_callable(wrong)
