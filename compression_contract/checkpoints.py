@@ -44,6 +44,11 @@ def describe_load_error(error: BaseException) -> str:
     if isinstance(error, pickle.UnpicklingError) and ("Unsupported global" in text or "GLOBAL" in text):
         detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line or "GLOBAL" in line), "")
         return f"it holds Python objects that unpickling would run, not only tensors and plain data ({detail})"
+    if isinstance(error, pickle.UnpicklingError):  # not a pickle torch.save wrote at all
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported operand" in line
+                       or "invalid load key" in line), "")
+        if detail:
+            return f"torch.load cannot read it ({detail})"
     line = next((line.strip() for line in text.splitlines() if line.strip()), "")
     return f"{type(error).__name__}: {line}" if line else type(error).__name__
 # pragma: no mutate end
@@ -52,19 +57,25 @@ def describe_load_error(error: BaseException) -> str:
 def read_checkpoint(path: str | os.PathLike, what: Optional[str] = None,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The contents of the checkpoint ``path`` (a dict); ``what`` prefixes every error (e.g.
-    ``"LotteryTicketPruning: masks_from"``, giving "LotteryTicketPruning: masks_from <path>: ...")."""
+    ``"LotteryTicketPruning: masks_from"``, giving "LotteryTicketPruning: masks_from <path>: not a
+    checkpoint: ...", "...: refused to load: it holds Python objects ...")."""
     path = Path(path)
     named = f"{what} {path}" if what else str(path)
     if not path.is_file():
         raise FileNotFoundError(f"{named}: no such file")
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise CheckpointError(f"{named} is not a checkpoint: {problem}")
+        raise CheckpointError(f"{named}: not a checkpoint: {problem}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             contents = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"{named} could not be read: {describe_load_error(error)}") from None
+        reason = describe_load_error(error)
+        if reason.startswith("it holds Python objects"):
+            raise CheckpointError(f"{named}: refused to load: {reason}") from None
+        if reason.startswith("torch.load cannot read it"):
+            raise CheckpointError(f"{named}: not a checkpoint: {reason}") from None
+        raise CheckpointError(f"{named}: not a readable checkpoint ({reason})") from None
     if not isinstance(contents, dict):
-        raise CheckpointError(f"{named} is not a checkpoint (it holds a {type(contents).__name__})")
+        raise CheckpointError(f"{named}: not a checkpoint (it holds a {type(contents).__name__})")
     return contents

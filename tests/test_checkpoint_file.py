@@ -77,7 +77,8 @@ def test_truncated_and_missing_files(trained_checkpoint: Path, tmp_path: Path) -
         read_checkpoint(tmp_path / "missing.ckpt")
 
 
-@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 8, b"\x80" + bytes(range(255)) * 8])
+@pytest.mark.parametrize("content", [b"hello world\n", bytes(range(256)) * 8, b"\x80" + bytes(range(255)) * 8],
+                         ids=["text", "random bytes", "a pickle's first byte, then garbage"])
 def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path: Path, content: bytes) -> None:
     """Text, random bytes, or a pickle-like start and then garbage: "not a checkpoint", one line,
     never the "Python objects" refusal meant for pickles that would run code."""

@@ -238,10 +238,10 @@ def test_masks_from_is_read_safely(files: dict, tmp_path: Path) -> None:
     from compression_contract.checkpoints import read_checkpoint
 
     ticket = LotteryTicketPruning(rounds=0, round_steps=10, masks_from=files["GARBAGE"])
-    with pytest.raises(ValueError, match=r"^LotteryTicketPruning: masks_from .*garbage.ckpt is not a checkpoint"):
+    with pytest.raises(ValueError, match=r"^LotteryTicketPruning: masks_from .*garbage.ckpt: not a checkpoint"):
         read_checkpoint(ticket.masks_from, "LotteryTicketPruning: masks_from")
     torch.save({"state_dict": {}, "payload": Unsafe()}, tmp_path / "unsafe.ckpt")
-    with pytest.raises(ValueError, match=r"^Owner: masks_from .*unsafe.ckpt could not be read: it holds Python "
+    with pytest.raises(ValueError, match=r"^Owner: masks_from .*unsafe.ckpt: refused to load: it holds Python "
                                          r"objects that unpickling would run"):
         read_checkpoint(tmp_path / "unsafe.ckpt", "Owner: masks_from")
     torch.save({"state_dict": {"m": torch.ones(2)}}, tmp_path / "good.ckpt")
