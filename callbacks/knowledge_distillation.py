@@ -134,7 +134,7 @@ class KnowledgeDistillation(L.Callback):
         teacher: path of the teacher's checkpoint (a Lightning checkpoint, or whatever
             ``teacher_loader`` reads).
         teacher_loader: optional dotted path of a callable ``path -> nn.Module`` (e.g.
-            ``nmt_lightning.checkpoints.load_translation_module`` to run an int8 export as the
+            ``nmt_lightning.loading.load_translation_module`` to run an int8 export as the
             teacher); default: the student's class' ``from_checkpoint`` / ``load_from_checkpoint``.
         temperature: T > 0 of the softened distributions.
         soft_weight: weight of the word-level KD term.

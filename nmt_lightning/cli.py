@@ -86,7 +86,7 @@ def translate_main(argv: Sequence[str]) -> int:
                         help="CTranslate2 only: batches translated at once, sharing --threads "
                              "(default on CPU: one per thread; on GPU: 1)")
     args = parser.parse_args(argv)
-    from nmt_lightning.checkpoints import load_for_device
+    from nmt_lightning.loading import load_for_device
     from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
     from nmt_lightning.evaluation import read_lines, score
     from nmt_lightning.translate import translate_lines
@@ -142,7 +142,7 @@ def average_main(argv: Sequence[str]) -> int:
     parser.add_argument("--last", type=int, default=5, help="with --dir: how many, by training step (default: %(default)s)")
     parser.add_argument("--output", required=True, help="the averaged checkpoint")
     args = parser.parse_args(argv)
-    from nmt_lightning.checkpoints import average_checkpoints, last_checkpoints_by_step
+    from nmt_lightning.loading import average_checkpoints, last_checkpoints_by_step
 
     paths = list(args.checkpoints)
     try:
@@ -200,7 +200,7 @@ def export_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.format == "ctranslate2":
         return _export_ctranslate2(args)
-    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.translation_file import export_checkpoint
 
     try:
         if args.quantization is not None or args.force:

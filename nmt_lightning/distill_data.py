@@ -139,7 +139,7 @@ def distill_with_checkpoint(checkpoint: str, input_prefix: str, output_prefix: s
                             batch_size: int = 64, device: str = "cpu", chunk_lines: int = 2000,
                             progress: bool = True) -> tuple[Path, Path]:
     """``distill_corpus`` with a teacher loaded from a checkpoint or an ``export`` file (int8 is fastest on CPU)."""
-    from nmt_lightning.checkpoints import load_for_device
+    from nmt_lightning.loading import load_for_device
     from nmt_lightning.translate import translate_lines
 
     if beam < 1 or batch_size < 1:

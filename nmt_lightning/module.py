@@ -15,9 +15,11 @@ from torchmetrics.text import CHRFScore, SacreBLEUScore
 
 from compression_contract.protocols import TASK_LOSS
 from nmt_lightning.bpe import PAD_ID
-from nmt_lightning.checkpoint_file import PARAMETRIZED, model_weights, read_checkpoint
+from nmt_lightning.checkpoint_reading import PARAMETRIZED, model_weights, read_checkpoint
 from nmt_lightning.decoding import beam_search, greedy_search
+from nmt_lightning.errors import CorpusError
 from nmt_lightning.evaluation import score
+from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
 from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
 from nmt_lightning.model.initialization import initialize_from_teacher
 from nmt_lightning.tokenization import Tokenization
@@ -174,10 +176,16 @@ class TranslationModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "TranslationModule":
         """The model of a checkpoint as dense fp32 nn.Modules (eval mode), e.g. as a teacher:
-        compression steps that only round (int8) are left out, the others (masks) applied."""
-        from nmt_lightning.checkpoints import load_translation_module
-
-        return load_translation_module(path, quantize="fp32").to(map_location)
+        compression steps that only round (int8) are left out, the others (masks, codebooks) applied."""
+        checkpoint = read_checkpoint(path)
+        if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
+            raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
+        module = cls.from_hyperparameters(checkpoint["hyper_parameters"])
+        encoded = encode_module_checkpoint(checkpoint, module.model, str(path), quantize="fp32", prefix="model.")
+        fill_module(module.model, encoded.tensors, encoded.entries, runtime_layers=False)
+        if "nmt_lightning_tokenization" in checkpoint:
+            module.tokenization = Tokenization.from_state_dict(checkpoint["nmt_lightning_tokenization"])
+        return module.eval().to(map_location)
 
     def _load_initial_weights(self, path: Path, layers: Optional[Union[str, dict]] = None) -> None:
         """Copy the Transformer weights of the checkpoint ``path`` (trainable tensors only: what

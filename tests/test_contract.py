@@ -43,12 +43,12 @@ def test_one_grid_for_training_and_export() -> None:
     """QAT's forward, Quant-Noise's noise and the int8/int4 codecs round through the same function."""
     import callbacks.quant_noise
     import callbacks.quantization_aware_training
-    import nmt_lightning.int8
+    import nmt_lightning.export.codecs.int8_kernels
     from compression_contract import grid
 
     assert callbacks.quantization_aware_training.round_to_grid is grid.round_to_grid
     assert callbacks.quant_noise.round_to_grid is grid.round_to_grid
-    assert nmt_lightning.int8.quantize_weight is grid.quantize_weight
+    assert nmt_lightning.export.codecs.int8_kernels.quantize_weight is grid.quantize_weight
 
 
 def test_the_translation_module_offers_the_loss_term_protocol() -> None:
@@ -60,3 +60,38 @@ def test_the_translation_module_offers_the_loss_term_protocol() -> None:
     module.remove_loss_term("never registered")  # ignored, as the protocol says
     module.set_loss_weight(TASK_LOSS, 0.8)
     assert module.loss_weight(TASK_LOSS) == 0.8
+
+
+def test_no_import_cycle_in_the_core() -> None:
+    """Every import of nmt_lightning (module level or inside a function) as an edge; importing a
+    submodule imports its packages too. A package's own __init__ importing its children (the
+    codecs registering themselves) is not counted; any other cycle is."""
+    modules = {}
+    for path in (ROOT / "nmt_lightning").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for imported in imports_of(path):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            target = imported
+            while target:  # the module and every package above it run on import
+                if target != name and not (path.name == "__init__.py" and target.startswith(name + ".")):
+                    edges[name].add(target)
+                target = target.rpartition(".")[0] if "." in target else ""
+    visiting, done = set(), set()
+
+    def visit(node: str, trail: list[str]) -> None:
+        if node in done:
+            return
+        assert node not in visiting, " -> ".join(trail[trail.index(node):] + [node])
+        visiting.add(node)
+        for nxt in sorted(edges[node]):
+            visit(nxt, trail + [nxt])
+        visiting.discard(node)
+        done.add(node)
+
+    for start in sorted(modules):
+        visit(start, [start])

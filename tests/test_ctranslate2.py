@@ -14,12 +14,12 @@ import torch
 
 from callbacks import QuantizationAwareTraining
 from nmt_lightning.bpe import BOS_ID, EOS_ID
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.cli import main
 from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.deploy import CTranslate2Model, convert_to_ctranslate2, require_ctranslate2
 from nmt_lightning.deploy.ctranslate2_converter import convert_module
-from nmt_lightning.export import export_checkpoint
+from nmt_lightning.translation_file import export_checkpoint
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.prepare import prepare
 from nmt_lightning.tokenization import Tokenization

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.cli import main
 from nmt_lightning.distill_data import STATE_SUFFIX, distill_corpus
 from nmt_lightning.errors import CorpusError

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.data import TranslationDataModule
 from tests.conftest import tiny_trainer
 

@@ -13,12 +13,12 @@ from torch import nn
 
 from callbacks import QuantizationAwareTraining
 from callbacks.quantization_aware_training import fake_quantize
-from nmt_lightning.checkpoint_file import read_checkpoint
-from nmt_lightning.checkpoints import load_for_device, load_translation_module
+from nmt_lightning.checkpoint_reading import read_checkpoint
+from nmt_lightning.loading import load_for_device, load_translation_module
 from nmt_lightning.cli import main
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.export import export_checkpoint, load_exported
-from nmt_lightning.int8 import Int8Linear
+from nmt_lightning.translation_file import export_checkpoint, load_exported
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.translate import translate_lines
 from tests.conftest import train_tiny_checkpoint
@@ -138,7 +138,7 @@ def test_deployed_int8_layers_compute_the_trained_arithmetic(qat_checkpoint: Pat
     below -r may take code -128, which training clips to -127. Each input's code is off by at
     most 1, so an output is off by at most ``step * sum_j |W_ij|``, plus the fp32 rounding of a
     scaled int32 sum. On a CPU without VNNI the kernel runs 7-bit codes on the same range
-    (nmt_lightning/int8.py): the reference is then the 7-bit fake quantization.
+    (nmt_lightning/export/codecs/int8_kernels.py): the reference is then the 7-bit fake quantization.
     """
     export_checkpoint(qat_checkpoint, tmp_path / "qat.safetensors")
     deployed = load_exported(tmp_path / "qat.safetensors")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from callbacks import QuantNoise
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.cli import main
-from nmt_lightning.export import export_checkpoint, load_exported
+from nmt_lightning.translation_file import export_checkpoint, load_exported
 from nmt_lightning.export.codecs.int4 import pack_nibbles, unpack_nibbles
-from nmt_lightning.int8 import Int8Linear, quantize_weight
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, quantize_weight
 from nmt_lightning.translate import translate_lines
 from tests.conftest import train_tiny_checkpoint
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from callbacks import QuantizationAwareTraining
-from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight, static_activation_bits, use_int8_linears
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, Int8Weight, quantize_weight, static_activation_bits, use_int8_linears
 
 
 def small_grid_weight(out_features: int, in_features: int, per_channel: bool, seed: int = 0) -> Int8Weight:
     """int8 values within +-64: no pair of uint8 x int8 products can saturate 16 bits, so the
-    check below is exact on CPUs without VNNI too (see nmt_lightning/int8.py)."""
+    check below is exact on CPUs without VNNI too (see nmt_lightning/export/codecs/int8_kernels.py)."""
     generator = torch.Generator().manual_seed(seed)
     values = torch.randint(-64, 65, (out_features, in_features), generator=generator, dtype=torch.int8)
     scale = (torch.rand(out_features, 1, generator=generator) * 0.01 + 0.001) if per_channel else torch.tensor(0.004)
@@ -141,7 +141,7 @@ def test_bad_int8_weights_are_refused() -> None:
 
 SATURATING_CPU = """
 import torch
-from nmt_lightning.int8 import Int8Linear, Int8Weight, static_activation_bits
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, Int8Weight, static_activation_bits
 from tests.test_int8 import away_from_ties, integer_reference
 assert static_activation_bits() == 7, static_activation_bits()
 torch.manual_seed(0)

@@ -4,7 +4,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, Int8Weight, quantize_weight
 
 from tests.conftest import import_benchmark
 

@@ -59,7 +59,7 @@ def test_each_callback_and_all_at_once_export_and_reload(tmp_path: Path, make) -
     each QAT layer, run as an int8 layer, stays within one activation level per input of the
     fake-quantized layer (the bound of tests/test_module_export.py)."""
     from callbacks.quantization_aware_training import InputQuantizer, round_to_grid, weight_absmax
-    from nmt_lightning.int8 import static_activation_bits
+    from nmt_lightning.export.codecs.int8_kernels import static_activation_bits
 
     callbacks = make()
     trained = fit(tmp_path, callbacks).eval()

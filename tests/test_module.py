@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from nmt_lightning.checkpoints import average_checkpoints, load_translation_module
+from nmt_lightning.loading import average_checkpoints, load_translation_module
 from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.module import LossContext, TranslationModule, inverse_sqrt_schedule
 from tests.conftest import TINY_MODEL, run_script, tiny_trainer

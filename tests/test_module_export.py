@@ -17,7 +17,7 @@ from callbacks import IterativeProductQuantization, LotteryTicketPruning, Quanti
 from callbacks.quantization_aware_training import round_to_grid, weight_absmax
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export import export_module, load_module
-from nmt_lightning.int8 import Int8Linear, static_activation_bits
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, static_activation_bits
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
 from tests.callbacks.helpers import trainer
 

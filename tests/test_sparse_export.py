@@ -9,7 +9,7 @@ import torch
 
 from callbacks import LotteryTicketPruning, QuantizationAwareTraining
 from nmt_lightning.data import TranslationDataModule
-from nmt_lightning.export import export_checkpoint, load_exported
+from nmt_lightning.translation_file import export_checkpoint, load_exported
 from nmt_lightning.export.codecs.sparse import pack_bits, unpack_bits
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.translate import translate_lines

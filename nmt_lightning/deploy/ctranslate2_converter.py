@@ -276,7 +276,7 @@ def convert_to_ctranslate2(checkpoint: str | os.PathLike, output: str | os.PathL
 
     Compressed checkpoints convert with the weights they translate with (decoded by their export
     codecs: a QAT model's int8 grid, a pruned model's zeros), as dense tensors."""
-    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.loading import load_translation_module
 
     path = Path(checkpoint)
     if is_ctranslate2_model(path):

@@ -1,4 +1,6 @@
-"""Exporting a trained model to one safetensors file, each tensor encoded by its codec chain.
+"""Exporting a trained model to one safetensors file, each tensor encoded by its codec chain (the
+generic machinery: any module; ``nmt_lightning.translation_file`` writes a TranslationModule's
+file with it, adding the sentencepiece models and the hyper-parameters).
 
 The file holds only tensors and string metadata (safetensors never unpickles): the encoded
 weights, the sentencepiece models (as uint8 tensors), the model's hyper-parameters and, per
@@ -16,14 +18,11 @@ Any other module trained with the callbacks exports the same way: ``export_modul
 model, output)`` and ``load_module(model, path)`` (``module_file.py``).
 
 Loading decodes every tensor to fp32 and deploys each nn.Linear whose codec offers a faster
-form in that form (int8: ``nmt_lightning.int8.Int8Linear``, static activations on the trained
+form in that form (int8: ``nmt_lightning.export.codecs.int8_kernels.Int8Linear``, static activations on the trained
 range where the file has one, dynamic elsewhere).
 """
 
 from nmt_lightning.export.codecs import CODECS, Codec, register
-from nmt_lightning.export.model_file import (FORMAT, ExportReport, build_module, encode_checkpoint, export_checkpoint,
-                                             is_export_file, load_exported)
 from nmt_lightning.export.module_file import export_module, load_module
 
-__all__ = ["CODECS", "Codec", "FORMAT", "ExportReport", "build_module", "encode_checkpoint", "export_checkpoint",
-           "export_module", "is_export_file", "load_exported", "load_module", "register"]
+__all__ = ["CODECS", "Codec", "export_module", "load_module", "register"]

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nmt_lightning.atomic import atomic_path
-from nmt_lightning.checkpoint_file import model_weights, read_checkpoint
+from nmt_lightning.checkpoint_reading import model_weights, read_checkpoint
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.codecs import codec, decode_chain, encode_chain, encoding_spec, runtime_linear
 from nmt_lightning.export.plan import export_plan

@@ -1,4 +1,4 @@
-"""Post-training iPQ for ``nmt-lightning export --quantize ipq``: k-means codebooks without fine-tuning.
+"""Post-training iPQ (``nmt-lightning export --quantize ipq``): k-means codebooks without fine-tuning.
 
 Every stage of the default iPQ schedule (``compression_contract.product_quantization``:
 feed-forward, embeddings with the tied output projection, attention; blocks of 8 columns, 4 in
@@ -20,9 +20,9 @@ from torch import nn
 from compression_contract.manifest import CODEBOOK, record_codec
 from compression_contract.product_quantization import (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZES, DEFAULT_STAGES,
                                                        learn_codebook)
+from nmt_lightning.checkpoint_reading import model_weights
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.plan import compression_manifest
-from nmt_lightning.module import TranslationModule
 
 CODEWORDS, ITERATIONS, SEED = 256, 20, 0
 
@@ -32,15 +32,14 @@ def _block_size(name: str) -> int:
                 DEFAULT_BLOCK_SIZE)
 
 
-def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, Any]:
-    """``checkpoint`` (an uncompressed TranslationModule checkpoint) with its weights product-quantized."""
+def post_training_ipq(checkpoint: Mapping[str, Any], model: nn.Module, origin: str, prefix: str = "model.") -> dict[str, Any]:
+    """``checkpoint`` (uncompressed) with the weights of ``model`` (a plain instance of its
+    architecture, found under ``prefix`` in the checkpoint) product-quantized."""
     if compression_manifest(checkpoint):
         raise CorpusError(f"{origin}: post-training iPQ quantizes an uncompressed model, but this checkpoint was "
                           f"trained with compression callbacks; export it as trained (no --quantize)")
-    hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
-    module = TranslationModule.from_hyperparameters(hyper_parameters)
     try:
-        module.load_state_dict(checkpoint["state_dict"])
+        model.load_state_dict(model_weights(checkpoint["state_dict"], model, prefix))
     except RuntimeError as error:
         first = str(error).strip().splitlines()[1:2] or [""]
         raise CorpusError(f"{origin}: its weights do not fit its own hyper-parameters ({first[0].strip()})") from None
@@ -49,7 +48,7 @@ def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, A
     # The callback's order and seeds: per stage, the modules its globs select (each once, with all
     # its names, in named_modules order, not taken by an earlier stage); one codebook per tensor.
     modules: dict[int, tuple[nn.Module, list[str]]] = {}
-    for name, layer in module.named_modules(remove_duplicate=False):
+    for name, layer in model.named_modules(remove_duplicate=False):
         if isinstance(layer, (nn.Linear, nn.Embedding)):
             modules.setdefault(id(layer), (layer, []))[1].append(name)
     taken: set[int] = set()
@@ -63,10 +62,10 @@ def post_training_ipq(checkpoint: Mapping[str, Any], origin: str) -> dict[str, A
             if id(layer.weight) not in codebooks:
                 generator = torch.Generator().manual_seed(SEED * 1_000_003 + index * 1009 + position)
                 centroids, assignments = learn_codebook(layer.weight.detach(), size, CODEWORDS, ITERATIONS, generator)
-                prefix = codebooks[id(layer.weight)] = f"{names[0]}.post_training_ipq"
-                state[f"{prefix}.centroids"], state[f"{prefix}.assignments"] = centroids, assignments
-            prefix = codebooks[id(layer.weight)]
+                key = codebooks[id(layer.weight)] = f"{prefix}{names[0]}.post_training_ipq"
+                state[f"{key}.centroids"], state[f"{key}.assignments"] = centroids, assignments
+            key = codebooks[id(layer.weight)]
             for name in names:
-                record_codec(entries, f"{name}.weight", "ipq", CODEBOOK, block_size=size, centroid_bits=16,
-                             centroids=f"{prefix}.centroids", assignments=f"{prefix}.assignments")
+                record_codec(entries, f"{prefix}{name}.weight", "ipq", CODEBOOK, block_size=size, centroid_bits=16,
+                             centroids=f"{key}.centroids", assignments=f"{key}.assignments")
     return {**checkpoint, "state_dict": state, **entries}

@@ -61,7 +61,7 @@ def bytes_on_disk(path: Path) -> int:
 def build_models(args: argparse.Namespace, cuda: bool) -> list[Model]:
     """Export and convert (each once: cached in OUT/models)."""
     from nmt_lightning.deploy import convert_to_ctranslate2
-    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.translation_file import export_checkpoint
 
     models_dir = args.out / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def worker(args: argparse.Namespace) -> None:
         def translate(batch: list[str]) -> list[str]:
             return model.translate_lines(batch, beam=args.beam, batch_size=args.batch_size, progress=not args.warmup)
     else:
-        from nmt_lightning.checkpoints import load_translation_module
+        from nmt_lightning.loading import load_translation_module
         from nmt_lightning.translate import translate_lines
 
         module = load_translation_module(args.model).to(args.device)

@@ -170,7 +170,7 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
     from training_throughput import first_batches, lightning_loop  # recipes/benchmarks/training_throughput.py
 
     from callbacks import KnowledgeDistillation
-    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.translation_file import export_checkpoint
     from nmt_lightning.module import TranslationModule
 
     datamodule, batches, _ = first_batches(args.data_dir, args.throughput_steps, max_tokens=2048)
@@ -188,7 +188,7 @@ def step_times(args: argparse.Namespace) -> dict[str, float]:
         "plain": lambda: (),
         "word-level KD": lambda: (KnowledgeDistillation(teacher),),
         "word-level KD, int8 teacher": lambda: (KnowledgeDistillation(
-            str(int8_teacher), teacher_loader="nmt_lightning.checkpoints.load_translation_module"),),
+            str(int8_teacher), teacher_loader="nmt_lightning.loading.load_translation_module"),),
         "triple loss": lambda: (KnowledgeDistillation(teacher, hidden_weight=1.0),),
     }
     lightning_loop(fresh(), batches[:3])  # warm-up
@@ -225,7 +225,7 @@ def main() -> None:
     deployment = deployment_row(args, best)
     rows.append(deployment)
     results[deployment[0]] = export_and_score(args.out, deployment, sources, references)
-    from nmt_lightning.export import load_exported
+    from nmt_lightning.translation_file import load_exported
 
     models = {name: load_exported(file) for name, (file, _) in results.items()}
     rounds = translation_speed_rounds(args.out / "speed_rounds.json", models, sources[: args.sentences], args.rounds)

@@ -43,10 +43,10 @@ sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the r
 
 from callbacks import QuantizationAwareTraining  # noqa: E402
 from nmt_lightning.evaluation import read_lines, score  # noqa: E402
-from nmt_lightning.checkpoint_file import read_checkpoint  # noqa: E402
-from nmt_lightning.export import export_checkpoint, load_exported  # noqa: E402
+from nmt_lightning.checkpoint_reading import read_checkpoint  # noqa: E402
+from nmt_lightning.translation_file import export_checkpoint, load_exported  # noqa: E402
 from nmt_lightning.export.plan import compression_manifest  # noqa: E402
-from nmt_lightning.int8 import Int8Linear  # noqa: E402
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear  # noqa: E402
 from nmt_lightning.module import TranslationModule  # noqa: E402
 from nmt_lightning.translate import translate_lines  # noqa: E402
 from side_by_side import MAIN_JOB_MODEL, check_given_model, cpu_description, weight_bytes  # noqa: E402

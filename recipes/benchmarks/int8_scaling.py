@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from int8_quantization import time_in_linear_layers  # noqa: E402  (recipes/benchmarks/)
 from nmt_lightning.data import TranslationDataModule  # noqa: E402
 from nmt_lightning.decoding import beam_search  # noqa: E402
-from nmt_lightning.int8 import Int8Weight, quantize_weight, use_int8_linears  # noqa: E402
+from nmt_lightning.export.codecs.int8_kernels import Int8Weight, quantize_weight, use_int8_linears  # noqa: E402
 from nmt_lightning.model import Transformer  # noqa: E402
 from nmt_lightning.model.transformer import PRESETS  # noqa: E402
 from nmt_lightning.translate import source_batches  # noqa: E402

@@ -43,7 +43,7 @@ def main() -> None:
         sys.exit(f"--checkpoint {args.checkpoint}: no such file (train the main job first)")
 
     from callbacks import IterativeProductQuantization
-    from nmt_lightning.checkpoints import load_translation_module
+    from nmt_lightning.loading import load_translation_module
     from nmt_lightning.evaluation import score
     from nmt_lightning.translate import translate_lines
 

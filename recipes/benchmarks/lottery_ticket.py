@@ -155,7 +155,7 @@ def points(args: argparse.Namespace) -> dict[str, list[tuple[float, Path]]]:
 def bleu(args: argparse.Namespace, checkpoint: Path) -> dict:
     """Test BLEU/chrF (beam 4) of the sparse fp32 export of ``checkpoint`` (cached)."""
     from nmt_lightning.evaluation import score
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
 
     key = "_".join(checkpoint.relative_to(args.out / "runs").with_suffix("").parts)
@@ -172,7 +172,7 @@ def bleu(args: argparse.Namespace, checkpoint: Path) -> dict:
 
 def export_sizes(args: argparse.Namespace, dense: Path, sparse: Path) -> dict[str, int]:
     """Bytes on disk of the dense fp32 model and of the 80%-sparse ticket with fp32 and int8 values."""
-    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.translation_file import export_checkpoint
 
     sizes = {}
     for label, checkpoint, quantize in (("dense fp32", dense, "fp32"), ("80% sparse, fp32 values", sparse, "fp32"),

@@ -95,7 +95,7 @@ class Runs:
 
 def translate_and_score(args: argparse.Namespace, key: str, checkpoint: Path, quantize: Optional[str]) -> list[str]:
     """The test split's translations (beam 4) by the export of ``checkpoint`` (cached as text)."""
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
 
     hypotheses = args.out / "hypotheses" / f"{key}.cs"

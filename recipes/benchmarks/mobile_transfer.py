@@ -154,7 +154,7 @@ def main() -> None:
                                                                               args.teacher_checkpoint))
     sources, references = prepared_test_split(args.data_dir, args.test_sentences)
     args.out.mkdir(parents=True, exist_ok=True)
-    from nmt_lightning.export import load_exported
+    from nmt_lightning.translation_file import load_exported
 
     rows = build_rows(args)
     results = {name: export_and_score(args.out, (name, checkpoint, quantize), sources, references)

@@ -201,7 +201,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from nmt_lightning.evaluation import read_lines, score
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
 
     rows = build_rows(args)

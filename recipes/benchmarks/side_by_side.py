@@ -74,7 +74,7 @@ def cached(path: Path, compute: Callable[[], Any]) -> Any:
 def checkpoint_step(checkpoint: Path) -> int:
     """The global step a Lightning checkpoint was saved at (0 if there is none); loaded safely.
     A run is finished only at its last step: ``last.ckpt`` is also written at epoch ends."""
-    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.checkpoint_reading import read_checkpoint
 
     if not checkpoint.is_file():
         return 0
@@ -175,9 +175,9 @@ def export_and_score(out: Path, row: tuple[str, Path, Optional[str]], sources: l
     """Export the row's checkpoint (``export --quantize``, None: what it trained) to
     ``out``/exports and score it on ``sources``/``references`` with beam 4 and greedy (cached in
     ``out``/scores): (the exported file, {bytes, parameters, bleu_/chrf_beam4, bleu_/chrf_greedy})."""
-    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.checkpoint_reading import read_checkpoint
     from nmt_lightning.evaluation import score
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.module import TranslationModule
     from nmt_lightning.translate import translate_lines
 
@@ -212,7 +212,7 @@ def check_given_model(path: Path, argument: str, expected: dict, default: bool) 
     count than the recipe's (a run stopped early, or an add-on that replaced its last.ckpt).
     An explicitly given checkpoint may have trained any number of steps: it is the user's
     choice, and the tables name it. Returns (step, layers, d_model) as read."""
-    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.checkpoint_reading import read_checkpoint
 
     checkpoint = read_checkpoint(path)
     hyper = checkpoint.get("hyper_parameters", {})

@@ -185,7 +185,7 @@ class Study:
         if not self.finished(row.run):
             return None
         from nmt_lightning.evaluation import read_lines, score
-        from nmt_lightning.export import export_checkpoint, load_exported
+        from nmt_lightning.translation_file import export_checkpoint, load_exported
         from nmt_lightning.translate import translate_lines
 
         slug = file_slug(f"{row.run}_{row.export or 'as_trained'}")

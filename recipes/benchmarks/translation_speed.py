@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.translate import translate_lines
 from side_by_side import median_table  # recipes/benchmarks/side_by_side.py
 

@@ -14,7 +14,7 @@ from callbacks import KnowledgeDistillation, QuantizationAwareTraining
 from callbacks._transforms import weight_transforms
 from callbacks.knowledge_distillation import PROJECTION_KEY, PROJECTION_NAME
 from nmt_lightning.bpe import PAD_ID
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
@@ -235,14 +235,14 @@ distillation:
 
 def test_an_int8_export_is_a_faster_teacher(trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
     """teacher_loader names any path -> module function: here an int8 export, run on FBGEMM."""
-    from nmt_lightning.export import export_checkpoint
-    from nmt_lightning.int8 import Int8Linear
+    from nmt_lightning.translation_file import export_checkpoint
+    from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 
     export_checkpoint(trained_checkpoint, tmp_path / "teacher.int8.safetensors", "int8")
     L.seed_everything(0)
     student, datamodule = translation_student(prepared_dir)
     distillation = KnowledgeDistillation(str(tmp_path / "teacher.int8.safetensors"),
-                                         teacher_loader="nmt_lightning.checkpoints.load_translation_module")
+                                         teacher_loader="nmt_lightning.loading.load_translation_module")
     tiny_trainer(tmp_path, max_steps=3, callbacks=[distillation]).fit(student, datamodule=datamodule)
     assert any(isinstance(m, Int8Linear) for m in distillation.teacher.module.modules())
     assert torch.isfinite(student.trainer.logged_metrics["train/distill_soft"])

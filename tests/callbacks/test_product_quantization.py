@@ -124,8 +124,8 @@ ipq:
 
 
 def test_checkpoint_and_export_of_a_translation_model(prepared_dir: Path, tmp_path: Path) -> None:
-    from nmt_lightning.checkpoints import load_translation_module
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.loading import load_translation_module
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
     from tests.conftest import train_tiny_checkpoint
 
@@ -213,8 +213,8 @@ def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Pat
     nothing is stored as fp32 but the scales and ranges beside 8-bit values."""
     import json
 
-    from nmt_lightning.checkpoints import load_translation_module
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.loading import load_translation_module
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.translate import translate_lines
     from tests.conftest import train_tiny_checkpoint
 
@@ -244,7 +244,7 @@ def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Pat
 def test_ipq_under_qat_is_refused_at_export_naming_both(prepared_dir: Path, tmp_path: Path) -> None:
     from callbacks import QuantizationAwareTraining
     from nmt_lightning.errors import CorpusError
-    from nmt_lightning.export import export_checkpoint
+    from nmt_lightning.translation_file import export_checkpoint
     from tests.conftest import train_tiny_checkpoint
 
     checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(
@@ -269,10 +269,10 @@ def test_post_training_ipq_export_from_the_command_line(trained_checkpoint: Path
                                                         tmp_path: Path) -> None:
     """``export --quantize ipq``: the callback's k-means on every stage of a plain checkpoint,
     no fine-tuning; a checkpoint that already trained with compression is refused."""
-    from nmt_lightning.checkpoint_file import read_checkpoint
+    from nmt_lightning.checkpoint_reading import read_checkpoint
     from nmt_lightning.cli import main
     from nmt_lightning.errors import CorpusError
-    from nmt_lightning.export import export_checkpoint, load_exported
+    from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.module import TranslationModule
     from nmt_lightning.translate import translate_lines
     from tests.conftest import train_tiny_checkpoint

@@ -11,10 +11,10 @@ import torch
 
 from callbacks import ProgressiveKnowledgeTransfer, QuantizationAwareTraining
 from nmt_lightning.bpe import PAD_ID
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.data import TranslationDataModule
-from nmt_lightning.export import export_checkpoint, load_exported
-from nmt_lightning.int8 import Int8Linear
+from nmt_lightning.translation_file import export_checkpoint, load_exported
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines

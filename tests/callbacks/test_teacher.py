@@ -11,7 +11,7 @@ from torch import nn
 from callbacks import QuantizationAwareTraining
 from callbacks._teacher import FrozenTeacher
 from callbacks._transforms import weight_transforms
-from nmt_lightning.int8 import Int8Linear
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.module import TranslationModule
 from tests.callbacks.classifier import BagOfWordsClassifier, DistillableClassifier, classification_data
 from tests.callbacks.helpers import trainer

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import lightning as L
 
-from nmt_lightning.checkpoints import load_translation_module
+from nmt_lightning.loading import load_translation_module
 from nmt_lightning.data import TranslationDataModule
 
 if __name__ == "__main__":

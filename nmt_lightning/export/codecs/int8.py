@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nmt_lightning.export.codecs import Codec, Parts, register
-from nmt_lightning.int8 import Int8Linear, Int8Weight, quantize_weight
+from nmt_lightning.export.codecs.int8_kernels import Int8Linear, Int8Weight, quantize_weight
 
 
 class Int8Codec(Codec):

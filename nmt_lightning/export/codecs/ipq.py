@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 
 from nmt_lightning.export.codecs import Codec, Parts, register
-from nmt_lightning.int8 import quantize_weight
+from nmt_lightning.export.codecs.int8_kernels import quantize_weight
 
 
 class ProductQuantizationCodec(Codec):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt_lightning.checkpoint_file import read_checkpoint
+from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.cli import main
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.module import TranslationModule

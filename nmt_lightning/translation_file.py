@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 import json
 import lzma
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+import torch
 from torch import nn
 
 from nmt_lightning.atomic import atomic_path
-from nmt_lightning.checkpoint_file import read_checkpoint
+from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
+from nmt_lightning.export.post_training import post_training_ipq
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.tokenization import Tokenization
 
@@ -100,9 +101,10 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     path = Path(checkpoint_path)
     checkpoint = read_checkpoint(path)
     if quantize == "ipq":
-        from nmt_lightning.export.post_training import post_training_ipq
-
-        checkpoint, quantize = post_training_ipq(checkpoint, str(path)), None
+        if "hyper_parameters" not in checkpoint:
+            raise CorpusError(f"{path}: not a checkpoint of a translation model")
+        architecture = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"]).model
+        checkpoint, quantize = post_training_ipq(checkpoint, architecture, str(path)), None
     encoded = encode_checkpoint(checkpoint, str(path), quantize)
     output = Path(output)
     with atomic_path(output) as tmp:

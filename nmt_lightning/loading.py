@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from nmt_lightning.checkpoint_file import is_parametrized, model_weights, read_checkpoint
+from nmt_lightning.checkpoint_reading import is_parametrized, model_weights, read_checkpoint
 from nmt_lightning.errors import CorpusError
 from nmt_lightning.module import TranslationModule
 
@@ -36,8 +36,8 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
     path = Path(path)
     if not path.is_file():
         raise CorpusError(f"{path}: no such checkpoint")
-    from nmt_lightning.export import build_module, encode_checkpoint, is_export_file, load_exported
     from nmt_lightning.export.plan import compression_manifest
+    from nmt_lightning.translation_file import build_module, encode_checkpoint, is_export_file, load_exported
 
     if is_export_file(path):
         return load_exported(path, runtime_layers)

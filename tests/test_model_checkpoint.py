@@ -1,11 +1,11 @@
-"""nmt_lightning.checkpointing.ModelCheckpoint: last.ckpt is the model at the end of training."""
+"""nmt_lightning.model_checkpoint.ModelCheckpoint: last.ckpt is the model at the end of training."""
 
 from pathlib import Path
 
 import lightning as L
 import torch
 
-from nmt_lightning.checkpointing import ModelCheckpoint
+from nmt_lightning.model_checkpoint import ModelCheckpoint
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
 
 
