@@ -9,15 +9,14 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 import torch
 from torch import nn
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.errors import CorpusError
-from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
+from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module, read_file
 from nmt_lightning.export.post_training import post_training_ipq
 from nmt_lightning.module import TranslationModule
 from nmt_lightning.tokenization import Tokenization
@@ -164,12 +163,7 @@ def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> Trans
     """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``
     (``runtime_layers``: see ``build_module``)."""
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except Exception as error:
-        raise CorpusError(f"{path}: not a readable safetensors file ({type(error).__name__})") from None
+    tensors, metadata = read_file(path)
     if metadata.get("format") == FORMAT_1:
         metadata = _from_format_1(tensors, metadata)
     if metadata.get("format") not in (FORMAT, FORMAT_2):

@@ -208,15 +208,20 @@ def fill_module(model: nn.Module, tensors: Mapping[str, torch.Tensor], entries: 
     return model.eval()
 
 
-def load_module(model: nn.Module, path: Union[str, os.PathLike], runtime_layers: bool = True) -> nn.Module:
-    """``model`` (a plain instance of the exported class) filled from a file of ``export_module``."""
-    path = Path(path)
+def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a one-line error naming it if it is not one."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
+        return load_file(str(path)), metadata
     except Exception as error:
         raise CorpusError(f"{path}: not a readable safetensors file ({type(error).__name__})") from None
+
+
+def load_module(model: nn.Module, path: Union[str, os.PathLike], runtime_layers: bool = True) -> nn.Module:
+    """``model`` (a plain instance of the exported class) filled from a file of ``export_module``."""
+    path = Path(path)
+    tensors, metadata = read_file(path)
     if metadata.get("format") != MODULE_FORMAT:
         raise CorpusError(f"{path}: a safetensors file, but not one written by export_module "
                           f"(for 'nmt-lightning export' files use load_exported)")

@@ -165,7 +165,7 @@ def test_with_distillation_and_qat(tmp_path: Path) -> None:
 
 
 def test_two_process_ddp_keeps_the_masks_identical(tmp_path: Path) -> None:
-    run_script("lottery_ticket_ddp.py", tmp_path)
+    run_script("pruning_ddp.py", "ticket", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["round"] == ranks[1]["round"] == 2
@@ -274,7 +274,7 @@ def test_late_rewinding_continues_the_schedule_from_step_k(tmp_path: Path) -> No
 
 
 def test_two_process_ddp_gradual_pruning_keeps_the_masks_identical(tmp_path: Path) -> None:
-    run_script("magnitude_pruning_ddp.py", tmp_path)
+    run_script("pruning_ddp.py", "gradual", tmp_path)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert ranks[0]["masks"] == ranks[1]["masks"] and ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["sparsity"] == pytest.approx(0.75, abs=1 / 304)
