@@ -4,7 +4,7 @@ The core package (data, model, training, evaluation, CLI). Compression methods l
 separate top-level ``callbacks`` package and never import from here.
 """
 
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import CorpusError, ModelFileError
 
-__all__ = ["CorpusError"]
+__all__ = ["CorpusError", "ModelFileError"]
 __version__ = "0.1.0"

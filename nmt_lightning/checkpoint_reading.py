@@ -18,20 +18,20 @@ from torch import nn
 from compression_contract.checkpoints import CheckpointError
 from compression_contract.checkpoints import read_checkpoint as contract_read_checkpoint
 from compression_contract.names import PARAMETRIZED, logical_name
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 
 __all__ = ["PARAMETRIZED", "is_parametrized", "logical_name", "model_weights", "read_checkpoint"]
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint's contents (tensors and plain data only), or a CorpusError naming the file
+    """The checkpoint's contents (tensors and plain data only), or a ModelFileError naming the file
     (the contract's safe reading: compression_contract.checkpoints)."""
     try:
         return contract_read_checkpoint(path, map_location=map_location)
     except FileNotFoundError:
-        raise CorpusError(f"{path}: no such checkpoint") from None
+        raise ModelFileError(f"{path}: no such checkpoint") from None
     except CheckpointError as error:
-        raise CorpusError(str(error)) from None
+        raise ModelFileError(str(error)) from None
 
 
 def model_weights(state_dict: dict[str, torch.Tensor], model: nn.Module, prefix: str = "model.") -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from nmt_lightning.checkpoint_reading import is_parametrized, model_weights, read_checkpoint
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.module import TranslationModule
 
 
@@ -35,7 +35,7 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
     """
     path = Path(path)
     if not path.is_file():
-        raise CorpusError(f"{path}: no such checkpoint")
+        raise ModelFileError(f"{path}: no such checkpoint")
     from nmt_lightning.export.plan import compression_manifest
     from nmt_lightning.translation_file import build_module, encode_checkpoint, is_export_file, load_exported
 
@@ -43,9 +43,9 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
         return load_exported(path, runtime_layers)
     checkpoint = read_checkpoint(path, map_location)
     if "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
+        raise ModelFileError(f"{path}: not a Lightning checkpoint of a translation model")
     if "nmt_lightning_tokenization" not in checkpoint:
-        raise CorpusError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
+        raise ModelFileError(f"{path}: not a translation model checkpoint (no sentencepiece models inside)")
     if quantize is not None or compression_manifest(checkpoint) or is_parametrized(checkpoint["state_dict"]):
         encoded = encode_checkpoint(checkpoint, str(path), quantize)
         return build_module(encoded.tensors, encoded.metadata, runtime_layers)
@@ -80,7 +80,7 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     for path in paths:
         last = read_checkpoint(path)
         if "state_dict" not in last:
-            raise CorpusError(f"{path}: not a Lightning checkpoint")
+            raise ModelFileError(f"{path}: not a Lightning checkpoint")
         state = last["state_dict"]
         if first is None:
             first_path, first = path, last
@@ -88,14 +88,14 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
             mine, theirs = _model_identity(last), _model_identity(first)
             if mine != theirs:
                 differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-                raise CorpusError(f"{path} and {first_path} are different models (hyper-parameters differ: "
+                raise ModelFileError(f"{path} and {first_path} are different models (hyper-parameters differ: "
                                   + ", ".join(f"{k}={mine.get(k)!r} vs {theirs.get(k)!r}" for k in differing) + ")")
             if state.keys() != sums.keys():
                 only = sorted(set(state) ^ set(sums))
-                raise CorpusError(f"{path} and {first_path} hold different tensors (e.g. {only[0]})")
+                raise ModelFileError(f"{path} and {first_path} hold different tensors (e.g. {only[0]})")
             for name, tensor in state.items():
                 if tensor.shape != sums[name].shape:
-                    raise CorpusError(f"{path} and {first_path} differ in the shape of {name}: "
+                    raise ModelFileError(f"{path} and {first_path} differ in the shape of {name}: "
                                       f"{tuple(tensor.shape)} vs {tuple(sums[name].shape)}")
         for name, tensor in state.items():
             if tensor.is_floating_point():
@@ -130,8 +130,8 @@ def last_checkpoints_by_step(directory: str | os.PathLike, count: int) -> list[P
     for path in sorted(Path(directory).glob("*.ckpt")):
         step = read_checkpoint(path).get("global_step")
         if not isinstance(step, int):
-            raise CorpusError(f"{path}: no global_step inside: not a Lightning checkpoint")
+            raise ModelFileError(f"{path}: no global_step inside: not a Lightning checkpoint")
         by_step.setdefault(step, path)
     if not by_step:
-        raise CorpusError(f"{directory}: no .ckpt files")
+        raise ModelFileError(f"{directory}: no .ckpt files")
     return [by_step[step] for step in sorted(by_step)[-count:]]

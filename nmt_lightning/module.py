@@ -17,7 +17,7 @@ from compression_contract.protocols import TASK_LOSS
 from nmt_lightning.bpe import PAD_ID
 from nmt_lightning.checkpoint_reading import PARAMETRIZED, model_weights, read_checkpoint
 from nmt_lightning.decoding import beam_search, greedy_search
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.evaluation import score
 from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
 from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
@@ -179,7 +179,7 @@ class TranslationModule(L.LightningModule):
         compression steps that only round (int8) are left out, the others (masks, codebooks) applied."""
         checkpoint = read_checkpoint(path)
         if "hyper_parameters" not in checkpoint or "state_dict" not in checkpoint:
-            raise CorpusError(f"{path}: not a Lightning checkpoint of a translation model")
+            raise ModelFileError(f"{path}: not a Lightning checkpoint of a translation model")
         module = cls.from_hyperparameters(checkpoint["hyper_parameters"])
         encoded = encode_module_checkpoint(checkpoint, module.model, str(path), quantize="fp32", prefix="model.")
         fill_module(module.model, encoded.tensors, encoded.entries, runtime_layers=False)

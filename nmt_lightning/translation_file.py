@@ -15,7 +15,7 @@ from torch import nn
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.checkpoint_reading import read_checkpoint
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module, read_file
 from nmt_lightning.export.post_training import post_training_ipq
 from nmt_lightning.module import TranslationModule
@@ -45,7 +45,7 @@ class EncodedModel:
 def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Optional[str] = None) -> EncodedModel:
     """Encode the Transformer of a TranslationModule checkpoint; ``origin`` names it in errors."""
     if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise CorpusError(f"{origin}: not a checkpoint of a translation model")
+        raise ModelFileError(f"{origin}: not a checkpoint of a translation model")
     hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
     model = TranslationModule.from_hyperparameters(hyper_parameters).model
     encoded = encode_module_checkpoint(checkpoint, model, origin, quantize, prefix="model.")
@@ -87,7 +87,7 @@ def _pop_sentencepiece(tensors: dict[str, torch.Tensor], side: str) -> Optional[
         try:
             return lzma.decompress(compressed.numpy().tobytes())
         except lzma.LZMAError as error:
-            raise CorpusError(f"the exported file's sentencepiece model (tokenization.{side}_model.xz) is damaged: "
+            raise ModelFileError(f"the exported file's sentencepiece model (tokenization.{side}_model.xz) is damaged: "
                               f"{error}") from None
     raw = tensors.pop(f"tokenization.{side}_model", None)
     return None if raw is None else raw.numpy().tobytes()
@@ -101,7 +101,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     checkpoint = read_checkpoint(path)
     if quantize == "ipq":
         if "hyper_parameters" not in checkpoint:
-            raise CorpusError(f"{path}: not a checkpoint of a translation model")
+            raise ModelFileError(f"{path}: not a checkpoint of a translation model")
         architecture = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"]).model
         checkpoint, quantize = post_training_ipq(checkpoint, architecture, str(path)), None
     encoded = encode_checkpoint(checkpoint, str(path), quantize)
@@ -125,7 +125,7 @@ def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     token_info = json.loads(metadata["tokenization"])
     src_model = _pop_sentencepiece(tensors, "src")
     if src_model is None:
-        raise CorpusError("the exported file has no sentencepiece model (tokenization.src_model)")
+        raise ModelFileError("the exported file has no sentencepiece model (tokenization.src_model)")
     tgt_model = _pop_sentencepiece(tensors, "tgt") or src_model
     module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
     fill_module(module.model, tensors, json.loads(metadata["weights"]), runtime_layers)
@@ -167,8 +167,8 @@ def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> Trans
     if metadata.get("format") == FORMAT_1:
         metadata = _from_format_1(tensors, metadata)
     if metadata.get("format") not in (FORMAT, FORMAT_2):
-        raise CorpusError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
+        raise ModelFileError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
     try:
         return build_module(tensors, metadata, runtime_layers)
-    except CorpusError as error:
-        raise CorpusError(f"{path}: {error}") from None
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {error}") from None

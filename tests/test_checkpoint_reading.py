@@ -10,7 +10,7 @@ import torch
 
 from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.cli import main
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.module import TranslationModule
 
 
@@ -71,9 +71,9 @@ def test_a_real_checkpoint_loads(trained_checkpoint: Path) -> None:
 def test_truncated_and_missing_files(trained_checkpoint: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(trained_checkpoint.read_bytes()[:1000])
-    with pytest.raises(CorpusError, match=r"truncated.ckpt: not a readable checkpoint"):
+    with pytest.raises(ModelFileError, match=r"truncated.ckpt: not a readable checkpoint"):
         read_checkpoint(truncated)
-    with pytest.raises(CorpusError, match=r"missing.ckpt: no such checkpoint"):
+    with pytest.raises(ModelFileError, match=r"missing.ckpt: no such checkpoint"):
         read_checkpoint(tmp_path / "missing.ckpt")
 
 
@@ -84,6 +84,23 @@ def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path: Path, content: 
     never the "Python objects" refusal meant for pickles that would run code."""
     path = tmp_path / "garbage.ckpt"
     path.write_bytes(content)
-    with pytest.raises(CorpusError, match=rf"^{path}: not a checkpoint") as caught:
+    with pytest.raises(ModelFileError, match=rf"^{path}: not a checkpoint") as caught:
         read_checkpoint(path)
     assert "\n" not in str(caught.value) and "Python objects" not in str(caught.value)
+
+
+def test_model_file_errors_and_data_errors_are_told_apart(tmp_path: Path) -> None:
+    """A bad checkpoint is a ModelFileError, never a CorpusError (data); both stay ValueErrors."""
+    from nmt_lightning.errors import CorpusError
+    from nmt_lightning.evaluation import read_lines
+
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"hello world\n")
+    with pytest.raises(ModelFileError) as model_error:
+        read_checkpoint(garbage)
+    assert isinstance(model_error.value, ValueError) and not isinstance(model_error.value, CorpusError)
+    bad_text = tmp_path / "bad.cs"
+    bad_text.write_bytes(b"\xff\xfe\n")
+    with pytest.raises(CorpusError) as data_error:
+        read_lines(bad_text)
+    assert isinstance(data_error.value, ValueError) and not isinstance(data_error.value, ModelFileError)

@@ -16,7 +16,7 @@ from callbacks.quantization_aware_training import fake_quantize
 from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.loading import load_for_device, load_translation_module
 from nmt_lightning.cli import main
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.translation_file import export_checkpoint, load_exported
 from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.module import TranslationModule
@@ -245,7 +245,7 @@ def test_sentencepiece_model_is_stored_compressed_and_raw_files_still_load(train
     del weights["tokenization.src_model"]
     weights["tokenization.src_model.xz"] = torch.zeros(64, dtype=torch.uint8)
     save_file(weights, str(tmp_path / "damaged.safetensors"), metadata=metadata)
-    with pytest.raises(CorpusError, match=r"damaged\.safetensors.*tokenization\.src_model\.xz"):
+    with pytest.raises(ModelFileError, match=r"damaged\.safetensors.*tokenization\.src_model\.xz"):
         load_exported(tmp_path / "damaged.safetensors")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from callbacks import IterativeProductQuantization, LotteryTicketPruning, QuantizationAwareTraining, QuantNoise
 from callbacks.quantization_aware_training import round_to_grid, weight_absmax
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export import export_module, load_module
 from nmt_lightning.export.codecs.int8_kernels import Int8Linear, static_activation_bits
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
@@ -99,8 +99,8 @@ def test_ipq_and_a_lottery_ticket_load_their_codewords_and_zeros(tmp_path: Path)
 def test_a_file_for_another_class_or_checkpoint_is_refused(tmp_path: Path) -> None:
     _, checkpoint = train(tmp_path, [QuantizationAwareTraining(include=["hidden"])])
     export_module(checkpoint, BagOfWordsClassifier(), tmp_path / "model.safetensors")
-    with pytest.raises(CorpusError, match=r"embed.weight is \(30, 16\) in the file but \(30, 8\) in the "
+    with pytest.raises(ModelFileError, match=r"embed.weight is \(30, 16\) in the file but \(30, 8\) in the "
                                           r"BagOfWordsClassifier"):
         load_module(BagOfWordsClassifier(dim=8), tmp_path / "model.safetensors")
-    with pytest.raises(CorpusError, match="the checkpoint lacks 2 weights of the Linear, e.g. model.bias"):
+    with pytest.raises(ModelFileError, match="the checkpoint lacks 2 weights of the Linear, e.g. model.bias"):
         export_module(checkpoint, torch.nn.Linear(4, 4), tmp_path / "other.safetensors", prefix="model.")

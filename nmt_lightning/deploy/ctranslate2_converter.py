@@ -41,7 +41,7 @@ from nmt_lightning.deploy.ctranslate2_files import (
     require_ctranslate2,
     write_settings,
 )
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.model.attention import MultiHeadAttention
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from nmt_lightning.model.transformer import Transformer
@@ -280,6 +280,6 @@ def convert_to_ctranslate2(checkpoint: str | os.PathLike, output: str | os.PathL
 
     path = Path(checkpoint)
     if is_ctranslate2_model(path):
-        raise CorpusError(f"{path} is already a CTranslate2 model; convert the checkpoint it came from")
+        raise ModelFileError(f"{path} is already a CTranslate2 model; convert the checkpoint it came from")
     module = load_translation_module(path, runtime_layers=False)
     return convert_module(module, output, quantization, force, origin=str(path))

@@ -30,7 +30,7 @@ from torch import nn
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.checkpoint_reading import model_weights, read_checkpoint
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.codecs import codec, decode_chain, encode_chain, encoding_spec, runtime_linear
 from nmt_lightning.export.plan import export_plan
 
@@ -62,7 +62,7 @@ def _key(stored: str, part: str) -> str:
 
 def _state_tensor(state: Mapping[str, torch.Tensor], key: str, name: str, origin: str) -> torch.Tensor:
     if key not in state:
-        raise CorpusError(f"{origin}: the compression manifest names {key} for {name}, but the checkpoint has no "
+        raise ModelFileError(f"{origin}: the compression manifest names {key} for {name}, but the checkpoint has no "
                           f"such tensor")
     return state[key].detach()
 
@@ -108,17 +108,17 @@ def encode_module_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module, or
     """The weights of ``model`` (its state_dict's names, under ``prefix`` in the checkpoint),
     encoded as the checkpoint's manifest says (``quantize``: as ``nmt-lightning export``'s)."""
     if "state_dict" not in checkpoint:
-        raise CorpusError(f"{origin}: not a Lightning checkpoint (no state_dict)")
+        raise ModelFileError(f"{origin}: not a Lightning checkpoint (no state_dict)")
     state = checkpoint["state_dict"]
     weights = model_weights(state, model, prefix)
     missing = sorted(set(model.state_dict()) - set(weights))
     if missing:
-        raise CorpusError(f"{origin}: the checkpoint lacks {len(missing)} weights of the {type(model).__name__}, "
+        raise ModelFileError(f"{origin}: the checkpoint lacks {len(missing)} weights of the {type(model).__name__}, "
                           f"e.g. {prefix}{missing[0]} (another class, or another prefix?)")
     try:
         plan = export_plan(checkpoint, model, quantize, prefix)
     except KeyError as error:
-        raise CorpusError(f"{origin}: a compression step lacks the field {error}") from None
+        raise ModelFileError(f"{origin}: a compression step lacks the field {error}") from None
     return encode_weights(weights, plan, state, origin)
 
 
@@ -170,7 +170,7 @@ def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict])
         first_modules = {id(model.get_submodule(n.rpartition(".")[0])) for n in first}
         for group in others:
             if {id(model.get_submodule(n.rpartition(".")[0])) for n in group} & first_modules:
-                raise CorpusError(f"{group[0]} and {first[0]} are one module but encoded differently")
+                raise ModelFileError(f"{group[0]} and {first[0]} are one module but encoded differently")
             replacement = nn.Parameter(model.get_parameter(group[0]).detach().clone())
             for name in group:
                 _set_attribute(model, name, replacement)
@@ -185,13 +185,13 @@ def fill_module(model: nn.Module, tensors: Mapping[str, torch.Tensor], entries: 
 
     missing = sorted(set(model.state_dict()) - set(entries))
     if missing:
-        raise CorpusError(f"the file holds no {missing[0]} of the {type(model).__name__} (and {len(missing) - 1} more): "
+        raise ModelFileError(f"the file holds no {missing[0]} of the {type(model).__name__} (and {len(missing) - 1} more): "
                           f"another class than the one exported?")
     decoded = {name: decode_chain(parts(e), e["codecs"]) for name, e in entries.items()}
     own = model.state_dict()
     for name, tensor in decoded.items():
         if name in own and tuple(own[name].shape) != tuple(tensor.shape):
-            raise CorpusError(f"{name} is {tuple(tensor.shape)} in the file but {tuple(own[name].shape)} in the "
+            raise ModelFileError(f"{name} is {tuple(tensor.shape)} in the file but {tuple(own[name].shape)} in the "
                               f"{type(model).__name__}: another configuration than the one exported?")
     _untie_where_encodings_differ(model, entries)
     model.load_state_dict(decoded, strict=True)
@@ -215,7 +215,7 @@ def read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = dict(handle.metadata() or {})
         return load_file(str(path)), metadata
     except Exception as error:
-        raise CorpusError(f"{path}: not a readable safetensors file ({type(error).__name__})") from None
+        raise ModelFileError(f"{path}: not a readable safetensors file ({type(error).__name__})") from None
 
 
 def load_module(model: nn.Module, path: Union[str, os.PathLike], runtime_layers: bool = True) -> nn.Module:
@@ -223,9 +223,9 @@ def load_module(model: nn.Module, path: Union[str, os.PathLike], runtime_layers:
     path = Path(path)
     tensors, metadata = read_file(path)
     if metadata.get("format") != MODULE_FORMAT:
-        raise CorpusError(f"{path}: a safetensors file, but not one written by export_module "
+        raise ModelFileError(f"{path}: a safetensors file, but not one written by export_module "
                           f"(for 'nmt-lightning export' files use load_exported)")
     try:
         return fill_module(model, tensors, json.loads(metadata["weights"]), runtime_layers)
-    except (CorpusError, RuntimeError) as error:
-        raise CorpusError(f"{path}: {str(error).strip().splitlines()[0]}") from None
+    except (ModelFileError, RuntimeError) as error:
+        raise ModelFileError(f"{path}: {str(error).strip().splitlines()[0]}") from None

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Mapping, Optional
 from torch import nn
 
 from compression_contract.manifest import COMPRESSION_KEY, QUANTIZE
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.codecs import codec
 
 QUANTIZE_CHOICES = ("int8", "int4", "fp32")
@@ -42,7 +42,7 @@ def manifest_steps(checkpoint: Mapping, prefix: str = "model.") -> dict[str, Ste
     """Tensor name (without ``prefix``) -> codec steps, from the checkpoint's manifest."""
     manifest = compression_manifest(checkpoint)
     if not isinstance(manifest, dict):
-        raise CorpusError(f"the checkpoint's '{COMPRESSION_KEY}' entry is not a mapping")
+        raise ModelFileError(f"the checkpoint's '{COMPRESSION_KEY}' entry is not a mapping")
     steps = {}
     for name, entries in manifest.items():
         if name.startswith(prefix):
@@ -101,6 +101,6 @@ def export_plan(checkpoint: Mapping, model: nn.Module, quantize: Optional[str], 
     for name, steps in plan.items():
         grids = [s["codec"] for s in steps if codec(s["codec"]).quantizes]
         if len(grids) > 1:  # e.g. QAT's int8 on top of iPQ's codebook: int8 would encode the assignments
-            raise CorpusError(f"{name} is recorded as {' then '.join(grids)}; two quantizing steps do not compose "
+            raise ModelFileError(f"{name} is recorded as {' then '.join(grids)}; two quantizing steps do not compose "
                               f"(for iPQ with int8 codebooks, train IterativeProductQuantization with centroid_bits=8)")
     return {name: steps for name, steps in plan.items() if steps}

@@ -21,7 +21,7 @@ from compression_contract.manifest import CODEBOOK, record_codec
 from compression_contract.product_quantization import (DEFAULT_BLOCK_SIZE, DEFAULT_BLOCK_SIZES, DEFAULT_STAGES,
                                                        learn_codebook)
 from nmt_lightning.checkpoint_reading import model_weights
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.plan import compression_manifest
 
 CODEWORDS, ITERATIONS, SEED = 256, 20, 0
@@ -36,13 +36,13 @@ def post_training_ipq(checkpoint: Mapping[str, Any], model: nn.Module, origin: s
     """``checkpoint`` (uncompressed) with the weights of ``model`` (a plain instance of its
     architecture, found under ``prefix`` in the checkpoint) product-quantized."""
     if compression_manifest(checkpoint):
-        raise CorpusError(f"{origin}: post-training iPQ quantizes an uncompressed model, but this checkpoint was "
+        raise ModelFileError(f"{origin}: post-training iPQ quantizes an uncompressed model, but this checkpoint was "
                           f"trained with compression callbacks; export it as trained (no --quantize)")
     try:
         model.load_state_dict(model_weights(checkpoint["state_dict"], model, prefix))
     except RuntimeError as error:
         first = str(error).strip().splitlines()[1:2] or [""]
-        raise CorpusError(f"{origin}: its weights do not fit its own hyper-parameters ({first[0].strip()})") from None
+        raise ModelFileError(f"{origin}: its weights do not fit its own hyper-parameters ({first[0].strip()})") from None
     state = dict(checkpoint["state_dict"])
     entries: dict[str, Any] = {}
     # The callback's order and seeds: per stage, the modules its globs select (each once, with all

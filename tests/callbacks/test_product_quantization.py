@@ -243,13 +243,13 @@ def test_int8_codebooks_export_nothing_in_fp32(prepared_dir: Path, tmp_path: Pat
 
 def test_ipq_under_qat_is_refused_at_export_naming_both(prepared_dir: Path, tmp_path: Path) -> None:
     from callbacks import QuantizationAwareTraining
-    from nmt_lightning.errors import CorpusError
+    from nmt_lightning.errors import ModelFileError
     from nmt_lightning.translation_file import export_checkpoint
     from tests.conftest import train_tiny_checkpoint
 
     checkpoint = train_tiny_checkpoint(prepared_dir, tmp_path, callbacks=(
         IterativeProductQuantization(steps_per_stage=8, centroids=16), QuantizationAwareTraining()))
-    with pytest.raises(CorpusError, match="recorded as ipq then int8; two quantizing steps do not compose"):
+    with pytest.raises(ModelFileError, match="recorded as ipq then int8; two quantizing steps do not compose"):
         export_checkpoint(checkpoint, tmp_path / "model.safetensors")
 
 
@@ -271,7 +271,7 @@ def test_post_training_ipq_export_from_the_command_line(trained_checkpoint: Path
     no fine-tuning; a checkpoint that already trained with compression is refused."""
     from nmt_lightning.checkpoint_reading import read_checkpoint
     from nmt_lightning.cli import main
-    from nmt_lightning.errors import CorpusError
+    from nmt_lightning.errors import ModelFileError
     from nmt_lightning.translation_file import export_checkpoint, load_exported
     from nmt_lightning.module import TranslationModule
     from nmt_lightning.translate import translate_lines
@@ -291,7 +291,7 @@ def test_post_training_ipq_export_from_the_command_line(trained_checkpoint: Path
     lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:4]
     assert len(translate_lines(exported, lines, beam=2, progress=False)) == 4
     compressed = train_tiny_checkpoint(prepared_dir, tmp_path / "qat", callbacks=(QuantNoise(),))
-    with pytest.raises(CorpusError, match="post-training iPQ quantizes an uncompressed model"):
+    with pytest.raises(ModelFileError, match="post-training iPQ quantizes an uncompressed model"):
         export_checkpoint(compressed, tmp_path / "twice.safetensors", "ipq")
 
 

@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Mapping, Optional
 import torch
 from torch import nn
 
-from nmt_lightning.errors import CorpusError
+from nmt_lightning.errors import ModelFileError
 
 Parts = dict[str, torch.Tensor]  # "" is the main tensor; other keys are its side tensors (scales, masks, ...)
 
@@ -63,7 +63,7 @@ def register(codec: Codec) -> Codec:
 
 def codec(name: str) -> Codec:
     if name not in CODECS:
-        raise CorpusError(f"codec '{name}' is not known to this version of nmt-lightning (known: {sorted(CODECS)})")
+        raise ModelFileError(f"codec '{name}' is not known to this version of nmt-lightning (known: {sorted(CODECS)})")
     return CODECS[name]
 
 
