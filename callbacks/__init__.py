@@ -11,6 +11,8 @@ from callbacks.product_quantization import IterativeProductQuantization
 from callbacks.progressive_transfer import ProgressiveKnowledgeTransfer
 from callbacks.quant_noise import QuantNoise
 from callbacks.quantization_aware_training import QuantizationAwareTraining
+from callbacks.structured_pruning import StructuredPruning
 
 __all__ = ["IterativeProductQuantization", "KnowledgeDistillation", "LotteryTicketPruning", "MagnitudePruning",
-           "ProgressiveKnowledgeTransfer", "QuantNoise", "QuantizationAwareTraining"]
+           "ProgressiveKnowledgeTransfer", "QuantNoise", "QuantizationAwareTraining",
+           "StructuredPruning"]

@@ -2,8 +2,9 @@
 or loads their models (``nmt_lightning/``, or your own code): one copy of what both sides must
 agree on, owned by neither, depending on torch only.
 
-- ``manifest``: the checkpoint entry in which a callback records how each tensor is encoded,
-  and the order of the weight-transform stages;
+- ``manifest``: the checkpoint entries in which a callback records how each tensor is encoded
+  and which units (heads, neurons) structured pruning removed, and the order of the
+  weight-transform stages;
 - ``grid``: the symmetric integer grid that QAT trains on, Quant-Noise noises towards and the
   int8/int4 codecs store (one rounding, so the export holds the very codes training used);
 - ``product_quantization``: k-means codebooks, the default iPQ stages and block sizes;
@@ -15,7 +16,8 @@ agree on, owned by neither, depending on torch only.
 
 from compression_contract.checkpoints import CheckpointError, checkpoint_problem, describe_load_error, read_checkpoint
 from compression_contract.grid import absmax_of, integer_codes, quantize_weight, round_to_grid
-from compression_contract.manifest import CODEBOOK, COMPRESSION_KEY, MASK, PERTURB, QUANTIZE, SPARSE_ORDER, record_codec
+from compression_contract.manifest import (CODEBOOK, COMPRESSION_KEY, MASK, PERTURB, QUANTIZE, SPARSE_ORDER, STRUCTURE_KEY,
+                                          record_codec, record_structure)
 from compression_contract.names import PARAMETRIZED, logical_name
 from compression_contract.product_quantization import (DEFAULT_BLOCK_SIZES, DEFAULT_STAGES, kmeans, learn_codebook,
                                                        nearest_centroids)
@@ -23,7 +25,7 @@ from compression_contract.protocols import (TASK_LOSS, FeatureRecorder, LossCont
                                             missing_members)
 
 __all__ = ["CODEBOOK", "COMPRESSION_KEY", "CheckpointError", "DEFAULT_BLOCK_SIZES", "DEFAULT_STAGES", "FeatureRecorder",
-           "LossContext", "LossTermHost", "MASK", "PARAMETRIZED", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "TASK_LOSS",
+           "LossContext", "LossTermHost", "MASK", "PARAMETRIZED", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "STRUCTURE_KEY", "TASK_LOSS",
            "absmax_of", "checkpoint_problem", "describe_load_error", "integer_codes", "kmeans", "learn_codebook",
            "logical_name", "missing_members", "nearest_centroids", "quantize_weight", "read_checkpoint", "record_codec",
-           "round_to_grid"]
+           "record_structure", "round_to_grid"]

@@ -10,15 +10,31 @@ encode it, each a dict of plain values::
 ``order`` is the encoding order (the first step encodes the trained weight); string values
 that are state_dict keys name tensors of the same checkpoint. The weight-transform stages are
 ordered the same way: a transform of a lower stage sees the raw weight first.
+
+Structured pruning removes whole units (attention heads, feed-forward neurons) and records them
+apart, in ``checkpoint[STRUCTURE_KEY]``: module name -> how to cut it, e.g. for the heads of an
+attention module::
+
+    {"keep": "model.encoder_layers.0.self_attn.q_proj.parametrizations.weight.0.keep",
+     "rows": ["q_proj", "k_proj", "v_proj"], "columns": ["out_proj"], "width": 64,
+     "count_attribute": "heads"}
+
+``keep`` names a state_dict tensor (units,), 1 for a unit kept; unit ``u`` is rows
+``u * width .. (u + 1) * width - 1`` of each ``rows`` child's weight (and bias) and those
+columns of each ``columns`` child's weight; ``count_attribute`` (or None) is the module's integer
+attribute counting the units, set to the number kept. An exporter cuts the tensors before
+encoding them, so the file holds smaller matrices and its model is built with them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CODEBOOK", "COMPRESSION_KEY", "MASK", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "record_codec"]
+__all__ = ["CODEBOOK", "COMPRESSION_KEY", "MASK", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "STRUCTURE_KEY", "record_codec",
+           "record_structure"]
 
 COMPRESSION_KEY = "compression"
+STRUCTURE_KEY = "compression_structure"
 # Stages of the weight-transform chain, and the encoding order of their codec steps.
 MASK, PERTURB, CODEBOOK, QUANTIZE = 0, 10, 15, 20
 SPARSE_ORDER = 30  # after any quantization: the sparse step stores the survivors of the quantized values
@@ -31,3 +47,12 @@ def record_codec(checkpoint: dict[str, Any], tensor_name: str, codec: str, order
     steps[:] = [step for step in steps if step["codec"] != codec]
     steps.append({"codec": codec, "order": order, **spec})
     steps.sort(key=lambda step: step["order"])
+
+
+def record_structure(checkpoint: dict[str, Any], module_name: str, keep: str, rows: list[str], columns: list[str],
+                     width: int, count_attribute: str | None) -> None:
+    """Record that ``module_name`` loses the units its ``keep`` tensor marks 0 (see the module
+    docstring; saving twice writes it once)."""
+    checkpoint.setdefault(STRUCTURE_KEY, {})[module_name] = {
+        "keep": keep, "rows": list(rows), "columns": list(columns), "width": int(width),
+        "count_attribute": count_attribute}

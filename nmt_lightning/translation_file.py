@@ -62,6 +62,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
         "tokenization": json.dumps({k: tokenization[k] for k in ("src_lang", "tgt_lang", "moses_normalize")}),
         "weights": json.dumps(encoded.entries),
         "source_checkpoint": origin,
+        "structure": json.dumps(encoded.structure),
     }
     return EncodedModel(tensors, metadata, encoded.weight_bytes_fp32)
 
@@ -128,7 +129,8 @@ def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
         raise ModelFileError("the exported file has no sentencepiece model (tokenization.src_model)")
     tgt_model = _pop_sentencepiece(tensors, "tgt") or src_model
     module.tokenization = Tokenization(src_model=src_model, tgt_model=tgt_model, **token_info)
-    fill_module(module.model, tensors, json.loads(metadata["weights"]), runtime_layers)
+    fill_module(module.model, tensors, json.loads(metadata["weights"]), runtime_layers,
+                json.loads(metadata.get("structure", "{}")))
     return module.eval()
 
 

@@ -238,3 +238,56 @@ def test_a_product_quantized_checkpoint_converts_with_its_codewords(prepared_dir
     decoded = load_translation_module(checkpoint, runtime_layers=False)  # every weight its codewords, dense
     assert len(torch.unique(decoded.model.decoder_layers[0].ffn.fc1.weight.view(-1, 8), dim=0)) <= 16
     assert_same_model(decoded, tmp_path / "ct2", lines_of(prepared_dir))
+
+
+def structurally_pruned_checkpoint(data_dir: Path, path: Path, scope: str) -> Path:
+    """A random 2+2 model (2 heads of 16 per attention) structurally pruned and saved as a
+    checkpoint. "layer": half the heads and neurons of every layer, by magnitude. "global": a
+    quarter of the heads, by importances set so that the second encoder layer loses one head
+    and the first none (uneven)."""
+    from callbacks import StructuredPruning
+
+    module = random_module(data_dir, "all", pre_norm=False)
+    if scope == "layer":
+        pruning = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, importance="magnitude", start_step=0, end_step=0)
+        pruning.setup(None, module, "fit")
+        pruning.on_train_start(None, module)
+    else:
+        pruning = StructuredPruning(prune_heads=0.25, prune_neurons=0.0, scope="global", start_step=1, end_step=1)
+        pruning.setup(None, module, "fit")
+        # attentions in order: encoder 0, encoder 1, decoder 0 self, cross, decoder 1 self, cross
+        pruning.scores = torch.tensor([1.0, 1.0] + [1.0, 0.001] * 5, dtype=torch.float64)
+    pruning.prune(step=pruning.end_step)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    pruning.on_save_checkpoint(None, module, checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_structurally_pruned_model_converts_exactly(prepared_dir: Path, tmp_path: Path) -> None:
+    """One head of 16 left in every attention (CTranslate2's head_dim option, as d_model / heads
+    would be 32) and 32 of 64 neurons per layer: CTranslate2 computes what our decoder does."""
+    from nmt_lightning.translation_file import load_exported
+
+    checkpoint = structurally_pruned_checkpoint(prepared_dir, tmp_path / "pruned.ckpt", "layer")
+    export_checkpoint(checkpoint, tmp_path / "pruned.safetensors")
+    ours = load_exported(tmp_path / "pruned.safetensors", runtime_layers=False)
+    assert {layer.self_attn.heads for layer in ours.model.encoder_layers} == {1}
+    assert {layer.ffn.fc1.out_features for layer in ours.model.decoder_layers} == {32}
+    convert_to_ctranslate2(tmp_path / "pruned.safetensors", tmp_path / "ct2")
+    assert_same_model(ours, tmp_path / "ct2", lines_of(prepared_dir))
+
+
+def test_uneven_heads_are_refused_with_the_reason(prepared_dir: Path, tmp_path: Path) -> None:
+    """Our decoder runs a globally pruned model; CTranslate2 cannot hold it, and says why."""
+    from nmt_lightning.translation_file import load_exported
+
+    checkpoint = structurally_pruned_checkpoint(prepared_dir, tmp_path / "pruned.ckpt", "global")
+    export_checkpoint(checkpoint, tmp_path / "pruned.safetensors")
+    ours = load_exported(tmp_path / "pruned.safetensors")
+    assert [layer.self_attn.heads for layer in ours.model.encoder_layers] == [2, 1]
+    assert translate_lines(ours, lines_of(prepared_dir, 2), beam=2, progress=False)  # decodes
+    with pytest.raises(ValueError, match=r"the encoder's attention modules have \[1, 2\] heads; CTranslate2 holds one "
+                                         r"number of heads per stack .*\(scope='layer'\)"):
+        convert_to_ctranslate2(tmp_path / "pruned.safetensors", tmp_path / "ct2")

@@ -131,6 +131,24 @@ def _set_ffn(spec: Any, block: nn.Module, ffn: FeedForward) -> None:
     _set_linear(spec.linear_1, ffn.fc2)
 
 
+def _stack_heads(stack: str, attentions: list[MultiHeadAttention]) -> tuple[int, int]:
+    """(heads, head_dim) shared by every attention of a stack. CTranslate2 holds one head count
+    for the encoder and one for the decoder (its self- and cross-attention alike), each head
+    ``head_dim`` wide; a model whose structured pruning left uneven counts cannot be held."""
+    shapes = sorted({(attention.heads, attention.head_dim) for attention in attentions})
+    if len(shapes) > 1:
+        raise ValueError(f"CTranslate2 conversion: the {stack}'s attention modules have {[h for h, _ in shapes]} heads; "
+                         f"CTranslate2 holds one number of heads per stack (encoder; decoder self- and "
+                         f"cross-attention). Prune heads with StructuredPruning(scope='layer') to keep them even")
+    return shapes[0]
+
+
+def _head_dim_option(heads: tuple[int, int], d_model: int) -> Optional[int]:
+    """CTranslate2's ``head_dim``, needed only where heads were removed (else it is d_model / heads)."""
+    count, head_dim = heads
+    return None if count * head_dim == d_model else head_dim
+
+
 def _ct2_modules() -> tuple[Any, Any]:
     require_ctranslate2()
     from ctranslate2.converters import utils
@@ -157,9 +175,14 @@ def transformer_spec(module: TranslationModule) -> Any:
     if module.tokenization is None:
         raise ValueError("CTranslate2 conversion needs the model's sentencepiece models (module.tokenization)")
     config = model.config
+    encoder_heads = _stack_heads("encoder", [layer.self_attn for layer in model.encoder_layers])
+    decoder_heads = _stack_heads("decoder", [attention for layer in model.decoder_layers
+                                             for attention in (layer.self_attn, layer.cross_attn)])
     spec = ts.TransformerSpec(
-        ts.TransformerEncoderSpec(config.encoder_layers, config.heads, pre_norm=config.pre_norm),
-        ts.TransformerDecoderSpec(config.decoder_layers, config.heads, pre_norm=config.pre_norm),
+        ts.TransformerEncoderSpec(config.encoder_layers, encoder_heads[0], pre_norm=config.pre_norm,
+                                  head_dim=_head_dim_option(encoder_heads, config.d_model)),
+        ts.TransformerDecoderSpec(config.decoder_layers, decoder_heads[0], pre_norm=config.pre_norm,
+                                  head_dim=_head_dim_option(decoder_heads, config.d_model)),
     )
     positions = _array(model.positions)  # (max_positions, d_model): sin at even, cos at odd dimensions
     for side, embedding in ((spec.encoder, model.src_embed), (spec.decoder, model.tgt_embed)):

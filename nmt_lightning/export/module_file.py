@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -33,6 +33,7 @@ from nmt_lightning.checkpoint_reading import model_weights, read_checkpoint
 from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.codecs import codec, decode_chain, encode_chain, encoding_spec, runtime_linear
 from nmt_lightning.export.plan import export_plan
+from nmt_lightning.export.structure import cut_units, shrink_modules, structure_records
 
 __all__ = ["MODULE_FORMAT", "EncodedWeights", "encode_weights", "export_module", "fill_module", "load_module"]
 
@@ -44,6 +45,7 @@ class EncodedWeights:
     tensors: dict[str, torch.Tensor]  # stored name (and part) -> tensor
     entries: dict[str, dict]  # weight name -> {"stored", "parts", "codecs", "options"}
     weight_bytes_fp32: int  # the same weights in fp32, each storage once
+    structure: dict[str, dict] = field(default_factory=dict)  # module -> its size after structured pruning
 
     def quantization(self) -> str:
         grids = sorted({s["codec"] for e in self.entries.values() for s in e["codecs"] if codec(s["codec"]).quantizes})
@@ -119,7 +121,13 @@ def encode_module_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module, or
         plan = export_plan(checkpoint, model, quantize, prefix)
     except KeyError as error:
         raise ModelFileError(f"{origin}: a compression step lacks the field {error}") from None
-    return encode_weights(weights, plan, state, origin)
+    structure: dict[str, dict] = {}
+    records = structure_records(checkpoint, prefix)
+    if records:  # structured pruning: the dropped heads' and neurons' rows and columns leave the file
+        weights, state, structure = cut_units(weights, plan, state, records, origin, prefix)
+    encoded = encode_weights(weights, plan, state, origin)
+    encoded.structure = structure
+    return encoded
 
 
 @dataclass
@@ -142,7 +150,8 @@ def export_module(checkpoint: Union[str, os.PathLike, Mapping[str, Any]], model:
     encoded = encode_module_checkpoint(loaded, model, origin, quantize, prefix)
     metadata = {"format": MODULE_FORMAT, "class": f"{type(model).__module__}.{type(model).__qualname__}",
                 "quantization": encoded.quantization(), "activations": encoded.activations(),
-                "weights": json.dumps(encoded.entries), "source_checkpoint": origin}
+                "weights": json.dumps(encoded.entries), "source_checkpoint": origin,
+                "structure": json.dumps(encoded.structure)}
     output = Path(output)
     with atomic_path(output) as tmp:
         save_file(encoded.tensors, str(tmp), metadata=metadata)
@@ -177,9 +186,12 @@ def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict])
 
 
 def fill_module(model: nn.Module, tensors: Mapping[str, torch.Tensor], entries: Mapping[str, dict],
-                runtime_layers: bool = True) -> nn.Module:
+                runtime_layers: bool = True, structure: Optional[Mapping[str, dict]] = None) -> nn.Module:
     """Load the decoded weights into ``model`` (strict) and, with ``runtime_layers``, replace each
-    nn.Linear whose codec has a faster form by it; returns ``model`` in eval mode."""
+    nn.Linear whose codec has a faster form by it; returns ``model`` in eval mode. ``structure``
+    (the file's): the modules structured pruning made smaller, shrunk first to their new sizes."""
+    if structure:
+        shrink_modules(model, structure)
     def parts(entry: dict) -> dict[str, torch.Tensor]:
         return {part: tensors[_key(entry["stored"], part)] for part in entry["parts"]}
 
@@ -226,6 +238,7 @@ def load_module(model: nn.Module, path: Union[str, os.PathLike], runtime_layers:
         raise ModelFileError(f"{path}: a safetensors file, but not one written by export_module "
                           f"(for 'nmt-lightning export' files use load_exported)")
     try:
-        return fill_module(model, tensors, json.loads(metadata["weights"]), runtime_layers)
+        return fill_module(model, tensors, json.loads(metadata["weights"]), runtime_layers,
+                           json.loads(metadata.get("structure", "{}")))
     except (ModelFileError, RuntimeError) as error:
         raise ModelFileError(f"{path}: {str(error).strip().splitlines()[0]}") from None

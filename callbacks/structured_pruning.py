@@ -1,0 +1,364 @@
+"""Structured pruning: whole attention heads and feed-forward neurons removed while training.
+
+Unstructured sparsity and iPQ make a file smaller, not a model faster: a matrix with zeros in
+it takes as long to multiply. Removing a head takes rows out of its attention's query, key and
+value projections and columns out of its output projection; removing a neuron takes a row out
+of the first feed-forward layer and a column out of the second. The exported model then has
+smaller matrices (``nmt-lightning export`` cuts them, see ``compression_contract.manifest``),
+decodes faster with our decoder and in CTranslate2.
+
+**Units.** An attention module is any module with ``nn.Linear`` children ``q_proj``, ``k_proj``,
+``v_proj`` (whose output rows are ``heads x head_dim``) and ``out_proj``, and an integer
+attribute ``heads`` or ``num_heads`` (ours, and Hugging Face's BART/Marian attention). A
+feed-forward block is any module with ``nn.Linear`` children ``fc1`` and ``fc2``, ``fc1``'s
+outputs being ``fc2``'s inputs. ``include``/``exclude`` globs over those modules' names choose
+which are pruned.
+
+**Importance.** ``importance="taylor"`` is Michel et al.'s (2019) head importance, applied to
+neurons too (Molchanov et al. 2017's first-order Taylor criterion): a gate ``xi_u`` multiplying
+unit ``u``'s output, ``I_u = sum over sentences |dL/d xi_u|``, where ``dL/d xi_u`` is the unit's
+output dotted with the loss gradient at that output, summed over the sentence's positions. It
+is gathered from the gradients of the training steps since the previous pruning (no extra
+passes), summed over DDP ranks at every optimiser step so every rank decides alike.
+``importance="magnitude"`` is the baseline: the L2 norm of the unit's rows and columns.
+
+**Schedule.** As gradual magnitude pruning (Zhu & Gupta 2017): every ``frequency`` steps from
+``start_step`` to ``end_step`` the fraction pruned follows ``f(t) = final * (1 - (1 - p) ** 3)``,
+``p`` the progress, until ``prune_heads`` of the heads and ``prune_neurons`` of the neurons are
+gone; training simply goes on (distillation alongside works: it is another callback).
+
+**Scope.** ``scope="layer"`` prunes the same fraction in every module, so every attention keeps
+the same number of heads: what CTranslate2 needs (one head count per encoder and one per
+decoder). ``scope="global"`` ranks units across modules, after normalising each module's
+importances by their L2 norm (Michel et al.), keeping at least one unit per module; our decoder
+runs the uneven result, CTranslate2 refuses it.
+
+**Masks.** A pruned unit is masked (a ``UnitMask`` weight transform, stage MASK, on each of its
+layers): its rows and columns compute as zeros, so the training-time model equals the exported
+one with the unit cut out. The masks are model buffers (the checkpoint carries them, DDP ranks
+hold the same), the importances gathered so far are this callback's state: a run stopped
+anywhere resumes exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+
+from callbacks._arguments import globs, integer, number, one_of
+from callbacks._selection import matches
+from callbacks._transforms import (MASK, WeightTransform, add_weight_transform, find_weight_transform,
+                                   refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
+from compression_contract.manifest import record_structure
+
+__all__ = ["StructuredPruning", "UnitMask"]
+
+OWNER = "StructuredPruning"
+ATTENTION_ROWS, ATTENTION_COLUMNS = ("q_proj", "k_proj", "v_proj"), ("out_proj",)
+FEED_FORWARD_ROWS, FEED_FORWARD_COLUMNS = ("fc1",), ("fc2",)
+COUNT_ATTRIBUTES = ("heads", "num_heads")
+
+
+class UnitMask(WeightTransform):
+    """``weight`` with the rows (``axis=0``) or columns (``axis=1``) of dropped units zeroed.
+
+    ``keep`` (units,): 1 keeps a unit, 0 drops it; unit ``u`` spans ``width`` consecutive rows or
+    columns. The layers of one unit group share one ``keep`` tensor."""
+
+    stage = MASK
+
+    def __init__(self, keep: torch.Tensor, width: int, axis: int) -> None:
+        super().__init__()
+        self.register_buffer("keep", keep)
+        self.width, self.axis = width, axis
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = self.keep.to(weight.dtype).repeat_interleave(self.width)  # (units * width,)
+        return weight * (mask[:, None] if self.axis == 0 else mask[None, :])
+
+
+@dataclass
+class UnitGroup:
+    """The units of one module: its heads (``kind="heads"``) or its neurons (``"neurons"``)."""
+
+    name: str  # the module's qualified name
+    kind: str
+    module: nn.Module
+    rows: tuple[str, ...]  # children whose output rows hold the units
+    columns: tuple[str, ...]  # children whose input columns hold the units
+    width: int  # rows per unit: head_dim, or 1 for a neuron
+    count_attribute: Optional[str]  # "heads" / "num_heads", or None
+    keep: torch.Tensor = field(default=None)  # (units,), shared by the UnitMasks of its layers
+    pending: Optional[torch.Tensor] = None  # importance of the current optimiser step (units,)
+
+    @property
+    def units(self) -> int:
+        return int(self.keep.numel())
+
+    def linears(self) -> list[tuple[str, nn.Linear, int]]:
+        """(child name, layer, axis) of every layer the units live in."""
+        return ([(child, getattr(self.module, child), 0) for child in self.rows]
+                + [(child, getattr(self.module, child), 1) for child in self.columns])
+
+    def magnitudes(self) -> torch.Tensor:
+        """(units,): the L2 norm of each unit's rows and columns (as trained, before any transform)."""
+        squares = torch.zeros(self.units, dtype=torch.float64, device=self.keep.device)
+        for _, linear, axis in self.linears():
+            weight = trainable_weight(linear).detach().double()
+            per_row = weight.pow(2).sum(1 - axis)  # (units * width,)
+            squares += per_row.view(self.units, self.width).sum(1)
+            if axis == 0 and linear.bias is not None:
+                squares += linear.bias.detach().double().pow(2).view(self.units, self.width).sum(1)
+        return squares.sqrt()
+
+
+def _count_attribute(module: nn.Module) -> Optional[str]:
+    return next((name for name in COUNT_ATTRIBUTES if isinstance(getattr(module, name, None), int)
+                 and not isinstance(getattr(module, name), bool)), None)
+
+
+def _children_are_linear(module: nn.Module, names: Sequence[str]) -> bool:
+    return all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
+
+
+def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[str],
+                     kinds: Sequence[str]) -> list[UnitGroup]:
+    """Every attention module (``"heads"`` in kinds) and feed-forward block (``"neurons"``) of
+    ``root`` selected by the globs, in ``named_modules`` order."""
+    groups = []
+    for name, module in root.named_modules():
+        if not matches(name, include) or matches(name, exclude):
+            continue
+        if "heads" in kinds and _children_are_linear(module, ATTENTION_ROWS + ATTENTION_COLUMNS):
+            attribute = _count_attribute(module)
+            if attribute is None:
+                continue
+            heads = getattr(module, attribute)
+            rows = {getattr(module, child).out_features for child in ATTENTION_ROWS}
+            inner = module.out_proj.in_features
+            if heads < 1 or rows != {inner} or inner % heads:
+                raise ValueError(f"{OWNER}: {name} has q/k/v projections of {sorted(rows)} outputs and out_proj of "
+                                 f"{inner} inputs for {attribute}={heads}; heads can only be removed where all "
+                                 f"four hold heads x head_dim (no grouped keys and values)")
+            groups.append(UnitGroup(name, "heads", module, ATTENTION_ROWS, ATTENTION_COLUMNS, inner // heads,
+                                    attribute))
+        elif "neurons" in kinds and _children_are_linear(module, FEED_FORWARD_ROWS + FEED_FORWARD_COLUMNS):
+            if module.fc1.out_features != module.fc2.in_features:
+                continue
+            groups.append(UnitGroup(name, "neurons", module, FEED_FORWARD_ROWS, FEED_FORWARD_COLUMNS, 1, None))
+    return groups
+
+
+class StructuredPruning(L.Callback):
+    """Removes attention heads and feed-forward neurons during training (module docstring).
+
+    Args:
+        prune_heads: fraction of the heads removed by ``end_step``, in [0, 1).
+        prune_neurons: fraction of the feed-forward neurons removed by ``end_step``, in [0, 1).
+        importance: "taylor" (Michel et al. 2019, from the training gradients) or "magnitude".
+        scope: "layer" (the same fraction in every module: CTranslate2 can run it) or "global".
+        start_step / end_step / frequency: the pruning schedule (cubic, Zhu & Gupta 2017).
+            With "taylor" the first pruning needs gradients before it: ``start_step >= 1``.
+        include / exclude: globs over the names of the attention and feed-forward modules.
+    """
+
+    def __init__(self, prune_heads: float = 0.5, prune_neurons: float = 0.5, importance: str = "taylor",
+                 scope: str = "layer", start_step: int = 100, end_step: int = 1000, frequency: int = 100,
+                 include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> None:
+        self.prune_heads = number(OWNER, "prune_heads", prune_heads, 0.0, 1.0, high_open=True)
+        self.prune_neurons = number(OWNER, "prune_neurons", prune_neurons, 0.0, 1.0, high_open=True)
+        if self.prune_heads == 0.0 and self.prune_neurons == 0.0:
+            raise ValueError(f"{OWNER}: prune_heads and prune_neurons are both 0; nothing would be pruned")
+        self.importance = one_of(OWNER, "importance", importance, ("taylor", "magnitude"))
+        self.scope = one_of(OWNER, "scope", scope, ("layer", "global"))
+        self.start_step = integer(OWNER, "start_step", start_step, minimum=1 if self.importance == "taylor" else 0)
+        self.end_step = integer(OWNER, "end_step", end_step, minimum=self.start_step)
+        self.frequency = integer(OWNER, "frequency", frequency, minimum=1)
+        self.include = globs(OWNER, "include", include, allow_empty=False)
+        self.exclude = globs(OWNER, "exclude", exclude)
+        self.groups: list[UnitGroup] = []
+        self.scores: Optional[torch.Tensor] = None  # (all units,) float64: importance since the last pruning
+        self._scoring = False
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------------ settings
+    def fraction(self, kind: str) -> float:
+        return self.prune_heads if kind == "heads" else self.prune_neurons
+
+    def target(self, kind: str, step: int) -> float:
+        """The fraction of ``kind`` the schedule has removed at ``step``."""
+        if step < self.start_step:
+            return 0.0
+        progress = 1.0 if self.end_step == self.start_step else min(1.0, (step - self.start_step) /
+                                                                     (self.end_step - self.start_step))
+        return self.fraction(kind) * (1.0 - (1.0 - progress) ** 3)
+
+    def on_schedule(self, step: int) -> bool:
+        return self.start_step <= step <= self.end_step and (
+            (step - self.start_step) % self.frequency == 0 or step == self.end_step)
+
+    def _settings(self) -> list[Any]:
+        return [self.prune_heads, self.prune_neurons, self.importance, self.scope, self.start_step, self.end_step,
+                self.frequency]
+
+    # ------------------------------------------------------------------ structure
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.groups:
+            return
+        kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
+        self.groups = find_unit_groups(pl_module, self.include, self.exclude, kinds)
+        for kind in kinds:
+            if not any(group.kind == kind for group in self.groups):
+                what = ("attention module (nn.Linear children q_proj, k_proj, v_proj, out_proj and an integer "
+                        "heads or num_heads)" if kind == "heads" else
+                        "feed-forward block (nn.Linear children fc1 and fc2)")
+                raise ValueError(f"{OWNER}: prune_{kind} is {self.fraction(kind)} but include={self.include} "
+                                 f"exclude={self.exclude} select no {what}; set prune_{kind}=0 or select some")
+        for group in self.groups:
+            existing = [find_weight_transform(linear, UnitMask) for _, linear, _ in group.linears()]
+            group.keep = next((mask.keep for mask in existing if mask is not None), None)
+            if group.keep is None:
+                rows = getattr(group.module, group.rows[0]).out_features
+                group.keep = torch.ones(rows // group.width, device=trainable_weight(getattr(group.module,
+                                                                                             group.rows[0])).device)
+            for _, linear, axis in group.linears():
+                add_weight_transform(linear, UnitMask(group.keep, group.width, axis))
+        if self.importance == "taylor":
+            for group in self.groups:
+                columns = getattr(group.module, group.columns[0])
+                self._hooks.append(columns.register_forward_pre_hook(self._gate_gradient_hook(group)))
+
+    def _gate_gradient_hook(self, group: UnitGroup):
+        """A forward pre-hook on the group's first ``columns`` layer: its input is the units'
+        outputs, (..., units * width); the gradient arriving there gives each unit's gate gradient."""
+
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0]
+            if not (self._scoring and module.training and torch.is_grad_enabled() and x.requires_grad):
+                return
+            saved = x.detach()
+
+            def on_gradient(gradient: torch.Tensor) -> None:
+                # (B, ..., units * width) -> per sentence and unit: sum over positions and the unit's width
+                product = (saved.float() * gradient.float()).reshape(saved.shape[0], -1, group.units, group.width)
+                per_sentence = product.sum(dim=(1, 3)).abs().sum(0)  # (units,)
+                group.pending = per_sentence if group.pending is None else group.pending + per_sentence
+
+            x.register_hook(on_gradient)
+
+        return hook
+
+    # ------------------------------------------------------------------ training
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(group.units for group in self.groups)
+        if self.scores is None or self.scores.numel() != total:
+            self.scores = torch.zeros(total, dtype=torch.float64)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.on_schedule(step) and batch_idx % trainer.accumulate_grad_batches == 0:
+            self.prune(step)
+        # Gradients are gathered only while a pruning is still to come.
+        self._scoring = self.importance == "taylor" and step < self.end_step
+        for kind in ("heads", "neurons"):
+            units = [group for group in self.groups if group.kind == kind]
+            if units:
+                kept = sum(int(group.keep.sum().item()) for group in units) / sum(group.units for group in units)
+                pl_module.log(f"structured_pruning/{kind}_kept", kept, on_step=True, on_epoch=False, batch_size=1)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if not self._scoring:
+            return
+        device = self.groups[0].keep.device
+        step_scores = torch.cat([group.pending if group.pending is not None else
+                                 torch.zeros(group.units, device=device) for group in self.groups])
+        for group in self.groups:
+            group.pending = None
+        # Summed over ranks, so every rank holds the same importances and prunes alike.
+        step_scores = trainer.strategy.reduce(step_scores.to(device), reduce_op="sum")
+        self.scores += step_scores.detach().double().cpu()
+
+    @torch.no_grad()
+    def prune(self, step: int) -> None:
+        """Remove units until each kind's fraction is the schedule's at ``step``."""
+        scores = self.unit_scores()
+        for kind in ("heads", "neurons"):
+            groups = [(group, score) for group, score in zip(self.groups, scores) if group.kind == kind]
+            if not groups:
+                continue
+            if self.scope == "layer":
+                for group, score in groups:
+                    self._drop_lowest(group, score, min(group.units - 1, round(self.target(kind, step) * group.units)))
+            else:
+                self._prune_globally(groups, self.target(kind, step))
+        if self.scores is not None:
+            self.scores.zero_()
+
+    def unit_scores(self) -> list[torch.Tensor]:
+        """Each group's importances (units,), float64 on CPU."""
+        if self.importance == "magnitude":
+            return [group.magnitudes().cpu() for group in self.groups]
+        return list(self.scores.split([group.units for group in self.groups]))
+
+    @staticmethod
+    def _drop_lowest(group: UnitGroup, score: torch.Tensor, dropped: int) -> None:
+        """Drop the lowest-scoring kept units of ``group`` until ``dropped`` are gone."""
+        kept = group.keep.detach().cpu().bool()
+        more = dropped - int((~kept).sum())
+        if more <= 0:
+            return
+        candidates = torch.where(kept, score, torch.full_like(score, float("inf")))
+        order = torch.argsort(candidates, stable=True)[:more]  # ties broken by position: alike on every rank
+        group.keep[order.to(group.keep.device)] = 0.0
+
+    @staticmethod
+    def _prune_globally(groups: list[tuple[UnitGroup, torch.Tensor]], fraction: float) -> None:
+        total = sum(group.units for group, _ in groups)
+        dropped_now = sum(int((group.keep == 0).sum()) for group, _ in groups)
+        more = round(fraction * total) - dropped_now
+        if more <= 0:
+            return
+        candidates = []  # (normalised importance, group index, unit) of every kept unit
+        for index, (group, score) in enumerate(groups):
+            kept = group.keep.detach().cpu().bool()
+            norm = score[kept].norm().item()
+            normalised = score / norm if norm > 0 else score
+            candidates += [(normalised[u].item(), index, u) for u in range(group.units) if kept[u]]
+        remaining = [int(group.keep.sum()) for group, _ in groups]
+        for _, index, unit in sorted(candidates):
+            if more == 0:
+                break
+            if remaining[index] > 1:  # every module keeps at least one unit
+                groups[index][0].keep[unit] = 0.0
+                remaining[index] -= 1
+                more -= 1
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        names = {id(module): name for name, module in pl_module.named_modules()}
+        for group in self.groups:
+            first = getattr(group.module, group.rows[0])
+            index = next(i for i, t in enumerate(weight_transforms(first)) if isinstance(t, UnitMask))
+            keep = f"{names[id(first)]}.parametrizations.weight.{index}.keep"
+            record_structure(checkpoint, group.name, keep, list(group.rows), list(group.columns), group.width,
+                             group.count_attribute)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, OWNER)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"settings": self._settings(), "scores": None if self.scores is None else self.scores.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state.get("settings", [])) != self._settings():
+            raise ValueError(f"{OWNER}: the checkpoint was pruned with {state.get('settings')}, this run asks for "
+                             f"{self._settings()} (prune_heads, prune_neurons, importance, scope, start_step, "
+                             f"end_step, frequency)")
+        self.scores = state.get("scores")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._scoring = False

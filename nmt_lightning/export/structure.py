@@ -1,0 +1,96 @@
+"""Cutting out the units structured pruning removed: smaller matrices in the exported file.
+
+A checkpoint trained with structured pruning records, per module, which units (attention
+heads, feed-forward neurons) it dropped (``compression_contract.manifest.STRUCTURE_KEY``). The
+exporter takes their rows and columns out of the tensors before encoding them (``cut_units``),
+and the file lists each module's new size, so loading first shrinks the freshly built model to
+those shapes (``shrink_modules``) and then fills it. Nothing here knows our model: the record
+names the layers and the attribute that counts the units.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from compression_contract.manifest import STRUCTURE_KEY
+from nmt_lightning.errors import ModelFileError
+
+__all__ = ["cut_units", "shrink_modules", "structure_records"]
+
+
+def structure_records(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, dict]:
+    """Module name (without ``prefix``) -> its structure record, for the modules under ``prefix``."""
+    records = checkpoint.get(STRUCTURE_KEY) or {}
+    if not isinstance(records, Mapping):
+        raise ModelFileError(f"the checkpoint's '{STRUCTURE_KEY}' entry is not a mapping")
+    return {name[len(prefix):]: dict(record) for name, record in records.items() if name.startswith(prefix)}
+
+
+def _kept_rows(keep: torch.Tensor, width: int) -> torch.Tensor:
+    """The row (or column) indices of the kept units: unit u spans rows u * width .. u * width + width - 1."""
+    units = torch.nonzero(keep.flatten() > 0).flatten()
+    return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]], state: Mapping[str, torch.Tensor],
+              records: Mapping[str, dict], origin: str, prefix: str) -> tuple[dict, dict, dict[str, dict]]:
+    """(weights, state, sizes): ``weights`` (names without ``prefix``) with the dropped units'
+    rows and columns taken out; ``state`` (the checkpoint's) with the same cut made in every
+    tensor a codec step of those weights reads that has the weight's shape (a pruning mask);
+    sizes: module -> {"units": kept, "width", "rows", "columns", "count_attribute"}, for the file."""
+    weights, state, sizes = dict(weights), dict(state), {}
+    for module, record in records.items():
+        keep_key = record["keep"]
+        if keep_key not in state:
+            raise ModelFileError(f"{origin}: the structure record of {module} names {keep_key}, but the checkpoint has "
+                                 f"no such tensor")
+        keep = state[keep_key].detach().cpu()
+        width = int(record["width"])
+        index = _kept_rows(keep, width)
+        for axis, children in ((0, record["rows"]), (1, record["columns"])):
+            for child in children:
+                for tensor_name in (f"{module}.{child}.weight", f"{module}.{child}.bias"):
+                    if tensor_name not in weights or (axis == 1 and tensor_name.endswith(".bias")):
+                        continue
+                    original = weights[tensor_name]
+                    weights[tensor_name] = original.index_select(axis, index.to(original.device))
+                    for step in plan.get(tensor_name, []):
+                        if step["codec"] == "ipq":
+                            raise ModelFileError(f"{origin}: {tensor_name} has iPQ codebooks and structured pruning "
+                                                 f"removed units of it; codebooks cannot be cut (train iPQ without "
+                                                 f"structured pruning, or export without iPQ)")
+                        for value in step.values():
+                            if isinstance(value, str) and value in state and state[value].shape == original.shape:
+                                state[value] = state[value].index_select(axis, index.to(state[value].device))
+        sizes[module] = {"units": int((keep > 0).sum()), "width": width, "rows": list(record["rows"]),
+                         "columns": list(record["columns"]), "count_attribute": record.get("count_attribute")}
+    return weights, state, sizes
+
+
+def _smaller_linear(linear: nn.Module, rows: int | None, columns: int | None) -> nn.Linear:
+    """A fresh nn.Linear like ``linear`` with ``rows`` outputs or ``columns`` inputs."""
+    out_features = rows if rows is not None else linear.out_features
+    in_features = columns if columns is not None else linear.in_features
+    return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=linear.weight.device)
+
+
+def shrink_modules(model: nn.Module, sizes: Mapping[str, dict]) -> nn.Module:
+    """Shrink the named modules of ``model`` in place to the sizes an exported file lists (their
+    values are filled afterwards); returns ``model``."""
+    for module_name, size in sizes.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ModelFileError(f"the file cuts units of {module_name}, which the {type(model).__name__} does not "
+                                 f"have: another class than the one exported?") from None
+        width = size["units"] * size["width"]
+        for child in size["rows"]:
+            setattr(module, child, _smaller_linear(getattr(module, child), rows=width, columns=None))
+        for child in size["columns"]:
+            setattr(module, child, _smaller_linear(getattr(module, child), rows=None, columns=width))
+        if size.get("count_attribute"):
+            setattr(module, size["count_attribute"], size["units"])
+    return model

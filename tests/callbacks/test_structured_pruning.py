@@ -1,0 +1,260 @@
+"""StructuredPruning: which heads and neurons go, computed independently, and the cut-out export.
+
+The Taylor importance is checked against explicit gates: a gate per sentence and unit
+multiplies the unit's output, and autograd's gradient of the same loss at the gates (all ones)
+is the importance before the absolute value. A wrong variant (absolute value per position, or
+after summing over sentences; a head's width ignored) answers differently on these inputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import StructuredPruning
+from callbacks.structured_pruning import UnitMask
+from callbacks._transforms import find_weight_transform
+from nmt_lightning.model.attention import MultiHeadAttention
+from nmt_lightning.model.layers import FeedForward
+from tests.callbacks.classifier import ResumableLoader
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+
+HEADS, HEAD_DIM, NEURONS, WIDTH = 4, 3, 10, 12
+
+
+class AttentionBlock(L.LightningModule):
+    """A model that is not ours: self-attention and a feed-forward block over random vectors,
+    regressed onto a target (B, T, WIDTH)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = MultiHeadAttention(WIDTH, HEADS)
+        self.feed_forward = FeedForward(WIDTH, NEURONS, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(x, x)
+        return h + self.feed_forward(h)
+
+    def training_step(self, batch, batch_index):
+        inputs, targets = batch
+        return nn.functional.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def block_data(sentences: int = 8, batch_size: int = 4) -> DataLoader:
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(sentences, 5, WIDTH, generator=generator)
+    return DataLoader(TensorDataset(inputs, torch.randn(sentences, 5, WIDTH, generator=generator)),
+                      batch_size=batch_size)
+
+
+def gated_gradients(model: AttentionBlock, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/d gate of every (sentence, head) and (sentence, neuron): gates of ones multiplying each
+    unit's output (B, units), put in front of out_proj and fc2."""
+    head_gates = torch.ones(inputs.shape[0], HEADS, requires_grad=True)
+    neuron_gates = torch.ones(inputs.shape[0], NEURONS, requires_grad=True)
+
+    def gate_heads(module, args):
+        z = args[0].unflatten(-1, (HEADS, HEAD_DIM))  # (B, T, heads, head_dim)
+        return ((z * head_gates[:, None, :, None]).flatten(-2),)
+
+    def gate_neurons(module, args):
+        return (args[0] * neuron_gates[:, None, :],)
+
+    hooks = [model.attention.out_proj.register_forward_pre_hook(gate_heads),
+             model.feed_forward.fc2.register_forward_pre_hook(gate_neurons)]
+    nn.functional.mse_loss(model(inputs), targets).backward()
+    for hook in hooks:
+        hook.remove()
+    return head_gates.grad, neuron_gates.grad
+
+
+def test_taylor_importance_is_the_gate_gradient_summed_in_absolute_value_per_sentence(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = AttentionBlock()
+    reference = AttentionBlock()
+    reference.load_state_dict(model.state_dict())
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=10, end_step=20, frequency=5)
+    trainer(tmp_path, [callback], max_steps=2).fit(model, block_data())
+    expected_heads, expected_neurons = torch.zeros(HEADS, dtype=torch.float64), torch.zeros(NEURONS, dtype=torch.float64)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for inputs, targets in block_data():  # the same two steps, the same updates
+        optimizer.zero_grad()
+        heads, neurons = gated_gradients(reference, inputs, targets)
+        expected_heads += heads.abs().sum(0).double()
+        expected_neurons += neurons.abs().sum(0).double()
+        optimizer.step()
+    found_heads, found_neurons = callback.unit_scores()
+    # float32 products summed in another order: relative error of a few ulp of the largest term
+    torch.testing.assert_close(found_heads, expected_heads, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(found_neurons, expected_neurons, rtol=1e-5, atol=1e-7)
+    # Not the absolute value of the batch's sum (a plausible wrong variant): these inputs tell them apart.
+    heads, _ = gated_gradients(reference, *next(iter(block_data())))
+    assert not torch.allclose(heads.sum(0).abs(), heads.abs().sum(0))
+
+
+def two_attentions() -> nn.Module:
+    root = nn.Module()
+    root.first, root.second = MultiHeadAttention(8, 4), MultiHeadAttention(8, 4)
+    return root
+
+
+def pruned_with_scores(scope: str, fraction: float, scores: list[float]) -> list[list[float]]:
+    root = two_attentions()
+    callback = StructuredPruning(prune_heads=fraction, prune_neurons=0.0, scope=scope, start_step=1, end_step=1)
+    callback.setup(None, root, "fit")
+    callback.scores = torch.tensor(scores, dtype=torch.float64)
+    callback.prune(step=1)
+    return [group.keep.tolist() for group in callback.groups]
+
+
+def test_layer_scope_prunes_the_same_number_in_every_module() -> None:
+    scores = [10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3]
+    assert pruned_with_scores("layer", 0.25, scores) == [[0, 1, 1, 1], [1, 0, 1, 1]]
+    assert pruned_with_scores("layer", 0.5, scores) == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_global_scope_ranks_importances_normalised_per_module() -> None:
+    """Michel et al.: each module's importances divided by their L2 norm, then one ranking. The
+    second module's raw scores are all smaller; normalised, its units interleave with the first's
+    (0.16, 0.18, 0.32, 0.37: second[1], first[0], second[0], first[1])."""
+    scores = [10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3]
+    assert pruned_with_scores("global", 0.5, scores) == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    # Raw ranking would have taken second[1], second[0], second[3], then first[0] (a module keeps one).
+
+
+def test_global_scope_keeps_one_unit_per_module() -> None:
+    """7 of 8 asked for: the second module's last head and one of the first's must stay."""
+    assert pruned_with_scores("global", 0.875, [1, 1, 1, 1, 0.01, 0.01, 0.01, 10]) == [[0, 0, 0, 1], [0, 0, 0, 1]]
+
+
+def test_magnitude_counts_every_row_and_column_of_a_head() -> None:
+    """Head 0 has the largest query rows but nothing in out_proj's columns or v: its norm over
+    all its rows and columns is still the largest; head 3 has small q/k/v rows but large output
+    columns, so it is kept; head 1 is smallest overall."""
+    root = two_attentions()
+    with torch.no_grad():
+        for attention in (root.first, root.second):
+            for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.out_proj):
+                linear.weight.fill_(0.1)
+                linear.bias.zero_()
+            attention.q_proj.weight[0:2] = 5.0  # head 0's query rows
+            attention.v_proj.weight[2:4] = 0.01  # head 1's value rows: small
+            attention.k_proj.weight[2:4] = 0.01
+            attention.q_proj.weight[2:4] = 0.01
+            attention.out_proj.weight[:, 2:4] = 0.01  # and its output columns
+            attention.q_proj.weight[6:8] = 0.0  # head 3's q/k rows small...
+            attention.k_proj.weight[6:8] = 0.0
+            attention.out_proj.weight[:, 6:8] = 1.0  # ...but its output columns large
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, importance="magnitude", start_step=0, end_step=0)
+    callback.setup(None, root, "fit")
+    callback.on_train_start(None, root)
+    callback.prune(step=0)
+    assert [group.keep.tolist() for group in callback.groups] == [[1, 0, 0, 1]] * 2
+
+
+def test_the_masked_model_computes_what_the_kept_units_alone_compute() -> None:
+    """With half the heads and neurons masked, attention and feed-forward equal smaller layers
+    built from the kept rows and columns of the untouched parameters (what the export cuts out)."""
+    torch.manual_seed(0)
+    model = AttentionBlock()
+    raw = {name: value.clone() for name, value in model.state_dict().items()}
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, importance="magnitude", start_step=0, end_step=0)
+    callback.setup(None, model, "fit")
+    callback.on_train_start(None, model)
+    callback.prune(step=0)
+    heads, neurons = (group.keep.bool() for group in callback.groups)
+    assert int(heads.sum()) == HEADS // 2 and int(neurons.sum()) == NEURONS // 2
+    assert torch.equal(model.attention.q_proj.parametrizations.weight.original, raw["attention.q_proj.weight"])
+    rows = heads.repeat_interleave(HEAD_DIM)
+    small = MultiHeadAttention(WIDTH, HEADS // 2)
+    small.head_dim = HEAD_DIM
+    for name in ("q_proj", "k_proj", "v_proj"):
+        small.get_submodule(name).weight.data = raw[f"attention.{name}.weight"][rows]
+        small.get_submodule(name).bias.data = raw[f"attention.{name}.bias"][rows]
+    small.out_proj = nn.Linear(int(rows.sum()), WIDTH)
+    small.out_proj.weight.data = raw["attention.out_proj.weight"][:, rows]
+    small.out_proj.bias.data = raw["attention.out_proj.bias"]
+    x = torch.randn(2, 5, WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(model.attention(x, x), small(x, x), rtol=1e-5, atol=1e-6)
+        hidden = torch.relu(x @ raw["feed_forward.fc1.weight"][neurons].T + raw["feed_forward.fc1.bias"][neurons])
+        expected = hidden @ raw["feed_forward.fc2.weight"][:, neurons].T + raw["feed_forward.fc2.bias"]
+        torch.testing.assert_close(model.feed_forward(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_schedule_is_cubic_and_ends_at_the_target() -> None:
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, start_step=10, end_step=30, frequency=10)
+    assert [callback.target("neurons", step) for step in (9, 10, 20, 30, 40)] == \
+        pytest.approx([0.0, 0.0, 0.8 * (1 - 0.5 ** 3), 0.8, 0.8])
+    assert [step for step in range(40) if callback.on_schedule(step)] == [10, 20, 30]
+
+
+def test_resume_in_the_middle_of_the_gathering_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped at step 7, between prunings at 5 and 10: the importances gathered over steps 5-6
+    come back from the checkpoint, so the pruning at step 10 chooses the same units."""
+    def callbacks() -> list:
+        return [StructuredPruning(prune_heads=0.5, prune_neurons=0.6, start_step=5, end_step=15, frequency=5)]
+
+    def data() -> DataLoader:
+        loader = block_data(sentences=48, batch_size=4)
+        return ResumableLoader(loader.dataset, batch_size=4)  # resumes mid-epoch where it stopped
+
+    def make_model() -> AttentionBlock:
+        torch.manual_seed(0)
+        return AttentionBlock()
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, make_model, callbacks, data, stop=7, total=12)
+    assert_same_state(straight, resumed)
+    keep = [value for name, value in straight.items() if name.endswith(".keep")]
+    assert keep and any(float(k.mean()) < 1 for k in keep)
+
+
+def test_a_second_setup_changes_nothing() -> None:
+    model = AttentionBlock()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5)
+    callback.setup(None, model, "fit")
+    masks = [find_weight_transform(model.attention.q_proj, UnitMask)]
+    callback.setup(None, model, "validate")
+    assert find_weight_transform(model.attention.q_proj, UnitMask) is masks[0]
+    assert len(callback.groups) == 2
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(prune_heads=0.0, prune_neurons=0.0), "prune_heads and prune_neurons are both 0"),
+    (dict(prune_heads=1.0), r"prune_heads must be a finite number in \[0, 1\)"),
+    (dict(prune_neurons=True), "prune_neurons must be a finite number"),
+    (dict(importance="fisher"), r"importance must be one of \['taylor', 'magnitude'\]"),
+    (dict(scope="model"), r"scope must be one of \['layer', 'global'\]"),
+    (dict(start_step=0), "start_step must be an integer >= 1"),  # taylor needs gradients before its first pruning
+    (dict(start_step=50, end_step=10), "end_step must be an integer >= 50"),
+    (dict(frequency=0), "frequency must be an integer >= 1"),
+    (dict(include="*attn*"), "include must be a list of globs"),
+    (dict(exclude=[""]), "exclude must be a list of globs"),
+])
+def test_bad_arguments_are_named(arguments: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^StructuredPruning: {message}"):
+        StructuredPruning(**arguments)
+
+
+def test_a_model_without_the_units_asked_for_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"StructuredPruning: prune_heads is 0.5 but .* select no attention module"):
+        StructuredPruning(prune_heads=0.5, prune_neurons=0.0).setup(None, model, "fit")
+    attention_only = two_attentions()
+    with pytest.raises(ValueError, match=r"prune_neurons is 0.5 .* select no feed-forward block"):
+        StructuredPruning(prune_heads=0.5, prune_neurons=0.5).setup(None, attention_only, "fit")
+
+
+def test_a_resume_with_other_settings_is_refused() -> None:
+    callback = StructuredPruning(prune_heads=0.5)
+    state = callback.state_dict()
+    with pytest.raises(ValueError, match="StructuredPruning: the checkpoint was pruned with"):
+        StructuredPruning(prune_heads=0.25).load_state_dict(state)
