@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from callbacks import (IterativeProductQuantization, KnowledgeDistillation, LotteryTicketPruning, MagnitudePruning,
-                       ProgressiveKnowledgeTransfer, QuantizationAwareTraining, QuantNoise)
+                       ProgressiveKnowledgeTransfer, QuantizationAwareTraining, QuantNoise, StructuredPruning)
 from nmt_lightning.plateau import PlateauStopping
 
 NAN, INF = float("nan"), float("inf")
@@ -78,6 +78,19 @@ PROBES = {
         ("scope", dict(scope="Global")), ("scope", dict(scope=None)), ("include", dict(include="*")),
         ("include", dict(include=[])), ("exclude", dict(exclude="x")), ("exclude", dict(exclude=[""])),
         ("prune_embeddings", dict(prune_embeddings=None)), ("prune_embeddings", dict(prune_embeddings=0)),
+    ]),
+    StructuredPruning: ({}, [
+        ("prune_heads", dict(prune_heads=1)), ("prune_heads", dict(prune_heads="0.5")), ("prune_heads", dict(prune_heads=NAN)),
+        ("prune_heads", dict(prune_heads=-0.1)), ("prune_heads", dict(prune_heads=True)),
+        ("prune_neurons", dict(prune_neurons=1.5)), ("prune_neurons", dict(prune_neurons=None)),
+        ("prune_heads and prune_neurons", dict(prune_heads=0, prune_neurons=0.0)),
+        ("importance", dict(importance="Taylor")), ("importance", dict(importance=None)),
+        ("scope", dict(scope="model")), ("scope", dict(scope=["layer"])),
+        ("start_step", dict(start_step=0)), ("start_step", dict(start_step=-1, importance="magnitude")),
+        ("start_step", dict(start_step=1.0)), ("start_step", dict(start_step=True)),
+        ("end_step", dict(start_step=100, end_step=99)), ("end_step", dict(end_step="1000")),
+        ("frequency", dict(frequency=0)), ("frequency", dict(frequency=False)),
+        ("include", dict(include="*attn")), ("include", dict(include=[])), ("exclude", dict(exclude=[1])),
     ]),
 }
 TEACHER_PROBES = {
@@ -180,7 +193,9 @@ def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
                                                 embedding_modules={"decoder": ("model.embed", "model.scale")}),
              QuantNoise: dict(p=0, include=("model.*",), block_sizes={"*attn*": 4}),
              IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096}),
-             MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4)}
+             MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4),
+             StructuredPruning: dict(prune_heads=0, prune_neurons=1 / 2, importance="magnitude", start_step=0,
+                                     end_step=0, include=("model.*",))}
     made = cls(**extra.get(cls, {}))
     if cls is ProgressiveKnowledgeTransfer:
         assert made.layer_modules["encoder"] == "model.blocks"
@@ -203,6 +218,8 @@ DEFAULTS = {
                                prune_embeddings=False, reinitialize=False, masks_from=None, seed=0),
     MagnitudePruning: dict(sparsity=0.8, end_step=1000, start_step=0, frequency=100, scope="global", include=("*",),
                            exclude=(), prune_embeddings=False),  # Zhu & Gupta's cubic schedule
+    StructuredPruning: dict(prune_heads=0.5, prune_neurons=0.5, importance="taylor", scope="layer", start_step=100,
+                            end_step=1000, frequency=100, include=("*",), exclude=()),  # Michel et al.; Zhu & Gupta
     KnowledgeDistillation: dict(teacher_loader=None, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
                                 hidden_weight=0.0, layer_map=None, teacher_inputs=("source", "decoder_input")),
     ProgressiveKnowledgeTransfer: dict(teacher_loader=None, mode="progressive", stage_steps=1000, feature_weight=100.0,

@@ -258,3 +258,19 @@ def test_a_resume_with_other_settings_is_refused() -> None:
     state = callback.state_dict()
     with pytest.raises(ValueError, match="StructuredPruning: the checkpoint was pruned with"):
         StructuredPruning(prune_heads=0.25).load_state_dict(state)
+
+
+def test_two_process_ddp_prunes_the_same_units_on_every_rank(tmp_path: Path) -> None:
+    """Each rank sees other sentences, so its own gradients would rank the units differently; the
+    importances are summed over ranks at every step, so both hold the same and prune alike."""
+    import json
+
+    from tests.conftest import run_script
+
+    run_script("structured_pruning_ddp.py", tmp_path)
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["keep"] == ranks[1]["keep"] and ranks[0]["scores"] == ranks[1]["scores"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # at step 4 the cubic schedule has removed 0.5 * (1 - 0.5 ** 3) of the heads, 0.4375: 2 of 4, 4 of 10 neurons
+    assert [sum(keep) for keep in ranks[0]["keep"]] == [2, 6]
+    assert any(score > 0 for score in ranks[0]["scores"])  # steps 4 and 5, gathered for the pruning at 6
