@@ -116,3 +116,20 @@ def test_layer_wise_transfer_reads_marians_features(tmp_path: Path) -> None:
                                             teacher_inputs=["source", "decoder_input"])
     fit(tmp_path / "student", [transfer], steps=6)
     assert transfer.stage == 4 and transfer.depth == {"encoder": 2, "decoder": 2}
+
+
+def test_structured_pruning_cuts_marians_heads_and_neurons(tmp_path: Path) -> None:
+    """Marian's attention (q/k/v/out_proj, num_heads) and its layers' fc1/fc2 are found; the
+    export holds the smaller matrices and the reloaded model computes what the masked one did."""
+    from callbacks import StructuredPruning
+
+    pruning = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=2, end_step=4, frequency=2,
+                                include=["model.model.*"])
+    trained = fit(tmp_path, [pruning]).eval()
+    assert {group.kind for group in pruning.groups} == {"heads", "neurons"}
+    export_module(tmp_path / "model.ckpt", MarianTranslation(), tmp_path / "pruned.safetensors")
+    loaded = load_module(MarianTranslation(), tmp_path / "pruned.safetensors")
+    attention = loaded.model.model.encoder.layers[0].self_attn
+    assert attention.num_heads == 1 and tuple(attention.q_proj.weight.shape) == (16, 32)
+    assert tuple(loaded.model.model.decoder.layers[0].fc1.weight.shape) == (32, 32)
+    torch.testing.assert_close(outputs(loaded), outputs(trained), rtol=1e-5, atol=1e-5)

@@ -139,6 +139,25 @@ def test_teacher_then_distilled_student_through_the_cli(prepared_dir: Path, tmp_
                  "--output", "hyp.cs", "--beam", "2"]) == 0
 
 
+def test_teacher_then_deep_encoder_shallow_decoder_student_through_the_cli(prepared_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """teacher.yaml, then student_6_2.yaml (here 2+1 of a 2+2 teacher: its whole encoder, its last
+    decoder layer, word-level KD): a student with fewer decoder than encoder layers, exported."""
+    monkeypatch.chdir(tmp_path)
+    quick = quick_run(prepared_dir)
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "teacher.yaml"), *quick,
+                 "--model.encoder_layers=2", "--model.decoder_layers=2"]) == 0
+    assert main(["fit", "--config", str(TINY), "--config", str(RECIPES / "libreoffice_en_cs" / "student_6_2.yaml"),
+                 *quick, "--model.encoder_layers=2", "--model.decoder_layers=1",
+                 "--model.init_layers={encoder: [0, 1], decoder: [1]}"]) == 0
+    student = Path("runs/libreoffice_en_cs_student_6_2/checkpoints/last.ckpt")
+    assert main(["export", "--checkpoint", str(student), "--output", "student.safetensors"]) == 0
+    from nmt_lightning.translation_file import load_exported
+
+    config = load_exported("student.safetensors").model.config
+    assert (config.encoder_layers, config.decoder_layers) == (2, 1)
+
+
 def test_teacher_then_bottleneck_student_with_progressive_transfer_through_the_cli(
         prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """teacher.yaml, then tiny.yaml + bottleneck.yaml + compress/progressive_transfer.yaml (3 steps:
