@@ -6,7 +6,8 @@
   directory, optionally scoring it;
 - ``average``: average the weights of several checkpoints;
 - ``distill-data``: translate a corpus' source side with a teacher (sequence-level KD data);
-- ``export``: write a model to one safetensors file (fp32 or int8), or to a CTranslate2 directory.
+- ``export``: write a model to one safetensors file (fp32 or int8), or to a CTranslate2 directory;
+- ``shortlist``: a target-vocabulary shortlist (CTranslate2's vocabulary map) from the training data.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def translate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--parallel-batches", type=int,
                         help="CTranslate2 only: batches translated at once, sharing --threads "
                              "(default on CPU: one per thread; on GPU: 1)")
+    parser.add_argument("--no-shortlist", dest="shortlist", action="store_false", default=None,
+                        help="CTranslate2 only: the whole target vocabulary even where the model has a vocabulary "
+                             "map (by default it is used when present)")
     args = parser.parse_args(argv)
     from nmt_lightning.loading import load_for_device
     from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
@@ -99,11 +103,12 @@ def translate_main(argv: Sequence[str]) -> int:
         if is_ctranslate2_model(args.checkpoint):
             from nmt_lightning.deploy import CTranslate2Model
 
-            model = CTranslate2Model(args.checkpoint, args.device, args.threads, args.parallel_batches)
+            model = CTranslate2Model(args.checkpoint, args.device, args.threads, args.parallel_batches,
+                                     shortlist=args.shortlist)
             translate = model.translate_lines
         else:
-            if args.parallel_batches is not None:
-                raise ValueError("--parallel-batches applies to CTranslate2 models only")
+            if args.parallel_batches is not None or args.shortlist is not None:
+                raise ValueError("--parallel-batches and --no-shortlist apply to CTranslate2 models only")
             if args.threads is not None:
                 import torch
 
@@ -162,7 +167,8 @@ def _export_ctranslate2(args: argparse.Namespace) -> int:
     try:
         if args.quantize is not None:
             raise ValueError("--quantize chooses our own file's encoding; for CTranslate2 use --quantization")
-        report = convert_to_ctranslate2(args.checkpoint, args.output, args.quantization, args.force)
+        report = convert_to_ctranslate2(args.checkpoint, args.output, args.quantization, args.force,
+                                        args.vocabulary_map)
     except (CorpusError, ValueError, ImportError, OSError) as error:
         print(f"nmt-lightning export: error: {error}", file=sys.stderr)
         return 2
@@ -197,14 +203,18 @@ def export_main(argv: Sequence[str]) -> int:
                         help="ctranslate2 format: the stored weight type (CTranslate2 quantizes each row of a weight "
                              "matrix itself; a QAT-trained model passes its trained int8 grid) (default: float32)")
     parser.add_argument("--force", action="store_true", help="ctranslate2 format: replace an existing model directory")
+    parser.add_argument("--vocabulary-map", help="ctranslate2 format: a target-vocabulary shortlist written by "
+                                                 "'nmt-lightning shortlist', stored with the model and used when it "
+                                                 "translates")
     args = parser.parse_args(argv)
     if args.format == "ctranslate2":
         return _export_ctranslate2(args)
     from nmt_lightning.translation_file import export_checkpoint
 
     try:
-        if args.quantization is not None or args.force:
-            raise ValueError("--quantization and --force apply to --format ctranslate2; our own format takes --quantize")
+        if args.quantization is not None or args.force or args.vocabulary_map is not None:
+            raise ValueError("--quantization, --force and --vocabulary-map apply to --format ctranslate2; our own "
+                             "format takes --quantize")
         report = export_checkpoint(args.checkpoint, args.output, args.quantize)
     except (CorpusError, ValueError) as error:
         print(f"nmt-lightning export: error: {error}", file=sys.stderr)
@@ -256,6 +266,37 @@ def distill_data_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def shortlist_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="nmt-lightning shortlist",
+        description="Build a target-vocabulary shortlist (CTranslate2's vocabulary map) from a prepared data "
+                    "directory's training pairs: the --best target pieces of each source piece by IBM Model 1's "
+                    "lexical probability, and the --frequent most frequent target pieces for every sentence. "
+                    "Pass it to 'nmt-lightning export --format ctranslate2 --vocabulary-map'.")
+    parser.add_argument("--data-dir", required=True, help="a prepared data directory (nmt-lightning prepare)")
+    parser.add_argument("--output", required=True, help="the vocabulary map to write (text)")
+    parser.add_argument("--src", default="en", help="source language (default: %(default)s)")
+    parser.add_argument("--tgt", default="cs", help="target language (default: %(default)s)")
+    parser.add_argument("--best", type=int, default=50, help="candidates per source piece (default: %(default)s)")
+    parser.add_argument("--frequent", type=int, default=100,
+                        help="most frequent target pieces always allowed (default: %(default)s)")
+    parser.add_argument("--iterations", type=int, default=5, help="EM iterations of IBM Model 1 (default: %(default)s)")
+    parser.add_argument("--max-sentences", type=int, help="read at most this many training pairs (default: all)")
+    args = parser.parse_args(argv)
+    from nmt_lightning.shortlist import build_shortlist
+
+    try:
+        report = build_shortlist(args.data_dir, args.output, args.src, args.tgt, args.best, args.frequent,
+                                 args.iterations, args.max_sentences)
+    except (CorpusError, ValueError, FileNotFoundError) as error:
+        print(f"nmt-lightning shortlist: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.output}: candidates for {report.source_pieces:,} source pieces from {report.sentences:,} "
+          f"pairs, {report.always} always allowed; a validation sentence allows {report.mean_candidates:.0f} target "
+          f"pieces on average", file=sys.stderr)
+    return 0
+
+
 def lightning_main(argv: Sequence[str]) -> int:
     from nmt_lightning.lightning_cli import run_lightning_cli
 
@@ -264,7 +305,7 @@ def lightning_main(argv: Sequence[str]) -> int:
 
 
 COMMANDS = {"prepare": prepare_main, "translate": translate_main, "average": average_main, "export": export_main,
-            "distill-data": distill_data_main}
+            "distill-data": distill_data_main, "shortlist": shortlist_main}
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 

@@ -46,6 +46,7 @@ from nmt_lightning.model.attention import MultiHeadAttention
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from nmt_lightning.model.transformer import Transformer
 from nmt_lightning.module import TranslationModule
+from nmt_lightning.shortlist import read_vocabulary_map
 from nmt_lightning.tokenization import Tokenization
 
 # The leaves a layer of our standard Transformer has; anything else (a bottleneck student, an
@@ -247,10 +248,13 @@ def _check_output(output: Path, force: bool) -> None:
 
 
 def convert_module(module: TranslationModule, output: str | os.PathLike, quantization: Optional[str] = None,
-                   force: bool = False, origin: str = "") -> ConversionReport:
+                   force: bool = False, origin: str = "", vocabulary_map: Optional[str | os.PathLike] = None
+                   ) -> ConversionReport:
     """Write ``module`` to the CTranslate2 directory ``output`` (weights stored as ``quantization``,
     default float32). The directory appears complete or not at all: it is written beside
-    ``output`` and renamed into place."""
+    ``output`` and renamed into place. ``vocabulary_map``: a target-vocabulary shortlist
+    (``nmt-lightning shortlist``), checked against the model's target vocabulary and stored as
+    the directory's ``vmap.txt``; translation then uses it unless told not to."""
     ctranslate2 = require_ctranslate2()
     from ctranslate2.converters.converter import Converter
 
@@ -260,6 +264,10 @@ def convert_module(module: TranslationModule, output: str | os.PathLike, quantiz
     output = Path(output)
     _check_output(output, force)
     spec = transformer_spec(module)
+    if vocabulary_map is not None:
+        target = module.tokenization._processor("tgt")
+        read_vocabulary_map(vocabulary_map, {target.id_to_piece(i) for i in range(target.get_piece_size())})
+        spec.register_vocabulary_mapping(str(vocabulary_map))
 
     class _SpecConverter(Converter):  # CTranslate2's converter: validate, optimize (quantize, alias), save
         def _load(self) -> Any:
@@ -294,7 +302,8 @@ def convert_module(module: TranslationModule, output: str | os.PathLike, quantiz
 
 
 def convert_to_ctranslate2(checkpoint: str | os.PathLike, output: str | os.PathLike,
-                           quantization: Optional[str] = None, force: bool = False) -> ConversionReport:
+                           quantization: Optional[str] = None, force: bool = False,
+                           vocabulary_map: Optional[str | os.PathLike] = None) -> ConversionReport:
     """Convert a Lightning checkpoint or an ``nmt-lightning export`` file to a CTranslate2 directory.
 
     Compressed checkpoints convert with the weights they translate with (decoded by their export
@@ -305,4 +314,4 @@ def convert_to_ctranslate2(checkpoint: str | os.PathLike, output: str | os.PathL
     if is_ctranslate2_model(path):
         raise ModelFileError(f"{path} is already a CTranslate2 model; convert the checkpoint it came from")
     module = load_translation_module(path, runtime_layers=False)
-    return convert_module(module, output, quantization, force, origin=str(path))
+    return convert_module(module, output, quantization, force, origin=str(path), vocabulary_map=vocabulary_map)

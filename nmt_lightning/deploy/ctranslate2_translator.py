@@ -46,6 +46,8 @@ class CTranslate2Model:
         docs/benchmarks.md). Default on a GPU: 1.
     compute_type: CTranslate2's (default: the stored weight type; e.g. "int8_float16" on a GPU
         from an int8 directory).
+    shortlist: restrict each batch's output vocabulary with the directory's vocabulary map
+        (``vmap.txt``, ``nmt-lightning shortlist``); default: when the directory has one.
 
     Load it in its own process when comparing speeds with our decoder: both bundle OpenMP and
     MKL, and in one process torch's matrix products ran at about 60% of their speed once a
@@ -53,7 +55,8 @@ class CTranslate2Model:
     """
 
     def __init__(self, directory: str | os.PathLike, device: str = "cpu", threads: Optional[int] = None,
-                 parallel_batches: Optional[int] = None, compute_type: str = "default") -> None:
+                 parallel_batches: Optional[int] = None, compute_type: str = "default",
+                 shortlist: Optional[bool] = None) -> None:
         ctranslate2 = require_ctranslate2()
         self.directory = Path(directory)
         if not is_ctranslate2_model(self.directory):
@@ -65,6 +68,11 @@ class CTranslate2Model:
             src_model=(self.directory / files["src_model"]).read_bytes(),
             tgt_model=(self.directory / files["tgt_model"]).read_bytes())
         self.decoding = self.settings["decoding"]
+        has_map = (self.directory / "vmap.txt").is_file()
+        if shortlist and not has_map:
+            raise ValueError(f"{self.directory}: no vocabulary map (vmap.txt) to shortlist with; convert with one "
+                             f"('nmt-lightning export --format ctranslate2 --vocabulary-map ...')")
+        self.shortlist = has_map if shortlist is None else shortlist  # default: the map when the model has one
         name, index = _device(device)
         threads = threads or torch.get_num_threads()
         parallel_batches = parallel_batches or (threads if name == "cpu" else 1)
@@ -100,7 +108,8 @@ class CTranslate2Model:
         pending = [self.translator.translate_batch(
             [pieces[i] for i in chunk], beam_size=beam, length_penalty=penalty, max_input_length=0,
             max_decoding_length=max(self._cap(len(pieces[i]) + 1) for i in chunk),  # + 1: the eos CTranslate2 adds
-            min_decoding_length=0, suppress_sequences=self._banned, asynchronous=True) for chunk in chunks]
+            min_decoding_length=0, suppress_sequences=self._banned, use_vmap=self.shortlist,
+            asynchronous=True) for chunk in chunks]
         results = [""] * len(lines)
         with tqdm(total=len(lines), desc="translating (CTranslate2)", unit=" sent", file=sys.stderr,
                   disable=not progress) as bar:
