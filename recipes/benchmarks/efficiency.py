@@ -1,0 +1,321 @@
+"""Fast CPU models measured as the WMT efficiency task does: quality, bytes, latency, throughput, memory.
+
+    python recipes/benchmarks/efficiency.py --out runs/efficiency \\
+        --model teacher=runs/study/runs/teacher/runs/converged/checkpoints/last.ckpt \\
+        --model "student 6+2=runs/libreoffice_en_cs_student_6_2/checkpoints/last.ckpt"
+
+For every model (a Lightning checkpoint; the first is the reference) and every engine:
+
+- ``ours fp32`` / ``ours int8``: our decoder on the export as trained, and with post-training
+  int8 (a QAT-trained model: its trained grid);
+- ``CTranslate2 float32`` / ``CTranslate2 int8`` and ``CTranslate2 int8 + shortlist`` (the
+  vocabulary map of ``nmt-lightning shortlist``, built once from ``--data-dir``);
+
+it measures, each in a fresh process (torch and CTranslate2 each bring their own OpenMP and MKL):
+
+1. quality: BLEU and chrF2 of the whole test split, beam ``--beam`` (cached translations);
+2. bytes on disk of what is deployed (the export file, the CTranslate2 directory);
+3. latency: one thread, one sentence at a time, the first ``--latency-sentences`` test
+   sentences; median and 90th percentile milliseconds per sentence;
+4. throughput: ``--threads`` threads (our decoder: torch's threads; CTranslate2: one batch per
+   thread), batches of 32, sentences/s over the first ``--sentences`` sentences; the median of
+   ``--rounds`` rounds, the models taking turns, the order rotating each round;
+5. peak memory: the worker's maximum resident set size in the throughput run.
+
+Every ratio is to the reference's ``CTranslate2 float32`` row, from the same run. Every result
+is cached in ``--out``: an interrupted run continues where it stopped. Writes
+``--out``/efficiency.md, .csv and efficiency.png (BLEU against latency and against bytes).
+Never time anything while another job trains on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGINES = ("ours fp32", "ours int8", "CTranslate2 float32", "CTranslate2 int8", "CTranslate2 int8 + shortlist")
+REFERENCE_ENGINE = "CTranslate2 float32"
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    engine: str
+    path: Path  # what the worker loads: an export file or a CTranslate2 directory
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}, {self.engine}"
+
+    @property
+    def kind(self) -> str:
+        return "ctranslate2" if self.engine.startswith("CTranslate2") else "ours"
+
+    @property
+    def shortlist(self) -> bool:
+        return self.engine.endswith("shortlist")
+
+
+def bytes_on_disk(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row]:
+    """Export and convert every model for every engine (cached in ``--out``/deployed)."""
+    from nmt_lightning.deploy import convert_to_ctranslate2
+    from nmt_lightning.shortlist import build_shortlist
+    from nmt_lightning.translation_file import export_checkpoint
+
+    deployed = args.out / "deployed"
+    deployed.mkdir(parents=True, exist_ok=True)
+    vocabulary_map = deployed / "vmap.txt"
+    if not vocabulary_map.is_file():
+        build_shortlist(args.data_dir, vocabulary_map, progress=True)
+    rows = []
+    for model, path in models.items():
+        slug = file_slug(model)
+        exports = {}
+        for engine, quantize in (("ours fp32", None), ("ours int8", "int8")):
+            exports[engine] = deployed / f"{slug}.{quantize or 'trained'}.safetensors"
+            if not exports[engine].is_file():
+                export_checkpoint(path, exports[engine], quantize)
+            rows.append(Row(model, engine, exports[engine]))
+        for engine, quantization, vmap in (("CTranslate2 float32", "float32", None), ("CTranslate2 int8", "int8", None),
+                                           ("CTranslate2 int8 + shortlist", "int8", vocabulary_map)):
+            directory = deployed / f"{slug}.{file_slug(engine)}"
+            if not (directory / "model.bin").is_file():
+                convert_to_ctranslate2(exports["ours fp32"], directory, quantization, force=True, vocabulary_map=vmap)
+            rows.append(Row(model, engine, directory))
+    return [row for row in rows if row.engine in args.engines]
+
+
+def run_worker(row: Row, mode: str, input_path: Path, output: Path, threads: int, beam: int) -> dict:
+    """Translate ``input_path`` in a fresh process; its JSON report (seconds, per-sentence times, memory)."""
+    command = [sys.executable, __file__, "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
+               "--input", str(input_path), "--output", str(output), "--threads", str(threads), "--beam", str(beam)]
+    if row.shortlist:
+        command.append("--shortlist")
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
+    if result.returncode != 0:
+        raise RuntimeError(f"{row.name}: the worker failed (its error is above)")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Load one model, warm it up, translate the input as asked, print a JSON report."""
+    import torch
+
+    from nmt_lightning.evaluation import read_lines
+
+    torch.set_num_threads(args.threads)
+    lines = read_lines(args.input)
+    if args.kind == "ctranslate2":
+        from nmt_lightning.deploy import CTranslate2Model
+
+        model = CTranslate2Model(args.path, threads=args.threads, shortlist=args.shortlist)
+
+        def translate(batch: list[str], batch_size: int) -> list[str]:
+            return model.translate_lines(batch, beam=args.beam, batch_size=batch_size, progress=False)
+    else:
+        from nmt_lightning.loading import load_translation_module
+        from nmt_lightning.translate import translate_lines
+
+        module = load_translation_module(args.path)
+
+        def translate(batch: list[str], batch_size: int) -> list[str]:
+            return translate_lines(module, batch, beam=args.beam, batch_size=batch_size, progress=False)
+    batch_size = 1 if args.mode == "latency" else 32
+    translate(lines[:batch_size * 2], batch_size)  # warm-up: lazy initialisation is not timed
+    report: dict = {}
+    if args.mode == "latency":
+        times, translations = [], []
+        for line in lines:
+            started = time.perf_counter()
+            translations += translate([line], 1)
+            times.append(time.perf_counter() - started)
+        report["milliseconds"] = [1000 * t for t in times]
+    else:
+        started = time.perf_counter()
+        translations = translate(lines, batch_size)
+        report["seconds"] = time.perf_counter() - started
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    Path(args.output).write_text("".join(line + "\n" for line in translations), encoding="utf-8")
+    print(json.dumps(report))
+
+
+def sentences_file(args: argparse.Namespace, count: Optional[int], name: str) -> Path:
+    lines = (args.data_dir / "test.en").read_text(encoding="utf-8").splitlines()
+    path = args.out / f"{name}.en"
+    path.write_text("".join(line + "\n" for line in lines[:count]), encoding="utf-8")
+    return path
+
+
+def quality(args: argparse.Namespace, row: Row) -> dict:
+    """BLEU and chrF2 of the whole test split (cached)."""
+    from nmt_lightning.evaluation import read_lines, score
+
+    def compute() -> dict:
+        hypotheses = args.out / "translations" / f"{file_slug(row.name)}.cs"
+        hypotheses.parent.mkdir(parents=True, exist_ok=True)
+        print(f"translating the test split: {row.name}", file=sys.stderr, flush=True)
+        run_worker(row, "throughput", sentences_file(args, None, "test"), hypotheses, args.threads, args.beam)
+        found = score(read_lines(hypotheses), read_lines(args.data_dir / "test.cs"))
+        return {"bleu": found.bleu, "chrf": found.chrf}
+
+    return cached(args.out / "quality" / f"{file_slug(row.name)}.json", compute)
+
+
+def latency(args: argparse.Namespace, row: Row) -> list[float]:
+    """Milliseconds per sentence, one thread, batch 1 (cached)."""
+    def compute() -> list[float]:
+        print(f"latency: {row.name}", file=sys.stderr, flush=True)
+        report = run_worker(row, "latency", sentences_file(args, args.latency_sentences, "latency"),
+                            args.out / "latency_output.cs", 1, args.beam)
+        return report["milliseconds"]
+
+    return cached(args.out / "latency" / f"{file_slug(row.name)}.json", compute)
+
+
+def throughput_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
+    """Every row's sentences/s and peak memory in each round, models taking turns (cached per round)."""
+    path = args.out / "throughput_rounds.json"
+    rounds: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+    rounds = [r for r in rounds if r.get("settings") == [args.threads, args.sentences, args.beam]]
+    input_path = sentences_file(args, args.sentences, "throughput")
+    count = len(input_path.read_text(encoding="utf-8").splitlines())
+    for index in range(args.rounds):
+        if index >= len(rounds):
+            rounds.append({"settings": [args.threads, args.sentences, args.beam]})
+        shift = index % len(rows)
+        for row in rows[shift:] + rows[:shift]:
+            if row.name in rounds[index]:
+                continue
+            report = run_worker(row, "throughput", input_path, args.out / "throughput_output.cs", args.threads, args.beam)
+            rounds[index][row.name] = {"sentences_per_second": count / report["seconds"],
+                                       "peak_rss_bytes": report["peak_rss_bytes"]}
+            path.write_text(json.dumps(rounds, indent=1))
+            print(f"round {index + 1}: {row.name}: {count / report['seconds']:.1f} sentences/s", file=sys.stderr,
+                  flush=True)
+    return {row.name: [r[row.name] for r in rounds[: args.rounds]] for row in rows}
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def plot(path: Path, table: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for entry in table:
+        for axis, x in zip(axes, ("latency_median_ms", "bytes")):
+            axis.scatter(entry[x], entry["bleu"], s=18)
+            axis.annotate(entry["name"], (entry[x], entry["bleu"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    axes[0].set_xlabel("median latency, 1 thread, batch 1 (ms per sentence)")
+    axes[1].set_xlabel("bytes on disk")
+    for axis in axes:
+        axis.set_xscale("log")
+        axis.set_ylabel("BLEU (test split)")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/efficiency")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="a model to measure (a Lightning checkpoint); repeat; the first is the reference")
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=2, help="threads of the throughput runs (default: %(default)s)")
+    parser.add_argument("--sentences", type=int, default=500, help="test sentences per throughput round (default: %(default)s)")
+    parser.add_argument("--latency-sentences", type=int, default=200,
+                        help="test sentences translated one at a time (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
+    # the worker's own options
+    for option in ("--kind", "--path", "--input", "--output"):
+        parser.add_argument(option, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", dest="worker_mode", help=argparse.SUPPRESS)
+    parser.add_argument("--shortlist", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.mode == "worker":
+        args.mode = args.worker_mode
+        worker(args)
+        return
+    if not args.model:
+        parser.error("give the models to measure: --model NAME=PATH (the first is the reference)")
+    models = {}
+    for item in args.model:
+        name, _, path = item.partition("=")
+        if not name or not path or not Path(path).is_file():
+            parser.error(f"--model {item}: give NAME=PATH of an existing checkpoint")
+        models[name] = Path(path).resolve()
+    if REFERENCE_ENGINE not in args.engines:
+        parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference model's")
+    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds) < 1:
+        parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = deployed_rows(args, models)
+    speeds = throughput_rounds(args, rows)
+    reference_name = Row(next(iter(models)), REFERENCE_ENGINE, Path()).name
+    table = []
+    for row in rows:
+        found, milliseconds = quality(args, row), latency(args, row)
+        table.append({"name": row.name, "bytes": bytes_on_disk(row.path), **found,
+                      "latency_median_ms": statistics.median(milliseconds),
+                      "latency_p90_ms": percentile(milliseconds, 0.9),
+                      "sentences_per_second": statistics.median(r["sentences_per_second"] for r in speeds[row.name]),
+                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in speeds[row.name])})
+    reference = next(entry for entry in table if entry["name"] == reference_name)
+    # Ratios per round (the same round's reference), then the median: a slow round slows both.
+    rows_text = []
+    for row, entry in zip(rows, table):
+        speedup = statistics.median(a["sentences_per_second"] / b["sentences_per_second"]
+                                    for a, b in zip(speeds[row.name], speeds[reference_name]))
+        rows_text.append([row.model, row.engine, f"{entry['bleu']:.2f}", f"{entry['chrf']:.2f}",
+                          f"{100 * entry['bleu'] / reference['bleu']:.1f}%" if reference["bleu"] else "n/a",
+                          f"{entry['bytes']:,}",
+                          f"{entry['latency_median_ms']:.1f}", f"{entry['latency_p90_ms']:.1f}",
+                          f"{reference['latency_median_ms'] / entry['latency_median_ms']:.2f}x",
+                          f"{entry['sentences_per_second']:.1f}", f"{speedup:.2f}x",
+                          f"{entry['peak_rss_bytes'] / 2 ** 20:.0f}"])
+    header = ["model", "engine", "BLEU", "chrF2", "% of reference BLEU", "bytes on disk", "latency median (ms)",
+              "latency p90 (ms)", "latency gain", "sentences/s", "throughput vs reference", "peak memory (MiB)"]
+    lines = write_table(args.out / "efficiency.csv", header, rows_text)
+    lines += ["", f"Reference: {reference_name}. Test split of {args.data_dir.name}, beam {args.beam}. Latency: 1 thread, "
+                  f"one sentence at a time, the first {args.latency_sentences} test sentences. Throughput: {args.threads} "
+                  f"threads, batches of 32, the first {args.sentences} sentences, median of {args.rounds} rounds with "
+                  f"the models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
+                  f"maximum resident set. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
+              "", f"Reproduce: python recipes/benchmarks/efficiency.py --out {args.out} "
+                  + " ".join(f"--model '{name}={path}'" for name, path in models.items())]
+    (args.out / "efficiency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (args.out / "efficiency.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
+    plot(args.out / "efficiency.png", table)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

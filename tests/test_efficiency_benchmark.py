@@ -1,0 +1,40 @@
+"""recipes/benchmarks/efficiency.py runs end to end on a tiny model (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import import_benchmark
+
+pytest.importorskip("ctranslate2", reason="ctranslate2 is an optional extra")
+
+
+def test_the_benchmark_writes_its_table_plot_and_caches(trained_checkpoint: Path, prepared_dir: Path,
+                                                        tmp_path: Path) -> None:
+    efficiency = import_benchmark("efficiency")
+    arguments = ["--out", str(tmp_path / "out"), "--data-dir", str(prepared_dir), "--model", f"tiny={trained_checkpoint}",
+                 "--engines", "ours fp32", "CTranslate2 float32", "CTranslate2 int8 + shortlist", "--beam", "1",
+                 "--threads", "1", "--sentences", "4", "--latency-sentences", "3", "--rounds", "1"]
+    efficiency.main(arguments)
+    table = json.loads((tmp_path / "out" / "efficiency.json").read_text())
+    assert [entry["name"] for entry in table] == ["tiny, ours fp32", "tiny, CTranslate2 float32",
+                                                  "tiny, CTranslate2 int8 + shortlist"]
+    assert all(entry["peak_rss_bytes"] > 0 and entry["latency_p90_ms"] >= entry["latency_median_ms"] > 0
+               for entry in table)
+    text = (tmp_path / "out" / "efficiency.md").read_text()
+    assert "| tiny | CTranslate2 float32 |" in text and "1.00x" in text
+    assert (tmp_path / "out" / "efficiency.png").stat().st_size > 0
+    assert (tmp_path / "out" / "deployed" / "tiny.CTranslate2_int8___shortlist" / "vmap.txt").is_file()
+    cached = sorted(p.name for p in (tmp_path / "out" / "latency").iterdir())
+    efficiency.main(arguments)  # everything cached: the same table again
+    assert (tmp_path / "out" / "efficiency.md").read_text().split("Measured")[0] == text.split("Measured")[0]
+    assert sorted(p.name for p in (tmp_path / "out" / "latency").iterdir()) == cached
+
+
+def test_a_missing_model_is_refused(tmp_path: Path) -> None:
+    efficiency = import_benchmark("efficiency")
+    with pytest.raises(SystemExit):
+        efficiency.main(["--out", str(tmp_path), "--model", f"x={tmp_path / 'missing.ckpt'}"])
