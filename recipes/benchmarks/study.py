@@ -44,7 +44,8 @@ import study_page  # noqa: E402  (recipes/benchmarks/study_page.py)
 from side_by_side import cached, checkpoint_step, file_slug, run_fit  # noqa: E402
 from study_plan import PLATEAU, Budget, Plan, Row, Run, plan  # noqa: E402
 
-STAGES = ("references", "qat", "quant_noise", "distillation", "mobilebert", "lottery", "scores", "speed", "page")
+STAGES = ("references", "qat", "quant_noise", "distillation", "mobilebert", "lottery", "fast_students", "scores", "speed",
+          "page")
 SMOKE_MODEL = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2"]
 SMOKE_BOTTLENECK = [*SMOKE_MODEL, "--model.bottleneck_dim=16", "--model.embedding_dim=16"]
 
@@ -288,7 +289,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
-    tables = {"references", "qat", "quant_noise", "distillation", "mobilebert", "lottery"}
+    tables = {"references", "qat", "quant_noise", "distillation", "mobilebert", "lottery", "fast_students"}
     if args.only is None or args.only in tables:
         study.train_all({args.only} if args.only else tables)
     if args.only == "speed":

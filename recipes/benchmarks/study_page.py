@@ -22,7 +22,8 @@ from study_plan import PLATEAU, Comparison, Row, estimated_hours
 TITLES = {"references": "Converged references", "qat": "Q8BERT: quantization-aware training (int8)",
           "quant_noise": "Quant-Noise: int4 and iPQ", "distillation": "Knowledge distillation: 3+3 students of the teacher",
           "mobilebert": "MobileBERT: a deep, thin student by layer-wise transfer",
-          "lottery": "Lottery tickets at 20% of the weights"}
+          "lottery": "Lottery tickets at 20% of the weights",
+          "fast_students": "Fast CPU students: a shallow decoder, structured pruning"}
 SIGNIFICANCE = 0.05
 
 
@@ -171,7 +172,7 @@ def write(study: Any, args: argparse.Namespace) -> Path:
     bytes_of_fp32 = next((scores["bytes"] for label, entries in tables.get("qat", {}).items()
                           if label.startswith("fp32") for _, scores in entries), None)
     points = []
-    for table in ("qat", "quant_noise", "distillation", "mobilebert", "lottery"):
+    for table in ("qat", "quant_noise", "distillation", "mobilebert", "lottery", "fast_students"):
         lines += ["", "## " + TITLES[table], ""]
         lines += table_lines(study, table, tables.get(table, {}), bytes_of_fp32, out / "tables")
         lines += ["", *comparison_lines(study, table, tables)]

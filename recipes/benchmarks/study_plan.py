@@ -271,6 +271,30 @@ def plan(budget: Budget, teacher_checkpoint: str = "<teacher>") -> Plan:
                    "Frankle et al. 2020: late rewinding beats rewinding to init on large models", 0.0, True),
         Comparison("lottery", "magnitude pruning to 20%, the tickets' steps", ticket_name,
                    "Brix et al.: gradual magnitude pruning is as good as the ticket", -1.0)]
+    # Fast CPU students: deep encoder, shallow decoder (6+2, 6+1), from the teacher's whole encoder
+    # and its top decoder layers, word-level KD, the 3+3 students' steps; and structured pruning of
+    # half the heads and neurons of the base against the fp32 control of the same steps.
+    p.rows += [Row("fast_students", "6+6 (the teacher)", teacher),
+               Row("fast_students", "3+3 student, word-level KD", "word_kd_s1", "fp32", unequal="one seed")]
+    for decoder_layers, picked in ((2, "[2, 5]"), (1, "[5]")):
+        p.rows.append(Row("fast_students", f"6+{decoder_layers} student, word-level KD", p.add(Run(
+            f"student_6_{decoder_layers}_s1", "kd", (TINY,), budget.student, 1, teacher,
+            f"{{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}", (kd,),
+            overrides=("--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"))), "fp32",
+            unequal="one seed"))
+    start = max(1, budget.finetune // 10)
+    structured = callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="taylor",
+                          scope="layer", start_step=start, end_step=max(start, budget.finetune * 7 // 10),
+                          frequency=start, include=["model.*"])
+    for seed in seeds(budget):
+        p.rows += [Row("fast_students", control, finetune("fp32", (), budget.finetune, seed), "fp32", seed),
+                   Row("fast_students", "half the heads and neurons removed", finetune(
+                       "structured", (structured,), budget.finetune, seed), None, seed)]
+    p.comparisons += [
+        Comparison("fast_students", "6+2 student, word-level KD", "3+3 student, word-level KD",
+                   "a shallow decoder costs little BLEU (here: within 1 BLEU of the 3+3 student)", -1.0),
+        Comparison("fast_students", "half the heads and neurons removed", control,
+                   "Michel et al.: many heads can go (here: half the heads and neurons within 1 BLEU)", -1.0)]
     return p
 
 
