@@ -9,10 +9,13 @@ decodes faster with our decoder and in CTranslate2.
 
 **Units.** An attention module is any module with ``nn.Linear`` children ``q_proj``, ``k_proj``,
 ``v_proj`` (whose output rows are ``heads x head_dim``) and ``out_proj``, and an integer
-attribute ``heads`` or ``num_heads`` (ours, and Hugging Face's BART/Marian attention). A
-feed-forward block is any module with ``nn.Linear`` children ``fc1`` and ``fc2``, ``fc1``'s
-outputs being ``fc2``'s inputs. ``include``/``exclude`` globs over those modules' names choose
-which are pruned.
+attribute ``heads``, ``num_heads`` or ``n_heads`` (ours, and Hugging Face's BART/Marian
+attention); ``attention_layers`` names the four children otherwise. A feed-forward block is any
+module with ``nn.Linear`` children ``fc1`` and ``fc2`` (``feed_forward_layers`` names them
+otherwise, e.g. ``["linear1", "linear2"]`` for ``nn.TransformerEncoderLayer``), the first's
+outputs being the second's inputs. ``include``/``exclude`` globs over those modules' names
+choose which are pruned. ``nn.MultiheadAttention`` is refused: it keeps q, k and v in one fused
+``in_proj_weight`` and derives ``head_dim`` from ``embed_dim``, so its heads cannot be cut.
 
 **Importance.** ``importance="taylor"`` is Michel et al.'s (2019) head importance, applied to
 neurons too (Molchanov et al. 2017's first-order Taylor criterion): a gate ``xi_u`` multiplying
@@ -49,7 +52,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks._arguments import globs, integer, number, one_of
+from callbacks._arguments import globs, integer, number, one_of, shown
 from callbacks._selection import matches
 from callbacks._transforms import (MASK, WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
@@ -58,9 +61,9 @@ from compression_contract.manifest import record_structure
 __all__ = ["StructuredPruning", "UnitMask"]
 
 OWNER = "StructuredPruning"
-ATTENTION_ROWS, ATTENTION_COLUMNS = ("q_proj", "k_proj", "v_proj"), ("out_proj",)
-FEED_FORWARD_ROWS, FEED_FORWARD_COLUMNS = ("fc1",), ("fc2",)
-COUNT_ATTRIBUTES = ("heads", "num_heads")
+ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")  # rows: q, k, v; columns: out
+FEED_FORWARD_LAYERS = ("fc1", "fc2")  # rows: the first; columns: the second
+COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads")
 
 
 class UnitMask(WeightTransform):
@@ -121,35 +124,50 @@ def _count_attribute(module: nn.Module) -> Optional[str]:
                  and not isinstance(getattr(module, name), bool)), None)
 
 
+def _child_names(name: str, value: Any, count: int) -> tuple[str, ...]:
+    """``count`` distinct child names (identifiers), as a tuple."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != count or \
+            not all(isinstance(item, str) and item.isidentifier() for item in value) or len(set(value)) != count:
+        raise ValueError(f"{OWNER}: {name} must be a list of {count} distinct child names, got {shown(value)}")
+    return tuple(value)
+
+
 def _children_are_linear(module: nn.Module, names: Sequence[str]) -> bool:
     return all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
 
 
-def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[str],
-                     kinds: Sequence[str]) -> list[UnitGroup]:
+def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[str], kinds: Sequence[str],
+                     attention_layers: Sequence[str] = ATTENTION_LAYERS,
+                     feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS) -> list[UnitGroup]:
     """Every attention module (``"heads"`` in kinds) and feed-forward block (``"neurons"``) of
     ``root`` selected by the globs, in ``named_modules`` order."""
+    *attention_rows, attention_columns = attention_layers
+    first, second = feed_forward_layers
     groups = []
     for name, module in root.named_modules():
         if not matches(name, include) or matches(name, exclude):
             continue
-        if "heads" in kinds and _children_are_linear(module, ATTENTION_ROWS + ATTENTION_COLUMNS):
+        if "heads" in kinds and isinstance(module, nn.MultiheadAttention):
+            raise ValueError(f"{OWNER}: {name} is a torch.nn.MultiheadAttention, whose q, k and v share one fused "
+                             f"in_proj_weight and whose head_dim follows from embed_dim: its heads cannot be cut. "
+                             f"Exclude it (exclude=['{name}']) or use an attention with separate projections")
+        if "heads" in kinds and _children_are_linear(module, attention_layers):
             attribute = _count_attribute(module)
             if attribute is None:
                 continue
             heads = getattr(module, attribute)
-            rows = {getattr(module, child).out_features for child in ATTENTION_ROWS}
-            inner = module.out_proj.in_features
+            rows = {getattr(module, child).out_features for child in attention_rows}
+            inner = getattr(module, attention_columns).in_features
             if heads < 1 or rows != {inner} or inner % heads:
-                raise ValueError(f"{OWNER}: {name} has q/k/v projections of {sorted(rows)} outputs and out_proj of "
-                                 f"{inner} inputs for {attribute}={heads}; heads can only be removed where all "
-                                 f"four hold heads x head_dim (no grouped keys and values)")
-            groups.append(UnitGroup(name, "heads", module, ATTENTION_ROWS, ATTENTION_COLUMNS, inner // heads,
-                                    attribute))
-        elif "neurons" in kinds and _children_are_linear(module, FEED_FORWARD_ROWS + FEED_FORWARD_COLUMNS):
-            if module.fc1.out_features != module.fc2.in_features:
+                raise ValueError(f"{OWNER}: {name} has q/k/v projections of {sorted(rows)} outputs and an output "
+                                 f"projection of {inner} inputs for {attribute}={heads}; heads can only be removed "
+                                 f"where all four hold heads x head_dim (no grouped keys and values)")
+            groups.append(UnitGroup(name, "heads", module, tuple(attention_rows), (attention_columns,),
+                                    inner // heads, attribute))
+        elif "neurons" in kinds and _children_are_linear(module, feed_forward_layers):
+            if getattr(module, first).out_features != getattr(module, second).in_features:
                 continue
-            groups.append(UnitGroup(name, "neurons", module, FEED_FORWARD_ROWS, FEED_FORWARD_COLUMNS, 1, None))
+            groups.append(UnitGroup(name, "neurons", module, (first,), (second,), 1, None))
     return groups
 
 
@@ -164,11 +182,16 @@ class StructuredPruning(L.Callback):
         start_step / end_step / frequency: the pruning schedule (cubic, Zhu & Gupta 2017).
             With "taylor" the first pruning needs gradients before it: ``start_step >= 1``.
         include / exclude: globs over the names of the attention and feed-forward modules.
+        attention_layers: the names of an attention module's query, key, value and output
+            projections (default: q_proj, k_proj, v_proj, out_proj).
+        feed_forward_layers: the names of a feed-forward block's two layers (default: fc1, fc2).
     """
 
     def __init__(self, prune_heads: float = 0.5, prune_neurons: float = 0.5, importance: str = "taylor",
                  scope: str = "layer", start_step: int = 100, end_step: int = 1000, frequency: int = 100,
-                 include: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> None:
+                 include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+                 attention_layers: Sequence[str] = ATTENTION_LAYERS,
+                 feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS) -> None:
         self.prune_heads = number(OWNER, "prune_heads", prune_heads, 0.0, 1.0, high_open=True)
         self.prune_neurons = number(OWNER, "prune_neurons", prune_neurons, 0.0, 1.0, high_open=True)
         if self.prune_heads == 0.0 and self.prune_neurons == 0.0:
@@ -180,6 +203,8 @@ class StructuredPruning(L.Callback):
         self.frequency = integer(OWNER, "frequency", frequency, minimum=1)
         self.include = globs(OWNER, "include", include, allow_empty=False)
         self.exclude = globs(OWNER, "exclude", exclude)
+        self.attention_layers = _child_names("attention_layers", attention_layers, 4)
+        self.feed_forward_layers = _child_names("feed_forward_layers", feed_forward_layers, 2)
         self.groups: list[UnitGroup] = []
         self.scores: Optional[torch.Tensor] = None  # (all units,) float64: importance since the last pruning
         self._scoring = False
@@ -210,12 +235,14 @@ class StructuredPruning(L.Callback):
         if self.groups:
             return
         kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
-        self.groups = find_unit_groups(pl_module, self.include, self.exclude, kinds)
+        self.groups = find_unit_groups(pl_module, self.include, self.exclude, kinds, self.attention_layers,
+                                       self.feed_forward_layers)
         for kind in kinds:
             if not any(group.kind == kind for group in self.groups):
-                what = ("attention module (nn.Linear children q_proj, k_proj, v_proj, out_proj and an integer "
-                        "heads or num_heads)" if kind == "heads" else
-                        "feed-forward block (nn.Linear children fc1 and fc2)")
+                what = (f"attention module (nn.Linear children {', '.join(self.attention_layers)} and an integer "
+                        f"{', '.join(COUNT_ATTRIBUTES)})" if kind == "heads" else
+                        f"feed-forward block (nn.Linear children {' and '.join(self.feed_forward_layers)}); "
+                        f"attention_layers / feed_forward_layers name other children")
                 raise ValueError(f"{OWNER}: prune_{kind} is {self.fraction(kind)} but include={self.include} "
                                  f"exclude={self.exclude} select no {what}; set prune_{kind}=0 or select some")
         for group in self.groups:

@@ -87,3 +87,41 @@ def test_a_translation_model_exports_cut_and_loads_into_its_own_class(prepared_d
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     structure = json.loads(header["__metadata__"]["structure"])
     assert structure["encoder_layers.0.self_attn"]["units"] == 2 and structure["decoder_layers.0.ffn"]["units"] == neurons
+
+
+class TorchEncoder(L.LightningModule):
+    """A model of torch's own layers: nn.TransformerEncoderLayer (nn.MultiheadAttention, and a
+    feed-forward block named linear1 / linear2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(WIDTH, 2, dim_feedforward=NEURONS, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch, batch_index):
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_torch_transformer_layers_lose_neurons_and_refuse_to_lose_heads(tmp_path: Path) -> None:
+    pruning = StructuredPruning(prune_heads=0.0, prune_neurons=0.5, start_step=2, end_step=4, frequency=2,
+                                feed_forward_layers=["linear1", "linear2"])
+    L.seed_everything(0)
+    trained = TorchEncoder()
+    fit = trainer(tmp_path / "fit", [pruning], max_steps=6)
+    fit.fit(trained, block_data(sentences=32))
+    fit.save_checkpoint(tmp_path / "trained.ckpt")
+    export_module(tmp_path / "trained.ckpt", TorchEncoder(), tmp_path / "pruned.safetensors")
+    loaded = load_module(TorchEncoder(), tmp_path / "pruned.safetensors")
+    assert tuple(loaded.layer.linear1.weight.shape) == (NEURONS // 2, WIDTH)
+    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"StructuredPruning: layer.self_attn is a torch.nn.MultiheadAttention, .* "
+                                         r"its heads cannot be cut"):
+        StructuredPruning(prune_heads=0.5, feed_forward_layers=["linear1", "linear2"]).setup(None, TorchEncoder(), "fit")

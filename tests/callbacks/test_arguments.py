@@ -91,6 +91,9 @@ PROBES = {
         ("end_step", dict(start_step=100, end_step=99)), ("end_step", dict(end_step="1000")),
         ("frequency", dict(frequency=0)), ("frequency", dict(frequency=False)),
         ("include", dict(include="*attn")), ("include", dict(include=[])), ("exclude", dict(exclude=[1])),
+        ("attention_layers", dict(attention_layers=["q", "k", "v"])), ("attention_layers", dict(attention_layers="qkvo")),
+        ("feed_forward_layers", dict(feed_forward_layers=["fc1", "fc1"])),
+        ("feed_forward_layers", dict(feed_forward_layers=["fc1", "ffn.fc2"])),
     ]),
 }
 TEACHER_PROBES = {
@@ -219,7 +222,9 @@ DEFAULTS = {
     MagnitudePruning: dict(sparsity=0.8, end_step=1000, start_step=0, frequency=100, scope="global", include=("*",),
                            exclude=(), prune_embeddings=False),  # Zhu & Gupta's cubic schedule
     StructuredPruning: dict(prune_heads=0.5, prune_neurons=0.5, importance="taylor", scope="layer", start_step=100,
-                            end_step=1000, frequency=100, include=("*",), exclude=()),  # Michel et al.; Zhu & Gupta
+                            end_step=1000, frequency=100, include=("*",), exclude=(),
+                            attention_layers=("q_proj", "k_proj", "v_proj", "out_proj"),
+                            feed_forward_layers=("fc1", "fc2")),  # Michel et al.; Zhu & Gupta
     KnowledgeDistillation: dict(teacher_loader=None, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
                                 hidden_weight=0.0, layer_map=None, teacher_inputs=("source", "decoder_input")),
     ProgressiveKnowledgeTransfer: dict(teacher_loader=None, mode="progressive", stage_steps=1000, feature_weight=100.0,

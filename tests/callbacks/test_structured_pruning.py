@@ -274,3 +274,26 @@ def test_two_process_ddp_prunes_the_same_units_on_every_rank(tmp_path: Path) -> 
     # at step 4 the cubic schedule has removed 0.5 * (1 - 0.5 ** 3) of the heads, 0.4375: 2 of 4, 4 of 10 neurons
     assert [sum(keep) for keep in ranks[0]["keep"]] == [2, 6]
     assert any(score > 0 for score in ranks[0]["scores"])  # steps 4 and 5, gathered for the pruning at 6
+
+
+def test_composed_with_qat_and_magnitude_pruning_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Three transforms on one weight (unit mask and magnitude mask, then fake quantization),
+    stopped between two structured prunings: the resumed run ends where the straight one does."""
+    from callbacks import MagnitudePruning, QuantizationAwareTraining
+
+    def callbacks() -> list:
+        return [QuantizationAwareTraining(include=["*"]),
+                MagnitudePruning(sparsity=0.5, start_step=2, end_step=10, frequency=2, include=["*"]),
+                StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=3, end_step=9, frequency=3)]
+
+    def data() -> DataLoader:
+        return ResumableLoader(block_data(sentences=48, batch_size=4).dataset, batch_size=4)
+
+    def make_model() -> AttentionBlock:
+        torch.manual_seed(0)
+        return AttentionBlock()
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, make_model, callbacks, data, stop=5, total=11)
+    assert_same_state(straight, resumed)
+    chain = [key for key in straight if key.startswith("attention.q_proj.parametrizations.weight.")]
+    assert any(key.endswith(".keep") for key in chain) and any(key.endswith(".mask") for key in chain)
