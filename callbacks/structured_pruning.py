@@ -306,8 +306,14 @@ class StructuredPruning(L.Callback):
         for group in self.groups:
             group.pending = None
         # Summed over ranks, so every rank holds the same importances and prunes alike.
-        step_scores = trainer.strategy.reduce(step_scores.to(device), reduce_op="sum")
-        self.scores += step_scores.detach().double().cpu()
+        step_scores = trainer.strategy.reduce(step_scores.to(device), reduce_op="sum").detach().double().cpu()
+        # 16-mixed: the gradients the hooks saw were multiplied by the loss scale (which changes over
+        # the run); a step whose gradients overflowed is skipped by the scaler and here alike.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            step_scores /= float(scaler.get_scale())
+        if torch.isfinite(step_scores).all():
+            self.scores += step_scores
 
     @torch.no_grad()
     def prune(self, step: int) -> None:

@@ -297,3 +297,31 @@ def test_composed_with_qat_and_magnitude_pruning_a_resume_equals_an_uninterrupte
     assert_same_state(straight, resumed)
     chain = [key for key in straight if key.startswith("attention.q_proj.parametrizations.weight.")]
     assert any(key.endswith(".keep") for key in chain) and any(key.endswith(".mask") for key in chain)
+
+
+def test_mixed_precision_gradients_are_unscaled_and_overflowing_steps_dropped() -> None:
+    """With 16-mixed the hooks see gradients times the loss scale: the importance is divided by
+    it; a step with inf gradients (the scaler skips it) adds nothing."""
+    from types import SimpleNamespace
+
+    class Scaler:
+        def is_enabled(self) -> bool:
+            return True
+
+        def get_scale(self) -> float:
+            return 1024.0
+
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=Scaler()),
+                              strategy=SimpleNamespace(reduce=lambda tensor, reduce_op: tensor))
+    model = AttentionBlock()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5)
+    callback.setup(None, model, "fit")
+    callback.on_train_start(None, model)
+    callback._scoring = True
+    heads, neurons = callback.groups
+    heads.pending, neurons.pending = torch.full((HEADS,), 2048.0), torch.full((NEURONS,), 1024.0)
+    callback.on_before_optimizer_step(trainer, model, None)
+    assert callback.scores.tolist() == [2.0] * HEADS + [1.0] * NEURONS
+    heads.pending, neurons.pending = torch.full((HEADS,), float("inf")), torch.ones(NEURONS)
+    callback.on_before_optimizer_step(trainer, model, None)
+    assert callback.scores.tolist() == [2.0] * HEADS + [1.0] * NEURONS
