@@ -156,6 +156,12 @@ def test_teacher_then_deep_encoder_shallow_decoder_student_through_the_cli(prepa
 
     config = load_exported("student.safetensors").model.config
     assert (config.encoder_layers, config.decoder_layers) == (2, 1)
+    pytest.importorskip("ctranslate2")
+    assert main(["export", "--checkpoint", "student.safetensors", "--format", "ctranslate2", "--output", "ct2"]) == 0
+    for model, output in (("student.safetensors", "ours.cs"), ("ct2", "theirs.cs")):
+        assert main(["translate", "--checkpoint", model, "--input", str(prepared_dir / "test.en"), "--output", output,
+                     "--beam", "1"]) == 0
+    assert Path("ours.cs").read_text(encoding="utf-8") == Path("theirs.cs").read_text(encoding="utf-8")
 
 
 def test_teacher_then_bottleneck_student_with_progressive_transfer_through_the_cli(
