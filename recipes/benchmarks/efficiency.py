@@ -18,9 +18,11 @@ it measures, each in a fresh process (torch and CTranslate2 each bring their own
 3. latency: one thread, one sentence at a time, the first ``--latency-sentences`` test
    sentences; median and 90th percentile milliseconds per sentence;
 4. throughput: ``--threads`` threads (our decoder: torch's threads; CTranslate2: one batch per
-   thread), batches of 32, sentences/s over the first ``--sentences`` sentences; the median of
-   ``--rounds`` rounds, the models taking turns, the order rotating each round;
-5. peak memory: the worker's maximum resident set size in the throughput run.
+   thread), batches of 32, sentences/s over the first ``--sentences`` sentences;
+5. peak memory: the worker's maximum resident set size.
+
+Latency and throughput are measured in ``--rounds`` rounds, the models taking turns in an order
+that rotates each round; a value is the median round, a ratio the median of the rounds' ratios.
 
 Every ratio is to the reference's ``CTranslate2 float32`` row, from the same run. Every result
 is cached in ``--out``: an interrupted run continues where it stopped. Writes
@@ -179,37 +181,32 @@ def quality(args: argparse.Namespace, row: Row) -> dict:
     return cached(args.out / "quality" / f"{file_slug(row.name)}.json", compute)
 
 
-def latency(args: argparse.Namespace, row: Row) -> list[float]:
-    """Milliseconds per sentence, one thread, batch 1 (cached)."""
-    def compute() -> list[float]:
-        print(f"latency: {row.name}", file=sys.stderr, flush=True)
-        report = run_worker(row, "latency", sentences_file(args, args.latency_sentences, "latency"),
-                            args.out / "latency_output.cs", 1, args.beam)
-        return report["milliseconds"]
-
-    return cached(args.out / "latency" / f"{file_slug(row.name)}.json", compute)
-
-
-def throughput_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
-    """Every row's sentences/s and peak memory in each round, models taking turns (cached per round)."""
-    path = args.out / "throughput_rounds.json"
+def speed_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
+    """Every row's latency (milliseconds per sentence) and throughput (sentences/s, peak memory)
+    in each of ``--rounds`` rounds, the rows taking turns in an order that rotates each round, so
+    every ratio compares rows measured side by side. A round is cached once every row has run in
+    it; a round cut short is measured again whole."""
+    path = args.out / "speed_rounds.json"
+    settings = [args.threads, args.sentences, args.latency_sentences, args.beam, sorted(row.name for row in rows)]
     rounds: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    rounds = [r for r in rounds if r.get("settings") == [args.threads, args.sentences, args.beam]]
-    input_path = sentences_file(args, args.sentences, "throughput")
-    count = len(input_path.read_text(encoding="utf-8").splitlines())
-    for index in range(args.rounds):
-        if index >= len(rounds):
-            rounds.append({"settings": [args.threads, args.sentences, args.beam]})
+    rounds = [r for r in rounds if r.get("settings") == settings]
+    latency_input = sentences_file(args, args.latency_sentences, "latency")
+    throughput_input = sentences_file(args, args.sentences, "throughput")
+    count = len(throughput_input.read_text(encoding="utf-8").splitlines())
+    while len(rounds) < args.rounds:
+        index, measured = len(rounds), {"settings": settings}
         shift = index % len(rows)
         for row in rows[shift:] + rows[:shift]:
-            if row.name in rounds[index]:
-                continue
-            report = run_worker(row, "throughput", input_path, args.out / "throughput_output.cs", args.threads, args.beam)
-            rounds[index][row.name] = {"sentences_per_second": count / report["seconds"],
-                                       "peak_rss_bytes": report["peak_rss_bytes"]}
-            path.write_text(json.dumps(rounds, indent=1))
-            print(f"round {index + 1}: {row.name}: {count / report['seconds']:.1f} sentences/s", file=sys.stderr,
-                  flush=True)
+            latency = run_worker(row, "latency", latency_input, args.out / "latency_output.cs", 1, args.beam)
+            throughput = run_worker(row, "throughput", throughput_input, args.out / "throughput_output.cs",
+                                    args.threads, args.beam)
+            measured[row.name] = {"milliseconds": latency["milliseconds"],
+                                  "sentences_per_second": count / throughput["seconds"],
+                                  "peak_rss_bytes": max(latency["peak_rss_bytes"], throughput["peak_rss_bytes"])}
+            print(f"round {index + 1}: {row.name}: {statistics.median(latency['milliseconds']):.1f} ms a sentence, "
+                  f"{count / throughput['seconds']:.1f} sentences/s", file=sys.stderr, flush=True)
+        rounds.append(measured)
+        path.write_text(json.dumps(rounds, indent=1))
     return {row.name: [r[row.name] for r in rounds[: args.rounds]] for row in rows}
 
 
@@ -278,36 +275,44 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = deployed_rows(args, models)
-    speeds = throughput_rounds(args, rows)
+    speeds = speed_rounds(args, rows)
     reference_name = Row(next(iter(models)), REFERENCE_ENGINE, Path()).name
-    table = []
+    reference_rounds = speeds[reference_name]
+
+    def per_round_ratio(row: Row, value) -> float:
+        """The median over rounds of ``value(reference round) / value(row's round)``: both measured
+        in the same round, so a slow round slows both."""
+        return statistics.median(value(b) / value(a) for a, b in zip(speeds[row.name], reference_rounds))
+
+    def median_ms(measured: dict) -> float:
+        return statistics.median(measured["milliseconds"])
+
+    table, rows_text = [], []
     for row in rows:
-        found, milliseconds = quality(args, row), latency(args, row)
+        found, rounds = quality(args, row), speeds[row.name]
+        every_sentence = [ms for r in rounds for ms in r["milliseconds"]]
         table.append({"name": row.name, "bytes": bytes_on_disk(row.path), **found,
-                      "latency_median_ms": statistics.median(milliseconds),
-                      "latency_p90_ms": percentile(milliseconds, 0.9),
-                      "sentences_per_second": statistics.median(r["sentences_per_second"] for r in speeds[row.name]),
-                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in speeds[row.name])})
+                      "latency_median_ms": statistics.median(median_ms(r) for r in rounds),
+                      "latency_p90_ms": percentile(every_sentence, 0.9),
+                      "latency_gain": per_round_ratio(row, median_ms),
+                      "sentences_per_second": statistics.median(r["sentences_per_second"] for r in rounds),
+                      "throughput_ratio": per_round_ratio(row, lambda r: 1 / r["sentences_per_second"]),
+                      "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)})
     reference = next(entry for entry in table if entry["name"] == reference_name)
-    # Ratios per round (the same round's reference), then the median: a slow round slows both.
-    rows_text = []
     for row, entry in zip(rows, table):
-        speedup = statistics.median(a["sentences_per_second"] / b["sentences_per_second"]
-                                    for a, b in zip(speeds[row.name], speeds[reference_name]))
         rows_text.append([row.model, row.engine, f"{entry['bleu']:.2f}", f"{entry['chrf']:.2f}",
                           f"{100 * entry['bleu'] / reference['bleu']:.1f}%" if reference["bleu"] else "n/a",
-                          f"{entry['bytes']:,}",
-                          f"{entry['latency_median_ms']:.1f}", f"{entry['latency_p90_ms']:.1f}",
-                          f"{reference['latency_median_ms'] / entry['latency_median_ms']:.2f}x",
-                          f"{entry['sentences_per_second']:.1f}", f"{speedup:.2f}x",
-                          f"{entry['peak_rss_bytes'] / 2 ** 20:.0f}"])
+                          f"{entry['bytes']:,}", f"{entry['latency_median_ms']:.1f}", f"{entry['latency_p90_ms']:.1f}",
+                          f"{entry['latency_gain']:.2f}x", f"{entry['sentences_per_second']:.1f}",
+                          f"{entry['throughput_ratio']:.2f}x", f"{entry['peak_rss_bytes'] / 2 ** 20:.0f}"])
     header = ["model", "engine", "BLEU", "chrF2", "% of reference BLEU", "bytes on disk", "latency median (ms)",
               "latency p90 (ms)", "latency gain", "sentences/s", "throughput vs reference", "peak memory (MiB)"]
     lines = write_table(args.out / "efficiency.csv", header, rows_text)
     lines += ["", f"Reference: {reference_name}. Test split of {args.data_dir.name}, beam {args.beam}. Latency: 1 thread, "
-                  f"one sentence at a time, the first {args.latency_sentences} test sentences. Throughput: {args.threads} "
-                  f"threads, batches of 32, the first {args.sentences} sentences, median of {args.rounds} rounds with "
-                  f"the models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
+                  f"one sentence at a time, the first {args.latency_sentences} test sentences, the median of the "
+                  f"rounds' medians (p90: over every sentence of every round). Throughput: {args.threads} threads, "
+                  f"batches of 32, the first {args.sentences} sentences, the median round. {args.rounds} rounds, the "
+                  f"models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
                   f"maximum resident set. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
               "", f"Reproduce: python recipes/benchmarks/efficiency.py --out {args.out} "
                   + " ".join(f"--model '{name}={path}'" for name, path in models.items())]
