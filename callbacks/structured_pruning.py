@@ -209,6 +209,7 @@ class StructuredPruning(L.Callback):
         self.scores: Optional[torch.Tensor] = None  # (all units,) float64: importance since the last pruning
         self._scoring = False
         self._hooks: list[Any] = []
+        self._kept: dict[str, float] = {}
 
     # ------------------------------------------------------------------ settings
     def fraction(self, kind: str) -> float:
@@ -284,6 +285,7 @@ class StructuredPruning(L.Callback):
         total = sum(group.units for group in self.groups)
         if self.scores is None or self.scores.numel() != total:
             self.scores = torch.zeros(total, dtype=torch.float64)
+        self._kept = self.kept_fractions()  # of the masks as restored; logged every step, computed at changes
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -291,11 +293,17 @@ class StructuredPruning(L.Callback):
             self.prune(step)
         # Gradients are gathered only while a pruning is still to come.
         self._scoring = self.importance == "taylor" and step < self.end_step
+        for kind, kept in self._kept.items():
+            pl_module.log(f"structured_pruning/{kind}_kept", kept, on_step=True, on_epoch=False, batch_size=1)
+
+    def kept_fractions(self) -> dict[str, float]:
+        """The fraction of the heads and of the neurons still there (each kind pruned at all)."""
+        fractions = {}
         for kind in ("heads", "neurons"):
             units = [group for group in self.groups if group.kind == kind]
             if units:
-                kept = sum(int(group.keep.sum().item()) for group in units) / sum(group.units for group in units)
-                pl_module.log(f"structured_pruning/{kind}_kept", kept, on_step=True, on_epoch=False, batch_size=1)
+                fractions[kind] = sum(int(group.keep.sum().item()) for group in units) / sum(g.units for g in units)
+        return fractions
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         if not self._scoring:
@@ -330,6 +338,7 @@ class StructuredPruning(L.Callback):
                 self._prune_globally(groups, self.target(kind, step))
         if self.scores is not None:
             self.scores.zero_()
+        self._kept = self.kept_fractions()
 
     def unit_scores(self) -> list[torch.Tensor]:
         """Each group's importances (units,), float64 on CPU."""
