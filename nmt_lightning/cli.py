@@ -107,8 +107,10 @@ def translate_main(argv: Sequence[str]) -> int:
                                      shortlist=args.shortlist)
             translate = model.translate_lines
         else:
-            if args.parallel_batches is not None or args.shortlist is not None:
-                raise ValueError("--parallel-batches and --no-shortlist apply to CTranslate2 models only")
+            if args.parallel_batches is not None:
+                raise ValueError("--parallel-batches applies to CTranslate2 models only")
+            if args.shortlist is not None:
+                raise ValueError("--no-shortlist applies to CTranslate2 models only (our decoder uses no shortlist)")
             if args.threads is not None:
                 import torch
 
