@@ -12,7 +12,8 @@ decodes faster with our decoder and in CTranslate2.
 attribute ``heads``, ``num_heads`` or ``n_heads`` (ours, and Hugging Face's BART/Marian
 attention); ``attention_layers`` names the four children otherwise. A feed-forward block is any
 module with ``nn.Linear`` children ``fc1`` and ``fc2`` (``feed_forward_layers`` names them
-otherwise, e.g. ``["linear1", "linear2"]`` for ``nn.TransformerEncoderLayer``), the first's
+otherwise, e.g. ``["linear1", "linear2"]`` for ``nn.TransformerEncoderLayer``, ``["0", "2"]``
+for an ``nn.Sequential``), the first's
 outputs being the second's inputs. ``include``/``exclude`` globs over those modules' names
 choose which are pruned. ``nn.MultiheadAttention`` is refused: it keeps q, k and v in one fused
 ``in_proj_weight`` and derives ``head_dim`` from ``embed_dim``, so its heads cannot be cut.
@@ -125,9 +126,9 @@ def _count_attribute(module: nn.Module) -> Optional[str]:
 
 
 def _child_names(name: str, value: Any, count: int) -> tuple[str, ...]:
-    """``count`` distinct child names (identifiers), as a tuple."""
+    """``count`` distinct child names (an attribute, or an index of an nn.Sequential: "0"), as a tuple."""
     if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != count or \
-            not all(isinstance(item, str) and item.isidentifier() for item in value) or len(set(value)) != count:
+            not all(isinstance(item, str) and item and "." not in item for item in value) or len(set(value)) != count:
         raise ValueError(f"{OWNER}: {name} must be a list of {count} distinct child names, got {shown(value)}")
     return tuple(value)
 

@@ -125,3 +125,37 @@ def test_torch_transformer_layers_lose_neurons_and_refuse_to_lose_heads(tmp_path
     with pytest.raises(ValueError, match=r"StructuredPruning: layer.self_attn is a torch.nn.MultiheadAttention, .* "
                                          r"its heads cannot be cut"):
         StructuredPruning(prune_heads=0.5, feed_forward_layers=["linear1", "linear2"]).setup(None, TorchEncoder(), "fit")
+
+
+class SequentialFeedForward(L.LightningModule):
+    """A feed-forward block as nn.Sequential(Linear, ReLU, Linear): its layers are children "0" and "2"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(WIDTH, NEURONS), torch.nn.ReLU(), torch.nn.Linear(NEURONS, WIDTH))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(x)
+
+    def training_step(self, batch, batch_index):
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_a_sequential_feed_forward_block_is_cut_by_index(tmp_path: Path) -> None:
+    pruning = StructuredPruning(prune_heads=0.0, prune_neurons=0.5, importance="magnitude", start_step=0, end_step=0,
+                                feed_forward_layers=["0", "2"])
+    L.seed_everything(0)
+    trained = SequentialFeedForward()
+    fit = trainer(tmp_path / "fit", [pruning], max_steps=3)
+    fit.fit(trained, block_data(sentences=16))
+    fit.save_checkpoint(tmp_path / "trained.ckpt")
+    export_module(tmp_path / "trained.ckpt", SequentialFeedForward(), tmp_path / "pruned.safetensors")
+    loaded = load_module(SequentialFeedForward(), tmp_path / "pruned.safetensors")
+    assert tuple(loaded.ffn[0].weight.shape) == (NEURONS // 2, WIDTH) and tuple(loaded.ffn[2].weight.shape) == (WIDTH, NEURONS // 2)
+    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=1e-5, atol=1e-5)

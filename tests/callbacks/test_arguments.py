@@ -94,6 +94,7 @@ PROBES = {
         ("attention_layers", dict(attention_layers=["q", "k", "v"])), ("attention_layers", dict(attention_layers="qkvo")),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", "fc1"])),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", "ffn.fc2"])),
+        ("feed_forward_layers", dict(feed_forward_layers=["fc1", ""])),
     ]),
 }
 TEACHER_PROBES = {
