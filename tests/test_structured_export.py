@@ -15,7 +15,8 @@ from callbacks import QuantizationAwareTraining, StructuredPruning
 from nmt_lightning.export import export_module, load_module
 from nmt_lightning.translation_file import export_checkpoint, load_exported
 from tests.callbacks.helpers import trainer
-from tests.callbacks.test_structured_pruning import HEAD_DIM, HEADS, NEURONS, WIDTH, AttentionBlock, block_data
+from tests.callbacks.test_structured_pruning import (HEAD_DIM, HEADS, NEURONS, WIDTH, AttentionBlock, Regression,
+                                                     block_data)
 from tests.conftest import tiny_module, tiny_trainer
 
 
@@ -89,7 +90,7 @@ def test_a_translation_model_exports_cut_and_loads_into_its_own_class(prepared_d
     assert structure["encoder_layers.0.self_attn"]["units"] == 2 and structure["decoder_layers.0.ffn"]["units"] == neurons
 
 
-class TorchEncoder(L.LightningModule):
+class TorchEncoder(Regression):
     """A model of torch's own layers: nn.TransformerEncoderLayer (nn.MultiheadAttention, and a
     feed-forward block named linear1 / linear2)."""
 
@@ -99,13 +100,6 @@ class TorchEncoder(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
-
-    def training_step(self, batch, batch_index):
-        inputs, targets = batch
-        return torch.nn.functional.mse_loss(self(inputs), targets)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def test_torch_transformer_layers_lose_neurons_and_refuse_to_lose_heads(tmp_path: Path) -> None:
@@ -127,7 +121,7 @@ def test_torch_transformer_layers_lose_neurons_and_refuse_to_lose_heads(tmp_path
         StructuredPruning(prune_heads=0.5, feed_forward_layers=["linear1", "linear2"]).setup(None, TorchEncoder(), "fit")
 
 
-class SequentialFeedForward(L.LightningModule):
+class SequentialFeedForward(Regression):
     """A feed-forward block as nn.Sequential(Linear, ReLU, Linear): its layers are children "0" and "2"."""
 
     def __init__(self) -> None:
@@ -136,13 +130,6 @@ class SequentialFeedForward(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.ffn(x)
-
-    def training_step(self, batch, batch_index):
-        inputs, targets = batch
-        return torch.nn.functional.mse_loss(self(inputs), targets)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def test_a_sequential_feed_forward_block_is_cut_by_index(tmp_path: Path) -> None:

@@ -27,9 +27,19 @@ from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted
 HEADS, HEAD_DIM, NEURONS, WIDTH = 4, 3, 10, 12
 
 
-class AttentionBlock(L.LightningModule):
-    """A model that is not ours: self-attention and a feed-forward block over random vectors,
-    regressed onto a target (B, T, WIDTH)."""
+class Regression(L.LightningModule):
+    """Random vectors (B, T, WIDTH) regressed onto a target of the same shape; subclasses give forward."""
+
+    def training_step(self, batch, batch_index):
+        inputs, targets = batch
+        return nn.functional.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class AttentionBlock(Regression):
+    """A model that is not ours: self-attention and a feed-forward block."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -39,13 +49,6 @@ class AttentionBlock(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(x, x)
         return h + self.feed_forward(h)
-
-    def training_step(self, batch, batch_index):
-        inputs, targets = batch
-        return nn.functional.mse_loss(self(inputs), targets)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
 def block_data(sentences: int = 8, batch_size: int = 4) -> DataLoader:
