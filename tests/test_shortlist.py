@@ -7,7 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import torch
 
 from nmt_lightning.cli import main
 from nmt_lightning.shortlist import build_shortlist, lexical_probabilities, read_vocabulary_map

@@ -24,28 +24,37 @@ def pruning() -> StructuredPruning:
     return StructuredPruning(prune_heads=0.5, prune_neurons=0.6, start_step=2, end_step=6, frequency=2)
 
 
-def train(tmp_path: Path, callbacks: list) -> tuple[AttentionBlock, Path]:
+def train(tmp_path: Path, callbacks: list, make: type = AttentionBlock, steps: int = 8) -> tuple[Regression, Path]:
+    """``make()`` trained ``steps`` steps with ``callbacks``, in eval mode, and its checkpoint."""
     L.seed_everything(0)
-    model = AttentionBlock()
-    fit = trainer(tmp_path / "fit", callbacks, max_steps=8)
+    model = make()
+    fit = trainer(tmp_path / "fit", callbacks, max_steps=steps)
     fit.fit(model, block_data(sentences=32))
     fit.save_checkpoint(tmp_path / "trained.ckpt")
     return model.eval(), tmp_path / "trained.ckpt"
 
 
+def exported_and_loaded(tmp_path: Path, callbacks: list, make: type, steps: int) -> tuple[Regression, Regression]:
+    """(the trained model, a fresh ``make()`` loaded from its export), after checking both compute alike
+    (the same sums without the zero terms: float32 rounding apart)."""
+    trained, checkpoint = train(tmp_path, callbacks, make, steps)
+    export_module(checkpoint, make(), tmp_path / "pruned.safetensors")
+    loaded = load_module(make(), tmp_path / "pruned.safetensors")
+    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trained(x), rtol=1e-5, atol=1e-5)
+    return trained, loaded
+
+
 def test_the_file_holds_the_smaller_matrices_and_computes_what_training_did(tmp_path: Path) -> None:
-    trained, checkpoint = train(tmp_path, [pruning()])
-    report = export_module(checkpoint, AttentionBlock(), tmp_path / "pruned.safetensors")
-    loaded = load_module(AttentionBlock(), tmp_path / "pruned.safetensors")
+    trained, loaded = exported_and_loaded(tmp_path, [pruning()], AttentionBlock, steps=8)
+    report = export_module(tmp_path / "trained.ckpt", AttentionBlock(), tmp_path / "again.safetensors")
     heads, neurons = HEADS // 2, round(NEURONS * 0.4)
     assert loaded.attention.heads == heads
     assert tuple(loaded.attention.q_proj.weight.shape) == (heads * HEAD_DIM, WIDTH)
     assert tuple(loaded.attention.out_proj.weight.shape) == (WIDTH, heads * HEAD_DIM)
     assert tuple(loaded.feed_forward.fc1.weight.shape) == (neurons, WIDTH)
     assert tuple(loaded.feed_forward.fc2.weight.shape) == (WIDTH, neurons)
-    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():  # the same sums without the zero terms: float32 rounding apart
-        torch.testing.assert_close(loaded(x), trained(x), rtol=1e-5, atol=1e-6)
     dense = (3 * WIDTH * WIDTH + 3 * WIDTH + WIDTH * WIDTH + WIDTH + 2 * WIDTH * NEURONS + NEURONS + WIDTH) * 4
     kept = (4 * WIDTH * heads * HEAD_DIM + 3 * heads * HEAD_DIM + WIDTH + 2 * WIDTH * neurons + neurons + WIDTH) * 4
     assert report.weight_bytes_fp32 < dense and sum(p.numel() for p in loaded.parameters()) * 4 == kept
@@ -105,17 +114,8 @@ class TorchEncoder(Regression):
 def test_torch_transformer_layers_lose_neurons_and_refuse_to_lose_heads(tmp_path: Path) -> None:
     pruning = StructuredPruning(prune_heads=0.0, prune_neurons=0.5, start_step=2, end_step=4, frequency=2,
                                 feed_forward_layers=["linear1", "linear2"])
-    L.seed_everything(0)
-    trained = TorchEncoder()
-    fit = trainer(tmp_path / "fit", [pruning], max_steps=6)
-    fit.fit(trained, block_data(sentences=32))
-    fit.save_checkpoint(tmp_path / "trained.ckpt")
-    export_module(tmp_path / "trained.ckpt", TorchEncoder(), tmp_path / "pruned.safetensors")
-    loaded = load_module(TorchEncoder(), tmp_path / "pruned.safetensors")
+    _, loaded = exported_and_loaded(tmp_path, [pruning], TorchEncoder, steps=6)
     assert tuple(loaded.layer.linear1.weight.shape) == (NEURONS // 2, WIDTH)
-    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"StructuredPruning: layer.self_attn is a torch.nn.MultiheadAttention, .* "
                                          r"its heads cannot be cut"):
         StructuredPruning(prune_heads=0.5, feed_forward_layers=["linear1", "linear2"]).setup(None, TorchEncoder(), "fit")
@@ -135,14 +135,6 @@ class SequentialFeedForward(Regression):
 def test_a_sequential_feed_forward_block_is_cut_by_index(tmp_path: Path) -> None:
     pruning = StructuredPruning(prune_heads=0.0, prune_neurons=0.5, importance="magnitude", start_step=0, end_step=0,
                                 feed_forward_layers=["0", "2"])
-    L.seed_everything(0)
-    trained = SequentialFeedForward()
-    fit = trainer(tmp_path / "fit", [pruning], max_steps=3)
-    fit.fit(trained, block_data(sentences=16))
-    fit.save_checkpoint(tmp_path / "trained.ckpt")
-    export_module(tmp_path / "trained.ckpt", SequentialFeedForward(), tmp_path / "pruned.safetensors")
-    loaded = load_module(SequentialFeedForward(), tmp_path / "pruned.safetensors")
-    assert tuple(loaded.ffn[0].weight.shape) == (NEURONS // 2, WIDTH) and tuple(loaded.ffn[2].weight.shape) == (WIDTH, NEURONS // 2)
-    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(x), trained.eval()(x), rtol=1e-5, atol=1e-5)
+    _, loaded = exported_and_loaded(tmp_path, [pruning], SequentialFeedForward, steps=3)
+    assert tuple(loaded.ffn[0].weight.shape) == (NEURONS // 2, WIDTH)
+    assert tuple(loaded.ffn[2].weight.shape) == (WIDTH, NEURONS // 2)

@@ -96,10 +96,10 @@ def encode_weights(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[
                 tensors[_key(name, part)] = value.contiguous()
         options = []
         for step in steps:
-            for field in codec(step["codec"]).runtime_options:
-                if field in step:
-                    tensors[_key(name, field)] = _state_tensor(state, step[field], name, origin).float().contiguous()
-                    options.append(field)
+            for option in codec(step["codec"]).runtime_options:
+                if option in step:
+                    tensors[_key(name, option)] = _state_tensor(state, step[option], name, origin).float().contiguous()
+                    options.append(option)
         stored = stored_as[identity]
         entries[name] = {"stored": stored, "parts": parts_of[stored], "codecs": encodings, "options": options}
     return EncodedWeights(tensors, entries, fp32_bytes)
