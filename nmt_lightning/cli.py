@@ -89,6 +89,9 @@ def translate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--no-shortlist", dest="shortlist", action="store_false", default=None,
                         help="CTranslate2 only: the whole target vocabulary even where the model has a vocabulary "
                              "map (by default it is used when present)")
+    parser.add_argument("--vocabulary-map",
+                        help="our decoder: restrict each batch's output to the candidates of this vocabulary map "
+                             "('nmt-lightning shortlist'); a CTranslate2 model carries its own")
     args = parser.parse_args(argv)
     from nmt_lightning.loading import load_for_device
     from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
@@ -103,6 +106,9 @@ def translate_main(argv: Sequence[str]) -> int:
         if is_ctranslate2_model(args.checkpoint):
             from nmt_lightning.deploy import CTranslate2Model
 
+            if args.vocabulary_map is not None:
+                raise ValueError("--vocabulary-map: a CTranslate2 model carries its map (nmt-lightning export "
+                                 "--format ctranslate2 --vocabulary-map); --no-shortlist turns it off")
             model = CTranslate2Model(args.checkpoint, args.device, args.threads, args.parallel_batches,
                                      shortlist=args.shortlist)
             translate = model.translate_lines
@@ -110,15 +116,21 @@ def translate_main(argv: Sequence[str]) -> int:
             if args.parallel_batches is not None:
                 raise ValueError("--parallel-batches applies to CTranslate2 models only")
             if args.shortlist is not None:
-                raise ValueError("--no-shortlist applies to CTranslate2 models only (our decoder uses no shortlist)")
+                raise ValueError("--no-shortlist applies to CTranslate2 models only (ours uses a map only when "
+                                 "given --vocabulary-map)")
             if args.threads is not None:
                 import torch
 
                 torch.set_num_threads(args.threads)
             module = load_for_device(args.checkpoint, args.device)
+            shortlist = None
+            if args.vocabulary_map is not None:
+                from nmt_lightning.shortlist import Shortlist
+
+                shortlist = Shortlist.read(args.vocabulary_map, module.tokenization)
 
             def translate(lines: list[str], **options) -> list[str]:
-                return translate_lines(module, lines, **options)
+                return translate_lines(module, lines, shortlist=shortlist, **options)
         lines = read_lines(args.input) if args.input else sys.stdin.read().splitlines()
         references = read_lines(args.ref) if args.ref else None
         if references is not None and len(references) != len(lines):

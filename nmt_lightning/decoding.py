@@ -9,17 +9,23 @@ whose hypotheses have all finished leaves the batch (its result is final), so lo
 not keep short ones computing; that made translation about a third faster on the test split.
 Each step takes every hypothesis's best ``beam`` tokens first (``top_k_of_rows``, faster than
 torch.topk over a vocabulary) and ranks a sentence's K * K candidates, instead of adding scores
-to, masking and ranking all its K * V log-probabilities.
+to, masking and ranking all its K * V log-probabilities. With a shortlist (``vocabulary``) the
+output layer computes only the candidate ids' logits (CTranslate2's vocabulary map, read for our
+decoder by ``nmt_lightning.shortlist.Shortlist``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+from torch import nn
 
-from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID
+from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from nmt_lightning.model import Transformer
+
+SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)  # 0..3: a shortlist keeps them at their own positions
 
 
 @dataclass
@@ -35,22 +41,24 @@ def _max_lengths(source: torch.Tensor, max_len_a: float, max_len_b: int, model: 
 
 
 def _step_logits(model: Transformer, tokens: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor,
-                 caches, step: int) -> torch.Tensor:
+                 caches, step: int, projection: Optional[nn.Module] = None) -> torch.Tensor:
     """Logits of the next token after ``tokens[:, :step + 1]`` (N, V) in fp32, from the cache or
-    by re-running the whole prefix."""
+    by re-running the whole prefix (``projection``: over a shortlist's C ids, (N, C))."""
     if caches is not None:
-        logits = model.decode_step(tokens[:, step : step + 1], memory, mask, caches, step)
+        logits = model.decode_step(tokens[:, step : step + 1], memory, mask, caches, step, projection)
     else:
-        logits = model.decode(tokens[:, : step + 1], memory, mask)[:, -1]
+        logits = model.decode(tokens[:, : step + 1], memory, mask, projection=projection)[:, -1]
     return logits.float()
 
 
 @torch.no_grad()
 def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_penalty: float = 1.0,
                 max_len_a: float = 1.2, max_len_b: int = 10, use_cache: bool = True,
-                min_length: int = 0) -> SearchResult:
+                min_length: int = 0, vocabulary: Optional[torch.Tensor] = None) -> SearchResult:
     """Translate ``source`` (B, S) with a beam of ``beam`` hypotheses per sentence; eos is
     forbidden before ``min_length`` tokens (eos included), unless the length cap comes first.
+    ``vocabulary``: the only target ids the batch may produce (a shortlist: sorted, beginning
+    with the special ids 0..3), so the output layer computes C logits instead of V.
 
     A sentence leaves the batch as soon as all its hypotheses have finished, so the remaining
     steps only compute the sentences still open (its result cannot change any more).
@@ -60,6 +68,12 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     if min_length < 0:
         raise ValueError(f"min_length must be >= 0, got {min_length}")
     batch, device = source.shape[0], source.device
+    projection = None
+    if vocabulary is not None:
+        if vocabulary[: len(SPECIAL_IDS)].tolist() != list(SPECIAL_IDS):
+            raise ValueError(f"a shortlist vocabulary begins with the special ids {list(SPECIAL_IDS)}")
+        vocabulary = vocabulary.to(device)
+        projection = model.restricted_projection(vocabulary)  # position c: id vocabulary[c]; specials keep theirs
     # One encoder output per sentence, shared by its hypotheses (rows b * beam + k): the decoder
     # groups their cross-attention queries, so the encoder keys/values are not copied per beam.
     memory, mask = model.encode(source)
@@ -78,7 +92,7 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
     best_tokens: list[list[int]] = [[] for _ in range(batch)]
     best_scores = torch.zeros(batch, device=device)
     for step in range(steps):
-        logits = _step_logits(model, tokens, memory, mask, caches, step)  # (n*K, V), n open sentences
+        logits = _step_logits(model, tokens, memory, mask, caches, step, projection)  # (n*K, V), n open sentences
         count = len(open_sentences)
         row_scores, row_tokens = _best_continuations(logits, scores, finished, ~finished & (step + 1 >= max_lengths),
                                                      step + 1 < min_length, beam)  # (n*K, K) each
@@ -87,6 +101,8 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
         top_scores, top_indices = row_scores.view(count, beam * beam).topk(beam, dim=1)  # (n, K)
         origin = (top_indices // beam) + torch.arange(count, device=device).unsqueeze(1) * beam
         next_tokens = row_tokens.view(count, beam * beam).gather(1, top_indices).view(-1)
+        if vocabulary is not None:  # positions in the shortlist -> target ids
+            next_tokens = vocabulary.index_select(0, next_tokens)
         origin = origin.view(-1)
         tokens = tokens.index_select(0, origin)
         tokens[:, step + 1] = next_tokens
@@ -170,8 +186,8 @@ def top_k_of_rows(values: torch.Tensor, k: int, block: int = 64) -> tuple[torch.
 
 
 def greedy_search(model: Transformer, source: torch.Tensor, max_len_a: float = 1.2, max_len_b: int = 10,
-                  use_cache: bool = True) -> SearchResult:
+                  use_cache: bool = True, vocabulary: Optional[torch.Tensor] = None) -> SearchResult:
     """Pick the most probable token at every step (the validation-time decoder): a beam of one,
     scored by log-probability per token."""
     return beam_search(model, source, beam=1, length_penalty=1.0, max_len_a=max_len_a, max_len_b=max_len_b,
-                       use_cache=use_cache)
+                       use_cache=use_cache, vocabulary=vocabulary)

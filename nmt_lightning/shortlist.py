@@ -21,6 +21,9 @@ The statistics are over sentencepiece pieces, the tokens CTranslate2 sees, from 
 data directory's memory-mapped ids. Every co-occurring (source, target) piece pair of the
 corpus is one entry of the EM's arrays (16 bytes each): ``max_sentences`` caps the pairs read
 for a large corpus.
+
+Our own decoder reads the same map (``Shortlist``): each batch's output layer then computes the
+logits of the candidates only, as CTranslate2's ``use_vmap`` does.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tqdm import tqdm
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.binarized import TokenArray
 
-__all__ = ["ShortlistReport", "build_shortlist", "lexical_probabilities", "read_vocabulary_map"]
+__all__ = ["Shortlist", "ShortlistReport", "build_shortlist", "lexical_probabilities", "read_vocabulary_map"]
 
 FIRST_PIECE = 4  # ids 0..3 are pad, unk, bos and eos: never candidates of their own
 
@@ -187,3 +190,48 @@ def read_vocabulary_map(path: str | os.PathLike, target_vocabulary: set[str]) ->
             raise ValueError(f"{path}:{number}: {unknown[0]!r} is not a piece of the model's target vocabulary "
                              f"(a map built for another model?)")
     return len(lines)
+
+
+class Shortlist:
+    """A vocabulary map read for our decoder: the target ids a batch of source ids may produce.
+
+    As CTranslate2 reads it: a line's source side is an n-gram of source pieces, matched against
+    every position of every sentence of the batch; the candidates are the union of the matched
+    lines' targets, the empty source's targets, and unk, bos and eos (here pad too, which only
+    finished hypotheses continue with)."""
+
+    def __init__(self, rules: dict[tuple[int, ...], list[int]], always: Sequence[int]) -> None:
+        self.rules = rules
+        self.longest = max((len(key) for key in rules), default=0)
+        self.always = sorted({0, 1, 2, 3, *always})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, tokenization) -> "Shortlist":
+        """The map ``path`` with pieces turned into the ids of ``tokenization``'s sentencepiece
+        models; a target piece the model does not know is an error naming the line."""
+        source, target = tokenization._processor("src"), tokenization._processor("tgt")
+        target_pieces = {target.id_to_piece(i): i for i in range(target.get_piece_size())}
+        source_pieces = {source.id_to_piece(i): i for i in range(source.get_piece_size())}
+        read_vocabulary_map(path, set(target_pieces))
+        rules: dict[tuple[int, ...], list[int]] = {}
+        always: list[int] = []
+        for line in Path(path).read_text(encoding="utf-8").splitlines():
+            key, targets = line.split("\t")
+            ids = [target_pieces[piece] for piece in targets.split(" ") if piece]
+            if not key:
+                always += ids
+                continue
+            pieces = key.split(" ")
+            if all(piece in source_pieces for piece in pieces):  # a piece the model never sees never matches
+                rules.setdefault(tuple(source_pieces[piece] for piece in pieces), []).extend(ids)
+        return cls(rules, always)
+
+    def candidates(self, source: torch.Tensor) -> torch.Tensor:
+        """source (B, S) ids (0 pads) -> the sorted candidate ids (C,), beginning with 0..3."""
+        found = set(self.always)
+        for sentence in source.tolist():
+            tokens = [token for token in sentence if token >= FIRST_PIECE]
+            for start in range(len(tokens)):
+                for length in range(1, min(self.longest, len(tokens) - start) + 1):
+                    found.update(self.rules.get(tuple(tokens[start : start + length]), ()))
+        return torch.tensor(sorted(found), dtype=torch.long)

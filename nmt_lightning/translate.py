@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from nmt_lightning.bpe import EOS_ID
 from nmt_lightning.data.dataset import pad_batch
 from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.module import TranslationModule
+from nmt_lightning.shortlist import Shortlist
 
 
 def source_batches(token_ids: list[list[int]], batch_size: int,
@@ -27,9 +28,10 @@ def source_batches(token_ids: list[list[int]], batch_size: int,
 
 
 def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, batch_size: int = 32,
-                    progress: bool = True, use_cache: bool = True) -> list[str]:
+                    progress: bool = True, use_cache: bool = True, shortlist: Optional[Shortlist] = None) -> list[str]:
     """Translate ``lines``, returned in the same order. Batches group sentences of similar
-    length to limit padding; greedy search when ``beam == 1``."""
+    length to limit padding; greedy search when ``beam == 1``. ``shortlist``: each batch
+    produces only its candidate target ids (``Shortlist.read`` of a vocabulary map)."""
     if beam < 1 or batch_size < 1:
         raise ValueError(f"beam and batch_size must be >= 1, got beam={beam}, batch_size={batch_size}")
     module.eval()
@@ -40,12 +42,14 @@ def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, 
     with torch.inference_mode(), tqdm(total=len(lines), desc="translating", unit=" sent", file=sys.stderr,
                                       disable=not progress) as bar:
         for chunk, source in batches:
+            vocabulary = None if shortlist is None else shortlist.candidates(source)
             source = source.to(module.device)
             if beam == 1:
-                found = greedy_search(module.model, source, hp.max_len_a, hp.max_len_b, use_cache=use_cache)
+                found = greedy_search(module.model, source, hp.max_len_a, hp.max_len_b, use_cache=use_cache,
+                                      vocabulary=vocabulary)
             else:
                 found = beam_search(module.model, source, beam, hp.length_penalty, hp.max_len_a, hp.max_len_b,
-                                    use_cache=use_cache)
+                                    use_cache=use_cache, vocabulary=vocabulary)
             for index, text in zip(chunk, module.tokenization.decode(found.tokens)):
                 results[index] = text
             bar.update(len(chunk))

@@ -16,11 +16,11 @@ def test_the_benchmark_writes_its_table_plot_and_caches(trained_checkpoint: Path
                                                         tmp_path: Path) -> None:
     efficiency = import_benchmark("efficiency")
     arguments = ["--out", str(tmp_path / "out"), "--data-dir", str(prepared_dir), "--model", f"tiny={trained_checkpoint}",
-                 "--engines", "ours fp32", "CTranslate2 float32", "CTranslate2 int8 + shortlist", "--beam", "1",
+                 "--engines", "ours fp32 + shortlist", "CTranslate2 float32", "CTranslate2 int8 + shortlist", "--beam", "1",
                  "--threads", "1", "--sentences", "4", "--latency-sentences", "3", "--rounds", "1"]
     efficiency.main(arguments)
     table = json.loads((tmp_path / "out" / "efficiency.json").read_text())
-    assert [entry["name"] for entry in table] == ["tiny, ours fp32", "tiny, CTranslate2 float32",
+    assert [entry["name"] for entry in table] == ["tiny, ours fp32 + shortlist", "tiny, CTranslate2 float32",
                                                   "tiny, CTranslate2 int8 + shortlist"]
     assert all(entry["peak_rss_bytes"] > 0 and entry["latency_p90_ms"] >= entry["latency_median_ms"] > 0
                for entry in table)

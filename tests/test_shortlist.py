@@ -140,3 +140,39 @@ def test_shortlist_command_then_export_and_translate(prepared_dir: Path, trained
                      "--output", str(tmp_path / "hyp.cs"), "--beam", "2", *extra]) == 0
     assert main(["translate", "--checkpoint", str(trained_checkpoint), "--input", str(prepared_dir / "test.en"),
                  "--output", str(tmp_path / "hyp.cs"), "--no-shortlist"]) == 2
+    assert main(["translate", "--checkpoint", str(tmp_path / "ct2"), "--input", str(prepared_dir / "test.en"),
+                 "--output", str(tmp_path / "hyp.cs"), "--vocabulary-map", str(tmp_path / "vmap.txt")]) == 2
+    assert main(["translate", "--checkpoint", str(trained_checkpoint), "--input", str(prepared_dir / "test.en"),
+                 "--output", str(tmp_path / "ours.cs"), "--vocabulary-map", str(tmp_path / "vmap.txt")]) == 0
+
+
+def test_our_decoder_with_the_map_translates_as_ctranslate2_with_it(prepared_dir: Path, tmp_path: Path) -> None:
+    """The same vocabulary map read by our decoder (Shortlist) and by CTranslate2 (use_vmap): the
+    same greedy translations of a random model; a map of every piece changes nothing."""
+    from nmt_lightning.deploy import CTranslate2Model
+    from nmt_lightning.deploy.ctranslate2_converter import convert_module
+    from nmt_lightning.shortlist import Shortlist
+    from nmt_lightning.translate import translate_lines
+    from tests.test_ctranslate2 import random_module
+
+    module = random_module(prepared_dir, "all", pre_norm=False)
+    target = module.tokenization._processor("tgt")
+    source = module.tokenization._processor("src")
+    pieces = [target.id_to_piece(i) for i in range(4, target.get_piece_size())]
+    # Each source piece allows a handful of target pieces, some n-grams more: the candidates differ per batch.
+    lines = ["\t" + " ".join(pieces[:2])]
+    for i in range(4, source.get_piece_size()):
+        lines.append(f"{source.id_to_piece(i)}\t{pieces[2 + i % 6]}")
+    lines.append(f"{source.id_to_piece(5)} {source.id_to_piece(6)}\t{pieces[-1]}")
+    (tmp_path / "map.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    convert_module(module, tmp_path / "ct2", vocabulary_map=tmp_path / "map.txt")
+    sentences = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()[:24]
+    shortlist = Shortlist.read(tmp_path / "map.txt", module.tokenization)
+    ours = translate_lines(module, sentences, beam=1, batch_size=4, progress=False, shortlist=shortlist)
+    theirs = CTranslate2Model(tmp_path / "ct2", threads=1).translate_lines(sentences, beam=1, batch_size=4,
+                                                                          progress=False)
+    assert ours == theirs and ours != translate_lines(module, sentences, beam=1, batch_size=4, progress=False)
+    (tmp_path / "all.txt").write_text("\t" + " ".join(pieces) + "\n", encoding="utf-8")
+    everything = Shortlist.read(tmp_path / "all.txt", module.tokenization)
+    assert translate_lines(module, sentences, beam=3, batch_size=4, progress=False, shortlist=everything) == \
+        translate_lines(module, sentences, beam=3, batch_size=4, progress=False)

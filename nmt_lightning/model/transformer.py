@@ -194,8 +194,10 @@ class Transformer(nn.Module):
 
     def decode(self, decoder_input: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
                caches: Optional[list[LayerCache]] = None, start: int = 0,
-               features: Optional[TransformerFeatures] = None) -> torch.Tensor:
+               features: Optional[TransformerFeatures] = None,
+               projection: Optional[nn.Module] = None) -> torch.Tensor:
         """decoder_input (B, T) -> logits (B, T, V). With ``caches``, T is the newest position only.
+        ``projection``: another output layer (``restricted_projection``: logits over a shortlist).
 
         memory (B', S, D) and source_mask (B', 1, 1, S) may hold one row per sentence for g
         hypotheses each (B = g * B', a sentence's hypotheses in consecutive rows): beam search
@@ -213,7 +215,17 @@ class Transformer(nn.Module):
             features.decoder_output = x
         if hasattr(self, "output_down_projection"):
             x = self.output_down_projection(x)  # (B, T, d_model) -> (B, T, embedding_dim)
-        return self.output_projection(x)
+        return (projection or self.output_projection)(x)
+
+    def restricted_projection(self, rows: torch.Tensor) -> nn.Module:
+        """The output layer over the target ids ``rows`` (C,) only: logits (..., C), column c for
+        id ``rows[c]``. A plain nn.Linear is sliced once (the product then costs C / V of the
+        full one); another layer (an int8 one) computes every logit and keeps the columns."""
+        projection = self.output_projection
+        if type(projection) is nn.Linear:
+            return _RowsOfLinear(projection.weight.detach().index_select(0, rows),
+                                 None if projection.bias is None else projection.bias.detach().index_select(0, rows))
+        return _ColumnsOfOutput(projection, rows)
 
     def forward(self, source: torch.Tensor, decoder_input: torch.Tensor,
                 features: Optional[TransformerFeatures] = None) -> torch.Tensor:
@@ -225,9 +237,9 @@ class Transformer(nn.Module):
         return [{} for _ in self.decoder_layers]
 
     def decode_step(self, last_tokens: torch.Tensor, memory: torch.Tensor, source_mask: torch.Tensor,
-                    caches: list[LayerCache], step: int) -> torch.Tensor:
+                    caches: list[LayerCache], step: int, projection: Optional[nn.Module] = None) -> torch.Tensor:
         """last_tokens (B, 1) at position ``step`` -> logits (B, V) for position step + 1."""
-        return self.decode(last_tokens, memory, source_mask, caches, start=step)[:, -1]
+        return self.decode(last_tokens, memory, source_mask, caches, start=step, projection=projection)[:, -1]
 
     @staticmethod
     def reorder_cache(caches: list[LayerCache], order: torch.Tensor, encoder_order: Optional[torch.Tensor] = None) -> None:
@@ -254,3 +266,25 @@ class Transformer(nn.Module):
     def config_dict(self) -> dict:
         return asdict(self.config)
 
+
+
+class _RowsOfLinear(nn.Module):
+    """x (..., in) -> logits (..., C) over the kept rows of an output layer (no parameters of its own)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class _ColumnsOfOutput(nn.Module):
+    """Every logit of ``layer``, then the columns ``rows`` (C,)."""
+
+    def __init__(self, layer: nn.Module, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.layer, self.rows = layer, rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x).index_select(-1, self.rows)

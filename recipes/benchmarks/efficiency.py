@@ -7,7 +7,8 @@
 For every model (a Lightning checkpoint; the first is the reference) and every engine:
 
 - ``ours fp32`` / ``ours int8``: our decoder on the export as trained, and with post-training
-  int8 (a QAT-trained model: its trained grid);
+  int8 (a QAT-trained model: its trained grid); ``ours fp32 + shortlist``: the fp32 export
+  computing only the shortlist's logits;
 - ``CTranslate2 float32`` / ``CTranslate2 int8`` and ``CTranslate2 int8 + shortlist`` (the
   vocabulary map of ``nmt-lightning shortlist``, built once from ``--data-dir``);
 
@@ -48,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINES = ("ours fp32", "ours int8", "CTranslate2 float32", "CTranslate2 int8", "CTranslate2 int8 + shortlist")
+ENGINES = ("ours fp32", "ours fp32 + shortlist", "ours int8", "CTranslate2 float32", "CTranslate2 int8",
+           "CTranslate2 int8 + shortlist")
 REFERENCE_ENGINE = "CTranslate2 float32"
 
 
@@ -83,7 +85,7 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
 
     deployed = args.out / "deployed"
     deployed.mkdir(parents=True, exist_ok=True)
-    vocabulary_map = deployed / "vmap.txt"
+    vocabulary_map = args.vocabulary_map = deployed / "vmap.txt"
     if not vocabulary_map.is_file():
         build_shortlist(args.data_dir, vocabulary_map, progress=True)
     rows = []
@@ -95,6 +97,7 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
             if not exports[engine].is_file():
                 export_checkpoint(path, exports[engine], quantize)
             rows.append(Row(model, engine, exports[engine]))
+        rows.append(Row(model, "ours fp32 + shortlist", exports["ours fp32"]))
         for engine, quantization, vmap in (("CTranslate2 float32", "float32", None), ("CTranslate2 int8", "int8", None),
                                            ("CTranslate2 int8 + shortlist", "int8", vocabulary_map)):
             directory = deployed / f"{slug}.{file_slug(engine)}"
@@ -109,7 +112,7 @@ def run_worker(row: Row, mode: str, input_path: Path, output: Path, threads: int
     command = [sys.executable, __file__, "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
                "--input", str(input_path), "--output", str(output), "--threads", str(threads), "--beam", str(beam)]
     if row.shortlist:
-        command.append("--shortlist")
+        command += ["--shortlist", "--vocabulary-map", str(row.path.parent / "vmap.txt")]
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
     if result.returncode != 0:
@@ -136,10 +139,14 @@ def worker(args: argparse.Namespace) -> None:
         from nmt_lightning.loading import load_translation_module
         from nmt_lightning.translate import translate_lines
 
+        from nmt_lightning.shortlist import Shortlist
+
         module = load_translation_module(args.path)
+        shortlist = Shortlist.read(args.vocabulary_map, module.tokenization) if args.shortlist else None
 
         def translate(batch: list[str], batch_size: int) -> list[str]:
-            return translate_lines(module, batch, beam=args.beam, batch_size=batch_size, progress=False)
+            return translate_lines(module, batch, beam=args.beam, batch_size=batch_size, progress=False,
+                                   shortlist=shortlist)
     batch_size = 1 if args.mode == "latency" else 32
     translate(lines[:batch_size * 2], batch_size)  # warm-up: lazy initialisation is not timed
     report: dict = {}
@@ -252,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="test sentences translated one at a time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
     # the worker's own options
-    for option in ("--kind", "--path", "--input", "--output"):
+    for option in ("--kind", "--path", "--input", "--output", "--vocabulary-map"):
         parser.add_argument(option, help=argparse.SUPPRESS)
     parser.add_argument("--mode", dest="worker_mode", help=argparse.SUPPRESS)
     parser.add_argument("--shortlist", action="store_true", help=argparse.SUPPRESS)
