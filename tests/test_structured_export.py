@@ -138,3 +138,14 @@ def test_a_sequential_feed_forward_block_is_cut_by_index(tmp_path: Path) -> None
     _, loaded = exported_and_loaded(tmp_path, [pruning], SequentialFeedForward, steps=3)
     assert tuple(loaded.ffn[0].weight.shape) == (NEURONS // 2, WIDTH)
     assert tuple(loaded.ffn[2].weight.shape) == (WIDTH, NEURONS // 2)
+
+
+def test_composed_with_magnitude_pruning_the_sparse_export_is_cut_too(tmp_path: Path) -> None:
+    """The sparse codec's mask is cut with its weight: the bitmask and survivors of the smaller
+    matrix, the same outputs."""
+    from callbacks import MagnitudePruning
+
+    callbacks = [pruning(), MagnitudePruning(sparsity=0.5, start_step=1, end_step=4, frequency=1, include=["*"])]
+    _, loaded = exported_and_loaded(tmp_path, callbacks, AttentionBlock, steps=8)
+    assert tuple(loaded.feed_forward.fc1.weight.shape) == (round(NEURONS * 0.4), WIDTH)
+    assert 0.3 < float((loaded.feed_forward.fc1.weight == 0).float().mean()) < 0.7
