@@ -46,7 +46,7 @@ anywhere resumes exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import lightning as L
@@ -71,7 +71,8 @@ class UnitMask(WeightTransform):
     """``weight`` with the rows (``axis=0``) or columns (``axis=1``) of dropped units zeroed.
 
     ``keep`` (units,): 1 keeps a unit, 0 drops it; unit ``u`` spans ``width`` consecutive rows or
-    columns. The layers of one unit group share one ``keep`` tensor."""
+    columns. Each layer of a unit group holds its own copy (a buffer shared between modules would
+    be copied apart by ``model.to(device)``); ``UnitGroup.set_keep`` writes them all."""
 
     stage = MASK
 
@@ -96,8 +97,22 @@ class UnitGroup:
     columns: tuple[str, ...]  # children whose input columns hold the units
     width: int  # rows per unit: head_dim, or 1 for a neuron
     count_attribute: Optional[str]  # "heads" / "num_heads", or None
-    keep: torch.Tensor = field(default=None)  # (units,), shared by the UnitMasks of its layers
     pending: Optional[torch.Tensor] = None  # importance of the current optimiser step (units,)
+
+    def masks(self) -> list[UnitMask]:
+        """The UnitMask of each of the group's layers, looked up afresh: ``model.to(device)``
+        replaces buffers, so a tensor kept from before would go stale."""
+        return [find_weight_transform(linear, UnitMask) for _, linear, _ in self.linears()]
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """(units,): 1 for a unit kept (the first layer's copy; every layer holds the same)."""
+        return self.masks()[0].keep
+
+    @torch.no_grad()
+    def set_keep(self, keep: torch.Tensor) -> None:
+        for mask in self.masks():
+            mask.keep.copy_(keep.to(mask.keep.device))
 
     @property
     def units(self) -> int:
@@ -248,14 +263,10 @@ class StructuredPruning(L.Callback):
                 raise ValueError(f"{OWNER}: prune_{kind} is {self.fraction(kind)} but include={self.include} "
                                  f"exclude={self.exclude} select no {what}; set prune_{kind}=0 or select some")
         for group in self.groups:
-            existing = [find_weight_transform(linear, UnitMask) for _, linear, _ in group.linears()]
-            group.keep = next((mask.keep for mask in existing if mask is not None), None)
-            if group.keep is None:
-                rows = getattr(group.module, group.rows[0]).out_features
-                group.keep = torch.ones(rows // group.width, device=trainable_weight(getattr(group.module,
-                                                                                             group.rows[0])).device)
-            for _, linear, axis in group.linears():
-                add_weight_transform(linear, UnitMask(group.keep, group.width, axis))
+            units = getattr(group.module, group.rows[0]).out_features // group.width
+            for _, linear, axis in group.linears():  # idempotent: a layer's existing UnitMask stays
+                add_weight_transform(linear, UnitMask(torch.ones(units, device=trainable_weight(linear).device),
+                                                      group.width, axis))
         if self.importance == "taylor":
             for group in self.groups:
                 columns = getattr(group.module, group.columns[0])
@@ -356,7 +367,9 @@ class StructuredPruning(L.Callback):
             return
         candidates = torch.where(kept, score, torch.full_like(score, float("inf")))
         order = torch.argsort(candidates, stable=True)[:more]  # ties broken by position: alike on every rank
-        group.keep[order.to(group.keep.device)] = 0.0
+        keep = kept.float()
+        keep[order] = 0.0
+        group.set_keep(keep)
 
     @staticmethod
     def _prune_globally(groups: list[tuple[UnitGroup, torch.Tensor]], fraction: float) -> None:
@@ -371,14 +384,15 @@ class StructuredPruning(L.Callback):
             norm = score[kept].norm().item()
             normalised = score / norm if norm > 0 else score
             candidates += [(normalised[u].item(), index, u) for u in range(group.units) if kept[u]]
-        remaining = [int(group.keep.sum()) for group, _ in groups]
+        keeps = [group.keep.detach().cpu().clone() for group, _ in groups]
         for _, index, unit in sorted(candidates):
             if more == 0:
                 break
-            if remaining[index] > 1:  # every module keeps at least one unit
-                groups[index][0].keep[unit] = 0.0
-                remaining[index] -= 1
+            if int(keeps[index].sum()) > 1:  # every module keeps at least one unit
+                keeps[index][unit] = 0.0
                 more -= 1
+        for (group, _), keep in zip(groups, keeps):
+            group.set_keep(keep)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -328,3 +328,20 @@ def test_mixed_precision_gradients_are_unscaled_and_overflowing_steps_dropped() 
     heads.pending, neurons.pending = torch.full((HEADS,), float("inf")), torch.ones(NEURONS)
     callback.on_before_optimizer_step(trainer, model, None)
     assert callback.scores.tolist() == [2.0] * HEADS + [1.0] * NEURONS
+
+
+def test_pruning_after_the_model_moved_reaches_every_layer() -> None:
+    """``model.to(...)`` (a GPU, here float64) replaces every buffer: the masks are looked up
+    afresh, so a pruning after the move reaches all four projections of a head, not a stale copy."""
+    model = AttentionBlock()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, importance="magnitude", start_step=0, end_step=0)
+    callback.setup(None, model, "fit")
+    model.double()
+    callback.on_train_start(None, model)
+    callback.prune(step=0)
+    heads = callback.groups[0]
+    assert all(torch.equal(mask.keep, heads.keep) for mask in heads.masks()) and int(heads.keep.sum()) == HEADS // 2
+    dropped = ~heads.keep.bool().repeat_interleave(HEAD_DIM)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.all(getattr(model.attention, name).weight[dropped] == 0)
+    assert torch.all(model.attention.out_proj.weight[:, dropped] == 0)
