@@ -224,7 +224,6 @@ class StructuredPruning(L.Callback):
         self.groups: list[UnitGroup] = []
         self.scores: Optional[torch.Tensor] = None  # (all units,) float64: importance since the last pruning
         self._scoring = False
-        self._hooks: list[Any] = []
         self._kept: dict[str, float] = {}
 
     # ------------------------------------------------------------------ settings
@@ -270,7 +269,7 @@ class StructuredPruning(L.Callback):
         if self.importance == "taylor":
             for group in self.groups:
                 columns = getattr(group.module, group.columns[0])
-                self._hooks.append(columns.register_forward_pre_hook(self._gate_gradient_hook(group)))
+                columns.register_forward_pre_hook(self._gate_gradient_hook(group))  # for the model's lifetime
 
     def _gate_gradient_hook(self, group: UnitGroup):
         """A forward pre-hook on the group's first ``columns`` layer: its input is the units'

@@ -19,6 +19,7 @@ import sentencepiece as spm
 from nmt_lightning.atomic import atomic_open
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)  # every piece of the text has an id above them
 
 
 class TextNormalizer:

@@ -22,10 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from nmt_lightning.bpe import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS
 from nmt_lightning.model import Transformer
-
-SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)  # 0..3: a shortlist keeps them at their own positions
 
 
 @dataclass
@@ -73,7 +71,7 @@ def beam_search(model: Transformer, source: torch.Tensor, beam: int = 4, length_
         if vocabulary[: len(SPECIAL_IDS)].tolist() != list(SPECIAL_IDS):
             raise ValueError(f"a shortlist vocabulary begins with the special ids {list(SPECIAL_IDS)}")
         vocabulary = vocabulary.to(device)
-        projection = model.restricted_projection(vocabulary)  # position c: id vocabulary[c]; specials keep theirs
+        projection = model.restricted_projection(vocabulary)  # position c: id vocabulary[c]; the special ids keep theirs
     # One encoder output per sentence, shared by its hypotheses (rows b * beam + k): the decoder
     # groups their cross-attention queries, so the encoder keys/values are not copied per beam.
     memory, mask = model.encode(source)

@@ -39,10 +39,11 @@ from tqdm import tqdm
 
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.binarized import TokenArray
+from nmt_lightning.bpe import SPECIAL_IDS
 
 __all__ = ["Shortlist", "ShortlistReport", "build_shortlist", "lexical_probabilities", "read_vocabulary_map"]
 
-FIRST_PIECE = 4  # ids 0..3 are pad, unk, bos and eos: never candidates of their own
+FIRST_PIECE = len(SPECIAL_IDS)  # pad, unk, bos and eos come first: never candidates of their own
 
 
 @dataclass
@@ -169,27 +170,25 @@ def build_shortlist(data_dir: str | os.PathLike, output: str | os.PathLike, src_
     return ShortlistReport(output, count, len(lines) - 1, len(always), float(np.mean(sizes)) if sizes else 0.0)
 
 
-def read_vocabulary_map(path: str | os.PathLike, target_vocabulary: set[str]) -> int:
-    """Check a vocabulary map before CTranslate2 reads it (it maps an unknown piece to unk
-    silently): every line ``source<TAB>targets``, every target a piece of the model's target
-    vocabulary. Returns the number of lines; a ValueError names the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such vocabulary map")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: invalid UTF-8 at byte {error.start}") from None
-    lines = text.splitlines()
-    for number, line in enumerate(lines, 1):
+def read_vocabulary_map(path: str | os.PathLike, target_vocabulary: set[str]) -> list[tuple[list[str], list[str]]]:
+    """The lines of a vocabulary map as (source pieces, target pieces), checked before CTranslate2
+    reads it (it maps an unknown piece to unk silently): every line ``source<TAB>targets``, every
+    target a piece of the model's target vocabulary. An error names the file and line."""
+    from nmt_lightning.evaluation import read_lines
+
+    rules = []
+    for number, line in enumerate(read_lines(path), 1):
         if line.count("\t") != 1:
             raise ValueError(f"{path}:{number}: a vocabulary map line is 'source pieces<TAB>target pieces', "
                              f"this one has {line.count(chr(9))} tabs")
-        unknown = [piece for piece in line.split("\t")[1].split(" ") if piece and piece not in target_vocabulary]
+        key, targets = line.split("\t")
+        pieces = [piece for piece in targets.split(" ") if piece]
+        unknown = [piece for piece in pieces if piece not in target_vocabulary]
         if unknown:
             raise ValueError(f"{path}:{number}: {unknown[0]!r} is not a piece of the model's target vocabulary "
                              f"(a map built for another model?)")
-    return len(lines)
+        rules.append((key.split(" ") if key else [], pieces))
+    return rules
 
 
 class Shortlist:
@@ -203,7 +202,7 @@ class Shortlist:
     def __init__(self, rules: dict[tuple[int, ...], list[int]], always: Sequence[int]) -> None:
         self.rules = rules
         self.longest = max((len(key) for key in rules), default=0)
-        self.always = sorted({0, 1, 2, 3, *always})
+        self.always = sorted({*SPECIAL_IDS, *always})
 
     @classmethod
     def read(cls, path: str | os.PathLike, tokenization) -> "Shortlist":
@@ -212,16 +211,13 @@ class Shortlist:
         source, target = tokenization._processor("src"), tokenization._processor("tgt")
         target_pieces = {target.id_to_piece(i): i for i in range(target.get_piece_size())}
         source_pieces = {source.id_to_piece(i): i for i in range(source.get_piece_size())}
-        read_vocabulary_map(path, set(target_pieces))
         rules: dict[tuple[int, ...], list[int]] = {}
         always: list[int] = []
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            key, targets = line.split("\t")
-            ids = [target_pieces[piece] for piece in targets.split(" ") if piece]
-            if not key:
+        for pieces, targets in read_vocabulary_map(path, set(target_pieces)):
+            ids = [target_pieces[piece] for piece in targets]
+            if not pieces:
                 always += ids
                 continue
-            pieces = key.split(" ")
             if all(piece in source_pieces for piece in pieces):  # a piece the model never sees never matches
                 rules.setdefault(tuple(source_pieces[piece] for piece in pieces), []).extend(ids)
         return cls(rules, always)

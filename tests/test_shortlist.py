@@ -79,7 +79,7 @@ def test_a_bad_map_is_named_by_file_and_line(tmp_path: Path) -> None:
     path.write_text("\ta b\nx\tb zz\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"vmap.txt:2: 'zz' is not a piece of the model's target vocabulary"):
         read_vocabulary_map(path, {"a", "b"})
-    assert read_vocabulary_map(tmp_path / "vmap.txt", {"a", "b", "zz"}) == 2
+    assert read_vocabulary_map(tmp_path / "vmap.txt", {"a", "b", "zz"}) == [([], ["a", "b"]), (["x"], ["b", "zz"])]
 
 
 @pytest.mark.parametrize("bad, message", [

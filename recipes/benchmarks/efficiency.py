@@ -59,6 +59,7 @@ class Row:
     model: str
     engine: str
     path: Path  # what the worker loads: an export file or a CTranslate2 directory
+    vocabulary_map: Optional[Path] = None  # the shortlist it translates with (CTranslate2: stored with the model)
 
     @property
     def name(self) -> str:
@@ -67,10 +68,6 @@ class Row:
     @property
     def kind(self) -> str:
         return "ctranslate2" if self.engine.startswith("CTranslate2") else "ours"
-
-    @property
-    def shortlist(self) -> bool:
-        return self.engine.endswith("shortlist")
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -85,7 +82,7 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
 
     deployed = args.out / "deployed"
     deployed.mkdir(parents=True, exist_ok=True)
-    vocabulary_map = args.vocabulary_map = deployed / "vmap.txt"
+    vocabulary_map = deployed / "vmap.txt"
     if not vocabulary_map.is_file():
         build_shortlist(args.data_dir, vocabulary_map, progress=True)
     rows = []
@@ -97,13 +94,13 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
             if not exports[engine].is_file():
                 export_checkpoint(path, exports[engine], quantize)
             rows.append(Row(model, engine, exports[engine]))
-        rows.append(Row(model, "ours fp32 + shortlist", exports["ours fp32"]))
+        rows.append(Row(model, "ours fp32 + shortlist", exports["ours fp32"], vocabulary_map))
         for engine, quantization, vmap in (("CTranslate2 float32", "float32", None), ("CTranslate2 int8", "int8", None),
                                            ("CTranslate2 int8 + shortlist", "int8", vocabulary_map)):
             directory = deployed / f"{slug}.{file_slug(engine)}"
             if not (directory / "model.bin").is_file():
                 convert_to_ctranslate2(exports["ours fp32"], directory, quantization, force=True, vocabulary_map=vmap)
-            rows.append(Row(model, engine, directory))
+            rows.append(Row(model, engine, directory, vmap))
     return [row for row in rows if row.engine in args.engines]
 
 
@@ -111,8 +108,8 @@ def run_worker(row: Row, mode: str, input_path: Path, output: Path, threads: int
     """Translate ``input_path`` in a fresh process; its JSON report (seconds, per-sentence times, memory)."""
     command = [sys.executable, __file__, "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
                "--input", str(input_path), "--output", str(output), "--threads", str(threads), "--beam", str(beam)]
-    if row.shortlist:
-        command += ["--shortlist", "--vocabulary-map", str(row.path.parent / "vmap.txt")]
+    if row.vocabulary_map is not None:
+        command += ["--shortlist", "--vocabulary-map", str(row.vocabulary_map)]
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
     if result.returncode != 0:

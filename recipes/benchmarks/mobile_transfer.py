@@ -117,7 +117,7 @@ def decoding_profile(models: dict, lines: list[str]) -> dict[str, dict[str, floa
     products = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "quantized::linear_dynamic",
                 "quantized::linear")
     first = next(iter(models.values()))
-    with profile(activities=[ProfilerActivity.CPU]):  # the profiler's first session pays its start-up
+    with profile(activities=[ProfilerActivity.CPU]):  # the profiler's first use pays its start-up
         translate_lines(first, lines[:2], beam=4, progress=False)
     result = {}
     for name, module in models.items():
