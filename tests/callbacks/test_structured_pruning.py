@@ -138,6 +138,51 @@ def test_global_scope_keeps_one_unit_per_module() -> None:
     assert pruned_with_scores("global", 0.875, [1, 1, 1, 1, 0.01, 0.01, 0.01, 10]) == [[0, 0, 0, 1], [0, 0, 0, 1]]
 
 
+def test_global_rounds_count_the_units_already_removed() -> None:
+    """Schedule 1..4 to half of 8 heads: step 2 targets 0.5 * (1 - (2/3)^3) = 0.352 (3 heads),
+    step 3 0.481 (4 heads): the second round removes one more, not four, ranked among the kept
+    heads renormalised (first: 20, 30, 40 / 53.9; second: 0.5, 0.3 / 0.583, so first[1] goes)."""
+    root = two_attentions()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, scope="global", start_step=1, end_step=4)
+    callback.setup(None, root, "fit")
+    for step, expected in ((2, [[0, 1, 1, 1], [0, 0, 1, 1]]), (3, [[0, 0, 1, 1], [0, 0, 1, 1]])):
+        callback.scores = torch.tensor([10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3], dtype=torch.float64)
+        callback.prune(step=step)
+        assert [group.keep.tolist() for group in callback.groups] == expected, step
+
+
+def test_global_scope_with_a_module_of_zero_importance() -> None:
+    """A module whose units got no gradient (all importances 0) is not divided by its zero norm:
+    its units rank lowest and go first."""
+    assert pruned_with_scores("global", 0.25, [1, 2, 3, 4, 0, 0, 0, 0]) == [[1, 1, 1, 1], [0, 0, 1, 1]]
+
+
+def test_magnitude_is_the_l2_norm_over_a_units_rows_biases_and_columns() -> None:
+    """Random signed weights: each head's magnitude is the root of the sum of squares of its
+    q/k/v rows, their biases and its out_proj columns (out_proj's bias belongs to no head),
+    computed here from the plain parameters. Signs and biases matter on these inputs: a cube
+    instead of a square, or biases left out, gives other values."""
+    torch.manual_seed(5)
+    root = two_attentions()
+    with torch.no_grad():
+        for parameter in root.parameters():
+            parameter.normal_()
+    expected = []
+    for attention in (root.first, root.second):
+        for head in range(4):
+            rows = slice(2 * head, 2 * head + 2)
+            squares = sum(getattr(attention, name).weight[rows].double().pow(2).sum()
+                          + getattr(attention, name).bias[rows].double().pow(2).sum()
+                          for name in ("q_proj", "k_proj", "v_proj"))
+            squares = squares + attention.out_proj.weight[:, rows].double().pow(2).sum()
+            expected.append(squares.sqrt())
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, importance="magnitude", start_step=0, end_step=0)
+    callback.setup(None, root, "fit")
+    found = torch.cat([group.magnitudes() for group in callback.groups])
+    # float64 sums of the same squares in another order: a few ulp
+    torch.testing.assert_close(found, torch.stack(expected), rtol=1e-12, atol=0)
+
+
 def test_magnitude_counts_every_row_and_column_of_a_head() -> None:
     """Head 0 has the largest query rows but nothing in out_proj's columns or v: its norm over
     all its rows and columns is still the largest; head 3 has small q/k/v rows but large output
