@@ -89,6 +89,48 @@ def test_the_kd_loss_is_zero_when_the_student_is_the_teacher(trained_checkpoint:
     assert abs(distillation._hidden_loss(context).item()) <= 1e-5 * mask.sum().item()
 
 
+def test_the_hidden_loss_on_a_student_that_differs_from_its_teacher(trained_checkpoint: Path,
+                                                                   prepared_dir: Path) -> None:
+    """DistilBERT's cosine loss, computed here from the two models' recorded states in float64: per
+    pair, the mean over real positions (source positions for an encoder state, target positions
+    for a decoder state) of 1 - cos(student, teacher), averaged over the pairs, times the target
+    tokens. The student is an untrained model, so every pair gives another value; the context is
+    a plain namespace without .module (a module that is not ours has no projection to offer)."""
+    from types import SimpleNamespace
+
+    layer_map = {"decoder.1": "decoder.0", "encoder.1": "encoder.1", "decoder.0": "decoder.1"}  # 1+1 layers
+    distillation = KnowledgeDistillation(str(trained_checkpoint), hidden_weight=1.0, layer_map=layer_map)
+    torch.manual_seed(11)
+    student, datamodule = translation_student(prepared_dir)
+    student.eval()
+    distillation.teacher.load(student)
+    teacher = load_translation_module(trained_checkpoint).eval()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    mine, theirs = (TransformerFeatures.requesting(["hidden_states"]) for _ in range(2))
+    with torch.no_grad():
+        logits = student(batch["source"], batch["decoder_input"], mine)
+        teacher(batch["source"], batch["decoder_input"], theirs)
+    target_mask, source_mask = batch["target"] != PAD_ID, batch["source"] != PAD_ID
+    num_tokens = target_mask.sum()
+    context = SimpleNamespace(batch=batch, logits=logits, target=batch["target"], target_mask=target_mask,
+                              num_tokens=num_tokens, features=mine, source_mask=source_mask)
+    per_pair = []
+    for student_key, teacher_key in layer_map.items():
+        side, index = student_key.split(".")
+        mask = target_mask if side == "decoder" else source_mask
+        a = getattr(mine, f"{side}_states")[int(index)][mask].double()  # (N, D)
+        b = getattr(theirs, f"{side}_states")[int(teacher_key.split(".")[1])][mask].double()
+        cosines = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+        per_pair.append((1 - cosines).mean())
+    assert len({round(value.item(), 4) for value in per_pair}) == len(per_pair)  # the pairs differ
+    expected = torch.stack(per_pair).mean() * num_tokens
+    with torch.no_grad():
+        found = distillation._hidden_loss(context)
+    # float32 cosines of width-32 vectors: about 1e-6 each, averaged
+    torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_teacher_with_another_tokenization_is_refused(trained_checkpoint: Path, prepared_dir: Path,
                                                         tmp_path: Path) -> None:
     checkpoint = torch.load(trained_checkpoint, weights_only=True)

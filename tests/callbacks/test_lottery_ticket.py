@@ -146,6 +146,13 @@ def test_random_reinit_control_on_another_runs_masks(tmp_path: Path) -> None:
         assert torch.equal(mask, ticket_state[f"{name}.parametrizations.weight.0.mask"])
         assert (getattr(model, name).weight[mask == 0] == 0).all()
     assert control.weights.sparsity() == pytest.approx(1 - 38 / 304)
+    # Resumed mid-run, the control neither reinitialises again nor reapplies the masks: the same
+    # weights as an uninterrupted run (a second reinitialisation would throw away its training).
+    make_control = lambda: [LotteryTicketPruning(sparsity=0.875, rounds=0, round_steps=4, reinitialize=True,
+                                                 include=LAYERS, masks_from=str(tmp_path / "ckpt" / "ticket.ckpt"),
+                                                 seed=7)]
+    assert_same_state(*resumed_and_uninterrupted(tmp_path / "resume", BagOfWordsClassifier, make_control,
+                                                 classification_data, stop=2, total=4))
 
 
 def test_with_distillation_and_qat(tmp_path: Path) -> None:
