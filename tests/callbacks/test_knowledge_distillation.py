@@ -227,6 +227,12 @@ def test_hidden_states_of_another_width_train_a_projection_that_resumes_and_is_n
     assert not hasattr(reloaded, PROJECTION_NAME)
     deployed = load_translation_module(tmp_path / "ckpt" / "mid.ckpt")
     assert not hasattr(deployed, PROJECTION_NAME)
+    # A checkpoint with no projection (the student trained alone before distillation) leaves the
+    # module's projection as it is.
+    before = projection.weight.detach().clone()
+    KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=layer_map).on_load_checkpoint(
+        None, straight, {"state_dict": saved["state_dict"]})
+    assert torch.equal(projection.weight, before)
 
 
 def test_together_with_qat_and_with_a_pruning_mask(classifier_teacher: Path, tmp_path: Path) -> None:

@@ -324,3 +324,19 @@ def test_with_qat_on_the_same_weight_the_export_follows_qats_grid(tmp_path: Path
     manifest = checkpoint["compression"]
     assert [step["codec"] for step in manifest["hidden.weight"]] == ["int8"]  # QAT's, not Quant-Noise's int4
     assert [step["codec"] for step in manifest["out.weight"]] == ["int4"]  # Quant-Noise alone there
+
+
+def test_checkpoints_from_before_the_first_draw_and_before_pq_gradient_existed() -> None:
+    """A state saved before any noise was drawn holds no generator and loads as such (its next draw
+    starts from the seed); a pq state without ``pq_gradient`` was written by the version that
+    trained with the dropout gradient: it resumes under pq_gradient="dropout" and is refused
+    under the straight-through default."""
+    untouched = QuantNoise(scheme="pq").state_dict()
+    assert untouched["generator"] is None
+    again = QuantNoise(scheme="pq")
+    again.load_state_dict(untouched)
+    assert again.state_dict() == untouched
+    older = {key: value for key, value in untouched.items() if key != "pq_gradient"}
+    QuantNoise(scheme="pq", pq_gradient="dropout").load_state_dict(older)
+    with pytest.raises(ValueError, match="^QuantNoise: the checkpoint trained with .*'pq_gradient': 'dropout'"):
+        QuantNoise(scheme="pq").load_state_dict(older)

@@ -124,13 +124,24 @@ def test_two_process_ddp_keeps_the_teacher_out_of_the_wrapper(teacher_checkpoint
         assert facts["teacher_calls"] == 3 and not facts["teacher_training"]
 
 
-def test_a_loader_is_resolved_by_the_longest_importable_prefix() -> None:
+def test_a_loader_is_resolved_by_the_longest_importable_prefix(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """``package.module.attribute[.attribute]``: the longest prefix that imports is the module, the
-    rest are attributes (a class's method too); what does not resolve to a callable is refused."""
+    rest are attributes (a class's method too); what does not resolve to a callable is refused.
+    A package nothing has imported yet: its submodule is no attribute of it until it is imported,
+    so only the full module prefix finds the loader."""
     import collections
     import os.path
 
     from callbacks._teacher import resolve_callable
+
+    package = tmp_path / "unimported_teachers" / "deep"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "loaders.py").write_text("def load(path):\n    return path\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert resolve_callable("unimported_teachers.deep.loaders.load")("x") == "x"
 
     assert resolve_callable("os.path.join") is os.path.join
     assert resolve_callable("collections.OrderedDict.fromkeys") == collections.OrderedDict.fromkeys

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from callbacks import QuantizationAwareTraining
+from callbacks import (
+    IterativeProductQuantization,
+    LotteryTicketPruning,
+    MagnitudePruning,
+    QuantizationAwareTraining,
+    QuantNoise,
+    StructuredPruning,
+)
 from callbacks._transforms import (
     MASK,
     WeightTransform,
@@ -84,3 +91,19 @@ def test_resume_with_two_transforms_equals_uninterrupted(tmp_path: Path) -> None
                                                  classification_data, stop=5, total=12)
     assert "hidden.parametrizations.weight.0.mask" in actual
     assert_same_state(expected, actual)
+
+
+@pytest.mark.parametrize("make", [QuantizationAwareTraining, QuantNoise, IterativeProductQuantization, MagnitudePruning,
+                                  lambda: LotteryTicketPruning(round_steps=4), StructuredPruning],
+                         ids=["QuantizationAwareTraining", "QuantNoise", "IterativeProductQuantization",
+                              "MagnitudePruning", "LotteryTicketPruning", "StructuredPruning"])
+def test_every_transforming_callback_refuses_the_optimizer_state_of_a_plain_checkpoint(make) -> None:
+    """Resuming a run saved before the weights had transforms: each callback refuses it under its
+    own name (the optimiser's moments are stored by parameter position, which the transforms move)."""
+    callback = make()
+    model = BagOfWordsClassifier()
+    QuantizationAwareTraining().quantize_modules(model)
+    checkpoint = {"optimizer_states": [{}], "state_dict": BagOfWordsClassifier().state_dict()}
+    with pytest.raises(ValueError, match=f"^{type(callback).__name__}: the checkpoint was saved without weight "
+                                         f"transforms on embed.weight"):
+        callback.on_load_checkpoint(None, model, checkpoint)
