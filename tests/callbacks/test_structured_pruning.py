@@ -183,6 +183,46 @@ def test_magnitude_is_the_l2_norm_over_a_units_rows_biases_and_columns() -> None
     torch.testing.assert_close(found, torch.stack(expected), rtol=1e-12, atol=0)
 
 
+def test_the_modules_found_their_units_and_widths() -> None:
+    """Which modules become unit groups, in named_modules order: the globs (include, then exclude),
+    an attention without a head count and a feed-forward pair whose widths do not meet are
+    skipped (placed first, so a search that stopped at them would miss the rest), one head is a
+    head, and nn.MultiheadAttention is refused only when heads are asked for."""
+    from callbacks.structured_pruning import find_unit_groups
+
+    def attention(heads: int, kv_width: int = 8) -> MultiHeadAttention:
+        module = MultiHeadAttention(8, heads)
+        module.k_proj, module.v_proj = nn.Linear(8, kv_width), nn.Linear(8, kv_width)
+        return module
+
+    headless = attention(2)
+    del headless.heads
+    root = nn.Module()
+    root.ignored = FeedForward(8, 6, 0.0)  # outside include
+    root.encoder = nn.Module()
+    root.encoder.headless, root.encoder.attn, root.encoder.ffn = headless, attention(4), FeedForward(8, 6, 0.0)
+    root.decoder = nn.Module()
+    root.decoder.uneven = FeedForward(8, 6, 0.0)
+    root.decoder.uneven.fc2 = nn.Linear(5, 8)  # 6 outputs feed 5 inputs: not a neuron layer
+    root.decoder.attn, root.decoder.ffn = attention(1), FeedForward(8, 3, 0.0)
+    found = find_unit_groups(root, ["encoder.*", "decoder.*"], ["encoder.ffn"], ["heads", "neurons"])
+    assert [(g.name, g.kind, g.module, g.width, g.count_attribute, g.rows, g.columns) for g in found] == [
+        ("encoder.attn", "heads", root.encoder.attn, 2, "heads", ("q_proj", "k_proj", "v_proj"), ("out_proj",)),
+        ("decoder.attn", "heads", root.decoder.attn, 8, "heads", ("q_proj", "k_proj", "v_proj"), ("out_proj",)),
+        ("decoder.ffn", "neurons", root.decoder.ffn, 1, None, ("fc1",), ("fc2",))]
+    assert [g.name for g in find_unit_groups(root, ["*"], [], ["neurons"])] == [
+        "ignored", "encoder.ffn", "decoder.ffn"]
+    grouped = nn.Module()
+    grouped.attn = attention(4, kv_width=4)  # grouped keys and values: 4 k/v outputs for 4 heads of 2
+    with pytest.raises(ValueError, match=r"^StructuredPruning: attn has q/k/v projections of \[4, 8\] outputs"):
+        find_unit_groups(grouped, ["*"], [], ["heads"])
+    torch_layer = nn.TransformerEncoderLayer(8, 2, 16)
+    with pytest.raises(ValueError, match="^StructuredPruning: self_attn is a torch.nn.MultiheadAttention"):
+        find_unit_groups(torch_layer, ["*"], [], ["heads", "neurons"])
+    assert [g.name for g in find_unit_groups(torch_layer, ["*"], [], ["neurons"], feed_forward_layers=(
+        "linear1", "linear2"))] == [""]
+
+
 def test_magnitude_counts_every_row_and_column_of_a_head() -> None:
     """Head 0 has the largest query rows but nothing in out_proj's columns or v: its norm over
     all its rows and columns is still the largest; head 3 has small q/k/v rows but large output
