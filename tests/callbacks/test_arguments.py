@@ -248,6 +248,13 @@ def test_the_defaults_are_the_papers(cls) -> None:
     if cls is IterativeProductQuantization:
         expected["stages"] = DEFAULT_STAGES
     assert found == expected
+    # And what an instance made without arguments holds (the signature alone would not show a
+    # default that the body replaces).
+    if cls not in (KnowledgeDistillation, ProgressiveKnowledgeTransfer):  # these need a teacher
+        instance = cls(round_steps=10) if cls is LotteryTicketPruning else cls()
+        held = {name: getattr(instance, name) for name, value in expected.items()
+                if hasattr(instance, name) and isinstance(value, (bool, int, float, str))}
+        assert held == {name: expected[name] for name in held} and len(held) >= 3
 
 
 class Unsafe:

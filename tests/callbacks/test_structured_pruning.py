@@ -58,9 +58,10 @@ def block_data(sentences: int = 8, batch_size: int = 4) -> DataLoader:
                       batch_size=batch_size)
 
 
-def gated_gradients(model: AttentionBlock, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/d gate of every (sentence, head) and (sentence, neuron): gates of ones multiplying each
-    unit's output (B, units), put in front of out_proj and fc2."""
+def gated_gradients(model: AttentionBlock, inputs: torch.Tensor, targets: torch.Tensor,
+                    scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/d gate of every (sentence, head) and (sentence, neuron) of L = scale * MSE: gates of
+    ones multiplying each unit's output (B, units), put in front of out_proj and fc2."""
     head_gates = torch.ones(inputs.shape[0], HEADS, requires_grad=True)
     neuron_gates = torch.ones(inputs.shape[0], NEURONS, requires_grad=True)
 
@@ -73,7 +74,7 @@ def gated_gradients(model: AttentionBlock, inputs: torch.Tensor, targets: torch.
 
     hooks = [model.attention.out_proj.register_forward_pre_hook(gate_heads),
              model.feed_forward.fc2.register_forward_pre_hook(gate_neurons)]
-    nn.functional.mse_loss(model(inputs), targets).backward()
+    (scale * nn.functional.mse_loss(model(inputs), targets)).backward()
     for hook in hooks:
         hook.remove()
     return head_gates.grad, neuron_gates.grad
@@ -84,6 +85,7 @@ def test_taylor_importance_is_the_gate_gradient_summed_in_absolute_value_per_sen
     model = AttentionBlock()
     reference = AttentionBlock()
     reference.load_state_dict(model.state_dict())
+    reference_start = {name: value.clone() for name, value in model.state_dict().items()}
     callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=10, end_step=20, frequency=5)
     trainer(tmp_path, [callback], max_steps=2).fit(model, block_data())
     expected_heads, expected_neurons = torch.zeros(HEADS, dtype=torch.float64), torch.zeros(NEURONS, dtype=torch.float64)
@@ -96,6 +98,28 @@ def test_taylor_importance_is_the_gate_gradient_summed_in_absolute_value_per_sen
         optimizer.step()
     found_heads, found_neurons = callback.unit_scores()
     # float32 products summed in another order: relative error of a few ulp of the largest term
+    torch.testing.assert_close(found_heads, expected_heads, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(found_neurons, expected_neurons, rtol=1e-5, atol=1e-7)
+    # With gradient accumulation the micro-batches' importances add up (each micro-batch's loss
+    # divided by 2, as Lightning does): 4 micro-batches of 2 sentences, 2 optimiser steps.
+    torch.manual_seed(0)
+    model, accumulating = AttentionBlock(), AttentionBlock()
+    accumulating.load_state_dict(reference_start)
+    model.load_state_dict(reference_start)
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=10, end_step=20, frequency=5)
+    trainer(tmp_path / "accumulated", [callback], max_steps=2, accumulate_grad_batches=2).fit(
+        model, block_data(batch_size=2))
+    expected_heads, expected_neurons = torch.zeros(HEADS, dtype=torch.float64), torch.zeros(NEURONS, dtype=torch.float64)
+    optimizer = torch.optim.SGD(accumulating.parameters(), lr=0.05)
+    for index, (inputs, targets) in enumerate(block_data(batch_size=2)):
+        if index % 2 == 0:
+            optimizer.zero_grad()
+        heads, neurons = gated_gradients(accumulating, inputs, targets, scale=0.5)
+        expected_heads += heads.abs().sum(0).double()
+        expected_neurons += neurons.abs().sum(0).double()
+        if index % 2 == 1:
+            optimizer.step()
+    found_heads, found_neurons = callback.unit_scores()
     torch.testing.assert_close(found_heads, expected_heads, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(found_neurons, expected_neurons, rtol=1e-5, atol=1e-7)
     # Not the absolute value of the batch's sum (a plausible wrong variant): these inputs tell them apart.
@@ -122,6 +146,18 @@ def test_layer_scope_prunes_the_same_number_in_every_module() -> None:
     scores = [10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3]
     assert pruned_with_scores("layer", 0.25, scores) == [[0, 1, 1, 1], [1, 0, 1, 1]]
     assert pruned_with_scores("layer", 0.5, scores) == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_layer_rounds_count_the_units_already_removed() -> None:
+    """Schedule 1..4 to half of 4 heads per module: step 2 targets 0.352 * 4 = 1.4 (1 head),
+    step 3 0.481 * 4 = 1.9 (2 heads): the second round removes one more per module, not two."""
+    root = two_attentions()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, scope="layer", start_step=1, end_step=4)
+    callback.setup(None, root, "fit")
+    for step, expected in ((2, [[0, 1, 1, 1], [1, 0, 1, 1]]), (3, [[0, 0, 1, 1], [0, 0, 1, 1]])):
+        callback.scores = torch.tensor([10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3], dtype=torch.float64)
+        callback.prune(step=step)
+        assert [group.keep.tolist() for group in callback.groups] == expected, step
 
 
 def test_global_scope_ranks_importances_normalised_per_module() -> None:
@@ -278,11 +314,30 @@ def test_the_masked_model_computes_what_the_kept_units_alone_compute() -> None:
         torch.testing.assert_close(model.feed_forward(x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_kept_fractions_are_logged_per_kind(tmp_path: Path) -> None:
+    """Half the heads and 80% of the neurons pruned at step 1: the logged fractions kept are 0.5
+    and 0.2, each under its own kind."""
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, importance="magnitude", start_step=1, end_step=1)
+    fit = trainer(tmp_path, [callback], max_steps=3)
+    fit.fit(AttentionBlock(), block_data())
+    # logged as float32 tensors: 0.2 to float32's precision
+    assert fit.callback_metrics["structured_pruning/heads_kept"].item() == pytest.approx(0.5, abs=1e-7)
+    assert fit.callback_metrics["structured_pruning/neurons_kept"].item() == pytest.approx(0.2, abs=1e-7)
+
+
+def test_the_mask_keeps_the_weights_dtype() -> None:
+    weight = torch.randn(4, 3, dtype=torch.bfloat16)
+    masked = UnitMask(torch.tensor([1.0, 0.0]), 2, 0)(weight)
+    assert masked.dtype == torch.bfloat16 and torch.equal(masked[:2], weight[:2]) and not masked[2:].any()
+
+
 def test_the_schedule_is_cubic_and_ends_at_the_target() -> None:
-    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, start_step=10, end_step=30, frequency=10)
-    assert [callback.target("neurons", step) for step in (9, 10, 20, 30, 40)] == \
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, start_step=5, end_step=25, frequency=10)
+    assert [callback.target("neurons", step) for step in (4, 5, 15, 25, 40)] == \
         pytest.approx([0.0, 0.0, 0.8 * (1 - 0.5 ** 3), 0.8, 0.8])
-    assert [step for step in range(40) if callback.on_schedule(step)] == [10, 20, 30]
+    assert [step for step in range(40) if callback.on_schedule(step)] == [5, 15, 25]
+    late_end = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, start_step=5, end_step=22, frequency=10)
+    assert [step for step in range(40) if late_end.on_schedule(step)] == [5, 15, 22]
 
 
 def test_resume_in_the_middle_of_the_gathering_equals_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -324,6 +379,9 @@ def test_a_second_setup_changes_nothing() -> None:
     (dict(start_step=0), "start_step must be an integer >= 1"),  # taylor needs gradients before its first pruning
     (dict(start_step=50, end_step=10), "end_step must be an integer >= 50"),
     (dict(frequency=0), "frequency must be an integer >= 1"),
+    (dict(prune_neurons=-0.1), r"prune_neurons must be a finite number in \[0, 1\)"),
+    (dict(prune_neurons=1.0), r"prune_neurons must be a finite number in \[0, 1\)"),
+    (dict(attention_layers=["q_proj", "k_proj", "v_proj"]), "attention_layers must be a list of 4 distinct"),
     (dict(include="*attn*"), "include must be a list of globs"),
     (dict(exclude=[""]), "exclude must be a list of globs"),
 ])
@@ -413,6 +471,10 @@ def test_mixed_precision_gradients_are_unscaled_and_overflowing_steps_dropped() 
     heads.pending, neurons.pending = torch.full((HEADS,), float("inf")), torch.ones(NEURONS)
     callback.on_before_optimizer_step(trainer, model, None)
     assert callback.scores.tolist() == [2.0] * HEADS + [1.0] * NEURONS
+    # A module the step's loss did not reach (no gradient arrived at its hook) adds nothing.
+    heads.pending, neurons.pending = None, torch.full((NEURONS,), 3072.0)
+    callback.on_before_optimizer_step(trainer, model, None)
+    assert callback.scores.tolist() == [2.0] * HEADS + [4.0] * NEURONS
 
 
 def test_pruning_after_the_model_moved_reaches_every_layer() -> None:
