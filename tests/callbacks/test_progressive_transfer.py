@@ -102,13 +102,16 @@ def test_transfer_losses_are_zero_when_the_student_is_the_teacher(teacher: Path,
     assert transfer._soft_loss(context).item() == 0.0
 
 
-def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(teacher: Path, prepared_dir: Path,
+@pytest.mark.parametrize("stop", [3, 4])
+def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(stop: int, teacher: Path, prepared_dir: Path,
                                                                       tmp_path: Path) -> None:
-    """Stopped at step 3 (inside the second layer's stage), resumed to step 10 (distillation stage)."""
+    """Stopped at step 3 (inside the second layer's stage) or 4 (where the third stage begins: the
+    resumed run must restart the optimiser there as the uninterrupted one did, so the checkpoint
+    has to say which stage its optimiser state belongs to), resumed to step 10."""
     straight, resumed = resumed_and_uninterrupted(
         tmp_path, lambda: student(prepared_dir)[0],
         lambda: [ProgressiveKnowledgeTransfer(str(teacher), stage_steps=2)],
-        lambda: TranslationDataModule(str(prepared_dir), max_tokens=256), stop=3, total=10,
+        lambda: TranslationDataModule(str(prepared_dir), max_tokens=256), stop=stop, total=10,
         deterministic=False)
     assert_same_state(straight, resumed, tolerance=1e-6)
     other = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=3)

@@ -336,7 +336,22 @@ def test_checkpoints_from_before_the_first_draw_and_before_pq_gradient_existed()
     again = QuantNoise(scheme="pq")
     again.load_state_dict(untouched)
     assert again.state_dict() == untouched
-    older = {key: value for key, value in untouched.items() if key != "pq_gradient"}
+    # Written out as such checkpoints hold it, so a key renamed on both sides is noticed too.
+    older = {"p": 0.1, "scheme": "pq", "block_size": 8, "block_sizes": {}, "per_channel": True, "generator": None,
+             "generator_device": None}
     QuantNoise(scheme="pq", pq_gradient="dropout").load_state_dict(older)
     with pytest.raises(ValueError, match="^QuantNoise: the checkpoint trained with .*'pq_gradient': 'dropout'"):
         QuantNoise(scheme="pq").load_state_dict(older)
+
+
+def test_pq_noise_leaves_the_export_to_product_quantization() -> None:
+    """int8/int4 Quant-Noise records its integer grid for the export; pq records nothing (the
+    codebooks are IterativeProductQuantization's)."""
+    from tests.callbacks.classifier import BagOfWordsClassifier
+
+    for scheme, recorded in (("pq", False), ("int8", True)):
+        model, checkpoint = BagOfWordsClassifier(), {}
+        noise = QuantNoise(scheme=scheme, block_size=4)
+        noise.setup(None, model, "fit")
+        noise.on_save_checkpoint(None, model, checkpoint)
+        assert bool(checkpoint) is recorded, scheme
