@@ -168,8 +168,6 @@ class LotteryTicketPruning(L.Callback):
             self.masks_applied = True
             if self.reinitialize:
                 self._reinitialize()
-        if self.snapshot is None and self.rewind_step == 0:
-            self._take_snapshot(pl_module)
         # Masks change only here and at prunings: the per-step log reads this, not the masks
         # (reading them costs a device sync per weight).
         self.current_sparsity = self.weights.sparsity()

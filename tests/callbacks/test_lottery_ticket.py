@@ -123,10 +123,25 @@ def test_prune_fraction_sets_the_rounds() -> None:
     assert pruning.kept_after(8) == pytest.approx(0.2)
 
 
+def test_rounds_counted_in_epochs_prune_when_an_epoch_begins(tmp_path: Path) -> None:
+    """round_epochs=1, two rounds to 75%: nothing pruned in the first epoch, 1 - 0.25 ** (1/2) = 50%
+    of the 304 weights in the second, 75% from the third on."""
+    pruning = LotteryTicketPruning(sparsity=0.75, rounds=2, round_epochs=1, include=LAYERS)
+    seen: list[float] = []
+    probe = LambdaCallback(on_train_epoch_start=lambda *_: seen.append(pruning.weights.sparsity()))
+    trainer(tmp_path, [pruning, probe], max_steps=-1, max_epochs=4).fit(BagOfWordsClassifier(), classification_data())
+    assert seen == pytest.approx([0.0, 152 / 304, 228 / 304, 228 / 304], abs=1e-9)
+
+
 def test_too_few_steps_for_the_rounds_is_said(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="3 rounds of 4 steps and the last ticket's training need max_steps = 16; "
                                          "this fit stops at 10, in round 2"):
         trainer(tmp_path, [ticket()], max_steps=10).fit(BagOfWordsClassifier(), classification_data())
+    import warnings
+
+    with warnings.catch_warnings():  # exactly the steps needed: no warning
+        warnings.filterwarnings("error", message=".*rounds of")
+        trainer(tmp_path / "enough", [ticket()], max_steps=16).fit(BagOfWordsClassifier(), classification_data())
 
 
 def test_random_reinit_control_on_another_runs_masks(tmp_path: Path) -> None:

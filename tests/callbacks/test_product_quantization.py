@@ -318,3 +318,18 @@ def test_the_default_stages_are_fairseqs_order_on_a_translation_model(prepared_d
     assert stages[0] == feed_forward
     assert stages[1] - {"model.tgt_embed"} == feed_forward | embeddings
     assert stages[2] - {"model.tgt_embed"} == feed_forward | embeddings | attention
+
+
+def test_a_checkpoint_states_settings_under_their_names() -> None:
+    """The callback's checkpoint entry, written out as checkpoints hold it: it resumes under the same
+    settings, and one setting changed (the centroid counts per layer) is refused."""
+    from callbacks import IterativeProductQuantization
+
+    written = {"stages": [["*.ffn.*"], ["*embed*", "*output_projection"], ["*attn.*"]], "centroids": 256,
+               "block_size": 8, "block_sizes": {"*attn.*": 4}, "steps_per_stage": 1000, "start_step": 0,
+               "centroid_counts": None}
+    callback = IterativeProductQuantization()
+    assert callback.state_dict() == written
+    callback.load_state_dict(written)
+    with pytest.raises(ValueError, match="^IterativeProductQuantization: the checkpoint trained with"):
+        IterativeProductQuantization(centroid_counts={"*.ffn.*": 64}).load_state_dict(written)
