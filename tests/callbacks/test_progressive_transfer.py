@@ -16,7 +16,7 @@ from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.translation_file import export_checkpoint, load_exported
 from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.model import TransformerFeatures
-from nmt_lightning.module import LossContext, TranslationModule
+from nmt_lightning.module import CROSS_ENTROPY, LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines
 from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
@@ -120,28 +120,33 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(stop: int, 
         other.load_state_dict(next(v for k, v in saved.items() if k.startswith("ProgressiveKnowledgeTransfer")))
 
 
-@pytest.mark.parametrize("mode, terms_first, terms_last", [
-    ("joint", {"transfer_features", "transfer_attention"}, {"transfer_soft"}),
-    ("auxiliary", {"transfer_features", "transfer_attention", "transfer_soft"},
-     {"transfer_features", "transfer_attention", "transfer_soft"}),
+@pytest.mark.parametrize("mode, weights_first, weights_last", [
+    ("joint", {"transfer_features": 3.0, "transfer_attention": 2.0, "task": 0.0},
+     {"transfer_soft": 0.7, "task": 0.3}),
+    ("auxiliary", {"transfer_features": 3.0, "transfer_attention": 2.0, "transfer_soft": 0.7, "task": 0.3},
+     {"transfer_features": 3.0, "transfer_attention": 2.0, "transfer_soft": 0.7, "task": 0.3}),
 ])
-def test_joint_and_auxiliary_modes(mode: str, terms_first: set, terms_last: set, teacher: Path, prepared_dir: Path,
-                                   tmp_path: Path) -> None:
+def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last: dict, teacher: Path,
+                                   prepared_dir: Path, tmp_path: Path) -> None:
+    """The loss terms and their weights in the first and the last batch: layer-wise transfer
+    without the task loss, then distillation with it (joint); everything at once (auxiliary)."""
     class Terms(L.Callback):
-        """The loss terms registered at the end of every training batch."""
+        """The loss terms' weights (and the task loss's, as "task") at the end of every training batch."""
 
         def __init__(self) -> None:
-            self.seen: list[set] = []
+            self.seen: list[dict] = []
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            self.seen.append(set(module.loss_terms))
+            self.seen.append({**{name: term.weight for name, term in module.loss_terms.items()},
+                              "task": module.loss_weight(CROSS_ENTROPY)})
 
     L.seed_everything(0)
     module, datamodule = student(prepared_dir)
-    transfer = ProgressiveKnowledgeTransfer(str(teacher), mode=mode, stage_steps=1)
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), mode=mode, stage_steps=1, feature_weight=3.0,
+                                            attention_weight=2.0, soft_weight=0.7, hard_weight=0.3)
     terms = Terms()
     tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
-    assert terms.seen[0] == terms_first and terms.seen[-1] == terms_last
+    assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
     assert transfer.transfer_steps == (4 if mode == "joint" else 0)
     assert not transfer.freezer.frozen
 
