@@ -148,18 +148,6 @@ def test_layer_scope_prunes_the_same_number_in_every_module() -> None:
     assert pruned_with_scores("layer", 0.5, scores) == [[0, 0, 1, 1], [0, 0, 1, 1]]
 
 
-def test_layer_rounds_count_the_units_already_removed() -> None:
-    """Schedule 1..4 to half of 4 heads per module: step 2 targets 0.352 * 4 = 1.4 (1 head),
-    step 3 0.481 * 4 = 1.9 (2 heads): the second round removes one more per module, not two."""
-    root = two_attentions()
-    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, scope="layer", start_step=1, end_step=4)
-    callback.setup(None, root, "fit")
-    for step, expected in ((2, [[0, 1, 1, 1], [1, 0, 1, 1]]), (3, [[0, 0, 1, 1], [0, 0, 1, 1]])):
-        callback.scores = torch.tensor([10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3], dtype=torch.float64)
-        callback.prune(step=step)
-        assert [group.keep.tolist() for group in callback.groups] == expected, step
-
-
 def test_global_scope_ranks_importances_normalised_per_module() -> None:
     """Michel et al.: each module's importances divided by their L2 norm, then one ranking. The
     second module's raw scores are all smaller; normalised, its units interleave with the first's
@@ -174,14 +162,19 @@ def test_global_scope_keeps_one_unit_per_module() -> None:
     assert pruned_with_scores("global", 0.875, [1, 1, 1, 1, 0.01, 0.01, 0.01, 10]) == [[0, 0, 0, 1], [0, 0, 0, 1]]
 
 
-def test_global_rounds_count_the_units_already_removed() -> None:
-    """Schedule 1..4 to half of 8 heads: step 2 targets 0.5 * (1 - (2/3)^3) = 0.352 (3 heads),
-    step 3 0.481 (4 heads): the second round removes one more, not four, ranked among the kept
-    heads renormalised (first: 20, 30, 40 / 53.9; second: 0.5, 0.3 / 0.583, so first[1] goes)."""
+@pytest.mark.parametrize("scope, after_first, after_second", [
+    ("layer", [[0, 1, 1, 1], [1, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]]),
+    ("global", [[0, 1, 1, 1], [0, 0, 1, 1]], [[0, 0, 1, 1], [0, 0, 1, 1]]),
+])
+def test_a_second_round_counts_the_units_already_removed(scope: str, after_first: list, after_second: list) -> None:
+    """Schedule 1..4 to half the heads: step 2 targets 0.5 * (1 - (2/3)^3) = 0.352, step 3 0.481.
+    Per layer that is 1 then 2 of 4 heads: the second round removes one more per module, not two.
+    Globally it is 3 then 4 of 8: one more, not four, ranked among the kept heads renormalised
+    (first: 20, 30, 40 / 53.9; second: 0.5, 0.3 / 0.583, so first[1] goes)."""
     root = two_attentions()
-    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, scope="global", start_step=1, end_step=4)
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, scope=scope, start_step=1, end_step=4)
     callback.setup(None, root, "fit")
-    for step, expected in ((2, [[0, 1, 1, 1], [0, 0, 1, 1]]), (3, [[0, 0, 1, 1], [0, 0, 1, 1]])):
+    for step, expected in ((2, after_first), (3, after_second)):
         callback.scores = torch.tensor([10, 20, 30, 40, 0.2, 0.1, 0.5, 0.3], dtype=torch.float64)
         callback.prune(step=step)
         assert [group.keep.tolist() for group in callback.groups] == expected, step
