@@ -237,7 +237,7 @@ DEFAULTS = {
 
 
 @pytest.mark.parametrize("cls", list(DEFAULTS))
-def test_the_defaults_are_the_papers(cls) -> None:
+def test_the_defaults_are_the_papers(cls, files: dict) -> None:
     import inspect
 
     from callbacks.product_quantization import DEFAULT_STAGES
@@ -250,11 +250,12 @@ def test_the_defaults_are_the_papers(cls) -> None:
     assert found == expected
     # And what an instance made without arguments holds (the signature alone would not show a
     # default that the body replaces).
-    if cls not in (KnowledgeDistillation, ProgressiveKnowledgeTransfer):  # these need a teacher
-        instance = cls(round_steps=10) if cls is LotteryTicketPruning else cls()
-        held = {name: getattr(instance, name) for name, value in expected.items()
-                if hasattr(instance, name) and isinstance(value, (bool, int, float, str))}
-        assert held == {name: expected[name] for name in held} and len(held) >= 3
+    required = {LotteryTicketPruning: dict(round_steps=10), KnowledgeDistillation: dict(teacher=files["teacher"]),
+                ProgressiveKnowledgeTransfer: dict(teacher=files["teacher"])}.get(cls, {})
+    instance = cls(**required)
+    held = {name: getattr(instance, name) for name, value in expected.items()
+            if hasattr(instance, name) and isinstance(value, (bool, int, float, str))}
+    assert held == {name: expected[name] for name in held} and len(held) >= 3
 
 
 class Unsafe:

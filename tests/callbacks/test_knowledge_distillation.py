@@ -131,6 +131,70 @@ def test_the_hidden_loss_on_a_student_that_differs_from_its_teacher(trained_chec
     torch.testing.assert_close(found.double(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_teacher_runs_once_per_batch_and_answers_for_that_batch(trained_checkpoint: Path,
+                                                                    prepared_dir: Path) -> None:
+    """Two batches, each read by the soft and the hidden term: the teacher runs once per batch (the
+    terms share its outputs) and each batch's soft loss is T^2 times the sum over its target
+    positions of KL(teacher || student), computed here in float64 from a separately loaded teacher
+    on that batch, so outputs kept from the previous batch give another number. The teacher here
+    returns an object with .logits, which the callback reads as it reads plain logits."""
+    from types import SimpleNamespace
+
+    class WithLogits(torch.nn.Module):
+        """The teacher's forward, answered as ``output.logits``, its calls counted."""
+
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *inputs):
+            self.calls += 1
+            return SimpleNamespace(logits=self.inner(*inputs))
+
+    temperature = 2.0
+    distillation = KnowledgeDistillation(str(trained_checkpoint), temperature=temperature, hidden_weight=1.0)
+    torch.manual_seed(11)
+    student, datamodule = translation_student(prepared_dir)
+    student.eval()
+    distillation.teacher.load(student)
+    distillation.teacher.module = counting = WithLogits(distillation.teacher.module)
+    reference = load_translation_module(trained_checkpoint).eval()
+    datamodule.setup("fit")
+    batches = iter(datamodule.train_dataloader())
+    for seen, batch in enumerate([next(batches), next(batches)], start=1):
+        mine = TransformerFeatures.requesting(["hidden_states"])
+        with torch.no_grad():
+            logits = student(batch["source"], batch["decoder_input"], mine)
+            theirs = reference(batch["source"], batch["decoder_input"]).double()
+        mask = batch["target"] != PAD_ID
+        context = LossContext(student, batch, logits, batch["target"], mask, mask.sum(), mine,
+                              batch["source"] != PAD_ID)
+        with torch.no_grad():
+            soft = distillation._soft_loss(context)
+            distillation._hidden_loss(context)
+        assert counting.calls == seen
+        log_p = torch.log_softmax(theirs / temperature, dim=-1)[mask]  # (N, V)
+        log_q = torch.log_softmax(logits.double() / temperature, dim=-1)[mask]
+        expected = temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum()
+        torch.testing.assert_close(soft.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("features", [None, "a namespace"])
+def test_the_hidden_loss_needs_a_recorder_in_the_loss_context(features, trained_checkpoint: Path) -> None:
+    """hidden_weight > 0 reads per-layer states, recorded by an object whose class offers
+    requesting(): a context without one (None, or features of another kind) is refused in one line
+    before the teacher runs."""
+    from types import SimpleNamespace
+
+    distillation = KnowledgeDistillation(str(trained_checkpoint), hidden_weight=1.0)
+    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
+    context = SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
+                              features=None if features is None else SimpleNamespace(encoder_states=[]))
+    with pytest.raises(TypeError, match=r"^KnowledgeDistillation: hidden_weight > 0 needs the module's loss context "
+                                        r"to carry per-layer features \(context.features with a requesting\(\)"):
+        distillation._teacher_pass(context)
+
+
 def test_a_teacher_with_another_tokenization_is_refused(trained_checkpoint: Path, prepared_dir: Path,
                                                         tmp_path: Path) -> None:
     checkpoint = torch.load(trained_checkpoint, weights_only=True)
@@ -233,6 +297,30 @@ def test_hidden_states_of_another_width_train_a_projection_that_resumes_and_is_n
     KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=layer_map).on_load_checkpoint(
         None, straight, {"state_dict": saved["state_dict"]})
     assert torch.equal(projection.weight, before)
+
+
+def test_the_projection_is_added_where_the_widths_differ_and_only_once(wide_teacher: Path,
+                                                                       trained_checkpoint: Path,
+                                                                       prepared_dir: Path) -> None:
+    """A hidden loss between a 32-wide student and a 48-wide teacher needs the learned map; none is
+    added without the hidden loss, outside a fit, or between models of one width. A second setup
+    keeps the map it finds (its trained weights), and refuses one of another shape."""
+    layer_map = {"encoder.1": "encoder.2", "decoder.1": "decoder.2", "decoder_output": "decoder_output"}
+    for checkpoint, weight, stage in ((wide_teacher, 0.0, "fit"), (wide_teacher, 1.0, "validate"),
+                                      (trained_checkpoint, 1.0, "fit")):
+        student, _ = translation_student(prepared_dir)
+        KnowledgeDistillation(str(checkpoint), hidden_weight=weight, layer_map=layer_map).setup(None, student, stage)
+        assert not hasattr(student, PROJECTION_NAME), (checkpoint.name, weight, stage)
+    student, _ = translation_student(prepared_dir)
+    KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=layer_map).setup(None, student, "fit")
+    projection = getattr(student, PROJECTION_NAME)
+    assert tuple(projection.weight.shape) == (3, 48, 32)
+    KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=layer_map).setup(None, student, "fit")
+    assert getattr(student, PROJECTION_NAME) is projection
+    fewer = dict(list(layer_map.items())[:2])
+    with pytest.raises(ValueError, match=r"^KnowledgeDistillation: the module already holds a .* of shape "
+                                         r"\(3, 48, 32\), this layer_map needs \(2, 48, 32\)$"):
+        KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=fewer).setup(None, student, "fit")
 
 
 def test_together_with_qat_and_with_a_pruning_mask(classifier_teacher: Path, tmp_path: Path) -> None:

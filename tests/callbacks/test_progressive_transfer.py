@@ -129,12 +129,17 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(stop: int, 
 def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last: dict, teacher: Path,
                                    prepared_dir: Path, tmp_path: Path) -> None:
     """The loss terms and their weights in the first and the last batch: layer-wise transfer
-    without the task loss, then distillation with it (joint); everything at once (auxiliary)."""
+    without the task loss, then distillation with it (joint); everything at once (auxiliary).
+    The teacher runs once per batch: its outputs are shared by the terms that read them."""
     class Terms(L.Callback):
         """The loss terms' weights (and the task loss's, as "task") at the end of every training batch."""
 
         def __init__(self) -> None:
             self.seen: list[dict] = []
+            self.teacher_calls: list[int] = []  # the step of every teacher forward
+
+        def on_train_start(self, trainer, module) -> None:
+            transfer.teacher.module.register_forward_hook(lambda *_: self.teacher_calls.append(trainer.global_step))
 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
             self.seen.append({**{name: term.weight for name, term in module.loss_terms.items()},
@@ -147,6 +152,7 @@ def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last:
     terms = Terms()
     tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
     assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
+    assert terms.teacher_calls == list(range(6))  # once per batch, however many terms read it
     assert transfer.transfer_steps == (4 if mode == "joint" else 0)
     assert not transfer.freezer.frozen
 
@@ -171,6 +177,14 @@ def test_a_shallower_student_learns_from_chosen_teacher_layers(teacher: Path, pr
     transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1, teacher_layers={"encoder": [2], "decoder": [2]})
     tiny_trainer(tmp_path, max_steps=3, callbacks=[transfer]).fit(module, datamodule=datamodule)
     assert transfer.mapping == {"encoder": [2], "decoder": [2]} and transfer.stage == 2
+    module, _ = student(prepared_dir, encoder_layers=1, decoder_layers=1)
+    first = ProgressiveKnowledgeTransfer(str(teacher), teacher_layers={"encoder": [1], "decoder": [1]})
+    first.setup(None, module, "fit")
+    assert first.mapping == {"encoder": [1], "decoder": [1]}
+    module, _ = student(prepared_dir)
+    same_depth = ProgressiveKnowledgeTransfer(str(teacher))
+    same_depth.setup(None, module, "fit")
+    assert same_depth.mapping == {"encoder": [1, 2], "decoder": [1, 2]}  # layer i learns from layer i
     for wrong in ({"encoder": [1, 2], "decoder": [2]}, {"encoder": [3], "decoder": [2]}):
         module, datamodule = student(prepared_dir, encoder_layers=1, decoder_layers=1)
         with pytest.raises(ValueError, match="must name one teacher layer \\(1..2\\) for each of the student's 1"):
@@ -236,32 +250,39 @@ def test_the_bottleneck_student_trains_with_qat_and_exports_to_int8(teacher: Pat
     assert len(translate_lines(deployed, lines, beam=1, progress=False)) == 2
 
 
-def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layers", [[("encoder", 1), ("decoder", 1)], [("encoder", 2)]])
+def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(layers: list, tmp_path: Path) -> None:
     """MobileBERT's two transfer losses, computed here from their definitions in float64 on random
     features: the feature-map loss is the mean squared difference of the two layer outputs, each
     normalised over its width (no learned scale); the attention loss is KL(teacher || student) per
-    query (summed over keys), averaged over heads, real query positions and the layer's maps.
-    Reversing the KL, dropping the normalisation or averaging over padding gives other numbers."""
+    query (summed over keys), averaged over heads, real query positions and the stage's maps.
+    Reversing the KL, dropping the normalisation or averaging over padding gives other numbers.
+    Both models have 2+2 layers and student layer i learns from teacher layer 3 - i, so a stage
+    that reads the wrong layer on either side is seen; the second stage has a single map (one
+    side, self-attention only)."""
     from types import SimpleNamespace
 
     from callbacks.progressive_transfer import _Stage
 
     torch.save({}, tmp_path / "teacher.ckpt")
     transfer = ProgressiveKnowledgeTransfer(str(tmp_path / "teacher.ckpt"))
-    transfer.stages, transfer.stage = [_Stage([("encoder", 1), ("decoder", 1)], distill=False, trainable=None)], 0
-    transfer.mapping = {"encoder": [1], "decoder": [1]}
+    transfer.stages, transfer.stage = [_Stage(layers, distill=False, trainable=None)], 0
+    transfer.mapping = {"encoder": [2, 1], "decoder": [2, 1]}
     generator = torch.Generator().manual_seed(0)
-    batch_size, source_length, target_length, width, heads = 2, 5, 4, 6, 3
+    batch_size, source_length, target_length, width, heads, depth = 2, 5, 4, 6, 3, 2
 
     def features(scale: float) -> SimpleNamespace:
-        def attention(queries: int, keys: int) -> torch.Tensor:
-            return torch.softmax(scale * torch.randn(batch_size, heads, queries, keys, generator=generator), dim=-1)
-        return SimpleNamespace(
-            encoder_states=[torch.randn(batch_size, source_length, width, generator=generator) * scale + 1 for _ in range(2)],
-            decoder_states=[torch.randn(batch_size, target_length, width, generator=generator) * scale for _ in range(2)],
-            encoder_self_attention=[attention(source_length, source_length)],
-            decoder_self_attention=[attention(target_length, target_length)],
-            cross_attention=[attention(target_length, source_length)])
+        def attention(queries: int, keys: int) -> list[torch.Tensor]:
+            return [torch.softmax(scale * torch.randn(batch_size, heads, queries, keys, generator=generator), dim=-1)
+                    for _ in range(depth)]
+        return SimpleNamespace(  # states: the embeddings' output, then each layer's
+            encoder_states=[torch.randn(batch_size, source_length, width, generator=generator) * scale + 1
+                            for _ in range(depth + 1)],
+            decoder_states=[torch.randn(batch_size, target_length, width, generator=generator) * scale
+                            for _ in range(depth + 1)],
+            encoder_self_attention=attention(source_length, source_length),
+            decoder_self_attention=attention(target_length, target_length),
+            cross_attention=attention(target_length, source_length))
 
     student, teacher = features(1.0), features(3.0)
     source_mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
@@ -277,13 +298,6 @@ def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(tmp_path
         mean = x.mean(-1, keepdim=True)
         return (x - mean) / torch.sqrt(((x - mean) ** 2).mean(-1, keepdim=True) + 1e-5)
 
-    per_layer = []
-    for side, mask in (("encoder", source_mask), ("decoder", target_mask)):
-        mine = normalised(getattr(student, f"{side}_states")[1][mask])
-        theirs = normalised(getattr(teacher, f"{side}_states")[1][mask])
-        per_layer.append(((mine - theirs) ** 2).mean())
-    expected_features = sum(per_layer) / 2 * num_tokens
-
     def kl(theirs: torch.Tensor, mine: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         total, count = 0.0, 0
         for b in range(theirs.shape[0]):
@@ -294,15 +308,46 @@ def test_the_transfer_losses_on_a_student_that_differs_from_its_teacher(tmp_path
                         total, count = total + (p * (p.log() - r.log())).sum(), count + 1
         return total / count
 
-    maps = [kl(teacher.encoder_self_attention[0], student.encoder_self_attention[0], source_mask),
-            kl(teacher.decoder_self_attention[0], student.decoder_self_attention[0], target_mask),
-            kl(teacher.cross_attention[0], student.cross_attention[0], target_mask)]
-    expected_attention = sum(maps) / 3 * num_tokens
+    kinds = {"encoder": ["encoder_self_attention"], "decoder": ["decoder_self_attention", "cross_attention"]}
+    per_layer, maps = [], []
+    for side, index in layers:
+        mask = source_mask if side == "encoder" else target_mask
+        theirs_index = 3 - index
+        mine = normalised(getattr(student, f"{side}_states")[index][mask])
+        theirs = normalised(getattr(teacher, f"{side}_states")[theirs_index][mask])
+        per_layer.append(((mine - theirs) ** 2).mean())
+        maps += [kl(getattr(teacher, kind)[theirs_index - 1], getattr(student, kind)[index - 1], mask)
+                 for kind in kinds[side]]
+    expected_features = sum(per_layer) / len(per_layer) * num_tokens
+    expected_attention = sum(maps) / len(maps) * num_tokens
     assert transfer._feature_loss(context).item() == pytest.approx(expected_features.item(), rel=1e-5)
     assert transfer._attention_loss(context).item() == pytest.approx(expected_attention.item(), rel=1e-5)
-    reversed_kl = sum(kl(s, t, m) for s, t, m in ((student.encoder_self_attention[0], teacher.encoder_self_attention[0],
-                                                   source_mask),)) * num_tokens
-    assert abs(reversed_kl - maps[0] * num_tokens) > 0.1  # the inputs tell the two directions apart
+    first = student.encoder_self_attention[0], teacher.encoder_self_attention[1]
+    assert abs(kl(first[0], first[1], source_mask) - kl(first[1], first[0], source_mask)) > 0.1  # directions differ
+    # A layer the forward did not record is named, not an IndexError.
+    for reader, kind in ((transfer._state, "encoder"), (transfer._attention, "encoder_self_attention")):
+        with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the student's forward recorded "):
+            reader(student, kind, depth + 1, "student")
+
+
+@pytest.mark.parametrize("features", [None, "a namespace"])
+def test_layer_stages_need_a_recorder_in_the_loss_context(features, tmp_path: Path) -> None:
+    """A layer-wise stage reads the teacher's per-layer states through a recorder made by the
+    class of context.features (its requesting()): a context without one is refused in one line
+    before the teacher runs."""
+    from types import SimpleNamespace
+
+    from callbacks.progressive_transfer import _Stage
+
+    torch.save({}, tmp_path / "teacher.ckpt")
+    transfer = ProgressiveKnowledgeTransfer(str(tmp_path / "teacher.ckpt"))
+    transfer.stages, transfer.stage = [_Stage([("encoder", 1)], distill=False, trainable=None)], 0
+    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
+    context = SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
+                              features=None if features is None else SimpleNamespace(encoder_states=[]))
+    with pytest.raises(TypeError, match=r"^ProgressiveKnowledgeTransfer: the module's loss context carries no "
+                                        r"per-layer features"):
+        transfer._teacher_pass(context)
 
 
 def test_embedding_modules_that_name_nothing_are_refused(teacher: Path, prepared_dir: Path) -> None:
@@ -316,3 +361,4 @@ def test_embedding_modules_that_name_nothing_are_refused(teacher: Path, prepared
         wrong.setup(None, module, "fit")
     ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": [], "decoder": []},
                                  copy_embeddings=False).setup(None, module, "fit")
+    ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": []}).setup(None, module, "fit")  # a side left out: none

@@ -37,6 +37,43 @@ def test_the_stored_parameter_is_untouched_by_a_training_forward() -> None:
     assert torch.equal(trainable_weight(model.hidden), before)  # bit-identical after the forward and backward
 
 
+def test_every_weight_draws_its_own_blocks_from_the_seeded_generator() -> None:
+    """One draw of U(0, 1) per block from a generator seeded with ``seed``, the weights' blocks laid
+    end to end in module order (embed 30 x 8, hidden 32 x 8, out 3 x 8 blocks of 4), a block noised
+    where its number is below p: written out here, so that two weights reading overlapping parts
+    of the draw (correlated noise), or another seed, give other masks. The second draw continues
+    the generator."""
+    model, callback = noised_model(p=0.3, scheme="int8", block_size=4, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        callback.draw_masks()
+        drawn = torch.rand(30 * 8 + 32 * 8 + 3 * 8, generator=generator) < 0.3
+        expected = {"embed": drawn[:240].view(30, 8), "hidden": drawn[240:496].view(32, 8),
+                    "out": drawn[496:].view(3, 8)}
+        for name, mask in expected.items():
+            assert torch.equal(weight_transforms(getattr(model, name))[0].mask, mask), name
+
+
+
+@pytest.mark.parametrize("gradient", ["straight_through", "dropout"])
+def test_the_callback_puts_its_settings_on_every_selected_weight(gradient: str) -> None:
+    """What QuantNoise hands each weight's transform: the scheme, p, block size and, for pq, the
+    gradient; the embedding only with noise_embeddings. The dropout gradient reaches a dropped
+    block as 0, the straight-through one as it is."""
+    model, _ = noised_model(p=0.5, scheme="pq", block_size=4, pq_gradient=gradient, noise_embeddings=False)
+    assert weight_transforms(model.embed) == []
+    transform = weight_transforms(model.hidden)[0]
+    assert repr(transform) == f"NoisyWeight(scheme=pq, p=0.5, block_size=4, per_channel=True, pq_gradient={gradient})"
+    transform.mask = torch.zeros(32, 8, dtype=torch.bool)
+    transform.mask[0, 0] = True  # the first block of the first row dropped
+    model.train()
+    model.hidden.weight.sum().backward()
+    first_block = trainable_weight(model.hidden).grad[0, :4]
+    assert torch.equal(first_block, torch.full((4,), 0.0 if gradient == "dropout" else 1.0))
+    int8, _ = noised_model(p=0.3, scheme="int8", block_size=4)
+    assert repr(weight_transforms(int8.embed)[0]) == "NoisyWeight(scheme=int8, p=0.3, block_size=4, per_channel=True)"
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4", "pq"])
 def test_the_fraction_of_noised_blocks_is_close_to_p(scheme: str) -> None:
     model, callback = noised_model(p=0.2, scheme=scheme, block_size=4, include=["hidden"])

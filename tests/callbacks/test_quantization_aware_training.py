@@ -188,9 +188,12 @@ def test_two_process_ddp_keeps_ranges_identical(tmp_path: Path) -> None:
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0].keys() == ranks[1].keys() and any(k.endswith("input_quantizer.absmax") for k in ranks[0])
     own = [rank.pop("own_first_step_max") for rank in ranks]
+    first = [rank.pop("range_after_first_step") for rank in ranks]
     assert ranks[0] == ranks[1]
     # The shards differ, so each rank's own maxima differ: without the reduction the ranges would too.
     assert own[0] != own[1]
+    # The first step's range is the max over both shards (not their mean, not one rank's).
+    assert first == [max(own), max(own)]
 
 
 def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,3 +276,44 @@ def test_the_activation_range_is_the_ema_of_the_batch_maxima(tmp_path: Path) -> 
     assert seen[1][0, 0].item() == -2.0  # on the grid of range 2: clamp(round(-4 * 127 / 2), -127, 127) / (127 / 2)
     assert seen[1][0, 1].item() == pytest.approx(round(127 / 2) / (127 / 2), rel=1e-6)  # 1 on that grid: 64 / 63.5
     assert seen[0][0, 2].item() == pytest.approx(round(0.5 * 127 / 2) / (127 / 2), rel=1e-6)  # first batch: its own range
+
+
+def test_a_layer_run_twice_in_a_batch_takes_the_max_over_both_calls(tmp_path: Path) -> None:
+    """The range is folded into the EMA after every training batch; a layer that runs twice in one
+    batch (here on x and on x / 2) contributes the larger of its two maxima, so the range is 2.08
+    as in the test above, where a range fed by the last call alone would be 1.04."""
+    class TwiceA(TwoLinears):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) + self.a(x / 2))
+
+    model = TwiceA()
+    qat = QuantizationAwareTraining(include=["a"], ema_decay=0.9)
+    trainer(tmp_path, [qat], max_steps=3).fit(model, batches([[2.0, -1.0, 0.5, 0.0], [-4.0, 1.0, 0.0, 0.0],
+                                                              [1.0, 0.5, 0.0, 0.0]]))
+    assert model.a.input_quantizer.absmax.item() == pytest.approx(2.08, rel=1e-6)
+
+
+@pytest.mark.parametrize("bits, codec", [(8, "int8"), (5, "int8"), (4, "int4")])
+@pytest.mark.parametrize("quantize_embeddings", [True, False])
+def test_the_checkpoint_names_each_grid_for_the_exporter(bits: int, codec: str, quantize_embeddings: bool,
+                                                          tmp_path: Path) -> None:
+    """The checkpoint's manifest, written out: every quantized weight's grid (4 bits or fewer are
+    stored two to a byte, so int4), the Linear layers' activation range by its state_dict key, the
+    embedding only when it is quantized; and the callback's own entry, which a resume checks."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model = BagOfWordsClassifier()
+    qat = QuantizationAwareTraining(bits=bits, per_channel=True, start_step=1,
+                                    quantize_embeddings=quantize_embeddings)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer(tmp_path, [qat, saver], max_steps=2, enable_checkpointing=True).fit(model, classification_data())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    grid = {"codec": codec, "order": 20, "bits": bits, "per_channel": True}
+    expected = {name: [dict(grid, activation_range=f"{name}.input_quantizer.absmax")] for name in ("hidden", "out")}
+    expected = {f"{name}.weight": steps for name, steps in expected.items()}
+    if quantize_embeddings:
+        expected["embed.weight"] = [grid]
+    assert saved["compression"] == expected
+    assert (find_weight_transform(model.embed, FakeQuantizedWeight) is not None) == quantize_embeddings
+    entry = next(value for key, value in saved["callbacks"].items() if key.startswith("QuantizationAwareTraining"))
+    assert entry == {"bits": bits, "per_channel": True, "start_step": 1}

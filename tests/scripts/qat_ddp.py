@@ -1,7 +1,8 @@
 """2 CPU processes (gloo) train the classifier with QAT on different data shards; each rank
-writes its QAT buffers (activation ranges), weight scales and its own first-step input
-maximum to OUT/rank{r}.json. DDP's buffer broadcast is off, so equal ranges on both ranks
-can only come from the callback's reduction."""
+writes its QAT buffers (activation ranges), weight scales, its own first-step input maximum
+into ``hidden`` and that layer's activation range after the first step to OUT/rank{r}.json.
+DDP's buffer broadcast is off, so equal ranges on both ranks can only come from the callback's
+reduction, and Q8BERT's range is the max over all the step's data: the larger rank's maximum."""
 
 import json
 import sys
@@ -16,9 +17,21 @@ from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
 
 
 class FirstStepSpy(L.Callback):
+    """Listed after QAT, so its batch-end hook sees the range QAT has just updated."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.inputs = []
+        # prepend: before QAT's own pre-hook replaces the input with its fake-quantized copy
+        pl_module.hidden.register_forward_pre_hook(
+            lambda module, args: self.inputs.append(float(args[0].detach().abs().max())), prepend=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs.clear()
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx == 0:
-            self.own = float(pl_module.embed(batch[0]).mean(1).detach().abs().max())
+        if trainer.global_step == 1:  # the first optimiser step has just ended
+            self.own = max(self.inputs)
+            self.range_after = float(pl_module.hidden.input_quantizer.absmax)
 
 
 if __name__ == "__main__":
@@ -32,5 +45,5 @@ if __name__ == "__main__":
     trainer.fit(model, classification_data())
     state = {k: v.tolist() for k, v in model.state_dict().items() if "absmax" in k}
     state["hidden.weight_scale"] = float(127 / weight_absmax(model.hidden.parametrizations.weight.original, False))
-    state_rank = dict(state, own_first_step_max=spy.own)
+    state_rank = dict(state, own_first_step_max=spy.own, range_after_first_step=spy.range_after)
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(state_rank))
