@@ -367,3 +367,36 @@ def test_masks_are_read_from_a_checkpoint_whose_weights_have_other_transforms_to
              "block.fc.parametrizations.weight.2.mask": mask * 2}
     found = masks_in_checkpoint(state)
     assert set(found) == {"fc", "block.fc"} and torch.equal(found["fc"], mask) and torch.equal(found["block.fc"], mask * 2)
+
+
+class SharedLayerClassifier(BagOfWordsClassifier):
+    """``hidden`` applied twice, the second time under the name ``again`` (one module, two names,
+    as in a model that shares a layer across depths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.again = self.hidden
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(torch.relu(self.again(torch.relu(self.hidden(self.embed(tokens).mean(1)))))))
+
+
+def test_the_manifest_names_every_pruned_weight_under_each_of_its_names_and_nothing_else() -> None:
+    # Written out by hand: the exporter reads one entry per state_dict key of a pruned weight,
+    # so a module registered under two names needs both, and an unselected one (embed) none.
+    from callbacks._pruning import PrunedWeights
+    from compression_contract.manifest import SPARSE_ORDER
+
+    model = SharedLayerClassifier()
+    weights = PrunedWeights(model, "test", include=["hidden", "again", "out"], exclude=[], embeddings=False)
+    checkpoint: dict = {}
+    weights.record(checkpoint, model)
+    expected = {f"{name}.weight": [{"codec": "sparse", "order": SPARSE_ORDER, "mask": f"{name}.parametrizations.weight.0.mask"}]
+                for name in ("hidden", "again", "out")}
+    assert checkpoint["compression"] == expected
+    state = model.state_dict()
+    for steps in checkpoint["compression"].values():
+        assert steps[0]["mask"] in state
+    # One mask for the shared module, whichever name reads it.
+    assert find_weight_transform(model.hidden, PruningMask) is find_weight_transform(model.again, PruningMask)
+    assert len(weights.masks()) == 2
