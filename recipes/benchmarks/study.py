@@ -101,6 +101,8 @@ class Study:
             options.append(f"--model.init_from={self.result(run.start)}")
             if run.init_layers:
                 options.append(f"--model.init_layers={run.init_layers}")
+        if self.args.accelerator:
+            options.append(f"--trainer.accelerator={self.args.accelerator}")
         if self.args.smoke:
             options += SMOKE_BOTTLENECK if run.kind == "bottleneck" else SMOKE_MODEL
             options += ["--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
@@ -201,14 +203,22 @@ class Study:
                 export_checkpoint(self.result(row.run), exported, row.export)
             if not hypotheses.is_file():
                 self.note(f"translating the test split: {row.run} ({row.export or 'as trained'})")
-                lines = translate_lines(load_exported(exported), sources, beam=4, progress=False)
+                lines = translate_lines(load_exported(exported).to(self.translation_device()), sources, beam=4,
+                                        progress=False)
                 hypotheses.parent.mkdir(parents=True, exist_ok=True)
                 hypotheses.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             found = score(read_lines(hypotheses), references)
             return {"bleu": found.bleu, "chrf": found.chrf, "bytes": exported.stat().st_size,
+                    "translated_on": self.translation_device(),
                     "hypotheses": str(hypotheses.relative_to(self.out)), "step": checkpoint_step(self.result(row.run))}
 
         return cached(self.out / "scores" / f"{slug}.json", compute)
+
+    def translation_device(self) -> str:
+        """Where the test split is translated: the GPU when the study trains there, else the CPU."""
+        import torch
+
+        return "cuda" if self.args.accelerator in ("gpu", "auto") and torch.cuda.is_available() else "cpu"
 
     def paired(self, system: dict, baseline: dict) -> dict:
         """sacrebleu's paired bootstrap test of one seed's system row against its baseline row."""
@@ -276,6 +286,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--test-sentences", type=int, default=None, help="score the first N test sentences (default: all)")
     parser.add_argument("--speed-sentences", type=int, default=500, help="test sentences per speed round (default: %(default)s)")
     parser.add_argument("--speed-rounds", type=int, default=3, help="speed rounds, models taking turns (default: %(default)s)")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu", "auto"], default=None,
+                        help="where every run trains (default: the recipes' cpu); the page names it per reference")
     parser.add_argument("--smoke", type=int, default=0, help="every budget this many steps and a small model (a test)")
     parser.add_argument("--smoke-seeds", type=int, default=2, help="seeds of the headline rows with --smoke")
     args = parser.parse_args(argv)

@@ -227,8 +227,8 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
     lines = ["Trained until validation BLEU (greedy, first 500 validation sentences, every epoch) gained less "
              "than 0.3 BLEU over the last quarter of the steps (mean of the last quarter's scores against the "
              "quarter's before it; `nmt_lightning.plateau`).", "",
-             "| reference | steps | plateau reached | last validation BLEU | gain over the last quarter | test BLEU "
-             "(beam 4) |", "|---|---|---|---|---|---|"]
+             "| reference | trained on | steps | plateau reached | last validation BLEU | gain over the last quarter "
+             "| test BLEU (beam 4) |", "|---|---|---|---|---|---|---|"]
     curves = {}
     for row in (r for r in study.plan.rows if r.table == "references"):
         history = validation_history(out / "runs" / row.run)
@@ -239,7 +239,7 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         steps, last = (f"{history[-1][0]:,}", f"{history[-1][1]:.2f}") if history else ("0", "")
         gain = f"{summary['gain']:.2f}" if summary else ""
         test = f"{scores['bleu']:.2f}" if scores else ""
-        lines.append(f"| {row.label} | {steps} | {'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
+        lines.append(f"| {row.label} | {trained_on(out / 'runs' / row.run)} | {steps} | {'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -260,6 +260,14 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         plt.close(figure)
         lines += ["", f"![convergence]({relative(figures / 'study_convergence.png', study.args.page)})"]
     return lines
+
+
+def trained_on(run_dir: Path) -> str:
+    """The accelerator a run trained on, from its run.json (``--accelerator`` of the study), else the recipe's CPU."""
+    record = run_dir / "run.json"
+    overrides = json.loads(record.read_text(encoding="utf-8")).get("overrides", []) if record.is_file() else []
+    chosen = [option.split("=", 1)[1] for option in overrides if option.startswith("--trainer.accelerator=")]
+    return chosen[-1].upper() if chosen else "CPU"
 
 
 def validation_history(run_dir: Path) -> list[tuple[int, float]]:
