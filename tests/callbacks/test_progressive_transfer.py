@@ -362,3 +362,24 @@ def test_embedding_modules_that_name_nothing_are_refused(teacher: Path, prepared
     ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": [], "decoder": []},
                                  copy_embeddings=False).setup(None, module, "fit")
     ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": []}).setup(None, module, "fit")  # a side left out: none
+
+
+def test_the_checkpoint_states_the_schedule_and_an_older_one_without_it_loads(teacher: Path) -> None:
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=3, mode="joint", sides=["decoder"])
+    # Written out: a resume compares this record with the callback's own settings.
+    assert transfer.state_dict()["schedule"] == {"mode": "joint", "stage_steps": 3, "sides": ["decoder"]}
+    # A checkpoint saved before the schedule was recorded resumes at its stage.
+    transfer.load_state_dict({"stage": 1, "frozen": ["model.encoder_layers.0.ffn.weight"]})
+    assert transfer.stage == 1 and transfer.freezer.frozen == ["model.encoder_layers.0.ffn.weight"]
+    with pytest.raises(ValueError, match="the checkpoint trained with .*'stage_steps': 4"):
+        transfer.load_state_dict({"stage": 1, "schedule": {"mode": "joint", "stage_steps": 4, "sides": ["decoder"]}})
+
+
+def test_a_module_without_the_loss_extension_point_is_refused(teacher: Path, prepared_dir: Path,
+                                                             tmp_path: Path) -> None:
+    module, datamodule = student(prepared_dir)
+    module.register_loss_term = None  # the extension point's member gone: not callable
+    with pytest.raises(TypeError, match="ProgressiveKnowledgeTransfer needs the LightningModule to offer "
+                                        "register_loss_term .*TranslationModule lacks it"):
+        tiny_trainer(tmp_path, max_steps=1, callbacks=[ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1)]).fit(
+            module, datamodule=datamodule)

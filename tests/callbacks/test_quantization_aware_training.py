@@ -317,3 +317,25 @@ def test_the_checkpoint_names_each_grid_for_the_exporter(bits: int, codec: str, 
     assert (find_weight_transform(model.embed, FakeQuantizedWeight) is not None) == quantize_embeddings
     entry = next(value for key, value in saved["callbacks"].items() if key.startswith("QuantizationAwareTraining"))
     assert entry == {"bits": bits, "per_channel": True, "start_step": 1}
+
+
+def test_validation_sees_the_model_as_deployed_once_quantization_has_started(tmp_path: Path) -> None:
+    # start_step=5 and 5 steps: the last training batch (step 4) ran in floating point, but the
+    # model validated after it is at step 5, where the deployed model is the quantized one.
+    model = BagOfWordsClassifier()
+    seen = []
+
+    class Spy(L.Callback):
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.append((trainer.global_step, find_weight_transform(pl_module.hidden, FakeQuantizedWeight).enabled,
+                         pl_module.hidden.input_quantizer.enabled))
+
+    fit = trainer(tmp_path, [QuantizationAwareTraining(start_step=5), Spy()], max_steps=5, limit_val_batches=2)
+    fit.fit(model, classification_data())
+    fit.validate(model, classification_data(), verbose=False)
+    assert seen and all(entry == (5, True, True) for entry in seen)
+    seen.clear()
+    early = trainer(tmp_path / "early", [QuantizationAwareTraining(start_step=5), Spy()], max_steps=3, limit_val_batches=2)
+    early.fit(BagOfWordsClassifier(), classification_data())
+    early.validate(early.lightning_module, classification_data(), verbose=False)
+    assert seen and all(entry == (3, False, False) for entry in seen)
