@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from nmt_lightning.plateau import plateau_gain
 from side_by_side import cpu_description
 from study_plan import PLATEAU, Comparison, Row, estimated_hours
 
@@ -237,7 +238,9 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         summary = json.loads(record.read_text()) if record.is_file() else None
         scores = study.score(row)
         steps, last = (f"{history[-1][0]:,}", f"{history[-1][1]:.2f}") if history else ("0", "")
-        gain = f"{summary['gain']:.2f}" if summary else ""
+        # The decision's gain once on the plateau; until then the same rule on the history so far.
+        gain_value = summary["gain"] if summary else plateau_gain(history)
+        gain = "" if gain_value is None else f"{gain_value:.2f}"
         test = f"{scores['bleu']:.2f}" if scores else ""
         lines.append(f"| {row.label} | {trained_on(out / 'runs' / row.run)} | {steps} | {'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
     try:
