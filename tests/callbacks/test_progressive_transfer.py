@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -383,3 +385,19 @@ def test_a_module_without_the_loss_extension_point_is_refused(teacher: Path, pre
                                         "register_loss_term .*TranslationModule lacks it"):
         tiny_trainer(tmp_path, max_steps=1, callbacks=[ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1)]).fit(
             module, datamodule=datamodule)
+
+
+@pytest.mark.parametrize("mode, max_steps, warned", [("progressive", 8, True), ("progressive", 9, False),
+                                                     ("progressive", -1, False), ("joint", 8, True),
+                                                     ("joint", 9, False), ("auxiliary", 1, False)])
+def test_a_fit_too_short_for_the_transfer_stages_is_warned_only_then(mode: str, max_steps: int, warned: bool,
+                                                                     teacher: Path, prepared_dir: Path) -> None:
+    # 2+2 layers of 2 steps: 8 transfer steps before distillation (progressive and joint);
+    # auxiliary mode has no transfer stages to cut short; max_steps=-1 is unlimited.
+    module, _ = student(prepared_dir)
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=2, mode=mode)
+    transfer.setup(None, module, "fit")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        transfer.on_fit_start(SimpleNamespace(max_steps=max_steps), module)
+    assert any("this fit ends before the distillation stage" in str(w.message) for w in caught) == warned
