@@ -401,3 +401,13 @@ def test_a_fit_too_short_for_the_transfer_stages_is_warned_only_then(mode: str, 
         warnings.simplefilter("always")
         transfer.on_fit_start(SimpleNamespace(max_steps=max_steps), module)
     assert any("this fit ends before the distillation stage" in str(w.message) for w in caught) == warned
+
+
+def test_the_modules_own_task_weight_is_restored_after_the_fit(teacher: Path, prepared_dir: Path,
+                                                               tmp_path: Path) -> None:
+    # Joint transfer sets the task loss to 0, then to hard_weight; the module weighed it 0.7.
+    module, datamodule = student(prepared_dir)
+    module.set_loss_weight(CROSS_ENTROPY, 0.7)
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1, mode="joint")
+    tiny_trainer(tmp_path, max_steps=2, callbacks=[transfer]).fit(module, datamodule=datamodule)
+    assert module.loss_weight(CROSS_ENTROPY) == 0.7 and module.loss_terms == {}
