@@ -397,3 +397,15 @@ def test_the_task_weight_a_module_had_is_restored_after_the_fit(classifier_teach
     distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], hard_weight=0.3)
     trainer(tmp_path, [distillation], max_steps=2).fit(student, classification_data())
     assert student.task_weight == 0.8 and student.terms == {}
+
+
+def test_a_missing_teacher_input_names_what_the_batch_holds() -> None:
+    from callbacks._distillation import teacher_inputs_of
+
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(KeyError, match=r"KnowledgeDistillation: the batch has no field 'source' for the teacher "
+                                       r"\(teacher_inputs=\['source'\]; the batch has \['src', 'tgt'\]\)"):
+        teacher_inputs_of("KnowledgeDistillation", {"src": tokens, "tgt": tokens}, ["source"])
+    with pytest.raises(KeyError, match=r"no field 2 .*the batch has 2 items"):
+        teacher_inputs_of("KnowledgeDistillation", (tokens, tokens), [0, 2])
+    assert teacher_inputs_of("KnowledgeDistillation", (tokens, tokens + 1), [1, 0])[0].sum() == 6
