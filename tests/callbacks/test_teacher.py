@@ -149,3 +149,14 @@ def test_a_loader_is_resolved_by_the_longest_importable_prefix(tmp_path: Path,
     for wrong in ("os.path.no_such_function", "os.sep", "no_such_package.loader", "os"):
         with pytest.raises(ValueError, match=f"^resolve_callable: teacher_loader '{wrong}' is not an importable callable"):
             resolve_callable(wrong)
+
+
+def test_the_teacher_takes_the_students_floating_dtype(teacher_checkpoint: Path) -> None:
+    # A bf16-true (or 16-true) student computes in bf16: the teacher's logits must come in the
+    # same dtype, so the teacher is cast with it.
+    student = BagOfWordsClassifier().to(torch.bfloat16)
+    teacher = FrozenTeacher(str(teacher_checkpoint), owner="KnowledgeDistillation")
+    teacher.load(student)
+    attached = teacher.attach(student)
+    assert {p.dtype for p in attached.parameters()} == {torch.bfloat16}
+    assert teacher(torch.zeros(2, 4, dtype=torch.long)).dtype == torch.bfloat16
