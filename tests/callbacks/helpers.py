@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import lightning as L
@@ -48,3 +49,11 @@ def assert_same_state(expected: dict, actual: dict, tolerance: float = 1e-6) -> 
     assert expected.keys() == actual.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
+
+
+def context_without_a_recorder(features: object) -> SimpleNamespace:
+    """A translation loss context (a 1 x 3 source, 2 target positions, 5 words) whose features
+    cannot record per-layer states: none (``features`` None) or features of another kind."""
+    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
+    return SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
+                           features=None if features is None else SimpleNamespace(encoder_states=[]))

@@ -19,7 +19,7 @@ from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from tests.callbacks.classifier import DistillableClassifier, classification_data
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.helpers import assert_same_state, context_without_a_recorder, resumed_and_uninterrupted, trainer
 from tests.callbacks.test_transforms import MaskCallback
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
@@ -184,12 +184,8 @@ def test_the_hidden_loss_needs_a_recorder_in_the_loss_context(features, trained_
     """hidden_weight > 0 reads per-layer states, recorded by an object whose class offers
     requesting(): a context without one (None, or features of another kind) is refused in one line
     before the teacher runs."""
-    from types import SimpleNamespace
-
     distillation = KnowledgeDistillation(str(trained_checkpoint), hidden_weight=1.0)
-    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
-    context = SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
-                              features=None if features is None else SimpleNamespace(encoder_states=[]))
+    context = context_without_a_recorder(features)
     with pytest.raises(TypeError, match=r"^KnowledgeDistillation: hidden_weight > 0 needs the module's loss context "
                                         r"to carry per-layer features \(context.features with a requesting\(\)"):
         distillation._teacher_pass(context)

@@ -20,7 +20,7 @@ from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import CROSS_ENTROPY, LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted
+from tests.callbacks.helpers import assert_same_state, context_without_a_recorder, resumed_and_uninterrupted
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
 # The teacher: TINY_MODEL (d_model 32, 2 heads) with 2+2 layers. The deep, thin student: the
@@ -337,16 +337,12 @@ def test_layer_stages_need_a_recorder_in_the_loss_context(features, tmp_path: Pa
     """A layer-wise stage reads the teacher's per-layer states through a recorder made by the
     class of context.features (its requesting()): a context without one is refused in one line
     before the teacher runs."""
-    from types import SimpleNamespace
-
     from callbacks.progressive_transfer import _Stage
 
     torch.save({}, tmp_path / "teacher.ckpt")
     transfer = ProgressiveKnowledgeTransfer(str(tmp_path / "teacher.ckpt"))
     transfer.stages, transfer.stage = [_Stage([("encoder", 1)], distill=False, trainable=None)], 0
-    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
-    context = SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
-                              features=None if features is None else SimpleNamespace(encoder_states=[]))
+    context = context_without_a_recorder(features)
     with pytest.raises(TypeError, match=r"^ProgressiveKnowledgeTransfer: the module's loss context carries no "
                                         r"per-layer features"):
         transfer._teacher_pass(context)
