@@ -279,3 +279,12 @@ def test_masks_from_is_read_safely(files: dict, tmp_path: Path) -> None:
     assert read_checkpoint(tmp_path / "good.ckpt", "Owner: masks_from")["state_dict"]["m"].device.type == "cpu"
     with pytest.raises(FileNotFoundError, match=r"^Owner: masks_from .*gone.ckpt: no such file$"):
         read_checkpoint(tmp_path / "gone.ckpt", "Owner: masks_from")
+
+
+@pytest.mark.parametrize("block_sizes", [{3: 4}, {"": 4}, {"*fc*": 4, 0: 8}])
+def test_a_glob_mapping_whose_keys_are_not_all_globs_is_refused(block_sizes: dict) -> None:
+    from callbacks import QuantNoise
+
+    with pytest.raises(ValueError) as error:
+        QuantNoise(block_sizes=block_sizes)
+    assert_one_line_naming(error.value, "QuantNoise", "block_sizes")
