@@ -7,8 +7,8 @@ Reads the validation history (step, greedy val/bleu on the recipe's 500 sentence
 and the teacher, from a study's run directories (``--out``, their CSV logs) or from kept
 ``<run>.csv`` files (``--histories``, written by ``--save-histories``), and prints per run: the
 validations, the last step, the last and best score, and the gain over the last quarter of the
-steps by ``nmt_lightning.plateau``'s rule (the converged recipe stops once it is below 0.3 BLEU
-from step 4,000 on). ``--figure`` draws the curves.
+steps by ``nmt_lightning.plateau``'s rule with the converged recipe's settings (it stops once the
+gain is below 0.3 BLEU, from step 4,000 on). ``--figure`` draws the curves.
 """
 
 from __future__ import annotations
@@ -24,10 +24,18 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from nmt_lightning.plateau import plateau_gain  # noqa: E402
-from study_page import validation_history  # noqa: E402
+from study_page import draw_curves, validation_history  # noqa: E402
+from study_plan import CONVERGED  # noqa: E402
 
 RUNS = {"base": "tiny 3+3 (the base)", "teacher": "6+6 (the teacher)"}
-MIN_GAIN, MIN_STEPS = 0.3, 4000  # recipes/libreoffice_en_cs/converged.yaml
+
+
+def plateau_rule() -> dict:
+    """The PlateauStopping settings of the converged recipe (min_gain, window, min_steps, min_validations)."""
+    import yaml
+
+    callbacks = yaml.safe_load((ROOT / CONVERGED).read_text(encoding="utf-8"))["trainer"]["callbacks"]
+    return next(c["init_args"] for c in callbacks if c["class_path"] == "nmt_lightning.plateau.PlateauStopping")
 
 
 def read_histories(out: Optional[Path], histories: Optional[Path]) -> dict[str, list[tuple[int, float]]]:
@@ -45,37 +53,19 @@ def read_histories(out: Optional[Path], histories: Optional[Path]) -> dict[str, 
 
 
 def table(found: dict[str, list[tuple[int, float]]]) -> list[str]:
+    rule = plateau_rule()
     lines = ["| reference | validations | last step | last val BLEU | best val BLEU | gain over the last quarter "
              "| on the plateau |", "|---|---|---|---|---|---|---|"]
     for run, history in found.items():
         if not history:
             lines.append(f"| {RUNS[run]} | 0 | | | | | no |")
             continue
-        gain = plateau_gain(history)
-        reached = gain is not None and gain < MIN_GAIN and history[-1][0] >= MIN_STEPS
+        gain = plateau_gain(history, rule["window"], rule["min_validations"])
+        reached = gain is not None and gain < rule["min_gain"] and history[-1][0] >= rule["min_steps"]
         lines.append(f"| {RUNS[run]} | {len(history)} | {history[-1][0]:,} | {history[-1][1]:.2f} | "
                      f"{max(score for _, score in history):.2f} | {'' if gain is None else f'{gain:.2f}'} | "
                      f"{'yes' if reached else 'no'} |")
     return lines
-
-
-def draw(found: dict[str, list[tuple[int, float]]], figure_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6.5, 4))
-    for run, history in found.items():
-        if history:
-            axes.plot([s for s, _ in history], [b for _, b in history], marker=".", label=RUNS[run])
-    axes.set_xlabel("training step")
-    axes.set_ylabel("validation BLEU (greedy, 500 sentences)")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure_path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(figure_path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -95,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                 writer.writerow(["step", "val_bleu"])
                 writer.writerows((step, f"{score:.4f}") for step, score in history)
     if args.figure is not None:
-        draw(found, args.figure)
+        draw_curves({RUNS[run]: history for run, history in found.items()}, args.figure)
     print("\n".join(table(found)))
 
 

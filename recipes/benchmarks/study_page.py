@@ -242,27 +242,34 @@ def reference_lines(study: Any, out: Path, figures: Path) -> list[str]:
         gain_value = summary["gain"] if summary else plateau_gain(history)
         gain = "" if gain_value is None else f"{gain_value:.2f}"
         test = f"{scores['bleu']:.2f}" if scores else ""
-        lines.append(f"| {row.label} | {trained_on(out / 'runs' / row.run)} | {steps} | {'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
+        lines.append(f"| {row.label} | {trained_on(out / 'runs' / row.run)} | {steps} | "
+                     f"{'yes' if summary else 'not yet'} | {last} | {gain} | {test} |")
+    if any(curves.values()) and draw_curves(curves, figures / "study_convergence.png"):
+        lines += ["", f"![convergence]({relative(figures / 'study_convergence.png', study.args.page)})"]
+    return lines
+
+
+def draw_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
+    """Validation BLEU against steps, one line per label, into ``path`` (PNG); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return lines
-    if any(curves.values()):
-        figure, axes = plt.subplots(figsize=(6.5, 4))
-        for label, history in curves.items():
-            if history:
-                axes.plot([s for s, _ in history], [b for _, b in history], marker=".", label=label)
-        axes.set_xlabel("training step")
-        axes.set_ylabel("validation BLEU (greedy, 500 sentences)")
-        axes.grid(alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        figure.savefig(figures / "study_convergence.png", dpi=120)
-        plt.close(figure)
-        lines += ["", f"![convergence]({relative(figures / 'study_convergence.png', study.args.page)})"]
-    return lines
+        return False
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for label, history in curves.items():
+        if history:
+            axes.plot([s for s, _ in history], [b for _, b in history], marker=".", label=label)
+    axes.set_xlabel("training step")
+    axes.set_ylabel("validation BLEU (greedy, 500 sentences)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
 
 
 def trained_on(run_dir: Path) -> str:

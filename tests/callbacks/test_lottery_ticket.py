@@ -391,7 +391,8 @@ def test_the_manifest_names_every_pruned_weight_under_each_of_its_names_and_noth
     weights = PrunedWeights(model, "test", include=["hidden", "again", "out"], exclude=[], embeddings=False)
     checkpoint: dict = {}
     weights.record(checkpoint, model)
-    expected = {f"{name}.weight": [{"codec": "sparse", "order": SPARSE_ORDER, "mask": f"{name}.parametrizations.weight.0.mask"}]
+    expected = {f"{name}.weight": [{"codec": "sparse", "order": SPARSE_ORDER,
+                                    "mask": f"{name}.parametrizations.weight.0.mask"}]
                 for name in ("hidden", "again", "out")}
     assert checkpoint["compression"] == expected
     state = model.state_dict()

@@ -54,7 +54,6 @@ def test_every_weight_draws_its_own_blocks_from_the_seeded_generator() -> None:
             assert torch.equal(weight_transforms(getattr(model, name))[0].mask, mask), name
 
 
-
 @pytest.mark.parametrize("gradient", ["straight_through", "dropout"])
 def test_the_callback_puts_its_settings_on_every_selected_weight(gradient: str) -> None:
     """What QuantNoise hands each weight's transform: the scheme, p, block size and, for pq, the
