@@ -405,3 +405,39 @@ def test_a_missing_teacher_input_names_what_the_batch_holds() -> None:
     with pytest.raises(KeyError, match=r"no field 2 .*the batch has 2 items"):
         teacher_inputs_of("KnowledgeDistillation", (tokens, tokens), [0, 2])
     assert teacher_inputs_of("KnowledgeDistillation", (tokens, tokens + 1), [1, 0])[0].sum() == 6
+
+
+@pytest.mark.parametrize("layer_map, student_states, teacher_states, error", [
+    # a module that is not ours may hand no source mask: an encoder pair cannot say which positions are real
+    ({"encoder_output": "encoder_output"}, {"encoder_output": torch.ones(1, 3, 4)},
+     {"encoder_output": torch.ones(1, 3, 4)},
+     r"^KnowledgeDistillation: an encoder state in layer_map needs context.source_mask$"),
+    # features without the state at all, on either side: which model's forward failed to record it
+    ({"decoder_output": "decoder_output"}, {}, {"decoder_output": torch.ones(1, 2, 4)},
+     r"^KnowledgeDistillation: the student's forward recorded no decoder_output$"),
+    ({"decoder_output": "decoder_output"}, {"decoder_output": torch.ones(1, 2, 4)}, {},
+     r"^KnowledgeDistillation: the teacher's forward recorded no decoder_output$"),
+    ({"decoder.2": "decoder.1"}, {"decoder_states": [torch.ones(1, 2, 4)] * 2},
+     {"decoder_states": [torch.ones(1, 2, 4)] * 3},
+     r"^KnowledgeDistillation: layer_map names decoder.2 of the student, which has only 2 decoder states "),
+    ({"decoder.1": "decoder.3"}, {"decoder_states": [torch.ones(1, 2, 4)] * 2},
+     {"decoder_states": [torch.ones(1, 2, 4)] * 3},
+     r"^KnowledgeDistillation: layer_map names decoder.3 of the teacher, which has only 3 decoder states "),
+])
+def test_a_state_the_hidden_loss_cannot_read_is_named_with_its_model(trained_checkpoint: Path, layer_map,
+                                                                      student_states, teacher_states,
+                                                                      error: str) -> None:
+    """The hidden loss of a module that is not ours: its loss context is a plain namespace
+    (1 sentence, 3 source and 2 target positions, width 4) and may lack what the pairs need. Each
+    gap is one line naming the state and whose forward lacks it, not an AttributeError."""
+    from types import SimpleNamespace
+    from callbacks.knowledge_distillation import _TeacherPass
+
+    distillation = KnowledgeDistillation(str(trained_checkpoint), hidden_weight=1.0, layer_map=layer_map)
+    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
+    logits = torch.zeros(1, 2, 5)
+    distillation._pass = _TeacherPass(batch, logits, SimpleNamespace(**teacher_states))  # the teacher has run
+    context = SimpleNamespace(batch=batch, logits=logits, target_mask=torch.ones(1, 2, dtype=torch.bool),
+                              num_tokens=torch.tensor(2), features=SimpleNamespace(**student_states))
+    with pytest.raises((TypeError, ValueError), match=error):
+        distillation._hidden_loss(context)
