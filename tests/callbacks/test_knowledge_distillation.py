@@ -423,6 +423,8 @@ def test_a_missing_teacher_input_names_what_the_batch_holds() -> None:
     ({"decoder.1": "decoder.3"}, {"decoder_states": [torch.ones(1, 2, 4)] * 2},
      {"decoder_states": [torch.ones(1, 2, 4)] * 3},
      r"^KnowledgeDistillation: layer_map names decoder.3 of the teacher, which has only 3 decoder states "),
+    ({"decoder.1": "decoder.1"}, {}, {"decoder_states": [torch.ones(1, 2, 4)] * 2},
+     r"^KnowledgeDistillation: layer_map names decoder.1 of the student, which has only 0 decoder states "),
 ])
 def test_a_state_the_hidden_loss_cannot_read_is_named_with_its_model(trained_checkpoint: Path, layer_map,
                                                                       student_states, teacher_states,
