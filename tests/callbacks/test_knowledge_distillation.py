@@ -443,3 +443,24 @@ def test_a_state_the_hidden_loss_cannot_read_is_named_with_its_model(trained_che
                               num_tokens=torch.tensor(2), features=SimpleNamespace(**student_states))
     with pytest.raises((TypeError, ValueError), match=error):
         distillation._hidden_loss(context)
+
+
+def test_one_callback_distils_in_two_fits_in_a_row(classifier_teacher: Path, tmp_path: Path) -> None:
+    """A run continued by a second fit with the same callback (as in a notebook): the second fit
+    distils as the first did, its terms registered again and the task weight set and restored
+    again; nothing the first fit left behind (its last teacher pass) is read."""
+
+    class Terms(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, ...]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.seen.append((*sorted(pl_module.terms), pl_module.task_weight))
+
+    student = DistillableClassifier()
+    distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], hard_weight=0.3)
+    for fit in range(2):
+        terms = Terms()
+        trainer(tmp_path / str(fit), [distillation, terms], max_steps=2).fit(student, classification_data())
+        assert terms.seen == [("distill_soft", 0.3)] * 2
+        assert student.task_weight == 1.0 and student.terms == {}
