@@ -395,10 +395,14 @@ def test_the_task_weight_a_module_had_is_restored_after_the_fit(classifier_teach
     assert student.task_weight == 0.8 and student.terms == {}
 
 
-def test_a_missing_teacher_input_names_what_the_batch_holds() -> None:
+def test_a_missing_teacher_input_names_what_the_batch_holds(trained_checkpoint: Path) -> None:
+    from types import SimpleNamespace
     from callbacks._distillation import teacher_inputs_of
 
     tokens = torch.zeros(2, 3, dtype=torch.long)
+    distillation = KnowledgeDistillation(str(trained_checkpoint))  # the callback names itself
+    with pytest.raises(KeyError, match=r"^\"KnowledgeDistillation: the batch has no field 'source' for the teacher "):
+        distillation._teacher_pass(SimpleNamespace(batch={"src": tokens}))
     with pytest.raises(KeyError, match=r"KnowledgeDistillation: the batch has no field 'source' for the teacher "
                                        r"\(teacher_inputs=\['source'\]; the batch has \['src', 'tgt'\]\)"):
         teacher_inputs_of("KnowledgeDistillation", {"src": tokens, "tgt": tokens}, ["source"])
@@ -464,3 +468,30 @@ def test_one_callback_distils_in_two_fits_in_a_row(classifier_teacher: Path, tmp
         trainer(tmp_path / str(fit), [distillation, terms], max_steps=2).fit(student, classification_data())
         assert terms.seen == [("distill_soft", 0.3)] * 2
         assert student.task_weight == 1.0 and student.terms == {}
+
+
+@pytest.mark.parametrize("soft, hard, hidden, terms, task_weight", [
+    (0.5, 0.5, 0.0, [("distill_soft", 0.5, ())], 0.5),
+    (0.0, 1.0, 0.7, [("distill_hidden", 0.7, ("hidden_states",))], None),  # hard 1: the module's loss untouched
+    (0.25, 2.0, 0.5, [("distill_soft", 0.25, ()), ("distill_hidden", 0.5, ("hidden_states",))], 2.0),
+])
+def test_the_terms_a_fit_registers_are_those_weighed_above_0(classifier_teacher: Path, soft: float, hard: float,
+                                                            hidden: float, terms: list, task_weight) -> None:
+    """At the start of a fit the callback registers each term whose weight is > 0, with that weight
+    and the features it reads, and sets the module's task weight to hard_weight unless it is 1;
+    a module without set_loss_weight is then accepted (hard_weight 1 needs no weight set)."""
+
+    class Recording(DistillableClassifier):
+        def register_loss_term(self, name, fn, weight=1.0, features=()) -> None:
+            self.registered.append((name, weight, tuple(features)))
+
+    student = Recording()
+    student.registered = []
+    if task_weight is None:
+        student.set_loss_weight = None  # not callable: the module lacks the setter
+    distillation = KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], soft_weight=soft,
+                                         hard_weight=hard, hidden_weight=hidden)
+    distillation.setup(None, student, "fit")
+    distillation.on_fit_start(None, student)
+    assert student.registered == terms
+    assert student.task_weight == (1.0 if task_weight is None else task_weight)
