@@ -319,6 +319,16 @@ def test_the_projection_is_added_where_the_widths_differ_and_only_once(wide_teac
         KnowledgeDistillation(str(wide_teacher), hidden_weight=1.0, layer_map=fewer).setup(None, student, "fit")
 
 
+def test_no_projection_where_a_module_states_no_width(classifier_teacher: Path) -> None:
+    """A module that is not ours may have no hidden_size: with a student that states its width and a
+    teacher that does not, the widths cannot be compared, so no projection is added (a width
+    mismatch, if any, is then named by the hidden loss)."""
+    student = DistillableClassifier()
+    student.hidden_size = 16  # the teacher, loaded through the class, has none
+    KnowledgeDistillation(str(classifier_teacher), teacher_inputs=[0], hidden_weight=1.0).setup(None, student, "fit")
+    assert not hasattr(student, PROJECTION_NAME)
+
+
 def test_together_with_qat_and_with_a_pruning_mask(classifier_teacher: Path, tmp_path: Path) -> None:
     """Composes with QAT and a pruning mask on the student; the teacher gets neither."""
     L.seed_everything(0)
