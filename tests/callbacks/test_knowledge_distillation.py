@@ -489,7 +489,8 @@ def test_the_terms_a_fit_registers_are_those_weighed_above_0(classifier_teacher:
                                                             hidden: float, terms: list, task_weight) -> None:
     """At the start of a fit the callback registers each term whose weight is > 0, with that weight
     and the features it reads, and sets the module's task weight to hard_weight unless it is 1;
-    a module without set_loss_weight is then accepted (hard_weight 1 needs no weight set)."""
+    a module without set_loss_weight is then accepted (hard_weight 1 needs no weight set, at the
+    start or at the end of the fit)."""
 
     class Recording(DistillableClassifier):
         def register_loss_term(self, name, fn, weight=1.0, features=()) -> None:
@@ -505,3 +506,5 @@ def test_the_terms_a_fit_registers_are_those_weighed_above_0(classifier_teacher:
     distillation.on_fit_start(None, student)
     assert student.registered == terms
     assert student.task_weight == (1.0 if task_weight is None else task_weight)
+    distillation.on_fit_end(None, student)
+    assert student.task_weight == 1.0  # restored where it was set, and left alone where it was not
