@@ -123,14 +123,72 @@ def test_prune_fraction_sets_the_rounds() -> None:
     assert pruning.kept_after(8) == pytest.approx(0.2)
 
 
-def test_rounds_counted_in_epochs_prune_when_an_epoch_begins(tmp_path: Path) -> None:
-    """round_epochs=1, two rounds to 75%: nothing pruned in the first epoch, 1 - 0.25 ** (1/2) = 50%
-    of the 304 weights in the second, 75% from the third on."""
-    pruning = LotteryTicketPruning(sparsity=0.75, rounds=2, round_epochs=1, include=LAYERS)
+@pytest.mark.parametrize("round_epochs", [1, 2])
+def test_rounds_counted_in_epochs_prune_when_an_epoch_begins(tmp_path: Path, round_epochs: int) -> None:
+    """Two rounds to 75%, each round_epochs long: nothing pruned in the first round, 1 - 0.25 ** (1/2)
+    = 50% of the 304 weights in the second, 75% from the third on (seen at each epoch's start)."""
+    pruning = LotteryTicketPruning(sparsity=0.75, rounds=2, round_epochs=round_epochs, include=LAYERS)
     seen: list[float] = []
     probe = LambdaCallback(on_train_epoch_start=lambda *_: seen.append(pruning.weights.sparsity()))
-    trainer(tmp_path, [pruning, probe], max_steps=-1, max_epochs=4).fit(BagOfWordsClassifier(), classification_data())
-    assert seen == pytest.approx([0.0, 152 / 304, 228 / 304, 228 / 304], abs=1e-9)
+    trainer(tmp_path, [pruning, probe], max_steps=-1, max_epochs=4 * round_epochs).fit(BagOfWordsClassifier(),
+                                                                                       classification_data())
+    by_round = [0.0, 152 / 304, 228 / 304, 228 / 304]
+    assert seen == pytest.approx([kept for kept in by_round for _ in range(round_epochs)], abs=1e-9)
+
+
+def test_each_pruning_logs_the_sparsity_of_the_model_and_of_each_layer(tmp_path: Path) -> None:
+    """Three rounds of 4 steps to 87.5% (kept 1/2, 1/4, 1/8 of the 304 weights): at each pruning the
+    loggers get, at that step, the round, the model's sparsity and each layer's."""
+    from lightning.pytorch.loggers import Logger
+
+    class Recording(Logger):
+        name, version = "recording", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.logged: list[tuple[int, dict]] = []  # (step, metrics) of each pruning's record
+
+        def log_metrics(self, metrics, step=None) -> None:
+            if "pruning/round" in metrics and any(key.startswith("pruning/sparsity/") for key in metrics):
+                self.logged.append((step, dict(metrics)))
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            pass
+
+    pruning = ticket()
+    logger = Recording()
+    trainer(tmp_path, [pruning], max_steps=16, logger=logger).fit(BagOfWordsClassifier(), classification_data())
+    assert [step for step, _ in logger.logged] == [4, 8, 12]
+    for round_, (_, metrics) in enumerate(logger.logged, start=1):
+        layers = {key: value for key, value in metrics.items() if key.startswith("pruning/sparsity/")}
+        assert set(layers) == {"pruning/sparsity/hidden", "pruning/sparsity/out"}
+        assert metrics["pruning/round"] == float(round_)
+        assert metrics["pruning/sparsity"] == pytest.approx(1 - 0.5 ** round_, abs=1 / 304)
+
+
+def test_lottery_errors_name_it(tmp_path: Path) -> None:
+    """What a run cannot use is refused in one line naming the callback: include matching no layer,
+    a checkpoint's callback state without the schedule it was pruned with, masks_from a file that
+    is not a checkpoint or a checkpoint without masks. A state from before masks_applied was saved
+    loads as not applied."""
+    with pytest.raises(ValueError, match=r"^LotteryTicketPruning selected no nn.Linear module with "
+                                         r"include=\['nothing'\]"):
+        trainer(tmp_path, [ticket(include=["nothing"])], max_steps=1).fit(BagOfWordsClassifier(), classification_data())
+    with pytest.raises(ValueError, match=r"^LotteryTicketPruning: the checkpoint was pruned with \(rounds, sparsity, "
+                                         r"scope\) = None, this run asks for \[3, 0.875, 'global'\]$"):
+        ticket().load_state_dict({})
+    older = ticket()
+    older.masks_applied = True
+    older.load_state_dict({"round": 1, "snapshot": None, "generator": torch.Generator().get_state(),
+                           "schedule": [3, 0.875, "global"]})
+    assert older.round == 1 and older.masks_applied is False
+    garbage, unmasked = tmp_path / "garbage.ckpt", tmp_path / "unmasked.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    torch.save({"epoch": 0}, unmasked)
+    for path, error in ((garbage, "not a checkpoint"), (unmasked, "holds no pruning masks")):
+        control = LotteryTicketPruning(rounds=0, round_steps=4, masks_from=str(path), include=LAYERS)
+        with pytest.raises(Exception, match=f"^LotteryTicketPruning: masks_from {path}.*{error}"):
+            trainer(tmp_path / path.stem, [control], max_steps=1).fit(BagOfWordsClassifier(), classification_data())
 
 
 def test_too_few_steps_for_the_rounds_is_said(tmp_path: Path) -> None:
