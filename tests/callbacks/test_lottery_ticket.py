@@ -117,10 +117,15 @@ def test_one_shot_per_layer_and_by_epochs(tmp_path: Path) -> None:
     assert pruning.weights.layer_sparsity() == {"hidden": 0.5, "out": 0.5}
 
 
-def test_prune_fraction_sets_the_rounds() -> None:
+def test_prune_fraction_sets_the_rounds(tmp_path: Path) -> None:
+    """Pruning 20% of the survivors a round reaches 80% sparsity in 8 rounds, each keeping 0.8 of
+    the last (not the 0.2 ** (r / 8) of eight equal geometric steps), the last one exactly 0.2;
+    with no round of its own (masks_from) everything is kept."""
     pruning = LotteryTicketPruning(sparsity=0.8, prune_fraction=0.2, round_steps=5)
     assert pruning.rounds == 8  # 0.8 ** 7 = 0.21 > 0.2 >= 0.8 ** 8
-    assert pruning.kept_after(8) == pytest.approx(0.2)
+    assert [pruning.kept_after(r) for r in (1, 7, 8)] == pytest.approx([0.8, 0.8 ** 7, 0.2])
+    (tmp_path / "ticket.ckpt").touch()
+    assert LotteryTicketPruning(rounds=0, round_steps=5, masks_from=str(tmp_path / "ticket.ckpt")).kept_after(0) == 1.0
 
 
 @pytest.mark.parametrize("round_epochs", [1, 2])
