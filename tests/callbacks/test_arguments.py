@@ -66,7 +66,8 @@ PROBES = {
         ("schedule", dict(schedule="rewind")), ("scope", dict(scope="model")), ("include", dict(include="*")),
         ("exclude", dict(exclude=[2])), ("prune_embeddings", dict(prune_embeddings="yes")),
         ("reinitialize", dict(reinitialize=1)), ("masks_from", dict(masks_from="no/such.ckpt")),
-        ("masks_from", dict(masks_from=3)), ("seed", dict(seed=1.0)),
+        ("masks_from", dict(masks_from=3)), ("seed", dict(seed=1.0)), ("include", dict(include=[])),
+        ("seed", dict(seed=-1)), ("seed", dict(seed=2 ** 63)),  # its seeds: 0 .. 2 ** 63 - 1
     ]),
     MagnitudePruning: ({}, [
         ("sparsity", dict(sparsity=1)), ("sparsity", dict(sparsity="0.5")), ("sparsity", dict(sparsity=NAN)),
@@ -189,7 +190,8 @@ def test_a_bad_plateau_argument_is_refused_in_one_line(argument: str, settings: 
 @pytest.mark.parametrize("cls", [*PROBES, *TEACHER_PROBES])
 def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
     """Good values of every type pass: ints for floats, tuples for lists, a Path for a file."""
-    extra = {LotteryTicketPruning: dict(round_steps=10, rewind_step=0, sparsity=1 / 2, schedule="restart"),
+    extra = {LotteryTicketPruning: dict(round_steps=1, rewind_step=0, sparsity=1 / 2, schedule="restart",
+                                        seed=2 ** 63 - 1),
              KnowledgeDistillation: dict(teacher=Path(files["teacher"]), temperature=1, soft_weight=1,
                                          layer_map={"decoder.1": "decoder.2"}, teacher_inputs=[0, "source"]),
              ProgressiveKnowledgeTransfer: dict(teacher=files["teacher"], teacher_layers={"encoder": (2, 4)},
