@@ -61,6 +61,15 @@ def test_a_centroids_gradient_is_the_mean_over_its_blocks() -> None:
         torch.testing.assert_close(transform.centroids.grad[c], expected)
 
 
+def test_a_codebook_says_its_size_block_and_state_when_printed() -> None:
+    """A model's printout (e.g. Lightning's summary) shows each codebook as k centroids of
+    block_size entries, and whether the weight is its codewords yet."""
+    transform = CentroidWeight(torch.Size((6, 8)), block_size=2, k=4)
+    assert repr(transform) == "CentroidWeight(k=4, block_size=2, quantized=False)"
+    transform.quantize(torch.randn(6, 8), iterations=2, generator=torch.Generator().manual_seed(0))
+    assert repr(transform) == "CentroidWeight(k=4, block_size=2, quantized=True)"
+
+
 def test_stages_quantize_in_turn_and_restart_the_optimiser(tmp_path: Path) -> None:
     class Spy(L.Callback):
         def __init__(self) -> None:
