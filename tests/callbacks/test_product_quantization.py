@@ -61,6 +61,32 @@ def test_a_centroids_gradient_is_the_mean_over_its_blocks() -> None:
         torch.testing.assert_close(transform.centroids.grad[c], expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_centroid_gets_the_mean_gradient_of_its_blocks_also_of_one_or_none(dtype: torch.dtype) -> None:
+    """A 2 x 8 weight in blocks of 2, its 8 blocks assigned by hand: centroid 0 has one block, 1 none,
+    2 three, 3 four. Each centroid's gradient is the mean of its blocks' (the single block's own,
+    0 for the empty one), in the weight's dtype also in bfloat16 (a bf16-true run). Tolerance: the
+    sum of n gradients rounds n times and the division once, each within the dtype's unit
+    roundoff u of at most the sum of their magnitudes."""
+    transform = CentroidWeight(torch.Size((2, 8)), block_size=2, k=4).to(dtype)
+    assignments = torch.tensor([[0, 2, 2, 3], [2, 3, 3, 3]])
+    transform.assignments.copy_(assignments)
+    transform.counts.copy_(torch.bincount(assignments.flatten(), minlength=4).float())
+    transform.quantized.fill_(True)
+    transform.active = True
+    weight = torch.zeros(2, 8, dtype=dtype)
+    upstream = (torch.linspace(-2.0, 2.0, 16) + 0.3).reshape(2, 8).to(dtype)  # no entry near 0
+    (transform(weight) * upstream).sum().backward()
+    assert transform.centroids.grad.dtype == dtype
+    blocks, owners = upstream.double().reshape(-1, 2), assignments.flatten()
+    u = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24
+    for c in range(4):
+        mine = blocks[owners == c]
+        expected = mine.mean(0) if len(mine) else torch.zeros(2, dtype=torch.float64)
+        tolerance = 2 * u * mine.abs().sum(0) if len(mine) else torch.zeros(2, dtype=torch.float64)
+        assert ((transform.centroids.grad[c].double() - expected).abs() <= tolerance).all(), c
+
+
 def test_a_codebook_says_its_size_block_and_state_when_printed() -> None:
     """A model's printout (e.g. Lightning's summary) shows each codebook as k centroids of
     block_size entries, and whether the weight is its codewords yet."""
