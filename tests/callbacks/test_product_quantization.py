@@ -126,10 +126,61 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(tmp_path: P
 
 
 def test_a_stage_selecting_nothing_and_a_block_size_not_dividing_are_errors() -> None:
-    with pytest.raises(ValueError, match=r"stage 1 \['decoder\*'\] selects no"):
+    with pytest.raises(ValueError, match=r"^IterativeProductQuantization: stage 1 \['decoder\*'\] selects no"):
         ipq(stages=[["hidden"], ["decoder*"]]).add_codebooks(BagOfWordsClassifier())
+    with pytest.raises(ValueError, match=r"^IterativeProductQuantization: stage 1 \['hidden'\] selects no .*not taken "
+                                         r"by an earlier stage"):
+        ipq(stages=[["hidden"], ["hidden"]]).add_codebooks(BagOfWordsClassifier())
     with pytest.raises(ValueError, match=r"block size 5 does not divide the 16 columns of hidden.weight"):
         ipq(block_size=5).add_codebooks(BagOfWordsClassifier())
+
+
+def test_a_layer_goes_to_the_first_stage_that_selects_it() -> None:
+    """Stages [hidden], [*]: the second stage takes every other layer (embed and out), not hidden."""
+    callback = ipq(stages=[["hidden"], ["*"]])
+    callback.add_codebooks(BagOfWordsClassifier())
+    assert [[names for _, _, names in targets] for targets in callback._stage_targets] == \
+        [[["hidden"]], [["embed"], ["out"]]]
+
+
+def test_codebooks_are_learnt_from_the_masked_weight_and_a_tied_weight_once() -> None:
+    """A pruned layer's codebook is k-means of its masked weight, without the Quant-Noise of the
+    step (here int4 noise on every block, in training mode): the same codebook as that of a copy
+    whose weight holds the zeros itself (same stage, same place in it, so the same seed). Three
+    layers, the middle one tied to the first: one codebook for the tied pair, and the third layer
+    is quantized too."""
+    import copy
+    from callbacks._pruning import PruningMask
+    from callbacks._transforms import add_weight_transform
+    from callbacks.quant_noise import NoisyWeight
+
+    torch.manual_seed(0)
+    masked = BagOfWordsClassifier()
+    zeroed = copy.deepcopy(masked)
+    mask = torch.ones(16, 16)
+    mask[:, :8] = 0  # the first two blocks of 4 of every row
+    add_weight_transform(masked.hidden, PruningMask(masked.hidden.weight)).mask.copy_(mask)
+    noise = add_weight_transform(masked.hidden, NoisyWeight("int4", p=0.5, block_size=4, per_channel=True)).train()
+    noise.mask = torch.ones(16, 4, dtype=torch.bool)  # this step's noised blocks: all of them
+    with torch.no_grad():
+        zeroed.hidden.weight.mul_(mask)
+    codebooks = []
+    for model in (masked, zeroed):
+        ipq(stages=[["hidden"]], kmeans_iterations=5).quantize_post_training(model)
+        codebooks.append(weight_transforms(model.hidden)[-1])
+    assert torch.equal(codebooks[0].centroids, codebooks[1].centroids)
+    assert torch.equal(codebooks[0].assignments, codebooks[1].assignments)
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.b.weight = self.a.weight
+
+    tied = Tied()
+    IterativeProductQuantization(stages=[["*"]], centroids=4, block_size=4, block_sizes={}).quantize_post_training(tied)
+    a, b, c = (weight_transforms(getattr(tied, name))[0] for name in "abc")
+    assert a is b and a.active and c.active
 
 
 def test_with_quant_noise_the_paper_recipe(tmp_path: Path) -> None:
