@@ -148,7 +148,8 @@ def test_codebooks_are_learnt_from_the_masked_weight_and_a_tied_weight_once() ->
     step (here int4 noise on every block, in training mode): the same codebook as that of a copy
     whose weight holds the zeros itself (same stage, same place in it, so the same seed). Three
     layers, the middle one tied to the first: one codebook for the tied pair, and the third layer
-    is quantized too."""
+    is quantized too, with as many centroids as it has blocks (2 of 4 columns) where that is fewer
+    than asked."""
     import copy
     from callbacks._pruning import PruningMask
     from callbacks._transforms import add_weight_transform
@@ -174,13 +175,14 @@ def test_codebooks_are_learnt_from_the_masked_weight_and_a_tied_weight_once() ->
     class Tied(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+            self.a, self.b, self.c = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
             self.b.weight = self.a.weight
 
     tied = Tied()
     IterativeProductQuantization(stages=[["*"]], centroids=4, block_size=4, block_sizes={}).quantize_post_training(tied)
     a, b, c = (weight_transforms(getattr(tied, name))[0] for name in "abc")
     assert a is b and a.active and c.active
+    assert a.centroids.shape == (4, 4) and c.centroids.shape == (2, 4)
 
 
 def test_with_quant_noise_the_paper_recipe(tmp_path: Path) -> None:
