@@ -51,7 +51,7 @@ PROBES = {
         ("centroid_counts", dict(centroid_counts=["*embed*"])), ("exclude", dict(exclude="*attn*")),
         ("kmeans_iterations", dict(kmeans_iterations=0)), ("kmeans_iterations", dict(kmeans_iterations="20")),
         ("centroid_bits", dict(centroid_bits=4)), ("centroid_bits", dict(centroid_bits=True)),
-        ("seed", dict(seed=None)),
+        ("seed", dict(seed=None)), ("centroids", dict(centroids=65537)), ("stages", dict(stages=5)),
     ]),
     LotteryTicketPruning: (dict(round_steps=10), [
         ("sparsity", dict(sparsity=1.0)), ("sparsity", dict(sparsity=-0.1)), ("sparsity", dict(sparsity="0.8")),
@@ -198,7 +198,8 @@ def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
                                                 layer_modules={"encoder": "model.blocks"},
                                                 embedding_modules={"decoder": ("model.embed", "model.scale")}),
              QuantNoise: dict(p=0, include=("model.*",), block_sizes={"*attn*": 4}),
-             IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096}),
+             IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096},
+                                                centroids=1),
              MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4),
              StructuredPruning: dict(prune_heads=0, prune_neurons=1 / 2, importance="magnitude", start_step=0,
                                      end_step=0, include=("model.*",))}
