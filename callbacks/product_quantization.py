@@ -212,7 +212,9 @@ class IterativeProductQuantization(L.Callback):
             for step in weight_transforms(module):
                 if step.stage < PERTURB:  # a pruning mask applies; noise does not
                     weight = step(weight)
-            seed = self.seed * 1_000_003 + index * 1009 + position  # fixed per layer, whatever ran before
+            # Fixed per layer, whatever ran before; modulo 2**63 so that every accepted seed (up to
+            # 2**63 - 1) gives a valid generator seed (the same value as before for seeds < 9e12).
+            seed = (self.seed * 1_000_003 + index * 1009 + position) % 2 ** 63
             transform.quantize(weight, self.kmeans_iterations, torch.Generator().manual_seed(seed))
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:

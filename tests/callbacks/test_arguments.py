@@ -37,7 +37,7 @@ PROBES = {
         ("block_sizes", dict(block_sizes={"*attn*": True})), ("block_sizes", dict(block_sizes=[4])),
         ("include", dict(include="*")), ("include", dict(include=[])), ("exclude", dict(exclude="*")),
         ("noise_embeddings", dict(noise_embeddings=0)), ("per_channel", dict(per_channel="true")),
-        ("seed", dict(seed=-1)), ("seed", dict(seed="0")), ("compile", dict(compile=1)),
+        ("seed", dict(seed=-1)), ("seed", dict(seed="0")), ("seed", dict(seed=2 ** 63)), ("compile", dict(compile=1)),
         ("pq_gradient", dict(scheme="pq", pq_gradient="ste")),
     ]),
     IterativeProductQuantization: ({}, [
@@ -52,6 +52,7 @@ PROBES = {
         ("kmeans_iterations", dict(kmeans_iterations=0)), ("kmeans_iterations", dict(kmeans_iterations="20")),
         ("centroid_bits", dict(centroid_bits=4)), ("centroid_bits", dict(centroid_bits=True)),
         ("seed", dict(seed=None)), ("centroids", dict(centroids=65537)), ("stages", dict(stages=5)),
+        ("seed", dict(seed=-1)), ("seed", dict(seed=2 ** 63)),
     ]),
     LotteryTicketPruning: (dict(round_steps=10), [
         ("sparsity", dict(sparsity=1.0)), ("sparsity", dict(sparsity=-0.1)), ("sparsity", dict(sparsity="0.8")),
@@ -199,7 +200,7 @@ def test_the_defaults_and_good_values_are_accepted(files: dict, cls) -> None:
                                                 embedding_modules={"decoder": ("model.embed", "model.scale")}),
              QuantNoise: dict(p=0, include=("model.*",), block_sizes={"*attn*": 4}),
              IterativeProductQuantization: dict(stages=(("*.ffn.*",),), centroid_counts={"*embed*": 4096},
-                                                centroids=1),
+                                                centroids=1, seed=2 ** 63 - 1),
              MagnitudePruning: dict(sparsity=0, frequency=1), QuantizationAwareTraining: dict(bits=4),
              StructuredPruning: dict(prune_heads=0, prune_neurons=1 / 2, importance="magnitude", start_step=0,
                                      end_step=0, include=("model.*",))}

@@ -135,6 +135,15 @@ def test_a_stage_selecting_nothing_and_a_block_size_not_dividing_are_errors() ->
         ipq(block_size=5).add_codebooks(BagOfWordsClassifier())
 
 
+def test_every_accepted_seed_quantizes() -> None:
+    """The largest seed __init__ accepts (2**63 - 1) learns codebooks, as seed 0 does: the
+    per-layer seed derived from it stays a valid generator seed."""
+    for seed in (0, 2 ** 63 - 1):
+        model = BagOfWordsClassifier()
+        ipq(stages=[["hidden"], ["out"]], seed=seed).quantize_post_training(model)
+        assert all(weight_transforms(layer)[-1].active for layer in (model.hidden, model.out))
+
+
 def test_a_layer_goes_to_the_first_stage_that_selects_it() -> None:
     """Stages [hidden], [*]: the second stage takes every other layer (embed and out), not hidden."""
     callback = ipq(stages=[["hidden"], ["*"]])
