@@ -397,6 +397,8 @@ def test_a_resume_with_other_settings_is_refused() -> None:
     state = callback.state_dict()
     with pytest.raises(ValueError, match="StructuredPruning: the checkpoint was pruned with"):
         StructuredPruning(prune_heads=0.25).load_state_dict(state)
+    with pytest.raises(ValueError, match="^StructuredPruning: the checkpoint was pruned with None, "):
+        StructuredPruning(prune_heads=0.25).load_state_dict({})  # a callback state without its settings
 
 
 def test_two_process_ddp_prunes_the_same_units_on_every_rank(tmp_path: Path) -> None:
@@ -485,3 +487,25 @@ def test_pruning_after_the_model_moved_reaches_every_layer() -> None:
     for name in ("q_proj", "k_proj", "v_proj"):
         assert torch.all(getattr(model.attention, name).weight[dropped] == 0)
     assert torch.all(model.attention.out_proj.weight[:, dropped] == 0)
+
+
+def test_validation_while_gathering_taylor_importances_changes_nothing(tmp_path: Path) -> None:
+    """Validation between the training steps of the gathering window (no gradients, eval mode) adds
+    nothing to the importances: the scores equal those of the same steps without validation."""
+
+    class Validated(AttentionBlock):
+        def validation_step(self, batch, batch_index):
+            inputs, targets = batch
+            self.log("val_loss", nn.functional.mse_loss(self(inputs), targets))
+
+    scores = []
+    for validate in (False, True):
+        torch.manual_seed(0)
+        model = Validated()
+        callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.5, start_step=10, end_step=20, frequency=5)
+        options = dict(limit_val_batches=2, val_check_interval=1, num_sanity_val_steps=1) if validate else {}
+        trainer(tmp_path / str(validate), [callback], max_steps=2, **options).fit(
+            model, block_data(), block_data() if validate else None)
+        scores.append(callback.unit_scores())
+    for without, within in zip(*scores):
+        assert torch.equal(without, within)
