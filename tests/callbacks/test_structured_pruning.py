@@ -331,6 +331,9 @@ def test_the_schedule_is_cubic_and_ends_at_the_target() -> None:
     assert [step for step in range(40) if callback.on_schedule(step)] == [5, 15, 25]
     late_end = StructuredPruning(prune_heads=0.5, prune_neurons=0.8, start_step=5, end_step=22, frequency=10)
     assert [step for step in range(40) if late_end.on_schedule(step)] == [5, 15, 22]
+    # every frequency steps counted from start_step (3 is not a multiple of 4, nor 6 of 4)
+    odd_start = StructuredPruning(prune_heads=0.5, start_step=3, end_step=11, frequency=4)
+    assert [step for step in range(40) if odd_start.on_schedule(step)] == [3, 7, 11]
 
 
 def test_resume_in_the_middle_of_the_gathering_equals_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -491,7 +494,8 @@ def test_pruning_after_the_model_moved_reaches_every_layer() -> None:
 
 def test_validation_while_gathering_taylor_importances_changes_nothing(tmp_path: Path) -> None:
     """Validation between the training steps of the gathering window (no gradients, eval mode) adds
-    nothing to the importances: the scores equal those of the same steps without validation."""
+    nothing to the importances: the scores equal those of the same steps without validation. Nor
+    does a forward and backward after the fit."""
 
     class Validated(AttentionBlock):
         def validation_step(self, batch, batch_index):
@@ -509,3 +513,8 @@ def test_validation_while_gathering_taylor_importances_changes_nothing(tmp_path:
         scores.append(callback.unit_scores())
     for without, within in zip(*scores):
         assert torch.equal(without, within)
+    # After the fit, a user's own training-mode forward and backward gathers nothing either.
+    model.train()
+    inputs, _ = next(iter(block_data()))
+    model(inputs).sum().backward()
+    assert all(group.pending is None for group in callback.groups)
