@@ -95,6 +95,7 @@ PROBES = {
         ("include", dict(include="*attn")), ("include", dict(include=[])), ("exclude", dict(exclude=[1])),
         ("attention_layers", dict(attention_layers=["q", "k", "v"])), ("attention_layers", dict(attention_layers="qkvo")),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", "fc1"])),
+        ("attention_layers", dict(attention_layers=4)),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", "ffn.fc2"])),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", ""])),
     ]),
