@@ -69,6 +69,18 @@ def test_pruned_weights_stay_zero_with_adamw_weight_decay_and_bf16(tmp_path: Pat
         assert (module.weight[mask == 0] == 0).all(), name  # what the layer computes with
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_masked_weight_keeps_its_dtype(dtype: torch.dtype) -> None:
+    """A bf16-true (or fp16, fp64) layer's masked weight stays in its dtype: the float32 mask is
+    cast to the weight's, not the weight promoted to float32."""
+    weight = torch.randn(4, 6, dtype=dtype)
+    transform = PruningMask(weight)
+    transform.mask[:, :3] = 0
+    masked = transform(weight)
+    assert masked.dtype == dtype
+    assert torch.equal(masked[:, :3], torch.zeros(4, 3, dtype=dtype)) and torch.equal(masked[:, 3:], weight[:, 3:])
+
+
 @pytest.mark.parametrize("prune_embeddings", [False, True])
 def test_a_projection_tied_to_an_embedding_is_pruned_in_every_use_or_not_at_all(prepared_dir: Path, tmp_path: Path,
                                                                               prune_embeddings: bool) -> None:
