@@ -51,9 +51,14 @@ def assert_same_state(expected: dict, actual: dict, tolerance: float = 1e-6) -> 
         torch.testing.assert_close(actual[name], expected[name], rtol=tolerance, atol=tolerance, msg=name)
 
 
-def context_without_a_recorder(features: object) -> SimpleNamespace:
-    """A translation loss context (a 1 x 3 source, 2 target positions, 5 words) whose features
-    cannot record per-layer states: none (``features`` None) or features of another kind."""
+def tiny_loss_context(**fields: object) -> SimpleNamespace:
+    """A translation loss context of a module that is not ours, as a plain namespace: a 1 x 3
+    source, 2 target positions, 5 words (``batch``, ``logits``), plus ``fields``."""
     batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
-    return SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5),
-                           features=None if features is None else SimpleNamespace(encoder_states=[]))
+    return SimpleNamespace(batch=batch, logits=torch.zeros(1, 2, 5), **fields)
+
+
+def context_without_a_recorder(features: object) -> SimpleNamespace:
+    """A tiny loss context whose features cannot record per-layer states: none (``features``
+    None) or features of another kind."""
+    return tiny_loss_context(features=None if features is None else SimpleNamespace(encoder_states=[]))

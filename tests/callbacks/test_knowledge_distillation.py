@@ -19,7 +19,8 @@ from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from tests.callbacks.classifier import DistillableClassifier, classification_data
-from tests.callbacks.helpers import assert_same_state, context_without_a_recorder, resumed_and_uninterrupted, trainer
+from tests.callbacks.helpers import (assert_same_state, context_without_a_recorder, resumed_and_uninterrupted,
+                                     tiny_loss_context, trainer)
 from tests.callbacks.test_transforms import MaskCallback
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
@@ -444,17 +445,16 @@ def test_a_state_the_hidden_loss_cannot_read_is_named_with_its_model(trained_che
                                                                       student_states, teacher_states,
                                                                       error: str) -> None:
     """The hidden loss of a module that is not ours: its loss context is a plain namespace
-    (1 sentence, 3 source and 2 target positions, width 4) and may lack what the pairs need. Each
+    (1 sentence, 3 source and 2 target positions, states of width 4) and may lack what the pairs need. Each
     gap is one line naming the state and whose forward lacks it, not an AttributeError."""
     from types import SimpleNamespace
     from callbacks.knowledge_distillation import _TeacherPass
 
     distillation = KnowledgeDistillation(str(trained_checkpoint), hidden_weight=1.0, layer_map=layer_map)
-    batch = {"source": torch.ones(1, 3, dtype=torch.long), "decoder_input": torch.ones(1, 2, dtype=torch.long)}
-    logits = torch.zeros(1, 2, 5)
-    distillation._pass = _TeacherPass(batch, logits, SimpleNamespace(**teacher_states))  # the teacher has run
-    context = SimpleNamespace(batch=batch, logits=logits, target_mask=torch.ones(1, 2, dtype=torch.bool),
-                              num_tokens=torch.tensor(2), features=SimpleNamespace(**student_states))
+    context = tiny_loss_context(target_mask=torch.ones(1, 2, dtype=torch.bool), num_tokens=torch.tensor(2),
+                                features=SimpleNamespace(**student_states))
+    # the teacher has run on this batch
+    distillation._pass = _TeacherPass(context.batch, context.logits, SimpleNamespace(**teacher_states))
     with pytest.raises((TypeError, ValueError), match=error):
         distillation._hidden_loss(context)
 

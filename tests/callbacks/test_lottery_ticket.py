@@ -204,7 +204,7 @@ def test_lottery_errors_name_it(tmp_path: Path) -> None:
     torch.save({"epoch": 0}, unmasked)
     for path, error in ((garbage, "not a checkpoint"), (unmasked, "holds no pruning masks")):
         control = LotteryTicketPruning(rounds=0, round_steps=4, masks_from=str(path), include=LAYERS)
-        with pytest.raises(Exception, match=f"^LotteryTicketPruning: masks_from {path}.*{error}"):
+        with pytest.raises(ValueError, match=f"^LotteryTicketPruning: masks_from {path}.*{error}"):
             trainer(tmp_path / path.stem, [control], max_steps=1).fit(BagOfWordsClassifier(), classification_data())
 
 
