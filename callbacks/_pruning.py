@@ -127,13 +127,14 @@ class PrunedWeights:
             weight.mul_(mask.to(weight.dtype))
 
     @torch.no_grad()
-    def set_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        """Masks by first name (from another run's checkpoint: the random-reinit control)."""
+    def set_masks(self, masks: dict[str, torch.Tensor], source: str) -> None:
+        """Masks by first name, from the checkpoint ``source`` of another run (the random-reinit
+        control)."""
         for name, _, mask in self.masks():
             if name not in masks:
-                raise ValueError(f"{self.owner}: masks_from has no mask for {name}")
+                raise ValueError(f"{self.owner}: masks_from {source} has no mask for {name}")
             if masks[name].shape != mask.shape:
-                raise ValueError(f"{self.owner}: the mask for {name} in masks_from has shape "
+                raise ValueError(f"{self.owner}: masks_from {source}: the mask for {name} has shape "
                                  f"{tuple(masks[name].shape)}, the weight {tuple(mask.shape)}")
             mask.copy_(masks[name])
         self.zero_pruned()

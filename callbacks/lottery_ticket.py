@@ -164,7 +164,7 @@ class LotteryTicketPruning(L.Callback):
             masks = masks_in_checkpoint(state)
             if not masks:
                 raise ValueError(f"{OWNER}: masks_from {self.masks_from} holds no pruning masks")
-            self.weights.set_masks(masks)
+            self.weights.set_masks(masks, self.masks_from)
             self.masks_applied = True
             if self.reinitialize:
                 self._reinitialize()

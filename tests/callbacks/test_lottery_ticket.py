@@ -186,7 +186,8 @@ def test_each_pruning_logs_the_sparsity_of_the_model_and_of_each_layer(tmp_path:
 def test_lottery_errors_name_it(tmp_path: Path) -> None:
     """What a run cannot use is refused in one line naming the callback: include matching no layer,
     a checkpoint's callback state without the schedule it was pruned with, masks_from a file that
-    is not a checkpoint or a checkpoint without masks. A state from before masks_applied was saved
+    is not a checkpoint, a checkpoint without masks, without the mask of one layer or with a mask
+    of another shape. A state from before masks_applied was saved
     loads as not applied."""
     with pytest.raises(ValueError, match=r"^LotteryTicketPruning selected no nn.Linear module with "
                                          r"include=\['nothing'\]"):
@@ -202,7 +203,13 @@ def test_lottery_errors_name_it(tmp_path: Path) -> None:
     garbage, unmasked = tmp_path / "garbage.ckpt", tmp_path / "unmasked.ckpt"
     garbage.write_bytes(b"not a checkpoint")
     torch.save({"epoch": 0}, unmasked)
-    for path, error in ((garbage, "not a checkpoint"), (unmasked, "holds no pruning masks")):
+    hidden_only, transposed = tmp_path / "hidden_only.ckpt", tmp_path / "transposed.ckpt"
+    mask = "parametrizations.weight.0.mask"
+    torch.save({"state_dict": {f"hidden.{mask}": torch.ones(16, 16)}}, hidden_only)
+    torch.save({"state_dict": {f"hidden.{mask}": torch.ones(16, 16), f"out.{mask}": torch.ones(16, 3)}}, transposed)
+    for path, error in ((garbage, "not a checkpoint"), (unmasked, "holds no pruning masks"),
+                        (hidden_only, "has no mask for out$"),
+                        (transposed, r": the mask for out has shape \(16, 3\), the weight \(3, 16\)$")):
         control = LotteryTicketPruning(rounds=0, round_steps=4, masks_from=str(path), include=LAYERS)
         with pytest.raises(ValueError, match=f"^LotteryTicketPruning: masks_from {path}.*{error}"):
             trainer(tmp_path / path.stem, [control], max_steps=1).fit(BagOfWordsClassifier(), classification_data())
