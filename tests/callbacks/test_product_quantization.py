@@ -131,7 +131,7 @@ def test_a_stage_selecting_nothing_and_a_block_size_not_dividing_are_errors() ->
     with pytest.raises(ValueError, match=r"^IterativeProductQuantization: stage 1 \['hidden'\] selects no .*not taken "
                                          r"by an earlier stage"):
         ipq(stages=[["hidden"], ["hidden"]]).add_codebooks(BagOfWordsClassifier())
-    with pytest.raises(ValueError, match=r"block size 5 does not divide the 16 columns of hidden.weight"):
+    with pytest.raises(ValueError, match=r"^IterativeProductQuantization: block size 5 does not divide the 16 columns of hidden.weight"):
         ipq(block_size=5).add_codebooks(BagOfWordsClassifier())
 
 

@@ -142,7 +142,7 @@ def test_compiled_noise_equals_the_eager_noise(scheme: str) -> None:
 
 
 def test_block_size_must_divide_the_width() -> None:
-    with pytest.raises(ValueError, match=r"block size 5 does not divide the 32 columns of hidden.weight"):
+    with pytest.raises(ValueError, match=r"^QuantNoise: block size 5 does not divide the 32 columns of hidden.weight"):
         noised_model(block_size=5, include=["hidden"])
     model, _ = noised_model(block_size=5, block_sizes={"hidden": 4, "out": 8, "embed": 16})  # per-module sizes
     assert [t.block_size for t in weight_transforms(model.hidden)] == [4]
