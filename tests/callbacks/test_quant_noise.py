@@ -146,6 +146,8 @@ def test_block_size_must_divide_the_width() -> None:
         noised_model(block_size=5, include=["hidden"])
     model, _ = noised_model(block_size=5, block_sizes={"hidden": 4, "out": 8, "embed": 16})  # per-module sizes
     assert [t.block_size for t in weight_transforms(model.hidden)] == [4]
+    model, _ = noised_model(block_size=1, block_sizes={"hidden": 1})  # blocks of one weight each: the smallest
+    assert [t.block_size for t in weight_transforms(model.hidden)] == [1]
 
 
 def test_globs_selecting_nothing_are_an_error() -> None:
