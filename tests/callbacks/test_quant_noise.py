@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from callbacks import QuantizationAwareTraining, QuantNoise
-from callbacks._transforms import trainable_weight, weight_transforms
+from callbacks._transforms import find_weight_transform, trainable_weight, weight_transforms
 from callbacks.quant_noise import NoisyWeight
 from callbacks.quantization_aware_training import FakeQuantizedWeight, fake_quantize, weight_absmax
 from tests.callbacks.classifier import BagOfWordsClassifier, classification_data
@@ -139,6 +139,17 @@ def test_compiled_noise_equals_the_eager_noise(scheme: str) -> None:
         torch.testing.assert_close(getattr(fused, name).weight, getattr(eager, name).weight, rtol=0, atol=1e-6)
     (fused.hidden.weight * torch.arange(32 * 32.0).view(32, 32)).sum().backward()
     assert torch.equal(trainable_weight(fused.hidden).grad, torch.arange(32 * 32.0).view(32, 32))
+
+
+def test_every_accepted_seed_draws() -> None:
+    """The largest seed __init__ accepts (2**63 - 1) seeds the generator, and draws other masks
+    than seed 0."""
+    masks = []
+    for seed in (0, 2 ** 63 - 1):
+        model, callback = noised_model(p=0.5, seed=seed)
+        callback.draw_masks()
+        masks.append(find_weight_transform(model.hidden, NoisyWeight).mask.clone())
+    assert not torch.equal(*masks)
 
 
 def test_block_size_must_divide_the_width() -> None:
