@@ -178,7 +178,7 @@ class QuantizationAwareTraining(L.Callback):
         source/target embedding) is quantized once, under all of them.
         """
         targets = [(names, module) for module, names in select_modules(
-            root, "QuantizationAwareTraining", self.include, self.exclude, self.quantize_embeddings)]
+            root, OWNER, self.include, self.exclude, self.quantize_embeddings)]
         self._quantized_modules = []
         for _, module in targets:
             transform = add_weight_transform(module, FakeQuantizedWeight(self.bits, self.per_channel))

@@ -28,7 +28,7 @@ from tests.callbacks.helpers import (
 from tests.conftest import run_script
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_values_lie_on_the_integer_grid(bits: int) -> None:
     x = torch.randn(50, 20) * 3
     absmax = x.abs().max()
@@ -70,8 +70,20 @@ def test_per_channel_scales() -> None:
 
 def test_empty_selection_is_an_error(tmp_path: Path) -> None:
     callback = QuantizationAwareTraining(include=["encoder.*"])
-    with pytest.raises(ValueError, match=r"selected no nn.Linear/nn.Embedding module with include=\['encoder.\*'\]"):
+    with pytest.raises(ValueError, match=r"^QuantizationAwareTraining selected no nn.Linear/nn.Embedding module with "
+                                         r"include=\['encoder.\*'\]"):
         trainer(tmp_path, [callback]).fit(BagOfWordsClassifier(), classification_data())
+
+
+def test_two_bits_is_a_ternary_weight() -> None:
+    """The fewest bits accepted, 2: M = 1, so each weight becomes -max|W|, 0 or +max|W| (the
+    nearest of the three; |w| below half of max|W| rounds to 0)."""
+    model = BagOfWordsClassifier()
+    QuantizationAwareTraining(bits=2, per_channel=False).quantize_modules(model)
+    raw = trainable_weight(model.hidden).detach()
+    top = raw.abs().max()
+    expected = torch.where(raw.abs() * 2 > top, raw.sign() * top, torch.zeros_like(raw))
+    torch.testing.assert_close(model.hidden.weight.detach(), expected, rtol=0, atol=1e-6)
 
 
 def test_a_model_that_is_not_ours_trains_quantized(tmp_path: Path) -> None:
