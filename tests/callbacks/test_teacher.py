@@ -160,3 +160,18 @@ def test_the_teacher_takes_the_students_floating_dtype(teacher_checkpoint: Path)
     attached = teacher.attach(student)
     assert {p.dtype for p in attached.parameters()} == {torch.bfloat16}
     assert teacher(torch.zeros(2, 4, dtype=torch.long)).dtype == torch.bfloat16
+
+
+def bf16_teacher(path: str) -> nn.Module:
+    """A loader returning the teacher in bfloat16, as a checkpoint saved by a bf16-true run loads."""
+    return small_teacher(path).to(torch.bfloat16)
+
+
+def test_a_student_without_floating_parameters_gets_a_float32_teacher(teacher_checkpoint: Path) -> None:
+    """Nothing of the student tells a floating dtype (no parameters, or integer ones only): the
+    teacher computes in float32, whatever dtype its loader returned it in."""
+    student = L.LightningModule()
+    student.register_buffer("ids", torch.zeros(3, dtype=torch.long))
+    teacher = FrozenTeacher(str(teacher_checkpoint), loader="tests.callbacks.test_teacher.bf16_teacher")
+    attached = teacher.attach(student)
+    assert {p.dtype for p in attached.parameters()} == {torch.float32}
