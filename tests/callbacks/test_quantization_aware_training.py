@@ -351,3 +351,11 @@ def test_validation_sees_the_model_as_deployed_once_quantization_has_started(tmp
     early.fit(BagOfWordsClassifier(), classification_data())
     early.validate(early.lightning_module, classification_data(), verbose=False)
     assert seen and all(entry == (3, False, False) for entry in seen)
+
+
+def test_the_activation_range_lives_on_its_layers_device() -> None:
+    """A model already on its device (the meta device stands in for a GPU) gets its range buffers
+    there, not on the CPU."""
+    model = BagOfWordsClassifier().to("meta")
+    QuantizationAwareTraining().quantize_modules(model)
+    assert model.hidden.input_quantizer.absmax.device.type == "meta"

@@ -175,3 +175,11 @@ def test_a_student_without_floating_parameters_gets_a_float32_teacher(teacher_ch
     teacher = FrozenTeacher(str(teacher_checkpoint), loader="tests.callbacks.test_teacher.bf16_teacher")
     attached = teacher.attach(student)
     assert {p.dtype for p in attached.parameters()} == {torch.float32}
+
+
+def test_the_teacher_goes_to_the_students_device(teacher_checkpoint: Path) -> None:
+    """attach moves the teacher (loaded on the CPU) to the student's device; the meta device
+    stands in for a GPU on a machine without one."""
+    student = BagOfWordsClassifier().to("meta")
+    attached = FrozenTeacher(str(teacher_checkpoint)).attach(student)
+    assert {p.device.type for p in attached.parameters()} == {"meta"}
