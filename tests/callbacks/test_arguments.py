@@ -293,3 +293,18 @@ def test_a_glob_mapping_whose_keys_are_not_all_globs_is_refused(block_sizes: dic
     with pytest.raises(ValueError) as error:
         QuantNoise(block_sizes=block_sizes)
     assert_one_line_naming(error.value, "QuantNoise", "block_sizes")
+
+
+@pytest.mark.parametrize(("cls", "settings", "allowed"), [
+    (QuantizationAwareTraining, dict(ema_decay=1), "a finite number in (0, 1), got 1"),
+    (QuantizationAwareTraining, dict(bits=9), "an integer in [2, 8], got 9"),
+    (LotteryTicketPruning, dict(round_steps=10, sparsity=1.0), "a finite number in [0, 1), got 1.0"),
+    (LotteryTicketPruning, dict(round_steps=10, prune_fraction=0), "a finite number in (0, 1), got 0"),
+    (QuantizationAwareTraining, dict(start_step=-1), "an integer >= 0, got -1"),
+])
+def test_the_message_states_the_range_with_its_open_and_closed_ends(cls, settings: dict, allowed: str) -> None:
+    """An open end is said with a parenthesis, a closed one with a bracket: "[0, 1)" tells a user
+    that 0 is allowed and 1 is not, which "[0, 1]" would get wrong."""
+    with pytest.raises(ValueError) as caught:
+        cls(**settings)
+    assert str(caught.value).endswith(f"must be {allowed}"), str(caught.value)
