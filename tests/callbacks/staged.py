@@ -23,17 +23,18 @@ class WarmupClassifier(BagOfWordsClassifier):
 
 class StagedTraining(L.Callback):
     """At global step ``restart_at``: freeze the parameters matching ``freeze`` and restart the
-    optimiser and schedule (what rewinding, iPQ stages and layer-wise transfer do)."""
+    optimiser and schedule (what rewinding, iPQ stages and layer-wise transfer do); the schedule
+    starts again at ``schedule_step`` (0: its start)."""
 
-    def __init__(self, restart_at: int, freeze: tuple[str, ...] = ("hidden.*",)) -> None:
-        self.restart_at, self.patterns = restart_at, freeze
+    def __init__(self, restart_at: int, freeze: tuple[str, ...] = ("hidden.*",), schedule_step: int = 0) -> None:
+        self.restart_at, self.patterns, self.schedule_step = restart_at, freeze, schedule_step
         self.freezer = ParameterFreezer()
         self.stage = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.stage == 0 and trainer.global_step >= self.restart_at:
             self.freezer.freeze(pl_module, self.patterns)
-            restart_optimization(trainer)
+            restart_optimization(trainer, self.schedule_step)
             self.stage = 1
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from callbacks import QuantizationAwareTraining
-from callbacks._optimization import ParameterFreezer, matching_parameters
+from callbacks._optimization import ParameterFreezer, matching_parameters, restart_optimization
 from callbacks._transforms import trainable_weight
 from tests.callbacks.classifier import classification_data
 from tests.callbacks.helpers import (
@@ -48,6 +48,26 @@ def test_restart_begins_a_new_optimiser_state_and_schedule_and_freezes(tmp_path:
     assert not torch.equal(hidden[0], hidden[5])
     for later in hidden[6:]:
         assert torch.equal(later, hidden[5])
+
+
+@pytest.mark.parametrize("schedule_step", [0, 1, 2])
+def test_a_restart_continues_the_schedule_from_the_step_it_is_given(tmp_path: Path, schedule_step: int) -> None:
+    """Late rewinding restarts the optimiser but continues the schedule from step k: after the
+    restart the warm-up (lr 1e-2 * min(1, (s + 1) / 4) at schedule step s) goes on from s = k."""
+    L.seed_everything(0)
+    model, recorder = WarmupClassifier(), Recorder()
+    trainer(tmp_path, [StagedTraining(restart_at=6, schedule_step=schedule_step), recorder],
+            max_steps=9).fit(model, classification_data())
+    # The lr is recorded after the step's scheduler step: the 1st, 2nd, 3rd after the restart.
+    expected = [1e-2 * min(1.0, (schedule_step + 1 + i + 1) / 4) for i in range(3)]
+    assert [row[0] for row in recorder.rows[6:]] == pytest.approx(expected)
+    assert [row[1] for row in recorder.rows[6:]] == [1, 2, 3]  # a fresh Adam state whatever the schedule
+
+
+@pytest.mark.parametrize("schedule_step", [-1, 1.5, True, "1", None])
+def test_a_restart_refuses_a_schedule_step_that_is_not_a_step(schedule_step) -> None:
+    with pytest.raises(ValueError, match=r"^restart_optimization: schedule_step must be an integer >= 0, got "):
+        restart_optimization(L.Trainer(logger=False, enable_checkpointing=False), schedule_step)
 
 
 @pytest.mark.parametrize("stop", [3, 8])
