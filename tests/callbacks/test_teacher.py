@@ -101,6 +101,8 @@ def test_a_batch_beyond_the_teachers_vocabulary_is_refused_before_the_lookup(tmp
     teacher = FrozenTeacher(str(tmp_path / "small.ckpt"), owner="Owner")
     module = teacher.load(DistillableClassifier())
     assert module(torch.tensor([[19, 0]])).shape == (1, 3)
+    # An empty lookup holds no id beyond the table (the maximum of nothing is not taken).
+    assert module.embed(torch.empty(0, 2, dtype=torch.long)).shape[:2] == (0, 2)
     with pytest.raises(ValueError, match=r"^Owner: the batch holds token id 29 but the teacher's embedding embed has "
                                          r"20 entries: teacher and student must share the vocabulary$"):
         teacher(torch.tensor([[29, 1]]))
