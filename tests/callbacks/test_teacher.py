@@ -106,6 +106,8 @@ def test_a_batch_beyond_the_teachers_vocabulary_is_refused_before_the_lookup(tmp
     with pytest.raises(ValueError, match=r"^Owner: the batch holds token id 29 but the teacher's embedding embed has "
                                          r"20 entries: teacher and student must share the vocabulary$"):
         teacher(torch.tensor([[29, 1]]))
+    with pytest.raises(ValueError, match=r"token id 20 but .* has 20 entries"):  # one past the last entry
+        teacher(torch.tensor([[20, 1]]))
 
 
 def test_a_translation_teacher_is_dense_fp32(prepared_dir: Path, tmp_path: Path) -> None:
