@@ -77,6 +77,17 @@ def test_misconfigured_teachers(teacher_checkpoint: Path, tmp_path: Path) -> Non
                                          r"BagOfWordsClassifier.load_from_checkpoint: \w+") as caught:
         teacher.load(BagOfWordsClassifier())
     assert "\n" not in str(caught.value)
+    # A student's own from_checkpoint is named as the loader that failed, with its error's first line.
+    with pytest.raises(ValueError, match=r"^FrozenTeacher: teacher .* could not be loaded by "
+                                         r"StudentWithItsOwnLoader.from_checkpoint: .*cannot read it") as caught:
+        FrozenTeacher(str(teacher_checkpoint)).load(StudentWithItsOwnLoader())
+    assert "\n" not in str(caught.value)
+
+
+class StudentWithItsOwnLoader(BagOfWordsClassifier):
+    @classmethod
+    def from_checkpoint(cls, path: str) -> nn.Module:
+        raise RuntimeError("cannot read it\nsecond line")
 
 
 class Unsafe:
