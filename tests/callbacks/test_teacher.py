@@ -198,3 +198,30 @@ def test_the_teacher_goes_to_the_students_device(teacher_checkpoint: Path) -> No
     student = BagOfWordsClassifier().to("meta")
     attached = FrozenTeacher(str(teacher_checkpoint)).attach(student)
     assert {p.device.type for p in attached.parameters()} == {"meta"}
+
+
+SHARED: dict[str, nn.Module] = {}
+
+
+def the_student_itself(path: str) -> nn.Module:
+    return SHARED["student"]
+
+
+def a_teacher_holding_the_students_output_layer(path: str) -> nn.Module:
+    teacher = BagOfWordsClassifier()
+    teacher.out = SHARED["student"].out
+    return teacher
+
+
+@pytest.mark.parametrize("loader", ["the_student_itself", "a_teacher_holding_the_students_output_layer"])
+def test_a_teacher_sharing_parameters_with_the_student_is_refused(teacher_checkpoint: Path, loader: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The student itself, or another model holding one of its layers: distilling from it would
+    train the teacher too, so it is refused."""
+    student = BagOfWordsClassifier()
+    monkeypatch.setitem(SHARED, "student", student)
+    teacher = FrozenTeacher(str(teacher_checkpoint), loader=f"tests.callbacks.test_teacher.{loader}", owner="Owner")
+    with pytest.raises(ValueError, match=r"^Owner: the teacher shares parameters with the student; "
+                                         r"it must be a separate model$"):
+        teacher.load(student)
+    assert all(p.requires_grad for p in student.parameters())  # refused before it was frozen
