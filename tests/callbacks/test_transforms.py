@@ -19,6 +19,7 @@ from callbacks._transforms import (
     MASK,
     WeightTransform,
     add_weight_transform,
+    find_weight_transform,
     trainable_weight,
     weight_transforms,
 )
@@ -107,3 +108,32 @@ def test_every_transforming_callback_refuses_the_optimizer_state_of_a_plain_chec
     with pytest.raises(ValueError, match=f"^{type(callback).__name__}: the checkpoint was saved without weight "
                                          f"transforms on embed.weight"):
         callback.on_load_checkpoint(None, model, checkpoint)
+
+
+def test_the_chain_is_per_tensor_and_a_partial_plain_checkpoint_loads() -> None:
+    """A transform on ``bias`` leaves ``weight`` plain and is found, read and loaded under
+    ``bias``. With both tensors transformed, a checkpoint saved without transforms loads each
+    into its own chain (the masks keep their fresh state), also when it holds one of the two
+    tensors (non-strict loading, whichever tensor it is)."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    bias = layer.bias
+    add_weight_transform(layer, KeepLargest(bias), "bias")
+    assert trainable_weight(layer, "bias") is bias
+    assert trainable_weight(layer) is layer.weight
+    assert find_weight_transform(layer, KeepLargest) is None
+    assert find_weight_transform(layer, KeepLargest, "bias") is weight_transforms(layer, "bias")[0]
+
+    add_weight_transform(layer, KeepLargest(layer.weight), "weight")
+    masks = {name: find_weight_transform(layer, KeepLargest, name).mask.clone() for name in ("weight", "bias")}
+    plain = nn.Linear(4, 3)
+    layer.load_state_dict(plain.state_dict())  # (3, 4) and (3,) masks: each keeps its own
+    for name in ("weight", "bias"):
+        assert torch.equal(trainable_weight(layer, name), getattr(plain, name))
+        assert torch.equal(find_weight_transform(layer, KeepLargest, name).mask, masks[name])
+    for kept, other in (("weight", "bias"), ("bias", "weight")):
+        fresh = nn.Linear(4, 3)
+        unchanged = trainable_weight(layer, other).detach().clone()
+        layer.load_state_dict({kept: getattr(fresh, kept).detach()}, strict=False)
+        assert torch.equal(trainable_weight(layer, kept), getattr(fresh, kept))
+        assert torch.equal(trainable_weight(layer, other), unchanged)
