@@ -124,8 +124,11 @@ def test_the_chain_is_per_tensor_and_a_partial_plain_checkpoint_loads() -> None:
     assert find_weight_transform(layer, KeepLargest) is None
     assert find_weight_transform(layer, KeepLargest, "bias") is weight_transforms(layer, "bias")[0]
 
-    add_weight_transform(layer, KeepLargest(layer.weight), "weight")
+    layer = nn.Linear(4, 3)  # now weight first, then bias: each gets a mask of its own
+    for name in ("weight", "bias"):
+        add_weight_transform(layer, KeepLargest(getattr(layer, name)), name)
     masks = {name: find_weight_transform(layer, KeepLargest, name).mask.clone() for name in ("weight", "bias")}
+    assert [mask.shape for mask in masks.values()] == [(3, 4), (3,)]
     plain = nn.Linear(4, 3)
     layer.load_state_dict(plain.state_dict())  # (3, 4) and (3,) masks: each keeps its own
     for name in ("weight", "bias"):
