@@ -407,3 +407,15 @@ def test_the_modules_own_task_weight_is_restored_after_the_fit(teacher: Path, pr
     transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=1, mode="joint")
     tiny_trainer(tmp_path, max_steps=2, callbacks=[transfer]).fit(module, datamodule=datamodule)
     assert module.loss_weight(CROSS_ENTROPY) == 0.7 and module.loss_terms == {}
+
+
+def test_a_forward_that_records_no_states_or_maps_is_named() -> None:
+    """Features without the per-layer states or attention maps at all (a model that records
+    nothing): the one-line error of a missing layer, not an AttributeError."""
+    nothing = SimpleNamespace()
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the student's forward recorded 0 encoder "
+                                         r"states, layer 1 is needed$"):
+        ProgressiveKnowledgeTransfer._state(nothing, "encoder", 1, "student")
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the teacher's forward recorded 0 "
+                                         r"cross_attention maps, layer 1 is needed$"):
+        ProgressiveKnowledgeTransfer._attention(nothing, "cross_attention", 1, "teacher")
