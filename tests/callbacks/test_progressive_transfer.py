@@ -76,9 +76,11 @@ def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: P
     for stage, (updated, allowed) in enumerate(zip(stages, prefixes)):
         assert updated and all(name.startswith(allowed) for name in updated), (stage, sorted(updated))
     assert "model.output_down_projection.weight" in stages[4]  # the distillation stage trains everything
-    # The optimiser restarted with the last stage: two Adam steps in its state, not ten.
-    state = fit.optimizers[0].state[module.model.output_down_projection.weight]
-    assert int(state["step"]) == 2
+    # The optimiser restarted with the last stage: two Adam steps in its state, not ten, and not
+    # four for the first layer, which also learned in the first stage.
+    optimizer = fit.optimizers[0]
+    assert int(optimizer.state[module.model.output_down_projection.weight]["step"]) == 2
+    assert {int(optimizer.state[p]["step"]) for p in module.model.encoder_layers[0].parameters()} == {2}
     assert module.loss_terms == {} and module.loss_weights["cross_entropy"] == 1.0  # restored after the fit
     assert fit.logged_metrics["transfer/stage"] == 4
     assert "train/transfer_soft" in fit.logged_metrics
@@ -122,6 +124,23 @@ def test_resume_in_the_middle_of_a_stage_equals_an_uninterrupted_run(stop: int, 
         other.load_state_dict(next(v for k, v in saved.items() if k.startswith("ProgressiveKnowledgeTransfer")))
 
 
+class Terms(L.Callback):
+    """The loss terms' weights (and the task loss's, as "task") at the end of every training batch,
+    and the step of every forward of ``transfer``'s teacher."""
+
+    def __init__(self, transfer: ProgressiveKnowledgeTransfer) -> None:
+        self.transfer = transfer
+        self.seen: list[dict] = []
+        self.teacher_calls: list[int] = []
+
+    def on_train_start(self, trainer, module) -> None:
+        self.transfer.teacher.module.register_forward_hook(lambda *_: self.teacher_calls.append(trainer.global_step))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.seen.append({**{name: term.weight for name, term in module.loss_terms.items()},
+                          "task": module.loss_weight(CROSS_ENTROPY)})
+
+
 @pytest.mark.parametrize("mode, weights_first, weights_last", [
     ("joint", {"transfer_features": 3.0, "transfer_attention": 2.0, "task": 0.0},
      {"transfer_soft": 0.7, "task": 0.3}),
@@ -133,30 +152,35 @@ def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last:
     """The loss terms and their weights in the first and the last batch: layer-wise transfer
     without the task loss, then distillation with it (joint); everything at once (auxiliary).
     The teacher runs once per batch: its outputs are shared by the terms that read them."""
-    class Terms(L.Callback):
-        """The loss terms' weights (and the task loss's, as "task") at the end of every training batch."""
-
-        def __init__(self) -> None:
-            self.seen: list[dict] = []
-            self.teacher_calls: list[int] = []  # the step of every teacher forward
-
-        def on_train_start(self, trainer, module) -> None:
-            transfer.teacher.module.register_forward_hook(lambda *_: self.teacher_calls.append(trainer.global_step))
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-            self.seen.append({**{name: term.weight for name, term in module.loss_terms.items()},
-                              "task": module.loss_weight(CROSS_ENTROPY)})
-
     L.seed_everything(0)
     module, datamodule = student(prepared_dir)
     transfer = ProgressiveKnowledgeTransfer(str(teacher), mode=mode, stage_steps=1, feature_weight=3.0,
                                             attention_weight=2.0, soft_weight=0.7, hard_weight=0.3)
-    terms = Terms()
+    terms = Terms(transfer)
     tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
     assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
     assert terms.teacher_calls == list(range(6))  # once per batch, however many terms read it
     assert transfer.transfer_steps == (4 if mode == "joint" else 0)
     assert not transfer.freezer.frozen
+
+
+@pytest.mark.parametrize("weights, weights_first, weights_last", [
+    ({"feature_weight": 0.5, "attention_weight": 0.0, "soft_weight": 0.0, "hard_weight": 1.0},
+     {"transfer_features": 0.5, "task": 0.0}, {"task": 1.0}),
+    ({"feature_weight": 0.0, "attention_weight": 0.5, "soft_weight": 0.25, "hard_weight": 0.0},
+     {"transfer_attention": 0.5, "task": 0.0}, {"transfer_soft": 0.25, "task": 0.0}),
+])
+def test_a_zero_weight_leaves_its_term_out_and_a_small_one_keeps_it(weights: dict, weights_first: dict,
+                                                                     weights_last: dict, teacher: Path,
+                                                                     prepared_dir: Path, tmp_path: Path) -> None:
+    """Weights of 0 switch their term off (nothing computes or records it); weights in (0, 1]
+    are as real as the defaults (attention_weight=1.0 is one)."""
+    L.seed_everything(0)
+    module, datamodule = student(prepared_dir)
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), mode="joint", stage_steps=1, **weights)
+    terms = Terms(transfer)
+    tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
+    assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
 
 
 def test_a_teacher_of_another_depth_is_refused_and_too_few_steps_warned(teacher: Path, prepared_dir: Path,
