@@ -60,7 +60,10 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> 
 
 
 def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: Path, prepared_dir: Path,
-                                                                     tmp_path: Path) -> None:
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    monkeypatch.setattr("callbacks.progressive_transfer.rank_zero_info", said.append)
     L.seed_everything(0)
     module, datamodule = student(prepared_dir)
     transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=2)
@@ -84,6 +87,9 @@ def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: P
     assert module.loss_terms == {} and module.loss_weights["cross_entropy"] == 1.0  # restored after the fit
     assert fit.logged_metrics["transfer/stage"] == 4
     assert "train/transfer_soft" in fit.logged_metrics
+    # One line as each stage begins, the first included.
+    stages = [line.split(": ")[1] for line in said if ": stage " in line]
+    assert stages == [f"stage {number}/5 from step {2 * (number - 1)}" for number in range(1, 6)]
 
 
 def test_transfer_losses_are_zero_when_the_student_is_the_teacher(teacher: Path, prepared_dir: Path) -> None:
@@ -104,6 +110,21 @@ def test_transfer_losses_are_zero_when_the_student_is_the_teacher(teacher: Path,
     assert transfer._feature_loss(context).item() == 0.0
     assert transfer._attention_loss(context).item() == 0.0
     assert transfer._soft_loss(context).item() == 0.0
+    # A teacher that answers with an object holding .logits (as Hugging Face models do) is read the same.
+    class WithLogits(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            return SimpleNamespace(logits=self.inner(*inputs))
+
+    transfer.teacher.module = WithLogits(transfer.teacher.module)
+    transfer._pass = None
+    assert transfer._soft_loss(context).item() == 0.0
+    transfer._pass, transfer.teacher_inputs = None, ["source", "tags"]
+    with pytest.raises(KeyError, match="ProgressiveKnowledgeTransfer: the batch has no field 'tags' for the teacher"):
+        transfer._soft_loss(context)
 
 
 @pytest.mark.parametrize("stop", [3, 4])
@@ -132,9 +153,11 @@ class Terms(L.Callback):
         self.transfer = transfer
         self.seen: list[dict] = []
         self.teacher_calls: list[int] = []
+        self.teacher_arguments: list[tuple] = []  # the positional arguments of every teacher forward
 
     def on_train_start(self, trainer, module) -> None:
         self.transfer.teacher.module.register_forward_hook(lambda *_: self.teacher_calls.append(trainer.global_step))
+        self.transfer.teacher.module.register_forward_pre_hook(lambda _, args: self.teacher_arguments.append(args))
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.seen.append({**{name: term.weight for name, term in module.loss_terms.items()},
@@ -164,23 +187,42 @@ def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last:
     assert not transfer.freezer.frozen
 
 
-@pytest.mark.parametrize("weights, weights_first, weights_last", [
+@pytest.mark.parametrize("weights, weights_first, weights_last, attention_recorded", [
     ({"feature_weight": 0.5, "attention_weight": 0.0, "soft_weight": 0.0, "hard_weight": 1.0},
-     {"transfer_features": 0.5, "task": 0.0}, {"task": 1.0}),
+     {"transfer_features": 0.5, "task": 0.0}, {"task": 1.0}, False),
     ({"feature_weight": 0.0, "attention_weight": 0.5, "soft_weight": 0.25, "hard_weight": 0.0},
-     {"transfer_attention": 0.5, "task": 0.0}, {"transfer_soft": 0.25, "task": 0.0}),
-])
+     {"transfer_attention": 0.5, "task": 0.0}, {"transfer_soft": 0.25, "task": 0.0}, True),
+], ids=["features_only", "attention_only"])
 def test_a_zero_weight_leaves_its_term_out_and_a_small_one_keeps_it(weights: dict, weights_first: dict,
-                                                                     weights_last: dict, teacher: Path,
-                                                                     prepared_dir: Path, tmp_path: Path) -> None:
+                                                                     weights_last: dict, attention_recorded: bool,
+                                                                     teacher: Path, prepared_dir: Path,
+                                                                     tmp_path: Path) -> None:
     """Weights of 0 switch their term off (nothing computes or records it); weights in (0, 1]
-    are as real as the defaults (attention_weight=1.0 is one)."""
+    are as real as the defaults (attention_weight=1.0 is one). The teacher records its attention
+    maps only for an attention term; in the distillation stage (steps 4 and 5) it gets no recorder,
+    and no call at all without a soft term."""
     L.seed_everything(0)
     module, datamodule = student(prepared_dir)
     transfer = ProgressiveKnowledgeTransfer(str(teacher), mode="joint", stage_steps=1, **weights)
     terms = Terms(transfer)
     tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
     assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
+    first, last = terms.teacher_arguments[0], terms.teacher_arguments[-1]
+    assert len(first) == 3 and first[-1].hidden_states and first[-1].attention == attention_recorded
+    if weights["soft_weight"] > 0:
+        assert terms.teacher_calls == list(range(6)) and len(last) == 2  # source and decoder input only
+    else:
+        assert terms.teacher_calls == list(range(4))
+
+
+def test_one_callback_object_serves_several_fits(teacher: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    """The same object in the uninterrupted fit, the fit stopped in the middle and the resumed
+    one (as in a notebook that fits again): what one fit leaves behind does not leak into the next."""
+    transfer = ProgressiveKnowledgeTransfer(str(teacher), stage_steps=2)
+    straight, resumed = resumed_and_uninterrupted(
+        tmp_path, lambda: student(prepared_dir)[0], lambda: [transfer],
+        lambda: TranslationDataModule(str(prepared_dir), max_tokens=256), stop=3, total=6, deterministic=False)
+    assert_same_state(straight, resumed, tolerance=1e-6)
 
 
 def test_a_teacher_of_another_depth_is_refused_and_too_few_steps_warned(teacher: Path, prepared_dir: Path,
