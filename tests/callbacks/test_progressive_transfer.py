@@ -78,6 +78,7 @@ def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: P
                 ("model.decoder_layers.1.",)]
     for stage, (updated, allowed) in enumerate(zip(stages, prefixes)):
         assert updated and all(name.startswith(allowed) for name in updated), (stage, sorted(updated))
+        assert any(name.startswith(allowed[0]) for name in updated), (stage, sorted(updated))  # its layer learns
     assert "model.output_down_projection.weight" in stages[4]  # the distillation stage trains everything
     # The optimiser restarted with the last stage: two Adam steps in its state, not ten, and not
     # four for the first layer, which also learned in the first stage.
