@@ -62,3 +62,16 @@ def context_without_a_recorder(features: object) -> SimpleNamespace:
     """A tiny loss context whose features cannot record per-layer states: none (``features``
     None) or features of another kind."""
     return tiny_loss_context(features=None if features is None else SimpleNamespace(encoder_states=[]))
+
+
+class TeacherWithLogits(nn.Module):
+    """A teacher answering ``output.logits`` (as Hugging Face models do) instead of plain logits,
+    its forward calls counted."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, *inputs):
+        self.calls += 1
+        return SimpleNamespace(logits=self.inner(*inputs))

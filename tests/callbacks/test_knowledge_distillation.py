@@ -19,8 +19,8 @@ from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import LossContext, TranslationModule
 from tests.callbacks.classifier import DistillableClassifier, classification_data
-from tests.callbacks.helpers import (assert_same_state, context_without_a_recorder, resumed_and_uninterrupted,
-                                     tiny_loss_context, trainer)
+from tests.callbacks.helpers import (TeacherWithLogits, assert_same_state, context_without_a_recorder,
+                                     resumed_and_uninterrupted, tiny_loss_context, trainer)
 from tests.callbacks.test_transforms import MaskCallback
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
@@ -139,18 +139,6 @@ def test_the_teacher_runs_once_per_batch_and_answers_for_that_batch(trained_chec
     positions of KL(teacher || student), computed here in float64 from a separately loaded teacher
     on that batch, so outputs kept from the previous batch give another number. The teacher here
     returns an object with .logits, which the callback reads as it reads plain logits."""
-    from types import SimpleNamespace
-
-    class WithLogits(torch.nn.Module):
-        """The teacher's forward, answered as ``output.logits``, its calls counted."""
-
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner, self.calls = inner, 0
-
-        def forward(self, *inputs):
-            self.calls += 1
-            return SimpleNamespace(logits=self.inner(*inputs))
 
     temperature = 2.0
     distillation = KnowledgeDistillation(str(trained_checkpoint), temperature=temperature, hidden_weight=1.0)
@@ -158,7 +146,7 @@ def test_the_teacher_runs_once_per_batch_and_answers_for_that_batch(trained_chec
     student, datamodule = translation_student(prepared_dir)
     student.eval()
     distillation.teacher.load(student)
-    distillation.teacher.module = counting = WithLogits(distillation.teacher.module)
+    distillation.teacher.module = counting = TeacherWithLogits(distillation.teacher.module)
     reference = load_translation_module(trained_checkpoint).eval()
     datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())

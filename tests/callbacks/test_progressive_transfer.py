@@ -20,7 +20,8 @@ from nmt_lightning.export.codecs.int8_kernels import Int8Linear
 from nmt_lightning.model import TransformerFeatures
 from nmt_lightning.module import CROSS_ENTROPY, LossContext, TranslationModule
 from nmt_lightning.translate import translate_lines
-from tests.callbacks.helpers import assert_same_state, context_without_a_recorder, resumed_and_uninterrupted
+from tests.callbacks.helpers import (TeacherWithLogits, assert_same_state, context_without_a_recorder,
+                                     resumed_and_uninterrupted)
 from tests.conftest import run_script, tiny_module, tiny_trainer, train_tiny_checkpoint
 
 # The teacher: TINY_MODEL (d_model 32, 2 heads) with 2+2 layers. The deep, thin student: the
@@ -89,8 +90,8 @@ def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: P
     assert fit.logged_metrics["transfer/stage"] == 4
     assert "train/transfer_soft" in fit.logged_metrics
     # One line as each stage begins, the first included.
-    stages = [line.split(": ")[1] for line in said if ": stage " in line]
-    assert stages == [f"stage {number}/5 from step {2 * (number - 1)}" for number in range(1, 6)]
+    announced = [line.split(": ")[1] for line in said if ": stage " in line]
+    assert announced == [f"stage {number}/5 from step {2 * (number - 1)}" for number in range(1, 6)]
 
 
 def test_transfer_losses_are_zero_when_the_student_is_the_teacher(teacher: Path, prepared_dir: Path) -> None:
@@ -112,15 +113,7 @@ def test_transfer_losses_are_zero_when_the_student_is_the_teacher(teacher: Path,
     assert transfer._attention_loss(context).item() == 0.0
     assert transfer._soft_loss(context).item() == 0.0
     # A teacher that answers with an object holding .logits (as Hugging Face models do) is read the same.
-    class WithLogits(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *inputs):
-            return SimpleNamespace(logits=self.inner(*inputs))
-
-    transfer.teacher.module = WithLogits(transfer.teacher.module)
+    transfer.teacher.module = TeacherWithLogits(transfer.teacher.module)
     transfer._pass = None
     assert transfer._soft_loss(context).item() == 0.0
     transfer._pass, transfer.teacher_inputs = None, ["source", "tags"]
