@@ -187,6 +187,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             raise ValueError(f"{OWNER}: sides must be a non-empty list of {list(SIDES)}, each once, got {shown(sides)}")
         self.sides = [side for side in SIDES if side in sides]  # encoder first: a decoder layer reads its output
         self.layer_modules = {**DEFAULT_LAYER_MODULES, **_side_mapping("layer_modules", layer_modules, _module_name)}
+        # Both hold both sides: a side the argument leaves out keeps its default.
         self.embedding_modules = {**DEFAULT_EMBEDDING_MODULES,
                                   **_side_mapping("embedding_modules", embedding_modules, _module_names)}
         self.copy_embeddings = flag(OWNER, "copy_embeddings", copy_embeddings)
@@ -213,7 +214,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
         for side, index in layers:
             trainable = [f"{self.layer_modules[side]}.{index - 1}.*"]
             if index == 1:
-                trainable += [f"{name}.*" for name in self.embedding_modules.get(side, [])]
+                trainable += [f"{name}.*" for name in self.embedding_modules[side]]
             stages.append(_Stage([(side, index)], distill=False, trainable=trainable))
         return stages + [_Stage([], distill=True, trainable=None)]
 
@@ -260,7 +261,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
             self.depth[side] = mine
             self.mapping[side] = list(chosen) if chosen is not None else list(range(1, mine + 1))
         self.stages = self._build_stages()
-        patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules.get(side, [])]
+        patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules[side]]
         if patterns and not matching_parameters(pl_module, patterns):
             raise ValueError(f"{OWNER}: embedding_modules {self.embedding_modules} name no parameter of the "
                              f"{type(pl_module).__name__}, so its embeddings would stay frozen through every layer "
@@ -272,7 +273,7 @@ class ProgressiveKnowledgeTransfer(L.Callback):
     def _copy_embeddings(self, student: nn.Module, teacher: nn.Module) -> None:
         """The teacher's embedding parameters into the student where name and shape agree. Runs
         in setup, before a checkpoint is restored: a resumed run keeps its trained tables."""
-        patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules.get(side, [])]
+        patterns = [f"{name}.*" for side in self.sides for name in self.embedding_modules[side]]
         mine, theirs = dict(student.named_parameters()), dict(teacher.named_parameters())
         copied = []
         with torch.no_grad():

@@ -80,6 +80,9 @@ def test_progressive_stages_train_one_layer_each_with_the_rest_frozen(teacher: P
     for stage, (updated, allowed) in enumerate(zip(stages, prefixes)):
         assert updated and all(name.startswith(allowed) for name in updated), (stage, sorted(updated))
         assert any(name.startswith(allowed[0]) for name in updated), (stage, sorted(updated))  # its layer learns
+    # The embeddings learn with their side's first layer.
+    assert {"model.src_embed.weight", "model.encoder_embed_projection.weight"} <= stages[0]
+    assert "model.decoder_embed_projection.weight" in stages[2]
     assert "model.output_down_projection.weight" in stages[4]  # the distillation stage trains everything
     # The optimiser restarted with the last stage: two Adam steps in its state, not ten, and not
     # four for the first layer, which also learned in the first stage.
@@ -159,25 +162,29 @@ class Terms(L.Callback):
 
 
 @pytest.mark.parametrize("mode, weights_first, weights_last", [
+    ("progressive", {"transfer_features": 3.0, "transfer_attention": 2.0, "task": 0.0},
+     {"transfer_soft": 0.7, "task": 0.3}),
     ("joint", {"transfer_features": 3.0, "transfer_attention": 2.0, "task": 0.0},
      {"transfer_soft": 0.7, "task": 0.3}),
     ("auxiliary", {"transfer_features": 3.0, "transfer_attention": 2.0, "transfer_soft": 0.7, "task": 0.3},
      {"transfer_features": 3.0, "transfer_attention": 2.0, "transfer_soft": 0.7, "task": 0.3}),
 ])
-def test_joint_and_auxiliary_modes(mode: str, weights_first: dict, weights_last: dict, teacher: Path,
-                                   prepared_dir: Path, tmp_path: Path) -> None:
-    """The loss terms and their weights in the first and the last batch: layer-wise transfer
-    without the task loss, then distillation with it (joint); everything at once (auxiliary).
-    The teacher runs once per batch: its outputs are shared by the terms that read them."""
+def test_the_loss_terms_of_each_mode(mode: str, weights_first: dict, weights_last: dict, teacher: Path,
+                                     prepared_dir: Path, tmp_path: Path) -> None:
+    """The loss terms and their weights in every batch: layer-wise transfer without the task
+    loss in the four layer stages (progressive) or the one transfer stage (joint), then
+    distillation with it; everything at once (auxiliary). The teacher runs once per batch: its
+    outputs are shared by the terms that read them."""
     L.seed_everything(0)
     module, datamodule = student(prepared_dir)
     transfer = ProgressiveKnowledgeTransfer(str(teacher), mode=mode, stage_steps=1, feature_weight=3.0,
                                             attention_weight=2.0, soft_weight=0.7, hard_weight=0.3)
     terms = Terms(transfer)
     tiny_trainer(tmp_path, max_steps=6, callbacks=[transfer, terms]).fit(module, datamodule=datamodule)
-    assert terms.seen[0] == weights_first and terms.seen[-1] == weights_last
+    transfer_batches = 6 if mode == "auxiliary" else 4
+    assert terms.seen == [weights_first] * transfer_batches + [weights_last] * (6 - transfer_batches)
     assert terms.teacher_calls == list(range(6))  # once per batch, however many terms read it
-    assert transfer.transfer_steps == (4 if mode == "joint" else 0)
+    assert transfer.transfer_steps == (0 if mode == "auxiliary" else 4)
     assert not transfer.freezer.frozen
 
 
@@ -419,7 +426,24 @@ def test_embedding_modules_that_name_nothing_are_refused(teacher: Path, prepared
         wrong.setup(None, module, "fit")
     ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": [], "decoder": []},
                                  copy_embeddings=False).setup(None, module, "fit")
-    ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": []}).setup(None, module, "fit")  # a side left out: none
+    # A side left out keeps its default.
+    ProgressiveKnowledgeTransfer(str(teacher), embedding_modules={"encoder": []}).setup(None, module, "fit")
+
+
+def test_layer_modules_that_are_missing_or_not_lists_are_named_with_their_owner(teacher: Path,
+                                                                              prepared_dir: Path) -> None:
+    """The student is checked first, then the teacher: the message says which of them lacks the module."""
+    module, _ = student(prepared_dir)
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the student has no module 'model.stack' "
+                                         r"holding its encoder layers \(set layer_modules\)$"):
+        ProgressiveKnowledgeTransfer(str(teacher), layer_modules={"encoder": "model.stack"}).setup(None, module, "fit")
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the student's model.src_embed is a "
+                                         r"Embedding, not a list of layers$"):
+        ProgressiveKnowledgeTransfer(str(teacher), layer_modules={"decoder": "model.src_embed"}).setup(
+            None, module, "fit")
+    module.model.stack = torch.nn.ModuleList(module.model.encoder_layers)  # only the student has it
+    with pytest.raises(ValueError, match=r"^ProgressiveKnowledgeTransfer: the teacher has no module 'model.stack' "):
+        ProgressiveKnowledgeTransfer(str(teacher), layer_modules={"encoder": "model.stack"}).setup(None, module, "fit")
 
 
 def test_the_checkpoint_states_the_schedule_and_an_older_one_without_it_loads(teacher: Path) -> None:
