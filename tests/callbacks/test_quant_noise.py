@@ -54,6 +54,20 @@ def test_every_weight_draws_its_own_blocks_from_the_seeded_generator() -> None:
             assert torch.equal(weight_transforms(getattr(model, name))[0].mask, mask), name
 
 
+def test_a_model_spread_over_devices_gets_each_mask_on_its_weights_device() -> None:
+    """One draw on the first weight's device, each mask a slice of it moved to its own weight's
+    device (the meta device stands in for a second GPU): the layers after the moved one still read
+    their own part of the draw."""
+    model, callback = BagOfWordsClassifier(dim=32), QuantNoise(p=0.3, scheme="int8", block_size=4, seed=7)
+    model.hidden.to("meta")  # before the transforms, as a model is placed before its fit
+    callback.add_noise_transforms(model)
+    callback.draw_masks()
+    drawn = torch.rand(30 * 8 + 32 * 8 + 3 * 8, generator=torch.Generator().manual_seed(7)) < 0.3
+    masks = {name: weight_transforms(getattr(model, name))[0].mask for name in ("embed", "hidden", "out")}
+    assert masks["hidden"].device.type == "meta" and masks["hidden"].shape == (32, 8)
+    assert torch.equal(masks["embed"], drawn[:240].view(30, 8)) and torch.equal(masks["out"], drawn[496:].view(3, 8))
+
+
 @pytest.mark.parametrize("gradient", ["straight_through", "dropout"])
 def test_the_callback_puts_its_settings_on_every_selected_weight(gradient: str) -> None:
     """What QuantNoise hands each weight's transform: the scheme, p, block size and, for pq, the
