@@ -133,7 +133,8 @@ TEACHER_PROBES = {
         ("copy_embeddings", dict(copy_embeddings="no")), ("teacher_layers", dict(teacher_layers={"encoder": [1.5]})),
         ("teacher_layers", dict(teacher_layers={"encoder": [0]})), ("teacher_layers", dict(teacher_layers={"encoder": []})),
         ("teacher_inputs", dict(teacher_inputs="source")), ("teacher", dict(teacher="no/such.ckpt")),
-        ("teacher", dict(teacher="GARBAGE")),
+        ("teacher", dict(teacher="GARBAGE")), ("soft_weight", dict(soft_weight="0.5")), ("sides", dict(sides=[])),
+        ("teacher_loader", dict(teacher_loader="no.such.loader")), ("teacher_loader", dict(teacher_loader=3)),
     ],
 }
 PLATEAU_PROBES = [
