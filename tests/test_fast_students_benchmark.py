@@ -21,10 +21,11 @@ EFFICIENCY = ["--engines", "ours fp32", "CTranslate2 float32", "--beam", "1", "-
 
 
 def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
-        trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
+        trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fast_students = import_benchmark("fast_students")
+    monkeypatch.chdir(tmp_path)  # a relative --out: each run trains in its own directory
     out = tmp_path / "out"
-    arguments = ["--out", str(out), "--data-dir", str(prepared_dir), "--base", str(trained_checkpoint), "--steps", "4",
+    arguments = ["--out", "out", "--data-dir", str(prepared_dir), "--base", str(trained_checkpoint), "--steps", "4",
                  "--jobs", "1", *[f"--override={option}" for option in SMALL], "--", *EFFICIENCY]
     fast_students.main(arguments)
     control, structured = (json.loads((out / "runs" / run / "run.json").read_text()) for run in ("control", "structured"))

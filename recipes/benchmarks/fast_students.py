@@ -52,7 +52,7 @@ def structured_pruning(steps: int) -> str:
 
 def runs(args: argparse.Namespace) -> dict[str, dict]:
     """name -> what run_fit needs: configs, add-ons, overrides, result, steps."""
-    common = [f"--data.data_dir={args.data_dir.resolve()}", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
+    common = [f"--data.data_dir={args.data_dir}", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
               "--model.val_bleu_sentences=100", *args.override]
     finetune = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]), "steps": args.steps,
                 "overrides": common + [f"--model.init_from={args.base.resolve()}"]}
@@ -122,6 +122,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="OPTION",
                         help="an nmt-lightning fit option for every run, e.g. --override=--model.d_model=32 (repeat)")
     args = parser.parse_args(argv)
+    args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()  # each run trains in its own directory
     for option, path in (("--base", args.base), ("--teacher", args.teacher)):
         if path is not None and not path.is_file():
             parser.error(f"{option} {path}: no such checkpoint")
