@@ -38,3 +38,19 @@ def test_a_missing_model_is_refused(tmp_path: Path) -> None:
     efficiency = import_benchmark("efficiency")
     with pytest.raises(SystemExit):
         efficiency.main(["--out", str(tmp_path), "--model", f"x={tmp_path / 'missing.ckpt'}"])
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents(trained_checkpoint: Path, prepared_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Linux keeps getrusage's ru_maxrss across exec: a worker started by a process that once held
+    1.5 GB would report at least that. The worker's own peak (a tiny model and torch) is far less."""
+    from nmt_lightning.translation_file import export_checkpoint
+
+    efficiency = import_benchmark("efficiency")
+    exported = tmp_path / "tiny.safetensors"
+    export_checkpoint(trained_checkpoint, exported, None)
+    held = b"\x01" * 1_500_000_000  # resident: every page written
+    row = efficiency.Row("tiny", "ours fp32", exported)
+    report = efficiency.run_worker(row, "throughput", prepared_dir / "test.en", tmp_path / "out.cs", 1, 1)
+    del held
+    assert 0 < report["peak_rss_bytes"] < 1_000_000_000

@@ -117,6 +117,18 @@ def run_worker(row: Row, mode: str, input_path: Path, output: Path, threads: int
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def peak_resident_bytes() -> int:
+    """This process's own peak resident set. Linux: VmHWM, the high-water mark of the memory map
+    that exec created. Not getrusage's ru_maxrss: Linux carries it over an exec, so a worker
+    started by a large parent would report the parent's peak (seen: every row the driver's 2.7 GB)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="utf-8")
+    except OSError:  # not Linux: ru_maxrss is this process's own (bytes on macOS, kilobytes elsewhere)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+
+
 def worker(args: argparse.Namespace) -> None:
     """Load one model, warm it up, translate the input as asked, print a JSON report."""
     import torch
@@ -158,7 +170,7 @@ def worker(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         translations = translate(lines, batch_size)
         report["seconds"] = time.perf_counter() - started
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
+    report["peak_rss_bytes"] = peak_resident_bytes()
     Path(args.output).write_text("".join(line + "\n" for line in translations), encoding="utf-8")
     print(json.dumps(report))
 
