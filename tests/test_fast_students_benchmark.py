@@ -53,3 +53,40 @@ def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
     fast_students.main(arguments)  # cached: nothing trains again, the same page
     assert {run: (out / "runs" / run / "runs").stat().st_mtime_ns for run in trained} == trained
     assert (out / "fast_students.md").read_text() == page
+
+
+def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
+        prepared_dir: Path, tmp_path: Path) -> None:
+    """With --teacher: the 6+2 and 6+1 students train (word-level KD) from the teacher's whole
+    encoder and its decoder layers [2, 5] or [5]: after one step at a learning rate of 1e-9 (Adam
+    moves a weight by about the learning rate) each student's layers are the chosen teacher layers."""
+    import argparse
+
+    import torch
+
+    from tests.conftest import train_tiny_checkpoint
+
+    fast_students = import_benchmark("fast_students")
+    teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
+    args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=teacher, teacher=teacher, steps=1,
+                              student_steps=1, seed=1, jobs=1,
+                              override=[option for option in SMALL if "_layers=" not in option]
+                              + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
+    planned = {name: run for name, run in fast_students.runs(args).items() if name.startswith("student")}
+    assert sorted(planned) == ["student_6_1", "student_6_2"]
+    assert all("callbacks.KnowledgeDistillation" in run["add_ons"][0] for run in planned.values())
+    checkpoints = fast_students.train(args, planned)
+
+    def weights(path: Path) -> dict[str, torch.Tensor]:
+        return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+    taught = weights(teacher)
+    for name, picked in (("student_6_2", [2, 5]), ("student_6_1", [5])):
+        student = weights(checkpoints[name])
+        assert not any(f"decoder_layers.{len(picked)}." in key for key in student)  # 6 + len(picked) layers
+        for layer in range(6):
+            key = f"model.encoder_layers.{layer}.ffn.fc1.weight"
+            assert torch.allclose(student[key], taught[key], atol=1e-6)
+        for index, source in enumerate(picked):
+            assert torch.allclose(student[f"model.decoder_layers.{index}.ffn.fc1.weight"],
+                                  taught[f"model.decoder_layers.{source}.ffn.fc1.weight"], atol=1e-6)
