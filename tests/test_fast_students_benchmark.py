@@ -69,7 +69,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     fast_students = import_benchmark("fast_students")
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=teacher, teacher=teacher, steps=1,
-                              student_steps=1, seed=1, jobs=1,
+                              student_steps=1, seed=1, jobs=1, distill=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = {name: run for name, run in fast_students.runs(args).items() if name.startswith("student")}

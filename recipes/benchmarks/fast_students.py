@@ -15,6 +15,8 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side:
 - ``structured``: the same from the same checkpoint, the same steps and seed, with
   ``StructuredPruning`` removing half of the heads and feed-forward neurons of every layer on the
   study's schedule (every tenth of the steps from the first tenth to seven tenths, then recovery);
+- with ``--distill``: ``structured`` with word-level KD from the base alongside (the model being
+  pruned learns from itself unpruned);
 - with ``--teacher``: the 6+2 and 6+1 students (the teacher's whole encoder and its decoder
   layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each.
 
@@ -58,6 +60,9 @@ def runs(args: argparse.Namespace) -> dict[str, dict]:
                 "overrides": common + [f"--model.init_from={args.base.resolve()}"]}
     planned = {"control": {**finetune, "add_ons": []},
                "structured": {**finetune, "add_ons": [structured_pruning(args.steps)]}}
+    if args.distill:  # the unpruned base teaches the model it is pruned into (word-level KD)
+        planned["structured_kd"] = {**finetune, "add_ons": [structured_pruning(args.steps),
+                                                            distillation(str(args.base.resolve()))]}
     if args.teacher is not None:
         teacher = str(args.teacher.resolve())
         for decoder_layers, picked in STUDENT_LAYERS.items():
@@ -92,7 +97,8 @@ def paired_tests(args: argparse.Namespace, names: dict[str, str]) -> list[str]:
 
     references = read_lines(args.data_dir / "test.cs")
     translations = args.out / "efficiency" / "translations"
-    pairs = [("structured", "control")] + [(f"student_6_{d}", "teacher") for d in STUDENT_LAYERS if args.teacher]
+    pairs = [("structured", "control")] + [("structured_kd", "control")] * args.distill
+    pairs += [(f"student_6_{d}", "teacher") for d in STUDENT_LAYERS if args.teacher]
     lines = ["| system | baseline | BLEU | baseline BLEU | difference | p-value |", "|---|---|---|---|---|---|"]
     for system, baseline in pairs:
         def hypotheses(run: str) -> list[str]:
@@ -114,6 +120,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/fast_students"))
     parser.add_argument("--data-dir", type=Path, default=Path("data/libreoffice_en_cs"))
     parser.add_argument("--base", type=Path, required=True, help="the trained base the pruning starts from")
+    parser.add_argument("--distill", action="store_true",
+                        help="also prune with word-level KD from the base alongside (structured_kd)")
     parser.add_argument("--teacher", type=Path, help="a trained 6+6 teacher: adds the 6+2 and 6+1 students")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
@@ -133,6 +141,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoints = train(args, runs(args))
     names = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
+             "structured_kd": "half removed, KD from the base",
              "student_6_2": "student 6+2", "student_6_1": "student 6+1"}
     models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | checkpoints
     import efficiency
