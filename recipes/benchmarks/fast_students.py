@@ -38,18 +38,10 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import cached, file_slug, run_fit  # noqa: E402
-from study_plan import FINETUNE, RESULT, TINY, callback, distillation  # noqa: E402
+from study_plan import (FINETUNE, RESULT, STUDENT_DECODER_LAYERS, TINY, distillation,  # noqa: E402
+                        structured_pruning)
 
 ROOT = Path(__file__).resolve().parents[2]
-STUDENT_LAYERS = {2: "[2, 5]", 1: "[5]"}  # the teacher's decoder layers each student starts from
-
-
-def structured_pruning(steps: int) -> str:
-    """The study's StructuredPruning add-on for a fine-tuning of ``steps`` steps."""
-    start = max(1, steps // 10)
-    return callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="taylor",
-                    scope="layer", start_step=start, end_step=max(start, steps * 7 // 10), frequency=start,
-                    include=["model.*"])
 
 
 def runs(args: argparse.Namespace) -> dict[str, dict]:
@@ -65,7 +57,7 @@ def runs(args: argparse.Namespace) -> dict[str, dict]:
                                                             distillation(str(args.base.resolve()))]}
     if args.teacher is not None:
         teacher = str(args.teacher.resolve())
-        for decoder_layers, picked in STUDENT_LAYERS.items():
+        for decoder_layers, picked in STUDENT_DECODER_LAYERS.items():
             planned[f"student_6_{decoder_layers}"] = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
@@ -81,9 +73,7 @@ def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]
 
     def fit(name: str) -> Path:
         run = planned[name]
-        log = args.out / "runs" / name / "train.log" if threads else None
-        if log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
+        log = args.out / "runs" / name / "train.log" if threads else None  # run_fit makes the directory
         return run_fit(args.out, name, run["configs"], run["add_ons"], run["overrides"], run["result"], run["steps"],
                        threads=threads, log=log)
 
@@ -98,7 +88,7 @@ def paired_tests(args: argparse.Namespace, names: dict[str, str]) -> list[str]:
     references = read_lines(args.data_dir / "test.cs")
     translations = args.out / "efficiency" / "translations"
     pairs = [("structured", "control")] + [("structured_kd", "control")] * args.distill
-    pairs += [(f"student_6_{d}", "teacher") for d in STUDENT_LAYERS if args.teacher]
+    pairs += [(f"student_6_{d}", "teacher") for d in STUDENT_DECODER_LAYERS if args.teacher]
     lines = ["| system | baseline | BLEU | baseline BLEU | difference | p-value |", "|---|---|---|---|---|---|"]
     for system, baseline in pairs:
         def hypotheses(run: str) -> list[str]:

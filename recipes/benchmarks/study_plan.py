@@ -31,6 +31,7 @@ RESULT = {"reference": "runs/converged/checkpoints/last.ckpt",
           "student": "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt",
           "bottleneck": "runs/libreoffice_en_cs_bottleneck/checkpoints/last.ckpt"}
 PLATEAU = "runs/converged/plateau.json"  # a reference's plateau record, relative to its run directory
+STUDENT_DECODER_LAYERS = {2: "[2, 5]", 1: "[5]"}  # the 6+N students: the teacher's decoder layers they start from
 STEPS_PER_SECOND = {"reference": 1.8, "teacher": 1.0, "finetune": 1.8, "student": 1.8, "kd": 1.2, "bottleneck": 1.3}
 
 
@@ -141,6 +142,15 @@ def ipq_moved(steps: int) -> str:
 def distillation(teacher: str, hidden_weight: float = 0.0) -> str:
     return callback("callbacks.KnowledgeDistillation", teacher=teacher, temperature=2.0, soft_weight=0.5,
                     hard_weight=0.5, hidden_weight=hidden_weight)
+
+
+def structured_pruning(steps: int) -> str:
+    """Half the heads and neurons of every layer removed in a fine-tuning of ``steps`` steps: every
+    tenth of the steps from the first tenth to seven tenths, then recovery."""
+    start = max(1, steps // 10)
+    return callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="taylor",
+                    scope="layer", start_step=start, end_step=max(start, steps * 7 // 10), frequency=start,
+                    include=["model.*"])
 
 
 def seeds(budget: Budget) -> range:
@@ -276,16 +286,13 @@ def plan(budget: Budget, teacher_checkpoint: str = "<teacher>") -> Plan:
     # half the heads and neurons of the base against the fp32 control of the same steps.
     p.rows += [Row("fast_students", "6+6 (the teacher)", teacher),
                Row("fast_students", "3+3 student, word-level KD", "word_kd_s1", "fp32", unequal="one seed")]
-    for decoder_layers, picked in ((2, "[2, 5]"), (1, "[5]")):
+    for decoder_layers, picked in STUDENT_DECODER_LAYERS.items():
         p.rows.append(Row("fast_students", f"6+{decoder_layers} student, word-level KD", p.add(Run(
             f"student_6_{decoder_layers}_s1", "kd", (TINY,), budget.student, 1, teacher,
             f"{{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}", (kd,),
             overrides=("--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"))), "fp32",
             unequal="one seed"))
-    start = max(1, budget.finetune // 10)
-    structured = callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="taylor",
-                          scope="layer", start_step=start, end_step=max(start, budget.finetune * 7 // 10),
-                          frequency=start, include=["model.*"])
+    structured = structured_pruning(budget.finetune)
     for seed in seeds(budget):
         p.rows += [Row("fast_students", control, finetune("fp32", (), budget.finetune, seed), "fp32", seed),
                    Row("fast_students", "half the heads and neurons removed", finetune(
