@@ -1,6 +1,7 @@
 """recipes/benchmarks/fast_students.py end to end on the tests' tiny model (no timing is asserted):
-the pruning and its control start from one checkpoint with one budget, the pruned export holds
-half the heads and neurons, the paired test is written, and a second run trains nothing."""
+the pruning and its control start from one checkpoint with one budget, for each seed, the pruned
+export holds half the heads and neurons, the other seeds are only translated, the paired tests
+and their summary over seeds are written, and a second run trains nothing."""
 
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
     monkeypatch.chdir(tmp_path)  # a relative --out: each run trains in its own directory
     out = tmp_path / "out"
     arguments = ["--out", "out", "--data-dir", str(prepared_dir), "--base", str(trained_checkpoint), "--steps", "4",
-                 "--jobs", "1", *[f"--override={option}" for option in SMALL], "--", *EFFICIENCY]
+                 "--jobs", "1", "--seeds", "1", "2", *[f"--override={option}" for option in SMALL], "--", *EFFICIENCY]
     fast_students.main(arguments)
-    control, structured = (json.loads((out / "runs" / run / "run.json").read_text()) for run in ("control", "structured"))
+    settings = {run: json.loads((out / "runs" / run / "run.json").read_text())
+                for run in ("control", "structured", "control_s2", "structured_s2")}
+    control, structured = settings["control"], settings["structured"]
     assert control["steps"] == structured["steps"] == 4
     assert control["overrides"] == structured["overrides"]  # the same start, seed and data
     assert f"--model.init_from={trained_checkpoint.resolve()}" in control["overrides"]
     assert control["add_ons"] == [] and "callbacks.StructuredPruning" in structured["add_ons"][0]
+    assert settings["control_s2"]["overrides"] == settings["structured_s2"]["overrides"]
+    assert "--seed_everything=2" in settings["control_s2"]["overrides"] and "--seed_everything=1" in control["overrides"]
 
     deployed = out / "efficiency" / "deployed"
     shapes = {}
@@ -45,11 +50,17 @@ def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
     assert shapes["unpruned__control"][fc1] == [64, 32] and shapes["half_heads_and_neurons_removed"][fc1] == [32, 32]
 
     page = (out / "fast_students.md").read_text()
-    assert "| half heads and neurons removed | unpruned (control) |" in page
+    for seed in (1, 2):  # each seed's pruned model against the control of its own seed
+        assert f"| half heads and neurons removed | unpruned (control) | {seed} |" in page
+    assert "Over the seeds 1, 2" in page  # the summary's arithmetic: the test below (these tiny models score 0)
+    # the other seed is only translated (our decoder, fp32): nothing converted for CTranslate2, no timing
+    assert "| unpruned (control) (seed 2) | ours fp32 |" in (out / "seeds" / "quality.md").read_text()
+    assert not list((out / "seeds" / "deployed").glob("*CTranslate2*"))
+    assert not (out / "seeds" / "speed_rounds.json").exists()
     table = (out / "efficiency" / "efficiency.md").read_text()
     assert "| unpruned (control) | CTranslate2 float32 |" in table and "| half heads and neurons removed | ours fp32 |" in table
 
-    trained = {run: (out / "runs" / run / "runs").stat().st_mtime_ns for run in ("control", "structured")}
+    trained = {run: (out / "runs" / run / "runs").stat().st_mtime_ns for run in settings}
     fast_students.main(arguments)  # cached: nothing trains again, the same page
     assert {run: (out / "runs" / run / "runs").stat().st_mtime_ns for run in trained} == trained
     assert (out / "fast_students.md").read_text() == page
@@ -68,12 +79,12 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
 
     fast_students = import_benchmark("fast_students")
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
-    args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=teacher, teacher=teacher, steps=1,
-                              student_steps=1, seed=1, jobs=1, distill=False,
+    args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
+                              student_steps=1, seeds=[1], students=[2, 1], jobs=1, distill=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
-    planned = {name: run for name, run in fast_students.runs(args).items() if name.startswith("student")}
-    assert sorted(planned) == ["student_6_1", "student_6_2"]
+    planned = fast_students.runs(args)
+    assert sorted(planned) == ["student_6_1", "student_6_2"]  # no --base: no pruning runs
     assert all("callbacks.KnowledgeDistillation" in run["add_ons"][0] for run in planned.values())
     checkpoints = fast_students.train(args, planned)
 
@@ -90,3 +101,43 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
         for index, source in enumerate(picked):
             assert torch.allclose(student[f"model.decoder_layers.{index}.ffn.fc1.weight"],
                                   taught[f"model.decoder_layers.{source}.ffn.fc1.weight"], atol=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ([], "give --base (structured pruning) or --teacher"),
+    (["--teacher", "{checkpoint}", "--distill"], "--distill prunes the --base"),
+    (["--base", "{checkpoint}", "--seeds", "1", "1"], "--seeds 1 1: a seed is given twice"),
+    (["--base", "{checkpoint}", "--steps", "0"], "must be >= 1"),
+])
+def test_impossible_settings_are_refused_naming_the_argument(
+        options: list[str], message: str, trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    fast_students = import_benchmark("fast_students")
+    arguments = ["--out", str(tmp_path / "out"), "--data-dir", str(prepared_dir)]
+    with pytest.raises(SystemExit):
+        fast_students.main(arguments + [option.format(checkpoint=trained_checkpoint) for option in options])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / "runs").exists()  # refused before anything trains
+
+
+def test_the_seed_summary_is_the_mean_and_sample_deviation_of_each_seeds_paired_result(tmp_path: Path) -> None:
+    """Three seeds' cached paired results, the BLEUs chosen so that the population deviation (2.94
+    for 20, 22, 27) or a mean over the wrong runs would print another line."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.cs").write_text("a\n", encoding="utf-8")
+    (tmp_path / "paired").mkdir()
+    for (system, baseline), (bleu, baseline_bleu, p_value) in {
+            ("structured", "control"): (20.0, 25.0, 0.001), ("structured_s2", "control_s2"): (22.0, 26.0, 0.02),
+            ("structured_s3", "control_s3"): (27.0, 24.0, 0.3)}.items():
+        (tmp_path / "paired" / f"{system}_vs_{baseline}.json").write_text(json.dumps(
+            {"system_bleu": bleu, "baseline_bleu": baseline_bleu, "bleu_p_value": p_value}))
+    args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "data", base=Path("base.ckpt"), teacher=None,
+                              distill=False, students=[2, 1], seeds=[1, 2, 3])
+    lines = fast_students.paired_tests(args)
+    assert "| half heads and neurons removed | unpruned (control) | 2 | 22.00 | 26.00 | -4.00 | 0.0200 |" in lines
+    # mean 23, deviations -3, -1, 4: sqrt(26 / 2) = 3.61; baseline 25 ± 1; the largest p-value 0.3
+    assert ("| half heads and neurons removed | unpruned (control) | 23.00 ± 3.61 | 25.00 ± 1.00 | -2.00 | 0.3000 |"
+            in lines)

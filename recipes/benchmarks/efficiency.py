@@ -28,6 +28,8 @@ that rotates each round; a value is the median round, a ratio the median of the 
 Every ratio is to the reference's ``CTranslate2 float32`` row, from the same run. Every result
 is cached in ``--out``: an interrupted run continues where it stopped. Writes
 ``--out``/efficiency.md, .csv and efficiency.png (BLEU against latency and against bytes).
+``--quality-only`` measures only steps 1 and 2 (``--out``/quality.md), e.g. for a model's other
+seeds, whose speed is the first seed's.
 Never time anything while another job trains on the same machine.
 """
 
@@ -75,7 +77,7 @@ def bytes_on_disk(path: Path) -> int:
 
 
 def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row]:
-    """Export and convert every model for every engine (cached in ``--out``/deployed)."""
+    """Export and convert every model for each of ``--engines`` (cached in ``--out``/deployed)."""
     from nmt_lightning.deploy import convert_to_ctranslate2
     from nmt_lightning.shortlist import build_shortlist
     from nmt_lightning.translation_file import export_checkpoint
@@ -83,7 +85,7 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
     deployed = args.out / "deployed"
     deployed.mkdir(parents=True, exist_ok=True)
     vocabulary_map = deployed / "vmap.txt"
-    if not vocabulary_map.is_file():
+    if not vocabulary_map.is_file() and any("shortlist" in engine for engine in args.engines):
         build_shortlist(args.data_dir, vocabulary_map, progress=True)
     rows = []
     for model, path in models.items():
@@ -91,14 +93,15 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
         exports = {}
         for engine, quantize in (("ours fp32", None), ("ours int8", "int8")):
             exports[engine] = deployed / f"{slug}.{quantize or 'trained'}.safetensors"
-            if not exports[engine].is_file():
+            needed = engine in args.engines or engine == "ours fp32"  # every conversion starts from the fp32 export
+            if needed and not exports[engine].is_file():
                 export_checkpoint(path, exports[engine], quantize)
             rows.append(Row(model, engine, exports[engine]))
         rows.append(Row(model, "ours fp32 + shortlist", exports["ours fp32"], vocabulary_map))
         for engine, quantization, vmap in (("CTranslate2 float32", "float32", None), ("CTranslate2 int8", "int8", None),
                                            ("CTranslate2 int8 + shortlist", "int8", vocabulary_map)):
             directory = deployed / f"{slug}.{file_slug(engine)}"
-            if not (directory / "model.bin").is_file():
+            if engine in args.engines and not (directory / "model.bin").is_file():
                 convert_to_ctranslate2(exports["ours fp32"], directory, quantization, force=True, vocabulary_map=vmap)
             rows.append(Row(model, engine, directory, vmap))
     return [row for row in rows if row.engine in args.engines]
@@ -253,6 +256,16 @@ def plot(path: Path, table: list[dict]) -> None:
     plt.close(figure)
 
 
+def write_quality_table(args: argparse.Namespace, rows: list[Row]) -> None:
+    """``--quality-only``: every row's BLEU, chrF2 and bytes to ``--out``/quality.md and .csv."""
+    table = [[row.model, row.engine, f"{found['bleu']:.2f}", f"{found['chrf']:.2f}", f"{bytes_on_disk(row.path):,}"]
+             for row in rows for found in [quality(args, row)]]
+    lines = write_table(args.out / "quality.csv", ["model", "engine", "BLEU", "chrF2", "bytes on disk"], table)
+    lines += ["", f"Test split of {args.data_dir.name}, beam {args.beam}; translations in {args.out / 'translations'}."]
+    (args.out / "quality.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
@@ -267,6 +280,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--latency-sentences", type=int, default=200,
                         help="test sentences translated one at a time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only BLEU, chrF2 and bytes (no timing; --out/quality.md): e.g. the other seeds of a model")
     # the worker's own options
     for option in ("--kind", "--path", "--input", "--output", "--vocabulary-map"):
         parser.add_argument(option, help=argparse.SUPPRESS)
@@ -285,12 +300,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not name or not path or not Path(path).is_file():
             parser.error(f"--model {item}: give NAME=PATH of an existing checkpoint")
         models[name] = Path(path).resolve()
-    if REFERENCE_ENGINE not in args.engines:
+    if REFERENCE_ENGINE not in args.engines and not args.quality_only:
         parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference model's")
     if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds) < 1:
         parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = deployed_rows(args, models)
+    if args.quality_only:
+        write_quality_table(args, rows)
+        return
     speeds = speed_rounds(args, rows)
     reference_name = Row(next(iter(models)), REFERENCE_ENGINE, Path()).name
     reference_rounds = speeds[reference_name]

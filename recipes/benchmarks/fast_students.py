@@ -2,29 +2,32 @@
 students of a teacher, all measured by ``efficiency.py``.
 
     python recipes/benchmarks/fast_students.py --out runs/fast_students \\
-        --base runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt \\
-        [--teacher runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt]
+        [--base runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt] \\
+        [--teacher runs/libreoffice_en_cs_teacher/checkpoints/last.ckpt] [--seeds 1 2 3]
 
 The compression study (``study.py``) measures the same rows from its converged references;
 this driver measures them from any trained base and teacher, for a first look before the
 references exist or on another corpus. It trains, each run cached and resumed after an
-interruption (``side_by_side.run_fit``), ``--jobs`` side by side:
+interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``--seeds``:
 
-- ``control``: the base fine-tuned ``--steps`` steps in fp32 (``finetune.yaml``): the unpruned
-  model of the same budget;
-- ``structured``: the same from the same checkpoint, the same steps and seed, with
-  ``StructuredPruning`` removing half of the heads and feed-forward neurons of every layer on the
-  study's schedule (every tenth of the steps from the first tenth to seven tenths, then recovery);
+- with ``--base``: ``control``, the base fine-tuned ``--steps`` steps in fp32 (``finetune.yaml``):
+  the unpruned model of the same budget; ``structured``: the same from the same checkpoint, the
+  same steps and seed, with ``StructuredPruning`` removing half of the heads and feed-forward
+  neurons of every layer on the study's schedule (every tenth of the steps from the first tenth
+  to seven tenths, then recovery);
 - with ``--distill``: ``structured`` with word-level KD from the base alongside (the model being
   pruned learns from itself unpruned);
-- with ``--teacher``: the 6+2 and 6+1 students (the teacher's whole encoder and its decoder
-  layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each.
+- with ``--teacher``: the 6+2 and 6+1 students (``--students``: the teacher's whole encoder and
+  its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each.
 
-Then ``efficiency.py`` measures every model on every engine into ``--out``/efficiency (the first
-model, the teacher when given, else the control, is the reference of its ratios; run it while
-nothing else runs), and sacrebleu's paired bootstrap test of each compressed model against its
-comparison (our decoder, fp32) goes to ``--out``/fast_students.md. Arguments after ``--`` go to
-``efficiency.py`` (e.g. ``-- --rounds 2``).
+A run of seed 1 is named as above, of another seed ``<name>_s<seed>``. Then
+``efficiency.py`` measures the first seed's models on every engine into ``--out``/efficiency
+(the first model, the teacher when given, else the control, is the reference of its ratios; run
+it while nothing else runs); the other seeds' models are only translated (our decoder, fp32,
+``--out``/seeds: their speed is the first seed's). sacrebleu's paired bootstrap test of each
+compressed model against its comparison of the same seed (our decoder, fp32), and with several
+seeds the mean and standard deviation of each one's BLEU, go to ``--out``/fast_students.md.
+Arguments after ``--`` go to ``efficiency.py`` (e.g. ``-- --rounds 2``).
 """
 
 from __future__ import annotations
@@ -44,20 +47,32 @@ from study_plan import (FINETUNE, RESULT, STUDENT_DECODER_LAYERS, TINY, distilla
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def runs(args: argparse.Namespace) -> dict[str, dict]:
-    """name -> what run_fit needs: configs, add-ons, overrides, result, steps."""
-    common = [f"--data.data_dir={args.data_dir}", f"--seed_everything={args.seed}", f"--data.seed={args.seed}",
+NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
+         "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1"}
+
+
+def run_name(name: str, seed: int) -> str:
+    """Seed 1's run keeps the plain name (its cache predates seeds), another seed's is ``<name>_s<seed>``."""
+    return name if seed == 1 else f"{name}_s{seed}"
+
+
+def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
+    """Plain name (``control``, ``student_6_2``...) -> what run_fit needs: configs, add-ons, overrides, result, steps."""
+    common = [f"--data.data_dir={args.data_dir}", f"--seed_everything={seed}", f"--data.seed={seed}",
               "--model.val_bleu_sentences=100", *args.override]
-    finetune = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]), "steps": args.steps,
-                "overrides": common + [f"--model.init_from={args.base.resolve()}"]}
-    planned = {"control": {**finetune, "add_ons": []},
-               "structured": {**finetune, "add_ons": [structured_pruning(args.steps)]}}
-    if args.distill:  # the unpruned base teaches the model it is pruned into (word-level KD)
-        planned["structured_kd"] = {**finetune, "add_ons": [structured_pruning(args.steps),
-                                                            distillation(str(args.base.resolve()))]}
+    planned = {}
+    if args.base is not None:
+        finetune = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]), "steps": args.steps,
+                    "overrides": common + [f"--model.init_from={args.base.resolve()}"]}
+        planned = {"control": {**finetune, "add_ons": []},
+                   "structured": {**finetune, "add_ons": [structured_pruning(args.steps)]}}
+        if args.distill:  # the unpruned base teaches the model it is pruned into (word-level KD)
+            planned["structured_kd"] = {**finetune, "add_ons": [structured_pruning(args.steps),
+                                                                distillation(str(args.base.resolve()))]}
     if args.teacher is not None:
         teacher = str(args.teacher.resolve())
-        for decoder_layers, picked in STUDENT_DECODER_LAYERS.items():
+        for decoder_layers in args.students:
+            picked = STUDENT_DECODER_LAYERS[decoder_layers]
             planned[f"student_6_{decoder_layers}"] = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
@@ -65,6 +80,12 @@ def runs(args: argparse.Namespace) -> dict[str, dict]:
                                        f"--model.init_from={teacher}",
                                        f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
     return planned
+
+
+def runs(args: argparse.Namespace) -> dict[str, dict]:
+    """Run name (``control``, ``control_s2``...) -> what run_fit needs, for every seed."""
+    return {run_name(name, seed): run for seed in args.seeds
+            for name, run in planned_for_seed(args, seed).items()}
 
 
 def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]:
@@ -81,24 +102,67 @@ def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]
         return dict(zip(planned, pool.map(fit, planned)))
 
 
-def paired_tests(args: argparse.Namespace, names: dict[str, str]) -> list[str]:
-    """Markdown lines: each compressed model against its comparison, our decoder in fp32 (paired bootstrap)."""
+def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(compressed model, what it is compared with), plain names."""
+    found = [("structured", "control")] * (args.base is not None) + [("structured_kd", "control")] * args.distill
+    return found + [(f"student_6_{d}", "teacher") for d in args.students if args.teacher is not None]
+
+
+def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], forwarded: list[str]) -> None:
+    """The other seeds' models translated by our decoder in fp32 (BLEU, chrF2, bytes) into ``--out``/seeds."""
+    import efficiency
+
+    models = [f"--model={NAMES[name]} (seed {seed})={checkpoints[run_name(name, seed)]}"
+              for seed in args.seeds[1:] for name in planned_for_seed(args, seed)]
+    if models:
+        beam = forwarded[forwarded.index("--beam") + 1] if "--beam" in forwarded else "4"
+        efficiency.main(["--quality-only", "--out", str(args.out / "seeds"), "--data-dir", str(args.data_dir),
+                         "--engines", "ours fp32", "--beam", beam, *models])
+
+
+def translations(args: argparse.Namespace, name: str, seed: int) -> Path:
+    """Where our decoder's fp32 translation of the test split by ``name`` of ``seed`` is (the teacher has one seed)."""
+    if name == "teacher" or seed == args.seeds[0]:
+        return args.out / "efficiency" / "translations" / f"{file_slug(f'{NAMES[name]}, ours fp32')}.cs"
+    return args.out / "seeds" / "translations" / f"{file_slug(f'{NAMES[name]} (seed {seed}), ours fp32')}.cs"
+
+
+def paired_tests(args: argparse.Namespace) -> list[str]:
+    """Markdown lines: each compressed model against its comparison of the same seed, our decoder in fp32
+    (paired bootstrap), and with several seeds each one's BLEU as mean ± sd over the seeds."""
+    import statistics
+
     from nmt_lightning.evaluation import paired_comparison, read_lines
 
     references = read_lines(args.data_dir / "test.cs")
-    translations = args.out / "efficiency" / "translations"
-    pairs = [("structured", "control")] + [("structured_kd", "control")] * args.distill
-    pairs += [(f"student_6_{d}", "teacher") for d in STUDENT_DECODER_LAYERS if args.teacher]
-    lines = ["| system | baseline | BLEU | baseline BLEU | difference | p-value |", "|---|---|---|---|---|---|"]
-    for system, baseline in pairs:
-        def hypotheses(run: str) -> list[str]:
-            return read_lines(translations / f"{file_slug(f'{names[run]}, ours fp32')}.cs")
+    lines = ["| system | baseline | seed | BLEU | baseline BLEU | difference | p-value |", "|---|---|---|---|---|---|---|"]
+    results: dict[tuple[str, str], list[dict]] = {}
+    for system, baseline in pairs(args):
+        for seed in args.seeds:
+            system_run, baseline_run = run_name(system, seed), run_name(baseline, seed)
+            if baseline == "teacher":
+                baseline_run = "teacher"
+            found = cached(args.out / "paired" / f"{system_run}_vs_{baseline_run}.json",
+                           lambda: paired_comparison(read_lines(translations(args, baseline, seed)),
+                                                     read_lines(translations(args, system, seed)),
+                                                     references).as_dict())
+            results.setdefault((system, baseline), []).append(found)
+            lines.append(f"| {NAMES[system]} | {NAMES[baseline]} | {seed} | {found['system_bleu']:.2f} | "
+                         f"{found['baseline_bleu']:.2f} | {found['system_bleu'] - found['baseline_bleu']:+.2f} | "
+                         f"{found['bleu_p_value']:.4f} |")
+    if len(args.seeds) > 1:
+        def mean_sd(values: list[float]) -> str:
+            return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
-        found = cached(args.out / "paired" / f"{system}_vs_{baseline}.json",
-                       lambda: paired_comparison(hypotheses(baseline), hypotheses(system), references).as_dict())
-        lines.append(f"| {names[system]} | {names[baseline]} | {found['system_bleu']:.2f} | "
-                     f"{found['baseline_bleu']:.2f} | {found['system_bleu'] - found['baseline_bleu']:+.2f} | "
-                     f"{found['bleu_p_value']:.4f} |")
+        lines += ["", f"Over the seeds {', '.join(map(str, args.seeds))} (mean ± sample standard deviation; the teacher "
+                      "is one model):", "",
+                  "| system | baseline | BLEU | baseline BLEU | difference of means | largest p-value |",
+                  "|---|---|---|---|---|---|"]
+        for (system, baseline), found in results.items():
+            system_bleu, baseline_bleu = [f["system_bleu"] for f in found], [f["baseline_bleu"] for f in found]
+            lines.append(f"| {NAMES[system]} | {NAMES[baseline]} | {mean_sd(system_bleu)} | {mean_sd(baseline_bleu)} | "
+                         f"{statistics.mean(system_bleu) - statistics.mean(baseline_bleu):+.2f} | "
+                         f"{max(f['bleu_p_value'] for f in found):.4f} |")
     return lines
 
 
@@ -109,13 +173,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/fast_students"))
     parser.add_argument("--data-dir", type=Path, default=Path("data/libreoffice_en_cs"))
-    parser.add_argument("--base", type=Path, required=True, help="the trained base the pruning starts from")
+    parser.add_argument("--base", type=Path, help="a trained base: adds the structured pruning and its control")
     parser.add_argument("--distill", action="store_true",
                         help="also prune with word-level KD from the base alongside (structured_kd)")
-    parser.add_argument("--teacher", type=Path, help="a trained 6+6 teacher: adds the 6+2 and 6+1 students")
+    parser.add_argument("--teacher", type=Path, help="a trained 6+6 teacher: adds the 6+N students")
+    parser.add_argument("--students", type=int, nargs="+", default=list(STUDENT_DECODER_LAYERS),
+                        choices=list(STUDENT_DECODER_LAYERS), help="the students' decoder layers (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1],
+                        help="seeds of every run; the first seed's models are timed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: %(default)s)")
     parser.add_argument("--override", action="append", default=[], metavar="OPTION",
                         help="an nmt-lightning fit option for every run, e.g. --override=--model.d_model=32 (repeat)")
@@ -126,22 +193,28 @@ def main(argv: Optional[list[str]] = None) -> None:
             parser.error(f"{option} {path}: no such checkpoint")
     if not (args.data_dir / "test.en").is_file():
         parser.error(f"--data-dir {args.data_dir}: not a prepared corpus (run nmt-lightning prepare first)")
+    if args.base is None and args.teacher is None:
+        parser.error("give --base (structured pruning) or --teacher (the students), or both")
+    if args.distill and args.base is None:
+        parser.error("--distill prunes the --base with KD from it: give --base")
     if min(args.steps, args.student_steps, args.jobs) < 1:
         parser.error("--steps, --student-steps and --jobs must be >= 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
+    args.students = list(dict.fromkeys(args.students))
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoints = train(args, runs(args))
-    names = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
-             "structured_kd": "half removed, KD from the base",
-             "student_6_2": "student 6+2", "student_6_1": "student 6+1"}
-    models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | checkpoints
+    first = {name: checkpoints[run_name(name, args.seeds[0])] for name in planned_for_seed(args, args.seeds[0])}
+    models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | first
     import efficiency
 
     efficiency.main(["--out", str(args.out / "efficiency"), "--data-dir", str(args.data_dir),
-                     *[f"--model={names[run]}={path}" for run, path in models.items()], *forwarded])
-    lines = ["# Fast CPU models: paired tests", "", *paired_tests(args, names), "",
+                     *[f"--model={NAMES[run]}={path}" for run, path in models.items()], *forwarded])
+    measure_other_seeds(args, checkpoints, forwarded)
+    lines = ["# Fast CPU models: paired tests", "", *paired_tests(args), "",
              "sacrebleu's paired bootstrap resampling (1,000 samples) on the whole test split, beam as in "
-             "efficiency.md, our decoder in fp32. Trained: " + json.dumps({name: str(path) for name, path in
-                                                                        models.items()}),
+             "efficiency.md, our decoder in fp32. Trained: "
+             + json.dumps({name: str(path) for name, path in (models | checkpoints).items()}),
              "", "Reproduce: python recipes/benchmarks/fast_students.py " + " ".join(argv)
              + (" -- " + " ".join(forwarded) if forwarded else "")]
     (args.out / "fast_students.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
