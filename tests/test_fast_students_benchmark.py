@@ -81,6 +81,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=1, seeds=[1], students=[2, 1], jobs=1, distill=False,
+                              prune_students=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
@@ -103,9 +104,36 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
                                   taught[f"model.decoder_layers.{source}.ffn.fc1.weight"], atol=1e-6)
 
 
+def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path: Path) -> None:
+    """--prune-students: each student again from the same start, seed, KD and steps, StructuredPruning
+    added on the students' schedule, and tested against the teacher and the unpruned student."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+    args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
+                              student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
+                              prune_students=True, override=[])
+    planned = fast_students.runs(args)
+    assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
+    for suffix in ("", "_s2"):
+        student, pruned = planned[f"student_6_2{suffix}"], planned[f"student_6_2_pruned{suffix}"]
+        assert pruned["overrides"] == student["overrides"] and pruned["steps"] == student["steps"] == 1400
+        assert pruned["configs"] == student["configs"]
+        kd, pruning = pruned["add_ons"]
+        assert [kd] == student["add_ons"] and "callbacks.KnowledgeDistillation" in kd
+        # the students' schedule: every 140 steps from step 140 to 980 (not the fine-tunings' 1,000)
+        pruning = json.loads(pruning)["trainer"]["callbacks+"][0]
+        assert pruning["class_path"] == "callbacks.StructuredPruning"
+        assert {key: pruning["init_args"][key] for key in ("prune_heads", "prune_neurons", "start_step", "end_step")} == {
+            "prune_heads": 0.5, "prune_neurons": 0.5, "start_step": 140, "end_step": 980}
+    assert fast_students.pairs(args) == [("student_6_2", "teacher"), ("student_6_2_pruned", "teacher"),
+                                         ("student_6_2_pruned", "student_6_2")]
+
+
 @pytest.mark.parametrize("options, message", [
     ([], "give --base (structured pruning) or --teacher"),
     (["--teacher", "{checkpoint}", "--distill"], "--distill prunes the --base"),
+    (["--base", "{checkpoint}", "--prune-students"], "--prune-students prunes the students of the --teacher"),
     (["--base", "{checkpoint}", "--seeds", "1", "1"], "--seeds 1 1: a seed is given twice"),
     (["--base", "{checkpoint}", "--steps", "0"], "must be >= 1"),
 ])
@@ -135,7 +163,7 @@ def test_the_seed_summary_is_the_mean_and_sample_deviation_of_each_seeds_paired_
         (tmp_path / "paired" / f"{system}_vs_{baseline}.json").write_text(json.dumps(
             {"system_bleu": bleu, "baseline_bleu": baseline_bleu, "bleu_p_value": p_value}))
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "data", base=Path("base.ckpt"), teacher=None,
-                              distill=False, students=[2, 1], seeds=[1, 2, 3])
+                              distill=False, students=[2, 1], seeds=[1, 2, 3], prune_students=False)
     lines = fast_students.paired_tests(args)
     assert "| half heads and neurons removed | unpruned (control) | 2 | 22.00 | 26.00 | -4.00 | 0.0200 |" in lines
     # mean 23, deviations -3, -1, 4: sqrt(26 / 2) = 3.61; baseline 25 ± 1; the largest p-value 0.3

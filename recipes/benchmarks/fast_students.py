@@ -18,7 +18,10 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
 - with ``--distill``: ``structured`` with word-level KD from the base alongside (the model being
   pruned learns from itself unpruned);
 - with ``--teacher``: the 6+2 and 6+1 students (``--students``: the teacher's whole encoder and
-  its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each.
+  its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each;
+- with ``--prune-students``: each student again, the same start, KD, steps and seed, with
+  ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
+  against the teacher and against the unpruned student).
 
 A run of seed 1 is named as above, of another seed ``<name>_s<seed>``. Then
 ``efficiency.py`` measures the first seed's models on every engine into ``--out``/efficiency
@@ -48,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
-         "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1"}
+         "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1",
+         "student_6_2_pruned": "student 6+2, half removed", "student_6_1_pruned": "student 6+1, half removed"}
 
 
 def run_name(name: str, seed: int) -> str:
@@ -79,6 +83,10 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                 "overrides": common + ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}",
                                        f"--model.init_from={teacher}",
                                        f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
+            if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
+                student = planned[f"student_6_{decoder_layers}"]
+                planned[f"student_6_{decoder_layers}_pruned"] = {
+                    **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
     return planned
 
 
@@ -105,7 +113,11 @@ def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]
 def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(compressed model, what it is compared with), plain names."""
     found = [("structured", "control")] * (args.base is not None) + [("structured_kd", "control")] * args.distill
-    return found + [(f"student_6_{d}", "teacher") for d in args.students if args.teacher is not None]
+    for d in (args.students if args.teacher is not None else []):
+        found.append((f"student_6_{d}", "teacher"))
+        if args.prune_students:  # against the target's reference, and against the unpruned student of the same budget
+            found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
+    return found
 
 
 def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], forwarded: list[str]) -> None:
@@ -179,6 +191,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--teacher", type=Path, help="a trained 6+6 teacher: adds the 6+N students")
     parser.add_argument("--students", type=int, nargs="+", default=list(STUDENT_DECODER_LAYERS),
                         choices=list(STUDENT_DECODER_LAYERS), help="the students' decoder layers (default: %(default)s)")
+    parser.add_argument("--prune-students", action="store_true",
+                        help="also each student with StructuredPruning alongside its KD (student_6_N_pruned)")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1],
@@ -197,6 +211,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("give --base (structured pruning) or --teacher (the students), or both")
     if args.distill and args.base is None:
         parser.error("--distill prunes the --base with KD from it: give --base")
+    if args.prune_students and args.teacher is None:
+        parser.error("--prune-students prunes the students of the --teacher: give --teacher")
     if min(args.steps, args.student_steps, args.jobs) < 1:
         parser.error("--steps, --student-steps and --jobs must be >= 1")
     if len(set(args.seeds)) != len(args.seeds):
