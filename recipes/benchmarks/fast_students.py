@@ -77,14 +77,13 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         teacher = str(args.teacher.resolve())
         for decoder_layers in args.students:
             picked = STUDENT_DECODER_LAYERS[decoder_layers]
-            planned[f"student_6_{decoder_layers}"] = {
+            student = planned[f"student_6_{decoder_layers}"] = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
                 "overrides": common + ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}",
                                        f"--model.init_from={teacher}",
                                        f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
-                student = planned[f"student_6_{decoder_layers}"]
                 planned[f"student_6_{decoder_layers}_pruned"] = {
                     **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
     return planned
@@ -113,10 +112,11 @@ def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]
 def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(compressed model, what it is compared with), plain names."""
     found = [("structured", "control")] * (args.base is not None) + [("structured_kd", "control")] * args.distill
-    for d in (args.students if args.teacher is not None else []):
-        found.append((f"student_6_{d}", "teacher"))
-        if args.prune_students:  # against the target's reference, and against the unpruned student of the same budget
-            found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
+    if args.teacher is not None:
+        for d in args.students:
+            found.append((f"student_6_{d}", "teacher"))
+            if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
+                found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
     return found
 
 
