@@ -297,7 +297,7 @@ def shortlist_main(argv: Sequence[str]) -> int:
     parser.add_argument("--iterations", type=int, default=5, help="EM iterations of IBM Model 1 (default: %(default)s)")
     parser.add_argument("--max-sentences", type=int, help="read at most this many training pairs (default: all)")
     args = parser.parse_args(argv)
-    from nmt_lightning.shortlist import build_shortlist
+    from nmt_lightning.shortlist import BATCH_SENTENCES, build_shortlist
 
     try:
         report = build_shortlist(args.data_dir, args.output, args.src, args.tgt, args.best, args.frequent,
@@ -307,7 +307,8 @@ def shortlist_main(argv: Sequence[str]) -> int:
         return 2
     print(f"wrote {report.output}: candidates for {report.source_pieces:,} source pieces from {report.sentences:,} "
           f"pairs, {report.always} always allowed; a validation sentence allows {report.mean_candidates:.0f} target "
-          f"pieces on average", file=sys.stderr)
+          f"pieces on average, a batch of {BATCH_SENTENCES} (translate's) {report.mean_batch_candidates:.0f}",
+          file=sys.stderr)
     return 0
 
 

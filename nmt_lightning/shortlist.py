@@ -44,6 +44,7 @@ from nmt_lightning.bpe import SPECIAL_IDS
 __all__ = ["Shortlist", "ShortlistReport", "build_shortlist", "lexical_probabilities", "read_vocabulary_map"]
 
 FIRST_PIECE = len(SPECIAL_IDS)  # pad, unk, bos and eos come first: never candidates of their own
+BATCH_SENTENCES = 32  # translate's default batch: sentences sorted by length, then cut into batches of 32
 
 
 @dataclass
@@ -122,6 +123,7 @@ class ShortlistReport:
     source_pieces: int  # source pieces with candidates (lines of the map)
     always: int  # target pieces allowed for every sentence
     mean_candidates: float  # target pieces a test-like sentence allows, averaged (with the always-allowed ones)
+    mean_batch_candidates: float  # the same for a batch of BATCH_SENTENCES (CTranslate2 takes the batch's union)
 
 
 def _pieces(processor, ids: Iterable[int]) -> list[str]:
@@ -164,10 +166,16 @@ def build_shortlist(data_dir: str | os.PathLike, output: str | os.PathLike, src_
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         Path(tmp).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    # How much the map leaves of the vocabulary, on the validation sentences.
+    # How much the map leaves of the vocabulary, on the validation sentences, one at a time and in
+    # batches as translate forms them (+ 3: unk, bos and eos, which CTranslate2 always allows).
     valid = TokenArray(Path(data_dir) / f"valid.{src_lang}", data.src_vocab_size)
-    sizes = [len(set(always).union(*(candidates.get(int(i), []) for i in valid[k]))) + 3 for k in range(len(valid))]
-    return ShortlistReport(output, count, len(lines) - 1, len(always), float(np.mean(sizes)) if sizes else 0.0)
+    allowed = [set(always).union(*(candidates.get(int(i), []) for i in valid[k])) for k in range(len(valid))]
+    by_length = sorted(range(len(valid)), key=lambda k: len(valid[k]))
+    batches = [set().union(*(allowed[k] for k in by_length[start : start + BATCH_SENTENCES]))
+               for start in range(0, len(by_length), BATCH_SENTENCES)]
+    return ShortlistReport(output, count, len(lines) - 1, len(always),
+                           float(np.mean([len(a) + 3 for a in allowed])) if allowed else 0.0,
+                           float(np.mean([len(b) + 3 for b in batches])) if batches else 0.0)
 
 
 def read_vocabulary_map(path: str | os.PathLike, target_vocabulary: set[str]) -> list[tuple[list[str], list[str]]]:

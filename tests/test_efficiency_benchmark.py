@@ -54,3 +54,19 @@ def test_a_worker_reports_its_own_peak_memory_not_its_parents(trained_checkpoint
     report = efficiency.run_worker(row, "throughput", prepared_dir / "test.en", tmp_path / "out.cs", 1, 1)
     del held
     assert 0 < report["peak_rss_bytes"] < 1_000_000_000
+
+
+def test_the_shortlist_settings_reach_the_map_and_another_setting_needs_another_out(
+        trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    """--shortlist-best 1 --shortlist-frequent 0: every line of the map holds one candidate and no
+    piece is always allowed (the default would allow 100). The same --out with another setting is
+    refused: its shortlist rows were measured with the first map."""
+    efficiency = import_benchmark("efficiency")
+    arguments = ["--out", str(tmp_path / "out"), "--data-dir", str(prepared_dir), "--model", f"tiny={trained_checkpoint}",
+                 "--engines", "CTranslate2 int8 + shortlist", "--beam", "1", "--quality-only"]
+    efficiency.main(arguments + ["--shortlist-best", "1", "--shortlist-frequent", "0"])
+    lines = (tmp_path / "out" / "deployed" / "vmap.txt").read_text(encoding="utf-8").splitlines()
+    always, rules = lines[0], lines[1:]
+    assert always == "\t" and rules and all(len(line.split("\t")[1].split()) == 1 for line in rules)
+    with pytest.raises(SystemExit, match="built with --shortlist-best 1 --shortlist-frequent 0"):
+        efficiency.main(arguments + ["--shortlist-best", "2", "--shortlist-frequent", "0"])

@@ -81,12 +81,14 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=1, seeds=[1], students=[2, 1], jobs=1, distill=False,
-                              prune_students=False,
+                              prune_students=False, finetune_steps=1,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
-    assert sorted(planned) == ["student_6_1", "student_6_2"]  # no --base: no pruning runs
-    assert all("callbacks.KnowledgeDistillation" in run["add_ons"][0] for run in planned.values())
+    # no --base: no pruning runs; --finetune-steps: the teacher and each student go on
+    assert sorted(planned) == ["student_6_1", "student_6_1_ft", "student_6_2", "student_6_2_ft", "teacher_ft"]
+    assert all("callbacks.KnowledgeDistillation" in planned[run]["add_ons"][0] for run in ("student_6_1", "student_6_2"))
+    assert all(planned[run]["add_ons"] == [] for run in ("teacher_ft", "student_6_1_ft", "student_6_2_ft"))
     checkpoints = fast_students.train(args, planned)
 
     def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -102,6 +104,12 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
         for index, source in enumerate(picked):
             assert torch.allclose(student[f"model.decoder_layers.{index}.ffn.fc1.weight"],
                                   taught[f"model.decoder_layers.{source}.ffn.fc1.weight"], atol=1e-6)
+        # the fine-tuned student starts from this student's checkpoint (all of it), not from the teacher
+        tuned = weights(checkpoints[f"{name}_ft"])
+        assert tuned.keys() == student.keys()
+        assert all(torch.allclose(tuned[key], student[key], atol=1e-6) for key in student)
+    tuned_teacher = weights(checkpoints["teacher_ft"])  # the fine-tuned teacher starts from the teacher
+    assert all(torch.allclose(tuned_teacher[key], taught[key], atol=1e-6) for key in taught if key.startswith("model."))
 
 
 def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path: Path) -> None:
@@ -112,7 +120,7 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, override=[])
+                              prune_students=True, finetune_steps=0, override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
     for suffix in ("", "_s2"):
@@ -130,12 +138,43 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
                                          ("student_6_2_pruned", "student_6_2")]
 
 
+def test_fine_tuning_gives_the_teacher_and_each_unpruned_student_the_same_phase(tmp_path: Path) -> None:
+    """--finetune-steps: one teacher fine-tune (not one per seed) and, per seed, each unpruned
+    student's, all with finetune.yaml, the same steps and no add-on; a student's fine-tune starts
+    from that student's final checkpoint and waits for it; the pruned students are not fine-tuned."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+    args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
+                              student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
+                              prune_students=True, finetune_steps=300, override=[])
+    planned = fast_students.runs(args)
+    assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
+                               "student_6_2_pruned_s2", "student_6_2_s2", "teacher_ft"]
+    names = list(planned)
+    for suffix, seed in (("", 1), ("_s2", 2)):
+        tuned = planned[f"student_6_2_ft{suffix}"]
+        assert tuned["after"] == f"student_6_2{suffix}" and names.index(tuned["after"]) < names.index(f"student_6_2_ft{suffix}")
+        start = tmp_path / "runs" / f"student_6_2{suffix}" / "runs" / "libreoffice_en_cs_tiny" / "checkpoints" / "last.ckpt"
+        assert f"--model.init_from={start}" in tuned["overrides"] and f"--seed_everything={seed}" in tuned["overrides"]
+        assert "--model.decoder_layers=2" in tuned["overrides"]
+    teacher = planned["teacher_ft"]
+    assert f"--model.init_from={Path('teacher.ckpt').resolve()}" in teacher["overrides"]
+    assert {"--model.encoder_layers=6", "--model.decoder_layers=6"} <= set(teacher["overrides"])
+    for run in ("teacher_ft", "student_6_2_ft", "student_6_2_ft_s2"):
+        assert planned[run]["steps"] == 300 and planned[run]["add_ons"] == []
+        assert [Path(config).name for config in planned[run]["configs"]] == ["tiny.yaml", "finetune.yaml"]
+    assert ("student_6_2_ft", "teacher_ft") in fast_students.pairs(args)
+
+
 @pytest.mark.parametrize("options, message", [
     ([], "give --base (structured pruning) or --teacher"),
     (["--teacher", "{checkpoint}", "--distill"], "--distill prunes the --base"),
     (["--base", "{checkpoint}", "--prune-students"], "--prune-students prunes the students of the --teacher"),
     (["--base", "{checkpoint}", "--seeds", "1", "1"], "--seeds 1 1: a seed is given twice"),
     (["--base", "{checkpoint}", "--steps", "0"], "must be >= 1"),
+    (["--base", "{checkpoint}", "--finetune-steps", "300"], "--finetune-steps fine-tunes the --teacher"),
+    (["--teacher", "{checkpoint}", "--finetune-steps", "-1"], "--finetune-steps must be >= 0, got -1"),
 ])
 def test_impossible_settings_are_refused_naming_the_argument(
         options: list[str], message: str, trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,

@@ -71,6 +71,30 @@ def test_the_map_of_a_prepared_directory(prepared_dir: Path, tmp_path: Path) -> 
     assert all("<unk>" not in line and "<s>" not in line.split("\t")[1] for line in lines)
 
 
+def test_the_report_counts_what_a_sentence_and_a_batch_of_32_allow(prepared_dir: Path, tmp_path: Path) -> None:
+    """A batch allows the union of its sentences' candidates (CTranslate2 restricts a batch, not a
+    sentence): recomputed here from the written map's pieces for the 50 validation sentences in
+    length order, batches of 32 and 18, plus unk, bos and eos."""
+    from nmt_lightning.binarized import TokenArray
+    from nmt_lightning.data import TranslationDataModule
+
+    report = build_shortlist(prepared_dir, tmp_path / "vmap.txt", best=2, frequent=1, progress=False)
+    lines = (tmp_path / "vmap.txt").read_text(encoding="utf-8").splitlines()
+    always = set(lines[0].split("\t")[1].split())
+    rules = {line.split("\t")[0]: set(line.split("\t")[1].split()) for line in lines[1:]}
+    data = TranslationDataModule(str(prepared_dir), src_lang="en", tgt_lang="cs")
+    processor = data.tokenizer("en")
+    valid = TokenArray(prepared_dir / "valid.en", data.src_vocab_size)
+    sentences = [[processor.id_to_piece(int(i)) for i in valid[k]] for k in range(len(valid))]
+    assert len(sentences) == 50
+    allowed = [always.union(*(rules.get(piece, set()) for piece in pieces)) for pieces in sentences]
+    order = sorted(range(50), key=lambda k: len(sentences[k]))
+    batches = [set().union(*(allowed[k] for k in order[:32])), set().union(*(allowed[k] for k in order[32:]))]
+    assert report.mean_candidates == pytest.approx(sum(len(a) + 3 for a in allowed) / 50)
+    assert report.mean_batch_candidates == pytest.approx((len(batches[0]) + len(batches[1])) / 2 + 3)
+    assert report.mean_batch_candidates > report.mean_candidates
+
+
 def test_a_bad_map_is_named_by_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "vmap.txt"
     path.write_text("\ta b\nx\tb\nno tab here\n", encoding="utf-8")

@@ -10,7 +10,8 @@ For every model (a Lightning checkpoint; the first is the reference) and every e
   int8 (a QAT-trained model: its trained grid); ``ours fp32 + shortlist``: the fp32 export
   computing only the shortlist's logits;
 - ``CTranslate2 float32`` / ``CTranslate2 int8`` and ``CTranslate2 int8 + shortlist`` (the
-  vocabulary map of ``nmt-lightning shortlist``, built once from ``--data-dir``);
+  vocabulary map of ``nmt-lightning shortlist --best --frequent`` with ``--shortlist-best`` and
+  ``--shortlist-frequent``, built once from ``--data-dir``; another setting needs another ``--out``);
 
 it measures, each in a fresh process (torch and CTranslate2 each bring their own OpenMP and MKL):
 
@@ -39,6 +40,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -85,8 +87,18 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
     deployed = args.out / "deployed"
     deployed.mkdir(parents=True, exist_ok=True)
     vocabulary_map = deployed / "vmap.txt"
-    if not vocabulary_map.is_file() and any("shortlist" in engine for engine in args.engines):
-        build_shortlist(args.data_dir, vocabulary_map, progress=True)
+    if any("shortlist" in engine for engine in args.engines):
+        # The map's settings are recorded beside it: the cached shortlist rows were measured with it.
+        settings, record = {"best": args.shortlist_best, "frequent": args.shortlist_frequent}, deployed / "vmap.json"
+        if vocabulary_map.is_file():
+            built = json.loads(record.read_text()) if record.is_file() else {"best": 50, "frequent": 100}  # older: defaults
+            if built != settings:
+                sys.exit(f"{vocabulary_map}: built with --shortlist-best {built['best']} --shortlist-frequent "
+                         f"{built['frequent']}, and its rows measured with it; give another --out for other settings")
+        else:
+            record.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+            build_shortlist(args.data_dir, vocabulary_map, best=args.shortlist_best, frequent=args.shortlist_frequent,
+                            progress=True)
     rows = []
     for model, path in models.items():
         slug = file_slug(model)
@@ -267,6 +279,7 @@ def write_quality_table(args: argparse.Namespace, rows: list[Row]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/efficiency")
@@ -280,6 +293,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--latency-sentences", type=int, default=200,
                         help="test sentences translated one at a time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
+    parser.add_argument("--shortlist-best", type=int, default=50,
+                        help="the shortlist's candidates per source piece ('nmt-lightning shortlist --best'; "
+                             "default: %(default)s)")
+    parser.add_argument("--shortlist-frequent", type=int, default=100,
+                        help="target pieces the shortlist always allows ('--frequent'; default: %(default)s)")
     parser.add_argument("--quality-only", action="store_true",
                         help="only BLEU, chrF2 and bytes (no timing; --out/quality.md): e.g. the other seeds of a model")
     # the worker's own options
@@ -302,8 +320,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         models[name] = Path(path).resolve()
     if REFERENCE_ENGINE not in args.engines and not args.quality_only:
         parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference model's")
-    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds) < 1:
-        parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
+    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds, args.shortlist_best) < 1:
+        parser.error("--beam, --threads, --sentences, --latency-sentences, --rounds and --shortlist-best must be >= 1")
+    if args.shortlist_frequent < 0:
+        parser.error(f"--shortlist-frequent must be >= 0, got {args.shortlist_frequent}")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = deployed_rows(args, models)
     if args.quality_only:
@@ -347,9 +367,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"rounds' medians (p90: over every sentence of every round). Throughput: {args.threads} threads, "
                   f"batches of 32, the first {args.sentences} sentences, the median round. {args.rounds} rounds, the "
                   f"models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
-                  f"maximum resident set. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
-              "", f"Reproduce: python recipes/benchmarks/efficiency.py --out {args.out} "
-                  + " ".join(f"--model '{name}={path}'" for name, path in models.items())]
+                  f"maximum resident set. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}."
+              + (f" Shortlist: the {args.shortlist_best} best target pieces of each source piece and the "
+                 f"{args.shortlist_frequent} most frequent (nmt-lightning shortlist)."
+                 if any("shortlist" in row.engine for row in rows) else ""),
+              "", "Reproduce: python recipes/benchmarks/efficiency.py " + " ".join(shlex.quote(a) for a in argv)]
     (args.out / "efficiency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "efficiency.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     plot(args.out / "efficiency.png", table)

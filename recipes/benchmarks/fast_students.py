@@ -21,7 +21,12 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
   its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each;
 - with ``--prune-students``: each student again, the same start, KD, steps and seed, with
   ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
-  against the teacher and against the unpruned student).
+  against the teacher and against the unpruned student);
+- with ``--finetune-steps N``: the teacher and each unpruned student go on ``N`` steps with the
+  fine-tuning recipe (``finetune.yaml``: lr 0.001 after 100 warm-up steps, cross-entropy only).
+  The inverse square root schedule never anneals, so such a low-rate phase adds BLEU to a model
+  that stopped mid-schedule; both sides get the same phase, and the fine-tuned teacher becomes
+  the reference of the efficiency table (``teacher_ft`` against ``student_6_N_ft``).
 
 A run of seed 1 is named as above, of another seed ``<name>_s<seed>``. Then
 ``efficiency.py`` measures the first seed's models on every engine into ``--out``/efficiency
@@ -38,7 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -52,7 +57,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
          "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1",
-         "student_6_2_pruned": "student 6+2, half removed", "student_6_1_pruned": "student 6+1, half removed"}
+         "student_6_2_pruned": "student 6+2, half removed", "student_6_1_pruned": "student 6+1, half removed",
+         "teacher_ft": "teacher 6+6, fine-tuned", "student_6_2_ft": "student 6+2, fine-tuned",
+         "student_6_1_ft": "student 6+1, fine-tuned"}
 
 
 def run_name(name: str, seed: int) -> str:
@@ -86,27 +93,47 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[f"student_6_{decoder_layers}_pruned"] = {
                     **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
+        if args.finetune_steps:  # the same low-rate phase for the teacher and each unpruned student
+            tuned = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]),
+                     "steps": args.finetune_steps, "add_ons": []}
+            if seed == args.seeds[0]:  # the teacher is one model: fine-tuned once
+                planned["teacher_ft"] = {**tuned, "overrides": common + [
+                    "--model.encoder_layers=6", "--model.decoder_layers=6", f"--model.init_from={teacher}"]}
+            for decoder_layers in args.students:
+                student = args.out / "runs" / run_name(f"student_6_{decoder_layers}", seed) / RESULT["student"]
+                planned[f"student_6_{decoder_layers}_ft"] = {
+                    **tuned, "after": run_name(f"student_6_{decoder_layers}", seed),
+                    "overrides": common + ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}",
+                                           f"--model.init_from={student}"]}
     return planned
 
 
 def runs(args: argparse.Namespace) -> dict[str, dict]:
-    """Run name (``control``, ``control_s2``...) -> what run_fit needs, for every seed."""
+    """Run name (``control``, ``control_s2``...) -> what run_fit needs, for every seed. A run that
+    starts from another's checkpoint names it in ``after`` and comes after it."""
     return {run_name(name, seed): run for seed in args.seeds
             for name, run in planned_for_seed(args, seed).items()}
 
 
 def train(args: argparse.Namespace, planned: dict[str, dict]) -> dict[str, Path]:
-    """Every run's final checkpoint, ``--jobs`` trained side by side (one thread each when > 1)."""
+    """Every run's final checkpoint, ``--jobs`` trained side by side (one thread each when > 1).
+    Runs are submitted in ``planned``'s order, each after the one it starts from (``after``), so
+    a run waiting for another only waits for one already started: no deadlock at any ``--jobs``."""
     threads = 1 if args.jobs > 1 else None
+    started: dict[str, Future] = {}
 
     def fit(name: str) -> Path:
         run = planned[name]
+        if "after" in run:
+            started[run["after"]].result()  # its starting checkpoint (raises if that run failed)
         log = args.out / "runs" / name / "train.log" if threads else None  # run_fit makes the directory
         return run_fit(args.out, name, run["configs"], run["add_ons"], run["overrides"], run["result"], run["steps"],
                        threads=threads, log=log)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        return dict(zip(planned, pool.map(fit, planned)))
+        for name in planned:
+            started[name] = pool.submit(fit, name)
+        return {name: future.result() for name, future in started.items()}
 
 
 def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -117,6 +144,8 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
             found.append((f"student_6_{d}", "teacher"))
             if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
                 found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
+            if args.finetune_steps:  # both fine-tuned alike
+                found.append((f"student_6_{d}_ft", "teacher_ft"))
     return found
 
 
@@ -134,7 +163,7 @@ def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], 
 
 def translations(args: argparse.Namespace, name: str, seed: int) -> Path:
     """Where our decoder's fp32 translation of the test split by ``name`` of ``seed`` is (the teacher has one seed)."""
-    if name == "teacher" or seed == args.seeds[0]:
+    if name.startswith("teacher") or seed == args.seeds[0]:
         return args.out / "efficiency" / "translations" / f"{file_slug(f'{NAMES[name]}, ours fp32')}.cs"
     return args.out / "seeds" / "translations" / f"{file_slug(f'{NAMES[name]} (seed {seed}), ours fp32')}.cs"
 
@@ -152,8 +181,8 @@ def paired_tests(args: argparse.Namespace) -> list[str]:
     for system, baseline in pairs(args):
         for seed in args.seeds:
             system_run, baseline_run = run_name(system, seed), run_name(baseline, seed)
-            if baseline == "teacher":
-                baseline_run = "teacher"
+            if baseline.startswith("teacher"):  # the teacher is one model, whatever the seed
+                baseline_run = baseline
             found = cached(args.out / "paired" / f"{system_run}_vs_{baseline_run}.json",
                            lambda: paired_comparison(read_lines(translations(args, baseline, seed)),
                                                      read_lines(translations(args, system, seed)),
@@ -195,6 +224,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="also each student with StructuredPruning alongside its KD (student_6_N_pruned)")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
+    parser.add_argument("--finetune-steps", type=int, default=0,
+                        help="then the teacher and each unpruned student this many steps at finetune.yaml's lower "
+                             "learning rate (teacher_ft, student_6_N_ft; default: %(default)s, none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1],
                         help="seeds of every run; the first seed's models are timed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: %(default)s)")
@@ -215,6 +247,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--prune-students prunes the students of the --teacher: give --teacher")
     if min(args.steps, args.student_steps, args.jobs) < 1:
         parser.error("--steps, --student-steps and --jobs must be >= 1")
+    if args.finetune_steps < 0:
+        parser.error(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.finetune_steps and args.teacher is None:
+        parser.error("--finetune-steps fine-tunes the --teacher and its students: give --teacher")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
     args.students = list(dict.fromkeys(args.students))
@@ -222,6 +258,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     checkpoints = train(args, runs(args))
     first = {name: checkpoints[run_name(name, args.seeds[0])] for name in planned_for_seed(args, args.seeds[0])}
     models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | first
+    if "teacher_ft" in models:  # the better teacher is the reference of the ratios
+        models = {"teacher_ft": models.pop("teacher_ft")} | models
     import efficiency
 
     efficiency.main(["--out", str(args.out / "efficiency"), "--data-dir", str(args.data_dir),
