@@ -46,7 +46,15 @@ def test_the_cut_search_stops_after_one_token_and_the_table_is_written(
     assert table.startswith("| model | sentences/s, whole search |") and "| tiny |" in table
 
 
-def test_a_directory_that_is_not_a_ctranslate2_model_is_refused(tmp_path: Path) -> None:
+def test_a_directory_that_is_not_a_ctranslate2_model_and_a_missing_corpus_are_refused(
+        trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from nmt_lightning.deploy import convert_to_ctranslate2
+
     encoder_share = import_benchmark("encoder_share")
     with pytest.raises(SystemExit):
         encoder_share.main(["--out", str(tmp_path), "--model", f"x={tmp_path}"])
+    assert f"--model x={tmp_path}: give NAME=DIRECTORY of a CTranslate2 model" in capsys.readouterr().err
+    convert_to_ctranslate2(trained_checkpoint, tmp_path / "ct2")
+    with pytest.raises(SystemExit):
+        encoder_share.main(["--out", str(tmp_path), "--data-dir", str(tmp_path / "none"), "--model", f"x={tmp_path / 'ct2'}"])
+    assert "not a prepared corpus (no test.en" in capsys.readouterr().err

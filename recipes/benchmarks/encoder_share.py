@@ -73,14 +73,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("give the models: --model NAME=DIRECTORY (a CTranslate2 directory)")
     if min(args.sentences, args.threads, args.beam, args.rounds) < 1:
         parser.error("--sentences, --threads, --beam and --rounds must be >= 1")
-    lines = read_lines(args.data_dir / "test.en")[: args.sentences]
-    models, batches = {}, {}
+    directories = {}
     for item in args.model:
         name, _, directory = item.partition("=")
         if not name or not directory or not (Path(directory) / "model.bin").is_file():
             parser.error(f"--model {item}: give NAME=DIRECTORY of a CTranslate2 model (with model.bin)")
-        models[name] = CTranslate2Model(directory, threads=args.threads, shortlist=False)
-        batches[name] = batches_of_pieces(models[name], lines)
+        directories[name] = directory
+    if not (args.data_dir / "test.en").is_file():
+        parser.error(f"--data-dir {args.data_dir}: not a prepared corpus (no test.en; run nmt-lightning prepare)")
+    lines = read_lines(args.data_dir / "test.en")[: args.sentences]
+    models = {name: CTranslate2Model(directory, threads=args.threads, shortlist=False)
+              for name, directory in directories.items()}
+    batches = {name: batches_of_pieces(model, lines) for name, model in models.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"whole": [], "one token": []} for name in models}
     for name, model in models.items():  # warm-up
         search(model, batches[name][:1], args.beam, one_token=False)
