@@ -82,29 +82,27 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                                                                 distillation(str(args.base.resolve()))]}
     if args.teacher is not None:
         teacher = str(args.teacher.resolve())
+        # with --finetune-steps: the same low-rate phase for the teacher and each unpruned student
+        tuned = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]),
+                 "steps": args.finetune_steps, "add_ons": []}
+        if args.finetune_steps and seed == args.seeds[0]:  # the teacher is one model: fine-tuned once
+            planned["teacher_ft"] = {**tuned, "overrides": common + [
+                "--model.encoder_layers=6", "--model.decoder_layers=6", f"--model.init_from={teacher}"]}
         for decoder_layers in args.students:
-            picked = STUDENT_DECODER_LAYERS[decoder_layers]
-            student = planned[f"student_6_{decoder_layers}"] = {
+            name, picked = f"student_6_{decoder_layers}", STUDENT_DECODER_LAYERS[decoder_layers]
+            shape = ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"]
+            student = planned[name] = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
-                "overrides": common + ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}",
-                                       f"--model.init_from={teacher}",
-                                       f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
+                "overrides": common + shape + [f"--model.init_from={teacher}",
+                                               f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
-                planned[f"student_6_{decoder_layers}_pruned"] = {
+                planned[f"{name}_pruned"] = {
                     **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
-        if args.finetune_steps:  # the same low-rate phase for the teacher and each unpruned student
-            tuned = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]),
-                     "steps": args.finetune_steps, "add_ons": []}
-            if seed == args.seeds[0]:  # the teacher is one model: fine-tuned once
-                planned["teacher_ft"] = {**tuned, "overrides": common + [
-                    "--model.encoder_layers=6", "--model.decoder_layers=6", f"--model.init_from={teacher}"]}
-            for decoder_layers in args.students:
-                student = args.out / "runs" / run_name(f"student_6_{decoder_layers}", seed) / RESULT["student"]
-                planned[f"student_6_{decoder_layers}_ft"] = {
-                    **tuned, "after": run_name(f"student_6_{decoder_layers}", seed),
-                    "overrides": common + ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}",
-                                           f"--model.init_from={student}"]}
+            if args.finetune_steps:  # from this student's final checkpoint, once it is trained
+                start = args.out / "runs" / run_name(name, seed) / student["result"]
+                planned[f"{name}_ft"] = {**tuned, "after": run_name(name, seed),
+                                         "overrides": common + shape + [f"--model.init_from={start}"]}
     return planned
 
 
