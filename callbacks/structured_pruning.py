@@ -42,6 +42,12 @@ layers): its rows and columns compute as zeros, so the training-time model equal
 one with the unit cut out. The masks are model buffers (the checkpoint carries them, DDP ranks
 hold the same), the importances gathered so far are this callback's state: a run stopped
 anywhere resumes exactly.
+
+**Going on from a pruned model.** ``masks_from`` names a checkpoint of a pruning run (its
+``compression_structure`` record): the units it removed are removed here from the first step,
+e.g. for a fine-tuning phase after pruning (``init_from`` the same checkpoint copies its weights,
+not its masks). Units already gone count toward the schedule's target, so a schedule that ends
+at the fractions the checkpoint reached removes nothing more.
 """
 
 from __future__ import annotations
@@ -53,11 +59,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from callbacks._arguments import globs, integer, number, one_of, shown
+from callbacks._arguments import existing_file, globs, integer, number, one_of, shown
 from callbacks._selection import matches
 from callbacks._transforms import (MASK, WeightTransform, add_weight_transform, find_weight_transform,
                                    refuse_optimizer_state_of_untransformed_weights, trainable_weight, weight_transforms)
-from compression_contract.manifest import record_structure
+from compression_contract.checkpoints import read_checkpoint
+from compression_contract.manifest import STRUCTURE_KEY, record_structure
 
 __all__ = ["StructuredPruning", "UnitMask"]
 
@@ -201,13 +208,17 @@ class StructuredPruning(L.Callback):
         attention_layers: the names of an attention module's query, key, value and output
             projections (default: q_proj, k_proj, v_proj, out_proj).
         feed_forward_layers: the names of a feed-forward block's two layers (default: fc1, fc2).
+        masks_from: a checkpoint of a pruning run whose removed units stay removed from the
+            first step (a fine-tuning phase after pruning); it must record every module this
+            run prunes, and no other.
     """
 
     def __init__(self, prune_heads: float = 0.5, prune_neurons: float = 0.5, importance: str = "taylor",
                  scope: str = "layer", start_step: int = 100, end_step: int = 1000, frequency: int = 100,
                  include: Sequence[str] = ("*",), exclude: Sequence[str] = (),
                  attention_layers: Sequence[str] = ATTENTION_LAYERS,
-                 feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS) -> None:
+                 feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS,
+                 masks_from: Optional[str] = None) -> None:
         self.prune_heads = number(OWNER, "prune_heads", prune_heads, 0.0, 1.0, high_open=True)
         self.prune_neurons = number(OWNER, "prune_neurons", prune_neurons, 0.0, 1.0, high_open=True)
         if self.prune_heads == 0.0 and self.prune_neurons == 0.0:
@@ -221,6 +232,8 @@ class StructuredPruning(L.Callback):
         self.exclude = globs(OWNER, "exclude", exclude)
         self.attention_layers = _child_names("attention_layers", attention_layers, 4)
         self.feed_forward_layers = _child_names("feed_forward_layers", feed_forward_layers, 2)
+        self.masks_from = None if masks_from is None else existing_file(OWNER, "masks_from", masks_from)
+        self.masks_applied = False  # whether masks_from's units were removed (callback state)
         self.groups: list[UnitGroup] = []
         self.scores: Optional[torch.Tensor] = None  # (all units,) float64: importance since the last pruning
         self._scoring = False
@@ -243,8 +256,9 @@ class StructuredPruning(L.Callback):
             (step - self.start_step) % self.frequency == 0 or step == self.end_step)
 
     def _settings(self) -> list[Any]:
-        return [self.prune_heads, self.prune_neurons, self.importance, self.scope, self.start_step, self.end_step,
-                self.frequency]
+        settings = [self.prune_heads, self.prune_neurons, self.importance, self.scope, self.start_step,
+                    self.end_step, self.frequency]
+        return settings + [self.masks_from] if self.masks_from is not None else settings
 
     # ------------------------------------------------------------------ structure
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -293,6 +307,9 @@ class StructuredPruning(L.Callback):
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.masks_from is not None and not self.masks_applied:  # once: a resumed run has them already
+            self.adopt_masks(self.masks_from)
+            self.masks_applied = True
         total = sum(group.units for group in self.groups)
         if self.scores is None or self.scores.numel() != total:
             self.scores = torch.zeros(total, dtype=torch.float64)
@@ -306,6 +323,37 @@ class StructuredPruning(L.Callback):
         self._scoring = self.importance == "taylor" and step < self.end_step
         for kind, kept in self._kept.items():
             pl_module.log(f"structured_pruning/{kind}_kept", kept, on_step=True, on_epoch=False, batch_size=1)
+
+    @torch.no_grad()
+    def adopt_masks(self, path: str) -> None:
+        """Remove the units that the pruning run of checkpoint ``path`` removed (every rank reads the
+        same file, so every rank holds the same masks)."""
+        checkpoint = read_checkpoint(path, f"{OWNER}: masks_from")
+        recorded, state = checkpoint.get(STRUCTURE_KEY, {}), checkpoint.get("state_dict", {})
+        if not recorded:
+            raise ValueError(f"{OWNER}: masks_from {path} records no removed units (not saved by a run with "
+                             f"StructuredPruning)")
+        mine = {group.name: group for group in self.groups}
+        if set(recorded) - set(mine):
+            raise ValueError(f"{OWNER}: masks_from {path} removed units of {sorted(set(recorded) - set(mine))}, which "
+                             f"this run does not prune (include={self.include} exclude={self.exclude}, "
+                             f"prune_heads={self.prune_heads}, prune_neurons={self.prune_neurons}): they would grow back")
+        for name, group in mine.items():
+            entry = recorded.get(name)
+            if entry is None:
+                raise ValueError(f"{OWNER}: masks_from {path} records no units of {name}, which this run prunes; "
+                                 f"exclude it, or start from a checkpoint that pruned it")
+            keep = state.get(entry["keep"])
+            if (tuple(entry["rows"]), tuple(entry["columns"]), entry["width"]) != (group.rows, group.columns,
+                                                                                  group.width) \
+                    or keep is None or tuple(keep.shape) != (group.units,):
+                raise ValueError(f"{OWNER}: masks_from {path}: {name}'s record (rows {entry['rows']}, columns "
+                                 f"{entry['columns']}, width {entry['width']}, keep "
+                                 f"{None if keep is None else tuple(keep.shape)}) does not fit this model's "
+                                 f"{group.kind} ({list(group.rows)}, {list(group.columns)}, width {group.width}, "
+                                 f"{group.units} units)")
+            group.set_keep(keep.float())
+        self._kept = self.kept_fractions()
 
     def kept_fractions(self) -> dict[str, float]:
         """The fraction of the heads and of the neurons still there (each kind pruned at all)."""
@@ -407,7 +455,8 @@ class StructuredPruning(L.Callback):
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, OWNER)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"settings": self._settings(), "scores": None if self.scores is None else self.scores.clone()}
+        return {"settings": self._settings(), "scores": None if self.scores is None else self.scores.clone(),
+                "masks_applied": self.masks_applied}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if list(state.get("settings", [])) != self._settings():
@@ -415,6 +464,7 @@ class StructuredPruning(L.Callback):
                              f"{self._settings()} (prune_heads, prune_neurons, importance, scope, start_step, "
                              f"end_step, frequency)")
         self.scores = state.get("scores")
+        self.masks_applied = bool(state.get("masks_applied", False))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._scoring = False

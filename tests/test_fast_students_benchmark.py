@@ -69,8 +69,10 @@ def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
 def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
         prepared_dir: Path, tmp_path: Path) -> None:
     """With --teacher: the 6+2 and 6+1 students train (word-level KD) from the teacher's whole
-    encoder and its decoder layers [2, 5] or [5]: after one step at a learning rate of 1e-9 (Adam
-    moves a weight by about the learning rate) each student's layers are the chosen teacher layers."""
+    encoder and its decoder layers [2, 5] or [5]: after two steps at a learning rate of 1e-9 (Adam
+    moves a weight by about the learning rate) each student's layers are the chosen teacher layers.
+    The pruned students lose half their heads and neurons at step 1, and their fine-tuning keeps
+    exactly those removed."""
     import argparse
 
     import torch
@@ -80,13 +82,15 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     fast_students = import_benchmark("fast_students")
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
-                              student_steps=1, seeds=[1], students=[2, 1], jobs=1, distill=False,
-                              prune_students=False, finetune_steps=1,
+                              student_steps=2, seeds=[1], students=[2, 1], jobs=1, distill=False,
+                              prune_students=True, finetune_steps=1,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
-    # no --base: no pruning runs; --finetune-steps: the teacher and each student go on
-    assert sorted(planned) == ["student_6_1", "student_6_1_ft", "student_6_2", "student_6_2_ft", "teacher_ft"]
+    # no --base: no pruning of a base; --finetune-steps: the teacher and each student go on
+    assert sorted(planned) == ["student_6_1", "student_6_1_ft", "student_6_1_pruned", "student_6_1_pruned_ft",
+                               "student_6_2", "student_6_2_ft", "student_6_2_pruned", "student_6_2_pruned_ft",
+                               "teacher_ft"]
     assert all("callbacks.KnowledgeDistillation" in planned[run]["add_ons"][0] for run in ("student_6_1", "student_6_2"))
     assert all(planned[run]["add_ons"] == [] for run in ("teacher_ft", "student_6_1_ft", "student_6_2_ft"))
     checkpoints = fast_students.train(args, planned)
@@ -108,6 +112,13 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
         tuned = weights(checkpoints[f"{name}_ft"])
         assert tuned.keys() == student.keys()
         assert all(torch.allclose(tuned[key], student[key], atol=1e-6) for key in student)
+        # the pruned student's fine-tune: the same units removed, half of each module's (1 of 2 heads, 32 of 64 neurons)
+        pruned, pruned_tuned = weights(checkpoints[f"{name}_pruned"]), weights(checkpoints[f"{name}_pruned_ft"])
+        keeps = [key for key in pruned if key.endswith(".keep")]
+        # a copy on every layer of a unit: q, k, v, out of each attention, fc1 and fc2 of each feed-forward block
+        assert len(keeps) == 6 * (4 + 2) + len(picked) * (2 * 4 + 2)
+        assert all(torch.equal(pruned_tuned[key], pruned[key]) for key in keeps)
+        assert all(pruned[key].sum() * 2 == pruned[key].numel() for key in keeps)
     tuned_teacher = weights(checkpoints["teacher_ft"])  # the fine-tuned teacher starts from the teacher
     assert all(torch.allclose(tuned_teacher[key], taught[key], atol=1e-6) for key in taught if key.startswith("model."))
 
@@ -138,10 +149,11 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
                                          ("student_6_2_pruned", "student_6_2")]
 
 
-def test_fine_tuning_gives_the_teacher_and_each_unpruned_student_the_same_phase(tmp_path: Path) -> None:
+def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path: Path) -> None:
     """--finetune-steps: one teacher fine-tune (not one per seed) and, per seed, each unpruned
     student's, all with finetune.yaml, the same steps and no add-on; a student's fine-tune starts
-    from that student's final checkpoint and waits for it; the pruned students are not fine-tuned."""
+    from that student's final checkpoint and waits for it; a pruned student's the same, with its
+    removed units kept removed (StructuredPruning's masks_from its own checkpoint)."""
     import argparse
 
     fast_students = import_benchmark("fast_students")
@@ -150,7 +162,8 @@ def test_fine_tuning_gives_the_teacher_and_each_unpruned_student_the_same_phase(
                               prune_students=True, finetune_steps=300, override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
-                               "student_6_2_pruned_s2", "student_6_2_s2", "teacher_ft"]
+                               "student_6_2_pruned_ft", "student_6_2_pruned_ft_s2", "student_6_2_pruned_s2",
+                               "student_6_2_s2", "teacher_ft"]
     names = list(planned)
     for suffix, seed in (("", 1), ("_s2", 2)):
         tuned = planned[f"student_6_2_ft{suffix}"]
@@ -164,7 +177,21 @@ def test_fine_tuning_gives_the_teacher_and_each_unpruned_student_the_same_phase(
     for run in ("teacher_ft", "student_6_2_ft", "student_6_2_ft_s2"):
         assert planned[run]["steps"] == 300 and planned[run]["add_ons"] == []
         assert [Path(config).name for config in planned[run]["configs"]] == ["tiny.yaml", "finetune.yaml"]
-    assert ("student_6_2_ft", "teacher_ft") in fast_students.pairs(args)
+    for suffix in ("", "_s2"):  # the pruned student's phase: the same, keeping the units its run removed
+        tuned, unpruned = planned[f"student_6_2_pruned_ft{suffix}"], planned[f"student_6_2_ft{suffix}"]
+        start = tmp_path / "runs" / f"student_6_2_pruned{suffix}" / "runs" / "libreoffice_en_cs_tiny" / "checkpoints"
+        assert tuned["after"] == f"student_6_2_pruned{suffix}" and names.index(tuned["after"]) < names.index(
+            f"student_6_2_pruned_ft{suffix}")
+        assert tuned["overrides"][:-1] == unpruned["overrides"][:-1]  # the same seed, data, shape
+        assert tuned["overrides"][-1] == f"--model.init_from={start / 'last.ckpt'}"
+        assert (tuned["steps"], tuned["configs"]) == (unpruned["steps"], unpruned["configs"])
+        [kept] = tuned["add_ons"]
+        kept = json.loads(kept)["trainer"]["callbacks+"][0]
+        assert kept["class_path"] == "callbacks.StructuredPruning"
+        assert kept["init_args"]["masks_from"] == str(start / "last.ckpt")
+        assert (kept["init_args"]["prune_heads"], kept["init_args"]["prune_neurons"]) == (0.5, 0.5)
+    assert fast_students.pairs(args)[-3:] == [("student_6_2_ft", "teacher_ft"), ("student_6_2_pruned_ft", "teacher_ft"),
+                                              ("student_6_2_pruned_ft", "student_6_2_ft")]
 
 
 @pytest.mark.parametrize("options, message", [

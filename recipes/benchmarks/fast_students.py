@@ -22,11 +22,14 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
 - with ``--prune-students``: each student again, the same start, KD, steps and seed, with
   ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
   against the teacher and against the unpruned student);
-- with ``--finetune-steps N``: the teacher and each unpruned student go on ``N`` steps with the
+- with ``--finetune-steps N``: the teacher and each student go on ``N`` steps with the
   fine-tuning recipe (``finetune.yaml``: lr 0.001 after 100 warm-up steps, cross-entropy only).
   The inverse square root schedule never anneals, so such a low-rate phase adds BLEU to a model
-  that stopped mid-schedule; both sides get the same phase, and the fine-tuned teacher becomes
-  the reference of the efficiency table (``teacher_ft`` against ``student_6_N_ft``).
+  that stopped mid-schedule; every side gets the same phase, and the fine-tuned teacher becomes
+  the reference of the efficiency table (``teacher_ft`` against ``student_6_N_ft``). A pruned
+  student keeps its structure through it (``StructuredPruning(masks_from=...)``: its removed
+  heads and neurons stay removed, nothing more is pruned) and is tested against the fine-tuned
+  unpruned student (``student_6_N_pruned_ft`` against ``student_6_N_ft``).
 
 A run of seed 1 is named as above, of another seed ``<name>_s<seed>``. Then
 ``efficiency.py`` measures the first seed's models on every engine into ``--out``/efficiency
@@ -50,7 +53,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import cached, file_slug, run_fit  # noqa: E402
 from study_plan import (FINETUNE, RESULT, STUDENT_DECODER_LAYERS, TINY, distillation,  # noqa: E402
-                        structured_pruning)
+                        kept_structure, structured_pruning)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +62,8 @@ NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured"
          "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1",
          "student_6_2_pruned": "student 6+2, half removed", "student_6_1_pruned": "student 6+1, half removed",
          "teacher_ft": "teacher 6+6, fine-tuned", "student_6_2_ft": "student 6+2, fine-tuned",
-         "student_6_1_ft": "student 6+1, fine-tuned"}
+         "student_6_1_ft": "student 6+1, fine-tuned", "student_6_2_pruned_ft": "student 6+2, half removed, fine-tuned",
+         "student_6_1_pruned_ft": "student 6+1, half removed, fine-tuned"}
 
 
 def run_name(name: str, seed: int) -> str:
@@ -96,13 +100,17 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                 "add_ons": [distillation(teacher)],
                 "overrides": common + shape + [f"--model.init_from={teacher}",
                                                f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
+            variants = [name]
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[f"{name}_pruned"] = {
                     **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
-            if args.finetune_steps:  # from this student's final checkpoint, once it is trained
-                start = args.out / "runs" / run_name(name, seed) / student["result"]
-                planned[f"{name}_ft"] = {**tuned, "after": run_name(name, seed),
-                                         "overrides": common + shape + [f"--model.init_from={start}"]}
+                variants.append(f"{name}_pruned")
+            for variant in variants if args.finetune_steps else []:  # from its final checkpoint, once trained
+                start = args.out / "runs" / run_name(variant, seed) / student["result"]
+                planned[f"{variant}_ft"] = {
+                    **tuned, "after": run_name(variant, seed), "overrides": common + shape + [f"--model.init_from={start}"],
+                    # a pruned student keeps its removed heads and neurons removed (init_from copies weights only)
+                    "add_ons": [kept_structure(str(start))] if variant != name else []}
     return planned
 
 
@@ -142,8 +150,10 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
             found.append((f"student_6_{d}", "teacher"))
             if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
                 found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
-            if args.finetune_steps:  # both fine-tuned alike
+            if args.finetune_steps:  # fine-tuned alike
                 found.append((f"student_6_{d}_ft", "teacher_ft"))
+                if args.prune_students:
+                    found += [(f"student_6_{d}_pruned_ft", "teacher_ft"), (f"student_6_{d}_pruned_ft", f"student_6_{d}_ft")]
     return found
 
 
@@ -223,8 +233,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=0,
-                        help="then the teacher and each unpruned student this many steps at finetune.yaml's lower "
-                             "learning rate (teacher_ft, student_6_N_ft; default: %(default)s, none)")
+                        help="then the teacher and each student this many steps at finetune.yaml's lower learning "
+                             "rate (teacher_ft, student_6_N_ft, student_6_N_pruned_ft; default: %(default)s, none)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1],
                         help="seeds of every run; the first seed's models are timed (default: %(default)s)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default: %(default)s)")

@@ -153,6 +153,14 @@ def structured_pruning(steps: int) -> str:
                     include=["model.*"])
 
 
+def kept_structure(pruned_checkpoint: str) -> str:
+    """A fine-tuning phase after ``structured_pruning``: the heads and neurons that the checkpoint's
+    run removed stay removed from the first step, and no more go (the schedule's target, half of
+    each, is reached at step 0 by the units already removed)."""
+    return callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="magnitude",
+                    scope="layer", start_step=0, end_step=0, include=["model.*"], masks_from=pruned_checkpoint)
+
+
 def seeds(budget: Budget) -> range:
     return range(1, budget.seeds + 1)
 

@@ -518,3 +518,103 @@ def test_validation_while_gathering_taylor_importances_changes_nothing(tmp_path:
     inputs, _ = next(iter(block_data()))
     model(inputs).sum().backward()
     assert all(group.pending is None for group in callback.groups)
+
+
+def pruned_checkpoint(tmp_path: Path, prune_heads: float, prune_neurons: float) -> Path:
+    """An AttentionBlock trained 8 steps while losing ``prune_heads`` / ``prune_neurons`` by
+    magnitude at step 2 (seed 0), saved with its structure record."""
+    torch.manual_seed(0)
+    model = AttentionBlock()
+    callback = StructuredPruning(prune_heads=prune_heads, prune_neurons=prune_neurons, importance="magnitude",
+                                 start_step=2, end_step=2)
+    fit = trainer(tmp_path / "source", [callback], max_steps=8)
+    fit.fit(model, block_data(sentences=32))
+    fit.save_checkpoint(tmp_path / "pruned.ckpt")
+    return tmp_path / "pruned.ckpt"
+
+
+def kept_in(path: Path) -> dict[str, list[float]]:
+    """The q_proj and fc1 keep vectors as saved in the checkpoint (read apart from the callback)."""
+    state = torch.load(path, weights_only=True)["state_dict"]
+    return {layer: state[f"{layer}.parametrizations.weight.0.keep"].tolist()
+            for layer in ("attention.q_proj", "feed_forward.fc1")}
+
+
+def test_masks_from_a_pruned_checkpoint_keeps_exactly_its_units(tmp_path: Path) -> None:
+    """A fine-tuning phase after pruning: the checkpoint's units are gone from step 0 and stay gone,
+    nothing else is pruned although the new model's own magnitudes would choose other units, and
+    the removed units compute nothing (their q/k/v rows and fc1 rows read as zeros)."""
+    source = pruned_checkpoint(tmp_path, 0.5, 0.6)
+    expected = kept_in(source)
+    assert [sum(keep) for keep in expected.values()] == [HEADS // 2, round(NEURONS * 0.4)]
+    torch.manual_seed(5)  # other weights: their magnitudes rank the units otherwise
+    model = AttentionBlock()
+    alone = StructuredPruning(prune_heads=0.5, prune_neurons=0.6, importance="magnitude", start_step=0, end_step=0)
+    alone.setup(None, model, "fit")
+    alone.prune(step=0)
+    assert [group.keep.tolist() for group in alone.groups] != list(expected.values())  # the test can tell
+    torch.manual_seed(5)
+    model = AttentionBlock()
+    adopting = StructuredPruning(prune_heads=0.5, prune_neurons=0.6, importance="magnitude", start_step=0, end_step=0,
+                                 masks_from=str(source))
+    trainer(tmp_path / "tuned", [adopting], max_steps=6).fit(model, block_data(sentences=32))
+    assert [group.keep.tolist() for group in adopting.groups] == list(expected.values())
+    heads = torch.tensor(expected["attention.q_proj"]).bool().repeat_interleave(HEAD_DIM)
+    neurons = torch.tensor(expected["feed_forward.fc1"]).bool()
+    assert not model.attention.q_proj.weight[~heads].any() and model.attention.q_proj.weight[heads].all()
+    assert not model.feed_forward.fc2.weight[:, ~neurons].any() and model.feed_forward.fc2.weight[:, neurons].all()
+
+
+def test_masks_from_counts_toward_the_schedule_which_removes_the_rest(tmp_path: Path) -> None:
+    """The checkpoint removed 1 of 4 heads and 3 of 10 neurons; a run to half the heads and 60% of
+    the neurons removes 1 head and 3 neurons more, and the checkpoint's stay removed."""
+    source = kept_in(pruned_checkpoint(tmp_path, 0.25, 0.3))
+    torch.manual_seed(5)
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.6, importance="magnitude", start_step=2, end_step=2,
+                                 masks_from=str(tmp_path / "pruned.ckpt"))
+    trainer(tmp_path / "more", [callback], max_steps=4).fit(AttentionBlock(), block_data(sentences=32))
+    for before, group in zip(source.values(), callback.groups):
+        after = group.keep.tolist()
+        assert all(a <= b for a, b in zip(after, before))  # nothing grew back
+        assert sum(after) == {HEADS: HEADS // 2, NEURONS: round(NEURONS * 0.4)}[len(after)]
+        assert sum(before) - sum(after) == {HEADS: 1, NEURONS: 3}[len(after)]
+
+
+def test_masks_from_then_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Stopped after the adopted masks and a further pruning (steps 3 and 6 of 3-9): the resume
+    keeps the masks it saved instead of adopting the checkpoint's again (which would bring back the
+    units pruned at step 3), and ends where the straight run does."""
+    source = pruned_checkpoint(tmp_path, 0.25, 0.3)
+
+    def callbacks() -> list:
+        return [StructuredPruning(prune_heads=0.5, prune_neurons=0.6, start_step=3, end_step=9, frequency=3,
+                                  masks_from=str(source))]
+
+    def data() -> DataLoader:
+        return ResumableLoader(block_data(sentences=48, batch_size=4).dataset, batch_size=4)
+
+    def make_model() -> AttentionBlock:
+        torch.manual_seed(0)
+        return AttentionBlock()
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path / "resume", make_model, callbacks, data, stop=7, total=11)
+    assert_same_state(straight, resumed)
+    assert sum(straight["attention.q_proj.parametrizations.weight.0.keep"].tolist()) == HEADS // 2
+
+
+def test_masks_from_that_does_not_fit_is_refused_naming_the_file(tmp_path: Path) -> None:
+    source = pruned_checkpoint(tmp_path, 0.5, 0.6)
+    with pytest.raises(FileNotFoundError, match="StructuredPruning: masks_from .*missing.ckpt: no such file"):
+        StructuredPruning(masks_from=str(tmp_path / "missing.ckpt"))
+    heads_only = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, importance="magnitude", start_step=0,
+                                   end_step=0, masks_from=str(source))
+    with pytest.raises(ValueError, match=r"masks_from .*pruned.ckpt removed units of \['feed_forward'\], which this "
+                                         r"run does not prune .*they would grow back"):
+        trainer(tmp_path / "a", [heads_only], max_steps=1).fit(AttentionBlock(), block_data())
+    plain = tmp_path / "plain.ckpt"
+    fit = trainer(tmp_path / "b", [], max_steps=1)
+    fit.fit(AttentionBlock(), block_data())
+    fit.save_checkpoint(plain)
+    with pytest.raises(ValueError, match=r"masks_from .*plain.ckpt records no removed units"):
+        trainer(tmp_path / "c", [StructuredPruning(masks_from=str(plain))], max_steps=1).fit(AttentionBlock(),
+                                                                                          block_data())
