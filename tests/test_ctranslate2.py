@@ -291,3 +291,35 @@ def test_uneven_heads_are_refused_with_the_reason(prepared_dir: Path, tmp_path: 
     with pytest.raises(ValueError, match=r"the encoder's attention modules have \[1, 2\] heads; CTranslate2 holds one "
                                          r"number of heads per stack .*\(scope='layer'\)"):
         convert_to_ctranslate2(tmp_path / "pruned.safetensors", tmp_path / "ct2")
+
+
+class RecordingTranslator:
+    """Stands in for a ctranslate2.Translator: runs each batch at once and keeps every best
+    hypothesis (its pieces, as the engine returned them)."""
+
+    def __init__(self, translator) -> None:
+        self.translator, self.hypotheses = translator, []
+
+    def translate_batch(self, batch, asynchronous: bool = False, **options):
+        results = self.translator.translate_batch(batch, **options)
+        self.hypotheses += [result.hypotheses[0] for result in results]
+        return [type("Done", (), {"result": lambda self, found=result: found})() for result in results]
+
+
+def test_max_output_tokens_stops_each_search_after_that_many_tokens(trained_checkpoint: Path, prepared_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    """Greedy search cut after k tokens is the first k tokens of the uncut greedy search (each step
+    depends only on the tokens before it); beam search cut after one token returns at most one."""
+    convert_to_ctranslate2(trained_checkpoint, tmp_path / "ct2")
+    model = CTranslate2Model(tmp_path / "ct2", threads=1)
+    model.translator = RecordingTranslator(model.translator)
+    lines = lines_of(prepared_dir, 40)
+    model.translate_lines(lines, beam=1, progress=False)
+    uncut, model.translator.hypotheses = model.translator.hypotheses, []
+    model.translate_lines(lines, beam=1, progress=False, max_output_tokens=3)
+    assert [h[:3] for h in uncut] == model.translator.hypotheses and any(len(h) > 3 for h in uncut)
+    model.translator.hypotheses = []
+    model.translate_lines(lines, beam=4, progress=False, max_output_tokens=1)
+    assert len(model.translator.hypotheses) == len(lines) and all(len(h) <= 1 for h in model.translator.hypotheses)
+    with pytest.raises(ValueError, match="max_output_tokens must be None or >= 1, got 0"):
+        model.translate_lines(lines, max_output_tokens=0)

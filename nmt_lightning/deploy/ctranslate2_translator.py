@@ -92,10 +92,14 @@ class CTranslate2Model:
         return max(1, min(limit, self.decoding["max_positions"] - 1)) - 1
 
     def translate_lines(self, lines: list[str], beam: int = 4, batch_size: int = 32, progress: bool = True,
-                        length_penalty: Optional[float] = None) -> list[str]:
-        """Translate ``lines``, returned in the same order; greedy search when ``beam == 1``."""
+                        length_penalty: Optional[float] = None, max_output_tokens: Optional[int] = None) -> list[str]:
+        """Translate ``lines``, returned in the same order; greedy search when ``beam == 1``.
+        ``max_output_tokens`` stops every search after that many tokens (eos not counted) where the
+        length cap would allow more: 1 runs the encoder and one decoder step (a timing's bound)."""
         if beam < 1 or batch_size < 1:
             raise ValueError(f"beam and batch_size must be >= 1, got beam={beam}, batch_size={batch_size}")
+        if max_output_tokens is not None and (isinstance(max_output_tokens, bool) or max_output_tokens < 1):
+            raise ValueError(f"max_output_tokens must be None or >= 1, got {max_output_tokens}")
         source = self.tokenization._processor("src")
         target = self.tokenization._processor("tgt")
         limit = self.decoding["max_positions"] - 1
@@ -103,11 +107,16 @@ class CTranslate2Model:
         order = sorted(range(len(pieces)), key=lambda i: len(pieces[i]))
         penalty = self.decoding["length_penalty"] if length_penalty is None else length_penalty
         chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+        def cap(source_tokens: int) -> int:
+            found = self._cap(source_tokens)
+            return found if max_output_tokens is None else min(found, max_output_tokens)
+
         # Every batch is queued at once (asynchronous), so parallel_batches of them run together;
         # each keeps its own length cap.
         pending = [self.translator.translate_batch(
             [pieces[i] for i in chunk], beam_size=beam, length_penalty=penalty, max_input_length=0,
-            max_decoding_length=max(self._cap(len(pieces[i]) + 1) for i in chunk),  # + 1: the eos CTranslate2 adds
+            max_decoding_length=max(cap(len(pieces[i]) + 1) for i in chunk),  # + 1: the eos CTranslate2 adds
             min_decoding_length=0, suppress_sequences=self._banned, use_vmap=self.shortlist,
             asynchronous=True) for chunk in chunks]
         results = [""] * len(lines)
@@ -119,7 +128,7 @@ class CTranslate2Model:
                 # A hypothesis longer than its own sentence's cap (it ran under the batch's larger
                 # cap) is cut there: for greedy search exactly what our decoder returns.
                 hypotheses = [ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids for ids in hypotheses]
-                hypotheses = [ids[: self._cap(len(pieces[i]) + 1)] for i, ids in zip(chunk, hypotheses)]
+                hypotheses = [ids[: cap(len(pieces[i]) + 1)] for i, ids in zip(chunk, hypotheses)]
                 for index, text in zip(chunk, self.tokenization.decode(hypotheses)):
                     results[index] = text
                 bar.update(len(chunk))

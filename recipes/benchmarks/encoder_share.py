@@ -6,12 +6,13 @@
 
 A shallow decoder removes decoder time only: beam search runs the decoder once per output token
 and the encoder once per sentence. For each CTranslate2 directory (as ``efficiency.py`` converts
-them) this times, on the same batches as the throughput of ``efficiency.py`` (the first
-``--sentences`` test sentences sorted by length, batches of 32, one batch per thread on
-``--threads`` threads, beam ``--beam``), the whole search and a search cut to one output token
-(the encoder, plus one decoder step); the models take turns, ``--rounds`` rounds, medians. The
-encoder's share is the cut search's time over the whole search's: an upper bound, as it also
-holds the first decoder step. No shortlist. Writes ``--out``/encoder_share.md. Never time
+them) this times what the throughput of ``efficiency.py`` times (``CTranslate2Model.translate_lines``
+of the first ``--sentences`` test sentences: sorted by length, batches of 32, one batch per thread
+on ``--threads`` threads, beam ``--beam``, tokenization included), whole and cut to one output
+token (``max_output_tokens=1``: the encoder, plus one decoder step); the models take turns,
+``--rounds`` rounds, medians. The encoder's share is the cut search's time over the whole
+search's: an upper bound, as it also holds the first decoder step and the tokenization. No
+shortlist. Writes ``--out``/encoder_share.md. Never time
 anything while another job trains on the same machine.
 """
 
@@ -32,25 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BATCH_SENTENCES = 32  # efficiency.py's throughput batches
 
 
-def batches_of_pieces(model, lines: list[str]) -> list[list[list[str]]]:
-    """The source pieces of ``lines`` as the deployed model's translator batches them: cut to the
-    model's length limit, sorted by length, batches of 32."""
-    source = model.tokenization._processor("src")
-    limit = model.decoding["max_positions"] - 1
-    pieces = sorted((source.id_to_piece(ids[:limit]) for ids in model.tokenization.encode_source(lines)), key=len)
-    return [pieces[start : start + BATCH_SENTENCES] for start in range(0, len(pieces), BATCH_SENTENCES)]
-
-
-def search(model, batches: list[list[list[str]]], beam: int, one_token: bool) -> tuple[float, list[list[str]]]:
-    """(wall time, best hypothesis of each sentence) of translating every batch, all queued at once
-    (one per thread at a time), with the translator's settings (``CTranslate2Model.translate_lines``);
-    ``one_token``: cut to one output token."""
+def search(model, lines: list[str], beam: int, one_token: bool) -> tuple[float, list[str]]:
+    """(wall time, translations) of ``lines`` by the deployed translator, as efficiency.py's
+    throughput translates them; ``one_token``: every search cut after one output token."""
     started = time.perf_counter()
-    pending = [model.translator.translate_batch(
-        batch, beam_size=beam, length_penalty=model.decoding["length_penalty"], max_input_length=0,
-        max_decoding_length=1 if one_token else max(model._cap(len(pieces) + 1) for pieces in batch),
-        min_decoding_length=0, suppress_sequences=model._banned, asynchronous=True) for batch in batches]
-    found = [future.result().hypotheses[0] for futures in pending for future in futures]
+    found = model.translate_lines(lines, beam=beam, batch_size=BATCH_SENTENCES, progress=False,
+                                  max_output_tokens=1 if one_token else None)
     return time.perf_counter() - started, found
 
 
@@ -84,15 +72,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     lines = read_lines(args.data_dir / "test.en")[: args.sentences]
     models = {name: CTranslate2Model(directory, threads=args.threads, shortlist=False)
               for name, directory in directories.items()}
-    batches = {name: batches_of_pieces(model, lines) for name, model in models.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"whole": [], "one token": []} for name in models}
     for name, model in models.items():  # warm-up
-        search(model, batches[name][:1], args.beam, one_token=False)
+        search(model, lines[:BATCH_SENTENCES], args.beam, one_token=False)
     for round_index in range(args.rounds):
         names = list(models)[round_index % len(models):] + list(models)[: round_index % len(models)]
         for name in names:
             for kind in ("whole", "one token"):
-                times[name][kind].append(search(models[name], batches[name], args.beam, kind == "one token")[0])
+                times[name][kind].append(search(models[name], lines, args.beam, kind == "one token")[0])
     header = ["model", "sentences/s, whole search", "sentences/s, one output token", "encoder share (at most)"]
     rows = []
     for name in models:
