@@ -281,6 +281,8 @@ def distill_data_main(argv: Sequence[str]) -> int:
 
 
 def shortlist_main(argv: Sequence[str]) -> int:
+    from nmt_lightning.shortlist import BATCH_SENTENCES, DEFAULT_BEST, DEFAULT_FREQUENT, build_shortlist
+
     parser = argparse.ArgumentParser(
         prog="nmt-lightning shortlist",
         description="Build a target-vocabulary shortlist (CTranslate2's vocabulary map) from a prepared data "
@@ -291,13 +293,12 @@ def shortlist_main(argv: Sequence[str]) -> int:
     parser.add_argument("--output", required=True, help="the vocabulary map to write (text)")
     parser.add_argument("--src", default="en", help="source language (default: %(default)s)")
     parser.add_argument("--tgt", default="cs", help="target language (default: %(default)s)")
-    parser.add_argument("--best", type=int, default=50, help="candidates per source piece (default: %(default)s)")
-    parser.add_argument("--frequent", type=int, default=100,
+    parser.add_argument("--best", type=int, default=DEFAULT_BEST, help="candidates per source piece (default: %(default)s)")
+    parser.add_argument("--frequent", type=int, default=DEFAULT_FREQUENT,
                         help="most frequent target pieces always allowed (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=5, help="EM iterations of IBM Model 1 (default: %(default)s)")
     parser.add_argument("--max-sentences", type=int, help="read at most this many training pairs (default: all)")
     args = parser.parse_args(argv)
-    from nmt_lightning.shortlist import BATCH_SENTENCES, build_shortlist
 
     try:
         report = build_shortlist(args.data_dir, args.output, args.src, args.tgt, args.best, args.frequent,

@@ -44,6 +44,7 @@ from nmt_lightning.bpe import SPECIAL_IDS
 __all__ = ["Shortlist", "ShortlistReport", "build_shortlist", "lexical_probabilities", "read_vocabulary_map"]
 
 FIRST_PIECE = len(SPECIAL_IDS)  # pad, unk, bos and eos come first: never candidates of their own
+DEFAULT_BEST, DEFAULT_FREQUENT = 50, 100  # candidates per source piece; target pieces always allowed
 BATCH_SENTENCES = 32  # translate's default batch: sentences sorted by length, then cut into batches of 32
 
 
@@ -131,7 +132,7 @@ def _pieces(processor, ids: Iterable[int]) -> list[str]:
 
 
 def build_shortlist(data_dir: str | os.PathLike, output: str | os.PathLike, src_lang: str = "en",
-                    tgt_lang: str = "cs", best: int = 50, frequent: int = 100, iterations: int = 5,
+                    tgt_lang: str = "cs", best: int = DEFAULT_BEST, frequent: int = DEFAULT_FREQUENT, iterations: int = 5,
                     max_sentences: Optional[int] = None, progress: bool = True) -> ShortlistReport:
     """Write the vocabulary map of a prepared data directory's training split (module docstring)."""
     from nmt_lightning.data import TranslationDataModule

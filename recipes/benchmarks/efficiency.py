@@ -81,7 +81,7 @@ def bytes_on_disk(path: Path) -> int:
 def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row]:
     """Export and convert every model for each of ``--engines`` (cached in ``--out``/deployed)."""
     from nmt_lightning.deploy import convert_to_ctranslate2
-    from nmt_lightning.shortlist import build_shortlist
+    from nmt_lightning.shortlist import DEFAULT_BEST, DEFAULT_FREQUENT, build_shortlist
     from nmt_lightning.translation_file import export_checkpoint
 
     deployed = args.out / "deployed"
@@ -91,7 +91,9 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
         # The map's settings are recorded beside it: the cached shortlist rows were measured with it.
         settings, record = {"best": args.shortlist_best, "frequent": args.shortlist_frequent}, deployed / "vmap.json"
         if vocabulary_map.is_file():
-            built = json.loads(record.read_text()) if record.is_file() else {"best": 50, "frequent": 100}  # older: defaults
+            # a map written before its record was built with the defaults
+            built = json.loads(record.read_text()) if record.is_file() else {"best": DEFAULT_BEST,
+                                                                              "frequent": DEFAULT_FREQUENT}
             if built != settings:
                 sys.exit(f"{vocabulary_map}: built with --shortlist-best {built['best']} --shortlist-frequent "
                          f"{built['frequent']}, and its rows measured with it; give another --out for other settings")
@@ -279,6 +281,8 @@ def write_quality_table(args: argparse.Namespace, rows: list[Row]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    from nmt_lightning.shortlist import DEFAULT_BEST, DEFAULT_FREQUENT
+
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
@@ -293,10 +297,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--latency-sentences", type=int, default=200,
                         help="test sentences translated one at a time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
-    parser.add_argument("--shortlist-best", type=int, default=50,
+    parser.add_argument("--shortlist-best", type=int, default=DEFAULT_BEST,
                         help="the shortlist's candidates per source piece ('nmt-lightning shortlist --best'; "
                              "default: %(default)s)")
-    parser.add_argument("--shortlist-frequent", type=int, default=100,
+    parser.add_argument("--shortlist-frequent", type=int, default=DEFAULT_FREQUENT,
                         help="target pieces the shortlist always allows ('--frequent'; default: %(default)s)")
     parser.add_argument("--quality-only", action="store_true",
                         help="only BLEU, chrF2 and bytes (no timing; --out/quality.md): e.g. the other seeds of a model")
