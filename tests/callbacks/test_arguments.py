@@ -98,6 +98,7 @@ PROBES = {
         ("attention_layers", dict(attention_layers=4)),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", "ffn.fc2"])),
         ("feed_forward_layers", dict(feed_forward_layers=["fc1", ""])),
+        ("masks_from", dict(masks_from="no/such/checkpoint.ckpt")), ("masks_from", dict(masks_from=3)),
     ]),
 }
 TEACHER_PROBES = {
@@ -231,7 +232,7 @@ DEFAULTS = {
     StructuredPruning: dict(prune_heads=0.5, prune_neurons=0.5, importance="taylor", scope="layer", start_step=100,
                             end_step=1000, frequency=100, include=("*",), exclude=(),
                             attention_layers=("q_proj", "k_proj", "v_proj", "out_proj"),
-                            feed_forward_layers=("fc1", "fc2")),  # Michel et al.; Zhu & Gupta
+                            feed_forward_layers=("fc1", "fc2"), masks_from=None),  # Michel et al.; Zhu & Gupta
     KnowledgeDistillation: dict(teacher_loader=None, temperature=2.0, soft_weight=0.5, hard_weight=0.5,
                                 hidden_weight=0.0, layer_map=None, teacher_inputs=("source", "decoder_input")),
     ProgressiveKnowledgeTransfer: dict(teacher_loader=None, mode="progressive", stage_steps=1000, feature_weight=100.0,
