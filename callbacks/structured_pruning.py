@@ -462,7 +462,7 @@ class StructuredPruning(L.Callback):
         if list(state.get("settings", [])) != self._settings():
             raise ValueError(f"{OWNER}: the checkpoint was pruned with {state.get('settings')}, this run asks for "
                              f"{self._settings()} (prune_heads, prune_neurons, importance, scope, start_step, "
-                             f"end_step, frequency)")
+                             f"end_step, frequency{', masks_from' if self.masks_from is not None else ''})")
         self.scores = state.get("scores")
         self.masks_applied = bool(state.get("masks_applied", False))
 
