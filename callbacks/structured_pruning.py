@@ -353,7 +353,6 @@ class StructuredPruning(L.Callback):
                                  f"{group.kind} ({list(group.rows)}, {list(group.columns)}, width {group.width}, "
                                  f"{group.units} units)")
             group.set_keep(keep.float())
-        self._kept = self.kept_fractions()
 
     def kept_fractions(self) -> dict[str, float]:
         """The fraction of the heads and of the neurons still there (each kind pruned at all)."""

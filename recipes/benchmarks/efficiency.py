@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("ours fp32", "ours fp32 + shortlist", "ours int8", "CTranslate2 float32", "CTranslate2 int8",
            "CTranslate2 int8 + shortlist")
 REFERENCE_ENGINE = "CTranslate2 float32"
+THROUGHPUT_BATCH = 32  # sentences a batch of the throughput (latency: one)
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def worker(args: argparse.Namespace) -> None:
         def translate(batch: list[str], batch_size: int) -> list[str]:
             return translate_lines(module, batch, beam=args.beam, batch_size=batch_size, progress=False,
                                    shortlist=shortlist)
-    batch_size = 1 if args.mode == "latency" else 32
+    batch_size = 1 if args.mode == "latency" else THROUGHPUT_BATCH
     translate(lines[:batch_size * 2], batch_size)  # warm-up: lazy initialisation is not timed
     report: dict = {}
     if args.mode == "latency":
@@ -369,8 +370,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     lines += ["", f"Reference: {reference_name}. Test split of {args.data_dir.name}, beam {args.beam}. Latency: 1 thread, "
                   f"one sentence at a time, the first {args.latency_sentences} test sentences, the median of the "
                   f"rounds' medians (p90: over every sentence of every round). Throughput: {args.threads} threads, "
-                  f"batches of 32, the first {args.sentences} sentences, the median round. {args.rounds} rounds, the "
-                  f"models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
+                  f"batches of {THROUGHPUT_BATCH}, the first {args.sentences} sentences, the median round. "
+                  f"{args.rounds} rounds, the models taking turns; ratios are medians of per-round ratios. Peak memory: the worker process's "
                   f"maximum resident set. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}."
               + (f" Shortlist: the {args.shortlist_best} best target pieces of each source piece and the "
                  f"{args.shortlist_frequent} most frequent (nmt-lightning shortlist)."

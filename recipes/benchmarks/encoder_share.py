@@ -27,17 +27,17 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficiency import THROUGHPUT_BATCH  # noqa: E402
 from side_by_side import cpu_description, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-BATCH_SENTENCES = 32  # efficiency.py's throughput batches
 
 
 def search(model, lines: list[str], beam: int, one_token: bool) -> tuple[float, list[str]]:
     """(wall time, translations) of ``lines`` by the deployed translator, as efficiency.py's
     throughput translates them; ``one_token``: every search cut after one output token."""
     started = time.perf_counter()
-    found = model.translate_lines(lines, beam=beam, batch_size=BATCH_SENTENCES, progress=False,
+    found = model.translate_lines(lines, beam=beam, batch_size=THROUGHPUT_BATCH, progress=False,
                                   max_output_tokens=1 if one_token else None)
     return time.perf_counter() - started, found
 
@@ -74,7 +74,7 @@ def main(argv: Optional[list[str]] = None) -> None:
               for name, directory in directories.items()}
     times: dict[str, dict[str, list[float]]] = {name: {"whole": [], "one token": []} for name in models}
     for name, model in models.items():  # warm-up
-        search(model, lines[:BATCH_SENTENCES], args.beam, one_token=False)
+        search(model, lines[:THROUGHPUT_BATCH], args.beam, one_token=False)
     for round_index in range(args.rounds):
         names = list(models)[round_index % len(models):] + list(models)[: round_index % len(models)]
         for name in names:
@@ -88,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     text = write_table(args.out / "encoder_share.csv", header, rows)
     text += ["", f"The first {len(lines)} test sentences of {args.data_dir.name}, sorted by length, batches of "
-                 f"{BATCH_SENTENCES}, one per thread on {args.threads} threads, beam {args.beam}, no shortlist; "
+                 f"{THROUGHPUT_BATCH}, one per thread on {args.threads} threads, beam {args.beam}, no shortlist; "
                  f"the median of {args.rounds} rounds, the models taking turns. Measured {time.strftime('%Y-%m-%d')} "
                  f"on {cpu_description()}.",
              "", "Reproduce: python recipes/benchmarks/encoder_share.py " + " ".join(shlex.quote(a) for a in argv)]

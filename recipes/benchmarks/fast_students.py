@@ -86,7 +86,7 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                                                                 distillation(str(args.base.resolve()))]}
     if args.teacher is not None:
         teacher = str(args.teacher.resolve())
-        # with --finetune-steps: the same low-rate phase for the teacher and each unpruned student
+        # with --finetune-steps: the same low-rate phase for the teacher and each student
         tuned = {"configs": [ROOT / TINY, ROOT / FINETUNE], "result": Path(RESULT["finetune"]),
                  "steps": args.finetune_steps, "add_ons": []}
         if args.finetune_steps and seed == args.seeds[0]:  # the teacher is one model: fine-tuned once

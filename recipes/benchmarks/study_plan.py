@@ -144,21 +144,25 @@ def distillation(teacher: str, hidden_weight: float = 0.0) -> str:
                     hard_weight=0.5, hidden_weight=hidden_weight)
 
 
+STRUCTURED_FRACTION = 0.5  # of the heads and of the neurons removed by structured pruning
+
+
 def structured_pruning(steps: int) -> str:
     """Half the heads and neurons of every layer removed in a fine-tuning of ``steps`` steps: every
     tenth of the steps from the first tenth to seven tenths, then recovery."""
     start = max(1, steps // 10)
-    return callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="taylor",
-                    scope="layer", start_step=start, end_step=max(start, steps * 7 // 10), frequency=start,
-                    include=["model.*"])
+    return callback("callbacks.StructuredPruning", prune_heads=STRUCTURED_FRACTION, prune_neurons=STRUCTURED_FRACTION,
+                    importance="taylor", scope="layer", start_step=start, end_step=max(start, steps * 7 // 10),
+                    frequency=start, include=["model.*"])
 
 
 def kept_structure(pruned_checkpoint: str) -> str:
     """A fine-tuning phase after ``structured_pruning``: the heads and neurons that the checkpoint's
     run removed stay removed from the first step, and no more go (the schedule's target, half of
     each, is reached at step 0 by the units already removed)."""
-    return callback("callbacks.StructuredPruning", prune_heads=0.5, prune_neurons=0.5, importance="magnitude",
-                    scope="layer", start_step=0, end_step=0, include=["model.*"], masks_from=pruned_checkpoint)
+    return callback("callbacks.StructuredPruning", prune_heads=STRUCTURED_FRACTION, prune_neurons=STRUCTURED_FRACTION,
+                    importance="magnitude", scope="layer", start_step=0, end_step=0, include=["model.*"],
+                    masks_from=pruned_checkpoint)
 
 
 def seeds(budget: Budget) -> range:
