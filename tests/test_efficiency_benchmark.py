@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from nmt_lightning.loading import load_translation_module
+from nmt_lightning.translate import translate_lines
 from tests.conftest import import_benchmark
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is an optional extra")
@@ -16,7 +18,7 @@ def test_the_benchmark_writes_its_table_plot_and_caches(trained_checkpoint: Path
                                                         tmp_path: Path) -> None:
     efficiency = import_benchmark("efficiency")
     arguments = ["--out", str(tmp_path / "out"), "--data-dir", str(prepared_dir), "--model", f"tiny={trained_checkpoint}",
-                 "--engines", "ours fp32 + shortlist", "CTranslate2 float32", "CTranslate2 int8 + shortlist", "--beam", "1",
+                 "--engines", "ours fp32 + shortlist", "CTranslate2 float32", "CTranslate2 int8 + shortlist", "--beam", "2",
                  "--threads", "1", "--sentences", "4", "--latency-sentences", "3", "--rounds", "1"]
     efficiency.main(arguments)
     table = json.loads((tmp_path / "out" / "efficiency.json").read_text())
@@ -28,6 +30,17 @@ def test_the_benchmark_writes_its_table_plot_and_caches(trained_checkpoint: Path
     assert "| tiny | CTranslate2 float32 |" in text and "1.00x" in text
     assert (tmp_path / "out" / "efficiency.png").stat().st_size > 0
     assert (tmp_path / "out" / "deployed" / "tiny.CTranslate2_int8___shortlist" / "vmap.txt").is_file()
+    # exactness: both sides decoded the whole test split greedily; the count is recounted from their files
+    greedy = tmp_path / "out" / "greedy"
+    ours = (greedy / "tiny__ours_fp32.cs").read_text(encoding="utf-8").splitlines()
+    converted = (greedy / "tiny__CTranslate2_float32.cs").read_text(encoding="utf-8").splitlines()
+    test_lines = (prepared_dir / "test.en").read_text(encoding="utf-8").splitlines()
+    assert len(ours) == len(converted) == len(test_lines)
+    exported = load_translation_module(tmp_path / "out" / "deployed" / "tiny.trained.safetensors")
+    assert ours == translate_lines(exported, test_lines, beam=1, batch_size=32, progress=False)  # greedy, whatever --beam
+    found = json.loads((greedy / "tiny.json").read_text())
+    assert found == {"identical": sum(a == b for a, b in zip(ours, converted)), "sentences": len(test_lines)}
+    assert f"tiny {found['identical']}/{len(test_lines)}." in text
     rounds = (tmp_path / "out" / "speed_rounds.json").read_text()
     efficiency.main(arguments)  # everything cached: the same table again, nothing measured again
     assert (tmp_path / "out" / "efficiency.md").read_text().split("Measured")[0] == text.split("Measured")[0]

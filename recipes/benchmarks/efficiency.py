@@ -21,7 +21,9 @@ it measures, each in a fresh process (torch and CTranslate2 each bring their own
    sentences; median and 90th percentile milliseconds per sentence;
 4. throughput: ``--threads`` threads (our decoder: torch's threads; CTranslate2: one batch per
    thread), batches of 32, sentences/s over the first ``--sentences`` sentences;
-5. peak memory: the worker's maximum resident set size.
+5. peak memory: the worker's maximum resident set size;
+6. exactness: each model's ``CTranslate2 float32`` conversion and our fp32 export decode the
+   whole test split greedily; the identical translations are counted (``--out``/greedy).
 
 Latency and throughput are measured in ``--rounds`` rounds, the models taking turns in an order
 that rotates each round; a value is the median round, a ratio the median of the rounds' ratios.
@@ -215,6 +217,34 @@ def quality(args: argparse.Namespace, row: Row) -> dict:
     return cached(args.out / "quality" / f"{file_slug(row.name)}.json", compute)
 
 
+def greedy_agreement(args: argparse.Namespace, rows: list[Row]) -> dict[str, dict]:
+    """Model -> how its ``CTranslate2 float32`` conversion decodes against our decoder: both
+    translate the whole test split greedily (beam 1, where a difference cannot hide in the beam)
+    and the identical translations are counted (cached). The conversion holds the same matrices,
+    so only float rounding at a near-tie of two tokens may pick another word."""
+    from nmt_lightning.evaluation import read_lines
+
+    test = sentences_file(args, None, "test")
+    found = {}
+    for row in rows:
+        if row.engine != "CTranslate2 float32":
+            continue
+        ours = Row(row.model, "ours fp32", args.out / "deployed" / f"{file_slug(row.model)}.trained.safetensors")
+
+        def compute() -> dict:
+            translated = []
+            for side in (ours, row):
+                path = args.out / "greedy" / f"{file_slug(side.name)}.cs"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                print(f"translating the test split greedily: {side.name}", file=sys.stderr, flush=True)
+                run_worker(side, "throughput", test, path, args.threads, 1)
+                translated.append(read_lines(path))
+            return {"identical": sum(a == b for a, b in zip(*translated)), "sentences": len(translated[0])}
+
+        found[row.model] = cached(args.out / "greedy" / f"{file_slug(row.model)}.json", compute)
+    return found
+
+
 def speed_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
     """Every row's latency (milliseconds per sentence) and throughput (sentences/s, peak memory)
     in each of ``--rounds`` rounds, the rows taking turns in an order that rotates each round, so
@@ -334,6 +364,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.quality_only:
         write_quality_table(args, rows)
         return
+    agreement = greedy_agreement(args, rows)  # before the timing: it translates, nothing is timed
     speeds = speed_rounds(args, rows)
     reference_name = Row(next(iter(models)), REFERENCE_ENGINE, Path()).name
     reference_rounds = speeds[reference_name]
@@ -376,6 +407,9 @@ def main(argv: Optional[list[str]] = None) -> None:
               + (f" Shortlist: the {args.shortlist_best} best target pieces of each source piece and the "
                  f"{args.shortlist_frequent} most frequent (nmt-lightning shortlist)."
                  if any("shortlist" in row.engine for row in rows) else ""),
+              "", "Greedy decoding of the whole test split, CTranslate2 float32 against ours fp32 (the conversion's "
+                  "exactness), identical translations: " + "; ".join(
+                      f"{model} {found['identical']}/{found['sentences']}" for model, found in agreement.items()) + ".",
               "", "Reproduce: python recipes/benchmarks/efficiency.py " + " ".join(shlex.quote(a) for a in argv)]
     (args.out / "efficiency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "efficiency.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
