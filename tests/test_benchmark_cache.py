@@ -1,4 +1,5 @@
-"""The benchmarks' run cache (recipes/benchmarks/side_by_side.py) refuses a run trained with other settings."""
+"""The benchmarks' run cache (recipes/benchmarks/side_by_side.py) refuses a run trained with other settings
+and does not take a run that stopped before its steps as trained."""
 
 import json
 from pathlib import Path
@@ -49,3 +50,17 @@ def test_a_benchmark_refuses_a_checkpoint_that_is_not_the_model_it_assumes(train
     torch.save(checkpoint, tmp_path / "qat.ckpt")
     with pytest.raises(SystemExit, match="trained with compression callbacks"):
         side_by_side.check_given_model(tmp_path / "qat.ckpt", "--x", same_shape, False)
+
+
+def test_a_fit_that_stops_early_without_an_error_is_not_taken_as_trained(prepared_dir: Path, tmp_path: Path) -> None:
+    """Lightning ends a fit cleanly (exit status 0) on SIGTERM, or here at its epoch limit: the run
+    stopped before its steps, so its checkpoint is not the run's result and a run that would start
+    from it must not start."""
+    side_by_side = import_benchmark("side_by_side")
+    root = Path(__file__).resolve().parents[1]
+    small = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
+             "--model.decoder_layers=1", "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
+    with pytest.raises(RuntimeError, match=r"early: the fit ended at step \d+ of 100000 without an error"):
+        side_by_side.run_fit(tmp_path, "early", [root / "recipes/libreoffice_en_cs/tiny.yaml"], [],
+                             [f"--data.data_dir={prepared_dir}", "--trainer.max_epochs=1", *small],
+                             Path("runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"), 100_000)

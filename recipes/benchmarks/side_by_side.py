@@ -162,6 +162,14 @@ def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overr
     else:
         with open(log, "a", encoding="utf-8") as handle:
             subprocess.run(command, cwd=run_dir, check=True, env=environment, stdout=handle, stderr=subprocess.STDOUT)
+    # Lightning answers SIGTERM by stopping the fit cleanly (exit status 0): without this check a
+    # run stopped that way would pass as trained, and a run starting from it would fail or, worse,
+    # start from a half-trained model.
+    reached = checkpoint_step(checkpoint)
+    if reached < steps and not (finished is not None and (run_dir / finished).is_file()):
+        raise RuntimeError(f"{name}: the fit ended at step {reached} of {steps} without an error (stopped by a "
+                           f"signal or a trainer limit?); {checkpoint} is not its result. Run the same command "
+                           f"again to go on; see {log if log is not None else 'its output above'}")
     return checkpoint
 
 
