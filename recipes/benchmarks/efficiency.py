@@ -231,9 +231,9 @@ def greedy_agreement(args: argparse.Namespace, rows: list[Row]) -> dict[str, dic
             continue
         ours = Row(row.model, "ours fp32", args.out / "deployed" / f"{file_slug(row.model)}.trained.safetensors")
 
-        def compute() -> dict:
+        def compute(ours: Row = ours, converted: Row = row) -> dict:  # bound now: called at once by cached
             translated = []
-            for side in (ours, row):
+            for side in (ours, converted):
                 path = args.out / "greedy" / f"{file_slug(side.name)}.cs"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 print(f"translating the test split greedily: {side.name}", file=sys.stderr, flush=True)
