@@ -65,6 +65,9 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "data"
 
 
+# A tiny model as `nmt-lightning fit` options (the benchmarks' and recipes' tests train through the CLI).
+SMALL_FIT_OPTIONS = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
+                     "--model.decoder_layers=1"]
 TINY_MODEL = dict(d_model=32, ffn_dim=64, heads=2, encoder_layers=1, decoder_layers=1, dropout=0.0,
                   lr=3e-3, warmup_steps=10, val_bleu_sentences=20, beam_size=2)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import import_benchmark
+from tests.conftest import SMALL_FIT_OPTIONS, import_benchmark
 
 
 def check_run_settings():
@@ -58,8 +58,7 @@ def test_a_fit_that_stops_early_without_an_error_is_not_taken_as_trained(prepare
     from it must not start."""
     side_by_side = import_benchmark("side_by_side")
     root = Path(__file__).resolve().parents[1]
-    small = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
-             "--model.decoder_layers=1", "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
+    small = [*SMALL_FIT_OPTIONS, "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
     with pytest.raises(RuntimeError, match=r"early: the fit ended at step \d+ of 100000 without an error"):
         side_by_side.run_fit(tmp_path, "early", [root / "recipes/libreoffice_en_cs/tiny.yaml"], [],
                              [f"--data.data_dir={prepared_dir}", "--trainer.max_epochs=1", *small],

@@ -38,7 +38,8 @@ def test_the_benchmark_writes_its_table_plot_and_caches(trained_checkpoint: Path
     assert len(ours) == len(converted) == len(test_lines)
     exported = load_translation_module(tmp_path / "out" / "deployed" / "tiny.trained.safetensors")
     # greedy, whatever --beam
-    assert ours == translate_lines(exported, test_lines, beam=1, batch_size=32, progress=False)
+    assert ours == translate_lines(exported, test_lines, beam=1, batch_size=efficiency.THROUGHPUT_BATCH,
+                                  progress=False)
     found = json.loads((greedy / "tiny.json").read_text())
     assert found == {"identical": sum(a == b for a, b in zip(ours, converted)), "sentences": len(test_lines)}
     assert f"tiny {found['identical']}/{len(test_lines)}." in text

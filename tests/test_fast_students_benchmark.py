@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.conftest import import_benchmark
+from tests.conftest import SMALL_FIT_OPTIONS, import_benchmark
 
 pytest.importorskip("ctranslate2", reason="ctranslate2 is an optional extra")
 
-SMALL = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
-         "--model.decoder_layers=1", "--model.pre_norm=false", "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
+SMALL = [*SMALL_FIT_OPTIONS, "--model.pre_norm=false", "--trainer.limit_val_batches=1", "--model.val_bleu_sentences=4"]
 EFFICIENCY = ["--engines", "ours fp32", "CTranslate2 float32", "--beam", "1", "--threads", "1", "--sentences", "4",
               "--latency-sentences", "2", "--rounds", "1"]
 

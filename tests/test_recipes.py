@@ -9,6 +9,7 @@ from nmt_lightning.cli import main
 from nmt_lightning.lightning_cli import TranslationCLI
 from nmt_lightning.data import TranslationDataModule
 from nmt_lightning.module import TranslationModule
+from tests.conftest import SMALL_FIT_OPTIONS
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
@@ -16,8 +17,7 @@ ALL_YAML = sorted(RECIPES.rglob("*.yaml"))
 # Add-ons (loggers, compression, fine-tuning) are combined with a full recipe: their first line
 # names more than one --config.
 ADD_ONS = {p for p in ALL_YAML if p.read_text().splitlines()[0].count("--config") > 1}
-SMALL = ["--model.d_model=32", "--model.ffn_dim=64", "--model.heads=2", "--model.encoder_layers=1",
-         "--model.decoder_layers=1"]
+SMALL = SMALL_FIT_OPTIONS
 
 
 def quick_run(prepared_dir: Path) -> list[str]:

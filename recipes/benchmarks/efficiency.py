@@ -81,6 +81,11 @@ def bytes_on_disk(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+def export_path(args: argparse.Namespace, model: str, quantize: Optional[str]) -> Path:
+    """Where ``model``'s export as trained (``quantize`` None) or post-training int8 is deployed."""
+    return args.out / "deployed" / f"{file_slug(model)}.{quantize or 'trained'}.safetensors"
+
+
 def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row]:
     """Export and convert every model for each of ``--engines`` (cached in ``--out``/deployed)."""
     from nmt_lightning.deploy import convert_to_ctranslate2
@@ -109,7 +114,7 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
         slug = file_slug(model)
         exports = {}
         for engine, quantize in (("ours fp32", None), ("ours int8", "int8")):
-            exports[engine] = deployed / f"{slug}.{quantize or 'trained'}.safetensors"
+            exports[engine] = export_path(args, model, quantize)
             needed = engine in args.engines or engine == "ours fp32"  # every conversion starts from the fp32 export
             if needed and not exports[engine].is_file():
                 export_checkpoint(path, exports[engine], quantize)
@@ -229,7 +234,7 @@ def greedy_agreement(args: argparse.Namespace, rows: list[Row]) -> dict[str, dic
     for row in rows:
         if row.engine != "CTranslate2 float32":
             continue
-        ours = Row(row.model, "ours fp32", args.out / "deployed" / f"{file_slug(row.model)}.trained.safetensors")
+        ours = Row(row.model, "ours fp32", export_path(args, row.model, None))  # always exported
 
         def compute(ours: Row = ours, converted: Row = row) -> dict:  # bound now: called at once by cached
             translated = []
