@@ -48,6 +48,13 @@ anywhere resumes exactly.
 e.g. for a fine-tuning phase after pruning (``init_from`` the same checkpoint copies its weights,
 not its masks). Units already gone count toward the schedule's target, so a schedule that ends
 at the fractions the checkpoint reached removes nothing more.
+
+**Several instances.** Two or more ``StructuredPruning`` callbacks in one trainer prune
+different modules at different fractions, e.g. the decoder harder than the encoder (beam search
+runs the decoder once per output token): their ``include``/``exclude`` must select disjoint
+modules (an overlap is refused, naming the module), each keeps its own state in the checkpoint
+(``state_key`` names its selection), and with ``masks_from`` each adopts the units of its own
+modules from the one checkpoint.
 """
 
 from __future__ import annotations
@@ -255,6 +262,15 @@ class StructuredPruning(L.Callback):
         return self.start_step <= step <= self.end_step and (
             (step - self.start_step) % self.frequency == 0 or step == self.end_step)
 
+    @property
+    def state_key(self) -> str:
+        """The callback's key in a checkpoint: one per selection of modules, so several instances
+        pruning different modules each keep their own state. The default selection keeps the
+        plain class name (the key of checkpoints written before instances could be combined)."""
+        if self.include == ["*"] and not self.exclude:
+            return super().state_key
+        return self._generate_state_key(include=self.include, exclude=self.exclude)
+
     def _settings(self) -> list[Any]:
         settings = [self.prune_heads, self.prune_neurons, self.importance, self.scope, self.start_step,
                     self.end_step, self.frequency]
@@ -264,9 +280,14 @@ class StructuredPruning(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.groups:
             return
+        self.groups = self._selected_groups(pl_module)
         kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
-        self.groups = find_unit_groups(pl_module, self.include, self.exclude, kinds, self.attention_layers,
-                                       self.feed_forward_layers)
+        for other in self._siblings(trainer):
+            shared = {group.name for group in self.groups} & {group.name for group in other._selected_groups(pl_module)}
+            if shared:
+                raise ValueError(f"{OWNER}: {sorted(shared)[0]} is selected by two StructuredPruning callbacks "
+                                 f"(include={self.include} exclude={self.exclude}, and include={other.include} "
+                                 f"exclude={other.exclude}); each module can be pruned by one of them only")
         for kind in kinds:
             if not any(group.kind == kind for group in self.groups):
                 what = (f"attention module (nn.Linear children {', '.join(self.attention_layers)} and an integer "
@@ -284,6 +305,16 @@ class StructuredPruning(L.Callback):
             for group in self.groups:
                 columns = getattr(group.module, group.columns[0])
                 columns.register_forward_pre_hook(self._gate_gradient_hook(group))  # for the model's lifetime
+
+    def _selected_groups(self, pl_module: nn.Module) -> list[UnitGroup]:
+        kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
+        return find_unit_groups(pl_module, self.include, self.exclude, kinds, self.attention_layers,
+                                self.feed_forward_layers)
+
+    def _siblings(self, trainer: Optional[L.Trainer]) -> list["StructuredPruning"]:
+        """The trainer's other StructuredPruning callbacks (none without a trainer)."""
+        callbacks = getattr(trainer, "callbacks", None) or []
+        return [callback for callback in callbacks if isinstance(callback, StructuredPruning) and callback is not self]
 
     def _gate_gradient_hook(self, group: UnitGroup):
         """A forward pre-hook on the group's first ``columns`` layer: its input is the units'
@@ -308,7 +339,8 @@ class StructuredPruning(L.Callback):
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks_from is not None and not self.masks_applied:  # once: a resumed run has them already
-            self.adopt_masks(self.masks_from)
+            others = {group.name for other in self._siblings(trainer) for group in other._selected_groups(pl_module)}
+            self.adopt_masks(self.masks_from, others)
             self.masks_applied = True
         total = sum(group.units for group in self.groups)
         if self.scores is None or self.scores.numel() != total:
@@ -325,14 +357,17 @@ class StructuredPruning(L.Callback):
             pl_module.log(f"structured_pruning/{kind}_kept", kept, on_step=True, on_epoch=False, batch_size=1)
 
     @torch.no_grad()
-    def adopt_masks(self, path: str) -> None:
+    def adopt_masks(self, path: str, pruned_by_others: Sequence[str] = ()) -> None:
         """Remove the units that the pruning run of checkpoint ``path`` removed (every rank reads the
-        same file, so every rank holds the same masks)."""
+        same file, so every rank holds the same masks). ``pruned_by_others``: modules another
+        StructuredPruning of the trainer selects, whose records are that one's to adopt."""
         checkpoint = read_checkpoint(path, f"{OWNER}: masks_from")
         recorded, state = checkpoint.get(STRUCTURE_KEY, {}), checkpoint.get("state_dict", {})
         if not recorded:
             raise ValueError(f"{OWNER}: masks_from {path} records no removed units (not saved by a run with "
                              f"StructuredPruning)")
+        others = set(pruned_by_others)
+        recorded = {name: entry for name, entry in recorded.items() if name not in others}
         mine = {group.name: group for group in self.groups}
         if set(recorded) - set(mine):
             raise ValueError(f"{OWNER}: masks_from {path} removed units of {sorted(set(recorded) - set(mine))}, which "
@@ -452,6 +487,10 @@ class StructuredPruning(L.Callback):
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, OWNER)
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key not in states and OWNER in states and not self._siblings(trainer):
+            # Written before the key named the selection: the trainer's one StructuredPruning takes it.
+            self.load_state_dict(states[OWNER])
 
     def state_dict(self) -> dict[str, Any]:
         return {"settings": self._settings(), "scores": None if self.scores is None else self.scores.clone(),

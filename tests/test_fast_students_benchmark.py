@@ -82,7 +82,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=2, seeds=[1], students=[2, 1], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=1,
+                              prune_students=True, finetune_steps=1, decoder_prune=None,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
@@ -130,7 +130,8 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=0, override=[])
+                              prune_students=True, finetune_steps=0, decoder_prune=None,
+                              override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
     for suffix in ("", "_s2"):
@@ -158,7 +159,8 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=300, override=[])
+                              prune_students=True, finetune_steps=300, decoder_prune=None,
+                              override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
                                "student_6_2_pruned_ft", "student_6_2_pruned_ft_s2", "student_6_2_pruned_s2",
@@ -193,6 +195,43 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
                                               ("student_6_2_pruned_ft", "student_6_2_ft")]
 
 
+def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_through_the_fine_tuning(
+        prepared_dir: Path, tmp_path: Path) -> None:
+    """--decoder-prune 0.75: the pruned student (its own run name) loses half of the encoder's units and
+    three quarters of the decoder's (two StructuredPruning callbacks, one checkpoint), its fine-tuning
+    keeps both, and the export holds the two widths: feed-forward 32 of 64 neurons in the encoder,
+    16 of 64 in the decoder."""
+    import argparse
+
+    from nmt_lightning.translation_file import export_checkpoint
+    from tests.conftest import train_tiny_checkpoint
+
+    fast_students = import_benchmark("fast_students")
+    teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
+    args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
+                              student_steps=4, seeds=[1], students=[2], jobs=1, distill=False, prune_students=True,
+                              finetune_steps=2, decoder_prune=0.75,
+                              override=[option for option in SMALL if "_layers=" not in option])
+    planned = fast_students.runs(args)
+    assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_pruned_decoder75",
+                               "student_6_2_pruned_decoder75_ft", "teacher_ft"]
+    assert fast_students.label("student_6_2_pruned_decoder75_ft") == \
+        "student 6+2, encoder half, decoder 75% removed, fine-tuned"
+    assert ("student_6_2_pruned_decoder75_ft", "student_6_2_ft") in fast_students.pairs(args)
+    del planned["teacher_ft"], planned["student_6_2_ft"]  # not needed here
+    checkpoints = fast_students.train(args, planned)
+    for run in ("student_6_2_pruned_decoder75", "student_6_2_pruned_decoder75_ft"):
+        export_checkpoint(checkpoints[run], tmp_path / f"{run}.safetensors")
+        with safe_open(tmp_path / f"{run}.safetensors", "pt") as handle:
+            shapes = {name: handle.get_slice(name).get_shape() for name in handle.keys()}
+        for index in range(6):
+            assert shapes[f"encoder_layers.{index}.ffn.fc1.weight"] == [32, 32], run
+            assert shapes[f"encoder_layers.{index}.self_attn.q_proj.weight"] == [16, 32], run  # 1 of 2 heads
+        for index in range(2):
+            assert shapes[f"decoder_layers.{index}.ffn.fc1.weight"] == [16, 32], run
+            assert shapes[f"decoder_layers.{index}.cross_attn.q_proj.weight"] == [16, 32], run  # at least one head
+
+
 @pytest.mark.parametrize("options, message", [
     ([], "give --base (structured pruning) or --teacher"),
     (["--teacher", "{checkpoint}", "--distill"], "--distill prunes the --base"),
@@ -201,6 +240,8 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     (["--base", "{checkpoint}", "--steps", "0"], "must be >= 1"),
     (["--base", "{checkpoint}", "--finetune-steps", "300"], "--finetune-steps fine-tunes the --teacher"),
     (["--teacher", "{checkpoint}", "--finetune-steps", "-1"], "--finetune-steps must be >= 0, got -1"),
+    (["--teacher", "{checkpoint}", "--decoder-prune", "0.75"], "--decoder-prune sets how much --prune-students"),
+    (["--teacher", "{checkpoint}", "--prune-students", "--decoder-prune", "1"], "--decoder-prune is a fraction in (0, 1)"),
 ])
 def test_impossible_settings_are_refused_naming_the_argument(
         options: list[str], message: str, trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,

@@ -21,7 +21,9 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
   its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each;
 - with ``--prune-students``: each student again, the same start, KD, steps and seed, with
   ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
-  against the teacher and against the unpruned student);
+  against the teacher and against the unpruned student); ``--decoder-prune F`` removes ``F`` of
+  the decoder's instead (half of the encoder's; two callbacks), where beam search spends most of
+  its time (run ``student_6_N_pruned_decoderPP``);
 - with ``--finetune-steps N``: the teacher and each student go on ``N`` steps with the
   fine-tuning recipe (``finetune.yaml``: lr 0.001 after 100 warm-up steps, cross-entropy only).
   The inverse square root schedule never anneals, so such a low-rate phase adds BLEU to a model
@@ -52,8 +54,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import cached, file_slug, run_fit  # noqa: E402
-from study_plan import (FINETUNE, RESULT, STUDENT_DECODER_LAYERS, TINY, distillation,  # noqa: E402
-                        kept_structure, structured_pruning)
+from study_plan import (DECODER_LAYERS, ENCODER_LAYERS, FINETUNE, RESULT, STRUCTURED_FRACTION,  # noqa: E402
+                        STUDENT_DECODER_LAYERS, TINY, distillation, kept_structure, structured_pruning)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,6 +66,40 @@ NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured"
          "teacher_ft": "teacher 6+6, fine-tuned", "student_6_2_ft": "student 6+2, fine-tuned",
          "student_6_1_ft": "student 6+1, fine-tuned", "student_6_2_pruned_ft": "student 6+2, half removed, fine-tuned",
          "student_6_1_pruned_ft": "student 6+1, half removed, fine-tuned"}
+
+
+def pruned(args: argparse.Namespace, decoder_layers: int) -> str:
+    """The plain name of the pruned 6+N student: ``student_6_N_pruned``, or with ``--decoder-prune``
+    (another run, so another name) ``student_6_N_pruned_decoderPP``, PP the decoder's percentage."""
+    suffix = "" if args.decoder_prune is None else f"_decoder{round(100 * args.decoder_prune)}"
+    return f"student_6_{decoder_layers}_pruned{suffix}"
+
+
+def label(name: str) -> str:
+    """A plain run name as the tables show it (``NAMES``; a ``_decoderPP`` student says its fractions)."""
+    base, marker, percent = name.partition("_decoder")
+    if not marker:
+        return NAMES[name]
+    percent, _, tuned = percent.partition("_")
+    text = NAMES[base + (f"_{tuned}" if tuned else "")]
+    return text.replace("half removed", f"encoder half, decoder {percent}% removed")
+
+
+def student_pruning(args: argparse.Namespace, steps: int) -> list[str]:
+    """The add-ons that prune a student: half of every layer's units, or with ``--decoder-prune``
+    half of the encoder's and that fraction of the decoder's (two StructuredPruning callbacks)."""
+    if args.decoder_prune is None:
+        return [structured_pruning(steps)]
+    return [structured_pruning(steps, STRUCTURED_FRACTION, ENCODER_LAYERS),
+            structured_pruning(steps, args.decoder_prune, DECODER_LAYERS)]
+
+
+def student_structure_kept(args: argparse.Namespace, checkpoint: str) -> list[str]:
+    """The add-ons that keep a pruned student's removed units removed through its fine-tuning."""
+    if args.decoder_prune is None:
+        return [kept_structure(checkpoint)]
+    return [kept_structure(checkpoint, STRUCTURED_FRACTION, ENCODER_LAYERS),
+            kept_structure(checkpoint, args.decoder_prune, DECODER_LAYERS)]
 
 
 def run_name(name: str, seed: int) -> str:
@@ -102,15 +138,15 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                                                f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
             variants = [name]
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
-                planned[f"{name}_pruned"] = {
-                    **student, "add_ons": [*student["add_ons"], structured_pruning(args.student_steps)]}
-                variants.append(f"{name}_pruned")
+                planned[pruned(args, decoder_layers)] = {
+                    **student, "add_ons": [*student["add_ons"], *student_pruning(args, args.student_steps)]}
+                variants.append(pruned(args, decoder_layers))
             for variant in variants if args.finetune_steps else []:  # from its final checkpoint, once trained
                 start = args.out / "runs" / run_name(variant, seed) / student["result"]
                 planned[f"{variant}_ft"] = {
                     **tuned, "after": run_name(variant, seed), "overrides": common + shape + [f"--model.init_from={start}"],
                     # a pruned student keeps its removed heads and neurons removed (init_from copies weights only)
-                    "add_ons": [kept_structure(str(start))] if variant != name else []}
+                    "add_ons": student_structure_kept(args, str(start)) if variant != name else []}
     return planned
 
 
@@ -149,11 +185,11 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
         for d in args.students:
             found.append((f"student_6_{d}", "teacher"))
             if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
-                found += [(f"student_6_{d}_pruned", "teacher"), (f"student_6_{d}_pruned", f"student_6_{d}")]
+                found += [(pruned(args, d), "teacher"), (pruned(args, d), f"student_6_{d}")]
             if args.finetune_steps:  # fine-tuned alike
                 found.append((f"student_6_{d}_ft", "teacher_ft"))
                 if args.prune_students:
-                    found += [(f"student_6_{d}_pruned_ft", "teacher_ft"), (f"student_6_{d}_pruned_ft", f"student_6_{d}_ft")]
+                    found += [(f"{pruned(args, d)}_ft", "teacher_ft"), (f"{pruned(args, d)}_ft", f"student_6_{d}_ft")]
     return found
 
 
@@ -161,7 +197,7 @@ def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], 
     """The other seeds' models translated by our decoder in fp32 (BLEU, chrF2, bytes) into ``--out``/seeds."""
     import efficiency
 
-    models = [f"--model={NAMES[name]} (seed {seed})={checkpoints[run_name(name, seed)]}"
+    models = [f"--model={label(name)} (seed {seed})={checkpoints[run_name(name, seed)]}"
               for seed in args.seeds[1:] for name in planned_for_seed(args, seed)]
     if models:
         beam = forwarded[forwarded.index("--beam") + 1] if "--beam" in forwarded else "4"
@@ -172,8 +208,8 @@ def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], 
 def translations(args: argparse.Namespace, name: str, seed: int) -> Path:
     """Where our decoder's fp32 translation of the test split by ``name`` of ``seed`` is (the teacher has one seed)."""
     if name.startswith("teacher") or seed == args.seeds[0]:
-        return args.out / "efficiency" / "translations" / f"{file_slug(f'{NAMES[name]}, ours fp32')}.cs"
-    return args.out / "seeds" / "translations" / f"{file_slug(f'{NAMES[name]} (seed {seed}), ours fp32')}.cs"
+        return args.out / "efficiency" / "translations" / f"{file_slug(f'{label(name)}, ours fp32')}.cs"
+    return args.out / "seeds" / "translations" / f"{file_slug(f'{label(name)} (seed {seed}), ours fp32')}.cs"
 
 
 def paired_tests(args: argparse.Namespace) -> list[str]:
@@ -196,7 +232,7 @@ def paired_tests(args: argparse.Namespace) -> list[str]:
                                                      read_lines(translations(args, system, seed)),
                                                      references).as_dict())
             results.setdefault((system, baseline), []).append(found)
-            lines.append(f"| {NAMES[system]} | {NAMES[baseline]} | {seed} | {found['system_bleu']:.2f} | "
+            lines.append(f"| {label(system)} | {label(baseline)} | {seed} | {found['system_bleu']:.2f} | "
                          f"{found['baseline_bleu']:.2f} | {found['system_bleu'] - found['baseline_bleu']:+.2f} | "
                          f"{found['bleu_p_value']:.4f} |")
     if len(args.seeds) > 1:
@@ -209,7 +245,7 @@ def paired_tests(args: argparse.Namespace) -> list[str]:
                   "|---|---|---|---|---|---|"]
         for (system, baseline), found in results.items():
             system_bleu, baseline_bleu = [f["system_bleu"] for f in found], [f["baseline_bleu"] for f in found]
-            lines.append(f"| {NAMES[system]} | {NAMES[baseline]} | {mean_sd(system_bleu)} | {mean_sd(baseline_bleu)} | "
+            lines.append(f"| {label(system)} | {label(baseline)} | {mean_sd(system_bleu)} | {mean_sd(baseline_bleu)} | "
                          f"{statistics.mean(system_bleu) - statistics.mean(baseline_bleu):+.2f} | "
                          f"{max(f['bleu_p_value'] for f in found):.4f} |")
     return lines
@@ -230,6 +266,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         choices=list(STUDENT_DECODER_LAYERS), help="the students' decoder layers (default: %(default)s)")
     parser.add_argument("--prune-students", action="store_true",
                         help="also each student with StructuredPruning alongside its KD (student_6_N_pruned)")
+    parser.add_argument("--decoder-prune", type=float, metavar="FRACTION",
+                        help="with --prune-students: remove this fraction of the decoder's heads and neurons and half "
+                             "of the encoder's (default: half of every layer's); another run, named "
+                             "student_6_N_pruned_decoderPP")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=0,
@@ -253,6 +293,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--distill prunes the --base with KD from it: give --base")
     if args.prune_students and args.teacher is None:
         parser.error("--prune-students prunes the students of the --teacher: give --teacher")
+    if args.decoder_prune is not None and not args.prune_students:
+        parser.error("--decoder-prune sets how much --prune-students removes from the decoder: give --prune-students")
+    if args.decoder_prune is not None and not 0.0 < args.decoder_prune < 1.0:
+        parser.error(f"--decoder-prune is a fraction in (0, 1), got {args.decoder_prune}")
     if min(args.steps, args.student_steps, args.jobs) < 1:
         parser.error("--steps, --student-steps and --jobs must be >= 1")
     if args.finetune_steps < 0:
@@ -271,7 +315,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     import efficiency
 
     efficiency.main(["--out", str(args.out / "efficiency"), "--data-dir", str(args.data_dir),
-                     *[f"--model={NAMES[run]}={path}" for run, path in models.items()], *forwarded])
+                     *[f"--model={label(run)}={path}" for run, path in models.items()], *forwarded])
     measure_other_seeds(args, checkpoints, forwarded)
     lines = ["# Fast CPU models: paired tests", "", *paired_tests(args), "",
              "sacrebleu's paired bootstrap resampling (1,000 samples) on the whole test split, beam as in "

@@ -147,22 +147,28 @@ def distillation(teacher: str, hidden_weight: float = 0.0) -> str:
 STRUCTURED_FRACTION = 0.5  # of the heads and of the neurons removed by structured pruning
 
 
-def structured_pruning(steps: int) -> str:
-    """Half the heads and neurons of every layer removed in a fine-tuning of ``steps`` steps: every
-    tenth of the steps from the first tenth to seven tenths, then recovery."""
+def structured_pruning(steps: int, fraction: float = STRUCTURED_FRACTION, include: tuple[str, ...] = ("model.*",)) -> str:
+    """``fraction`` of the heads and neurons of every layer of ``include`` (half, all layers)
+    removed in a fine-tuning of ``steps`` steps: every tenth of the steps from the first tenth to
+    seven tenths, then recovery."""
     start = max(1, steps // 10)
-    return callback("callbacks.StructuredPruning", prune_heads=STRUCTURED_FRACTION, prune_neurons=STRUCTURED_FRACTION,
+    return callback("callbacks.StructuredPruning", prune_heads=fraction, prune_neurons=fraction,
                     importance="taylor", scope="layer", start_step=start, end_step=max(start, steps * 7 // 10),
-                    frequency=start, include=["model.*"])
+                    frequency=start, include=list(include))
 
 
-def kept_structure(pruned_checkpoint: str) -> str:
+def kept_structure(pruned_checkpoint: str, fraction: float = STRUCTURED_FRACTION,
+                   include: tuple[str, ...] = ("model.*",)) -> str:
     """A fine-tuning phase after ``structured_pruning``: the heads and neurons that the checkpoint's
-    run removed stay removed from the first step, and no more go (the schedule's target, half of
-    each, is reached at step 0 by the units already removed)."""
-    return callback("callbacks.StructuredPruning", prune_heads=STRUCTURED_FRACTION, prune_neurons=STRUCTURED_FRACTION,
-                    importance="magnitude", scope="layer", start_step=0, end_step=0, include=["model.*"],
+    run removed stay removed from the first step, and no more go (the schedule's target, the
+    pruning's ``fraction`` of each, is reached at step 0 by the units already removed)."""
+    return callback("callbacks.StructuredPruning", prune_heads=fraction, prune_neurons=fraction,
+                    importance="magnitude", scope="layer", start_step=0, end_step=0, include=list(include),
                     masks_from=pruned_checkpoint)
+
+
+# Where the encoder's and the decoder's units are, to prune them to different fractions.
+ENCODER_LAYERS, DECODER_LAYERS = ("model.encoder_layers.*",), ("model.decoder_layers.*",)
 
 
 def seeds(budget: Budget) -> range:

@@ -9,6 +9,7 @@ after summing over sentences; a head's width ignored) answers differently on the
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import pytest
@@ -618,3 +619,138 @@ def test_masks_from_that_does_not_fit_is_refused_naming_the_file(tmp_path: Path)
     with pytest.raises(ValueError, match=r"masks_from .*plain.ckpt records no removed units"):
         trainer(tmp_path / "c", [StructuredPruning(masks_from=str(plain))], max_steps=1).fit(AttentionBlock(),
                                                                                           block_data())
+
+
+class TwoBlocks(Regression):
+    """Two attention + feed-forward blocks in a row (an "encoder" and a "decoder" to prune apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = AttentionBlock(), AttentionBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+
+def two_prunings(start: int = 0, end: int = 0, frequency: int = 1, masks_from: Optional[Path] = None,
+                 importance: str = "magnitude") -> list:
+    """The first block loses a quarter of its heads and 30% of its neurons, the second three quarters and 60%."""
+    source = None if masks_from is None else str(masks_from)
+    return [StructuredPruning(prune_heads=0.25, prune_neurons=0.3, importance=importance, start_step=start,
+                              end_step=end, frequency=frequency, include=["first.*"], masks_from=source),
+            StructuredPruning(prune_heads=0.75, prune_neurons=0.6, importance=importance, start_step=start,
+                              end_step=end, frequency=frequency, include=["second.*"], masks_from=source)]
+
+
+def smallest_units(block: AttentionBlock, heads: int, neurons: int) -> tuple[list[float], list[float]]:
+    """Keep vectors that drop the ``heads`` / ``neurons`` of smallest L2 norm over their rows, biases and
+    columns, computed here from the weights."""
+    def norms(rows: list[nn.Linear], columns: list[nn.Linear], width: int) -> torch.Tensor:
+        squares = sum((layer.weight.pow(2).sum(1) + layer.bias.pow(2)).view(-1, width).sum(1) for layer in rows)
+        return (squares + sum(layer.weight.pow(2).sum(0).view(-1, width).sum(1) for layer in columns)).sqrt()
+
+    attention, feed_forward = block.attention, block.feed_forward
+    keeps = []
+    for score, dropped in ((norms([attention.q_proj, attention.k_proj, attention.v_proj], [attention.out_proj],
+                                  HEAD_DIM), heads),
+                           (norms([feed_forward.fc1], [feed_forward.fc2], 1), neurons)):
+        keep = torch.ones(len(score))
+        keep[score.argsort()[:dropped]] = 0.0
+        keeps.append(keep.tolist())
+    return keeps[0], keeps[1]
+
+
+def test_two_instances_prune_their_own_modules_at_their_own_fractions(tmp_path: Path) -> None:
+    """The decoder pruned harder than the encoder: each callback removes its own fraction of its own
+    modules' units, the smallest by magnitude within each module (computed here from the weights)."""
+    torch.manual_seed(0)
+    model = TwoBlocks()
+    expected = {"first": smallest_units(model.first, 1, 3), "second": smallest_units(model.second, 3, 6)}
+    fit = trainer(tmp_path, two_prunings(), max_steps=1)
+    fit.fit(model, block_data())
+    for name in ("first", "second"):
+        block = getattr(model, name)
+        kept = (find_weight_transform(block.attention.q_proj, UnitMask).keep.tolist(),
+                find_weight_transform(block.feed_forward.fc1, UnitMask).keep.tolist())
+        assert kept == expected[name], name
+    assert expected["first"] != smallest_units(model.first, 3, 6)  # the fractions differ, and the test can tell
+
+
+def test_two_instances_resume_exactly_each_with_its_own_state(tmp_path: Path) -> None:
+    """Taylor importances gathered by both callbacks survive a resume between two prunings; the
+    checkpoint holds one state per callback, keyed by its selection."""
+    def make_model() -> TwoBlocks:
+        torch.manual_seed(0)
+        return TwoBlocks()
+
+    def data() -> DataLoader:
+        return ResumableLoader(block_data(sentences=48, batch_size=4).dataset, batch_size=4)
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, make_model, lambda: two_prunings(5, 15, 5, importance="taylor"),
+                                                  data, stop=7, total=12)
+    assert_same_state(straight, resumed)
+    checkpoint = torch.load(tmp_path / "ckpt" / "mid.ckpt", weights_only=False)
+    keys = [key for key in checkpoint["callbacks"] if key.startswith("StructuredPruning")]
+    assert len(keys) == 2 and all(checkpoint["callbacks"][key]["scores"] is not None for key in keys)
+    assert StructuredPruning().state_key == "StructuredPruning"  # the default selection: the key of older checkpoints
+
+
+def test_two_instances_adopt_their_own_units_from_one_checkpoint(tmp_path: Path) -> None:
+    """A fine-tuning phase after a two-callback pruning: with masks_from, each callback adopts the
+    units of its own modules, and nothing more goes."""
+    torch.manual_seed(0)
+    fit = trainer(tmp_path / "source", two_prunings(2, 2), max_steps=4)
+    fit.fit(TwoBlocks(), block_data(sentences=32))
+    fit.save_checkpoint(tmp_path / "pruned.ckpt")
+    saved = torch.load(tmp_path / "pruned.ckpt", weights_only=True)["state_dict"]
+    torch.manual_seed(5)
+    model = TwoBlocks()
+    trainer(tmp_path / "tuned", two_prunings(masks_from=tmp_path / "pruned.ckpt"), max_steps=3).fit(model, block_data())
+    for name in ("first.attention.q_proj", "first.feed_forward.fc1", "second.attention.q_proj", "second.feed_forward.fc1"):
+        key = f"{name}.parametrizations.weight.0.keep"
+        assert model.state_dict()[key].tolist() == saved[key].tolist(), name
+    assert sum(saved["second.attention.q_proj.parametrizations.weight.0.keep"].tolist()) == 1
+
+
+def test_two_instances_selecting_one_module_are_refused(tmp_path: Path) -> None:
+    prunings = [StructuredPruning(prune_heads=0.5, include=["first.*"], start_step=1, end_step=1),
+                StructuredPruning(prune_heads=0.25, prune_neurons=0.0, include=["*.attention"], start_step=1,
+                                  end_step=1)]
+    with pytest.raises(ValueError, match=r"first.attention is selected by two StructuredPruning callbacks"):
+        trainer(tmp_path, prunings, max_steps=1).fit(TwoBlocks(), block_data())
+
+
+def test_a_checkpoint_keyed_by_the_plain_class_name_still_resumes_exactly(tmp_path: Path) -> None:
+    """A checkpoint whose callback state is under "StructuredPruning" (as every one was before the
+    key named the selection) resumes a run with include=[...] exactly: the importances gathered
+    before the stop reach the next pruning."""
+    def callbacks() -> list:
+        return [StructuredPruning(prune_heads=0.5, prune_neurons=0.6, start_step=5, end_step=15, frequency=5,
+                                  include=["attention", "feed_forward"])]
+
+    def data() -> DataLoader:
+        return ResumableLoader(block_data(sentences=48, batch_size=4).dataset, batch_size=4)
+
+    def make_model() -> AttentionBlock:
+        torch.manual_seed(0)
+        return AttentionBlock()
+
+    key = callbacks()[0].state_key
+    assert key != "StructuredPruning"
+
+    def rename_key(path: Path) -> None:
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint["callbacks"]["StructuredPruning"] = checkpoint["callbacks"].pop(key)
+        torch.save(checkpoint, path)
+
+    original_fit = L.Trainer.fit
+
+    def fit(self, model, *args, ckpt_path=None, **kwargs):  # the resume reads the checkpoint renamed
+        if ckpt_path is not None:
+            rename_key(Path(ckpt_path))
+        return original_fit(self, model, *args, ckpt_path=ckpt_path, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(L.Trainer, "fit", fit)
+        straight, resumed = resumed_and_uninterrupted(tmp_path, make_model, callbacks, data, stop=7, total=12)
+    assert_same_state(straight, resumed)
