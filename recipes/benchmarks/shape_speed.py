@@ -21,7 +21,8 @@ each batch decoding its sentences' mean reference length, the first ``--sentence
 Sentencepiece runs before the clock starts. Each row in a fresh process, ``--rounds`` rounds
 with the shapes taking turns; a ratio is the median of the per-round ratios to the reference's
 ``CTranslate2 float32`` row. The random models are built, exported and converted once (cached in
-``--out``); rounds are cached.
+``--out``); rounds are cached. Writes ``--out``/shape_speed.md, .csv and .png (each ratio, per
+shape and engine).
 
 What it answers: which student shape can reach a speed target, and how much of a ratio the
 parts that do not shrink (the embeddings, the output layer, the search) allow, before paying
@@ -240,6 +241,31 @@ def speed_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[di
     return {row.name: [r[row.name] for r in rounds[: args.rounds]] for row in rows}
 
 
+def plot(path: Path, shapes: list[str], engines: list[str], ratios: dict[tuple[str, str], tuple[float, float]]) -> None:
+    """Throughput and latency gain of every shape (rows) in every engine (bars), on a log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(shapes) * len(engines) / 3 + 2), sharey=True)
+    height = 0.8 / len(engines)
+    for which, (axis, title) in enumerate(zip(axes, ("throughput vs reference", "latency gain"))):
+        for index, engine in enumerate(engines):
+            values = [ratios[(shape, engine)][which] for shape in shapes]
+            axis.barh([row + index * height for row in range(len(shapes))], values, height, label=engine)
+        axis.axvline(1.0, color="black", linewidth=0.6)
+        axis.set_xscale("log")
+        axis.set_xlabel(f"{title} (x)")
+        axis.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks([row + 0.4 - height / 2 for row in range(len(shapes))], shapes, fontsize=7)
+    axes[0].invert_yaxis()
+    axes[1].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,9 +343,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     def median_ms(measured: dict) -> float:
         return statistics.median(measured["milliseconds"])
 
-    table = []
+    table, ratios = [], {}
     for row in rows:
         rounds = speeds[row.name]
+        ratios[(row.model, row.engine)] = (ratio(row, lambda r: 1 / r["sentences_per_second"]), ratio(row, median_ms))
         table.append([row.model, row.engine, f"{bytes_on_disk(row.path):,}",
                       f"{statistics.median(median_ms(r) for r in rounds):.1f}",
                       f"{percentile([ms for r in rounds for ms in r['milliseconds']], 0.9):.1f}",
@@ -338,6 +365,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{time.strftime('%Y-%m-%d')} on {cpu_description()}.",
              "", "Reproduce: python recipes/benchmarks/shape_speed.py " + " ".join(shlex.quote(a) for a in argv)]
     (args.out / "shape_speed.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    plot(args.out / "shape_speed.png", [shape.name for shape in shapes], [e for e in ENGINES if e in args.engines],
+         ratios)
     print("\n".join(text))
 
 
