@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
@@ -250,30 +250,36 @@ def greedy_agreement(args: argparse.Namespace, rows: list[Row]) -> dict[str, dic
     return found
 
 
-def speed_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
+def speed_rounds(args: argparse.Namespace, rows: list[Row],
+                 measure: Optional[Callable[[Row], dict]] = None) -> dict[str, list[dict]]:
     """Every row's latency (milliseconds per sentence) and throughput (sentences/s, peak memory)
     in each of ``--rounds`` rounds, the rows taking turns in an order that rotates each round, so
     every ratio compares rows measured side by side. A round is cached once every row has run in
-    it; a round cut short is measured again whole."""
+    it; a round cut short is measured again whole. ``measure(row)``: one row's
+    {"milliseconds": [...], "sentences_per_second": ...} (default: translating the test split's
+    first sentences in fresh worker processes, with the peak memory)."""
     path = args.out / "speed_rounds.json"
     settings = [args.threads, args.sentences, args.latency_sentences, args.beam, sorted(row.name for row in rows)]
     rounds: list[dict] = json.loads(path.read_text()) if path.is_file() else []
     rounds = [r for r in rounds if r.get("settings") == settings]
-    latency_input = sentences_file(args, args.latency_sentences, "latency")
-    throughput_input = sentences_file(args, args.sentences, "throughput")
-    count = len(throughput_input.read_text(encoding="utf-8").splitlines())
+    if measure is None:
+        latency_input = sentences_file(args, args.latency_sentences, "latency")
+        throughput_input = sentences_file(args, args.sentences, "throughput")
+        count = len(throughput_input.read_text(encoding="utf-8").splitlines())
+
+        def measure(row: Row) -> dict:
+            latency = run_worker(row, "latency", latency_input, args.out / "latency_output.cs", 1, args.beam)
+            throughput = run_worker(row, "throughput", throughput_input, args.out / "throughput_output.cs",
+                                    args.threads, args.beam)
+            return {"milliseconds": latency["milliseconds"], "sentences_per_second": count / throughput["seconds"],
+                    "peak_rss_bytes": max(latency["peak_rss_bytes"], throughput["peak_rss_bytes"])}
     while len(rounds) < args.rounds:
         index, measured = len(rounds), {"settings": settings}
         shift = index % len(rows)
         for row in rows[shift:] + rows[:shift]:
-            latency = run_worker(row, "latency", latency_input, args.out / "latency_output.cs", 1, args.beam)
-            throughput = run_worker(row, "throughput", throughput_input, args.out / "throughput_output.cs",
-                                    args.threads, args.beam)
-            measured[row.name] = {"milliseconds": latency["milliseconds"],
-                                  "sentences_per_second": count / throughput["seconds"],
-                                  "peak_rss_bytes": max(latency["peak_rss_bytes"], throughput["peak_rss_bytes"])}
-            print(f"round {index + 1}: {row.name}: {statistics.median(latency['milliseconds']):.1f} ms a sentence, "
-                  f"{count / throughput['seconds']:.1f} sentences/s", file=sys.stderr, flush=True)
+            measured[row.name] = found = measure(row)
+            print(f"round {index + 1}: {row.name}: {statistics.median(found['milliseconds']):.1f} ms a sentence, "
+                  f"{found['sentences_per_second']:.1f} sentences/s", file=sys.stderr, flush=True)
         rounds.append(measured)
         path.write_text(json.dumps(rounds, indent=1))
     return {row.name: [r[row.name] for r in rounds[: args.rounds]] for row in rows}
@@ -316,16 +322,10 @@ def write_quality_table(args: argparse.Namespace, rows: list[Row]) -> None:
     print("\n".join(lines))
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def add_measurement_options(parser: argparse.ArgumentParser) -> None:
+    """The engines, beam, threads, sentences, rounds and shortlist settings (shape_speed.py takes them too)."""
     from nmt_lightning.shortlist import DEFAULT_BEST, DEFAULT_FREQUENT
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs/efficiency")
-    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
-    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
-                        help="a model to measure (a Lightning checkpoint); repeat; the first is the reference")
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the throughput runs (default: %(default)s)")
@@ -338,6 +338,27 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "default: %(default)s)")
     parser.add_argument("--shortlist-frequent", type=int, default=DEFAULT_FREQUENT,
                         help="target pieces the shortlist always allows ('--frequent'; default: %(default)s)")
+
+
+def check_measurement_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ratios: bool = True) -> None:
+    """Refuse impossible measurement settings, naming them (``ratios``: the reference engine is needed)."""
+    if ratios and REFERENCE_ENGINE not in args.engines:
+        parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference's")
+    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds, args.shortlist_best) < 1:
+        parser.error("--beam, --threads, --sentences, --latency-sentences, --rounds and --shortlist-best must be >= 1")
+    if args.shortlist_frequent < 0:
+        parser.error(f"--shortlist-frequent must be >= 0, got {args.shortlist_frequent}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", nargs="?", default="benchmark", choices=["benchmark", "worker"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/efficiency")
+    parser.add_argument("--data-dir", type=Path, default=ROOT / "data/libreoffice_en_cs")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
+                        help="a model to measure (a Lightning checkpoint); repeat; the first is the reference")
+    add_measurement_options(parser)
     parser.add_argument("--quality-only", action="store_true",
                         help="only BLEU, chrF2 and bytes (no timing; --out/quality.md): e.g. the other seeds of a model")
     # the worker's own options
@@ -358,12 +379,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if not name or not path or not Path(path).is_file():
             parser.error(f"--model {item}: give NAME=PATH of an existing checkpoint")
         models[name] = Path(path).resolve()
-    if REFERENCE_ENGINE not in args.engines and not args.quality_only:
-        parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference model's")
-    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds, args.shortlist_best) < 1:
-        parser.error("--beam, --threads, --sentences, --latency-sentences, --rounds and --shortlist-best must be >= 1")
-    if args.shortlist_frequent < 0:
-        parser.error(f"--shortlist-frequent must be >= 0, got {args.shortlist_frequent}")
+    check_measurement_options(parser, args, ratios=not args.quality_only)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = deployed_rows(args, models)
     if args.quality_only:

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, bytes_on_disk, deployed_rows, percentile  # noqa: E402
+from efficiency import (ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, add_measurement_options,  # noqa: E402
+                        bytes_on_disk, check_measurement_options, deployed_rows, percentile, speed_rounds)
 from side_by_side import cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -220,27 +221,6 @@ def run_worker(args: argparse.Namespace, row: Row, mode: str, threads: int) -> d
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def speed_rounds(args: argparse.Namespace, rows: list[Row]) -> dict[str, list[dict]]:
-    """Every row's latency and throughput in each of ``--rounds`` rounds, the rows taking turns in
-    an order that rotates each round (a round is cached once every row has run in it)."""
-    path = args.out / "speed_rounds.json"
-    settings = [args.threads, args.sentences, args.latency_sentences, args.beam, sorted(row.name for row in rows)]
-    rounds = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r.get("settings") == settings]
-    while len(rounds) < args.rounds:
-        index, measured = len(rounds), {"settings": settings}
-        shift = index % len(rows)
-        for row in rows[shift:] + rows[:shift]:
-            latency = run_worker(args, row, "latency", 1)
-            throughput = run_worker(args, row, "throughput", args.threads)
-            measured[row.name] = {"milliseconds": latency["milliseconds"],
-                                  "sentences_per_second": args.sentences / throughput["seconds"]}
-            print(f"round {index + 1}: {row.name}: {statistics.median(latency['milliseconds']):.1f} ms a sentence, "
-                  f"{measured[row.name]['sentences_per_second']:.1f} sentences/s", file=sys.stderr, flush=True)
-        rounds.append(measured)
-        path.write_text(json.dumps(rounds, indent=1))
-    return {row.name: [r[row.name] for r in rounds[: args.rounds]] for row in rows}
-
-
 def plot(path: Path, shapes: list[str], engines: list[str], ratios: dict[tuple[str, str], tuple[float, float]]) -> None:
     """Throughput and latency gain of every shape (rows) in every engine (bars), on a log scale."""
     import matplotlib
@@ -278,15 +258,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--preset", default="tiny", help="the width (a Transformer preset; default: %(default)s)")
     for option in ("--d-model", "--ffn-dim", "--heads"):
         parser.add_argument(option, type=int, help="the preset's, unless given")
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
-    parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the throughput runs (default: %(default)s)")
-    parser.add_argument("--sentences", type=int, default=500, help="test sentences per throughput round (default: %(default)s)")
-    parser.add_argument("--latency-sentences", type=int, default=200,
-                        help="test sentences decoded one at a time (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default: %(default)s)")
-    parser.add_argument("--shortlist-best", type=int, default=50, help="as efficiency.py (default: %(default)s)")
-    parser.add_argument("--shortlist-frequent", type=int, default=100, help="as efficiency.py (default: %(default)s)")
+    add_measurement_options(parser)
     for option in ("--kind", "--path", "--lengths", "--vocabulary-map"):  # the worker's own
         parser.add_argument(option, help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -305,10 +277,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("give the shapes to time: --shape NAME=E+D[,prune=F] (the first is the reference)")
     if len({shape.name for shape in shapes}) != len(shapes):
         parser.error("--shape: every shape needs its own name")
-    if REFERENCE_ENGINE not in args.engines:
-        parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference shape's")
-    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds, args.shortlist_best) < 1:
-        parser.error("--beam, --threads, --sentences, --latency-sentences, --rounds and --shortlist-best must be >= 1")
+    check_measurement_options(parser, args)
     if not (args.data_dir / "test.en").is_file():
         parser.error(f"--data-dir {args.data_dir}: no test.en (prepare the corpus first: nmt-lightning prepare)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -334,7 +303,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     lengths = reference_lengths(args.data_dir, max(args.sentences, args.latency_sentences), checkpoints[shapes[0].name])
     (args.out / "lengths.json").write_text(json.dumps(lengths))
     rows = deployed_rows(args, checkpoints)
-    speeds = speed_rounds(args, rows)
+    speeds = speed_rounds(args, rows, lambda row: {
+        "milliseconds": run_worker(args, row, "latency", 1)["milliseconds"],
+        "sentences_per_second": args.sentences / run_worker(args, row, "throughput", args.threads)["seconds"]})
     reference = speeds[Row(shapes[0].name, REFERENCE_ENGINE, Path()).name]
 
     def ratio(row: Row, value) -> float:  # median over rounds of reference / row, both from one round
