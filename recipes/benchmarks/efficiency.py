@@ -340,6 +340,14 @@ def add_measurement_options(parser: argparse.ArgumentParser) -> None:
                         help="target pieces the shortlist always allows ('--frequent'; default: %(default)s)")
 
 
+def add_worker_options(parser: argparse.ArgumentParser, *extra: str) -> None:
+    """The hidden options a worker process is started with (``run_worker``), and ``extra`` ones."""
+    for option in ("--kind", "--path", "--input", "--vocabulary-map", *extra):
+        parser.add_argument(option, help=argparse.SUPPRESS)
+    parser.add_argument("--mode", dest="worker_mode", help=argparse.SUPPRESS)
+    parser.add_argument("--shortlist", action="store_true", help=argparse.SUPPRESS)
+
+
 def check_measurement_options(parser: argparse.ArgumentParser, args: argparse.Namespace, ratios: bool = True) -> None:
     """Refuse impossible measurement settings, naming them (``ratios``: the reference engine is needed)."""
     if ratios and REFERENCE_ENGINE not in args.engines:
@@ -361,11 +369,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     add_measurement_options(parser)
     parser.add_argument("--quality-only", action="store_true",
                         help="only BLEU, chrF2 and bytes (no timing; --out/quality.md): e.g. the other seeds of a model")
-    # the worker's own options
-    for option in ("--kind", "--path", "--input", "--output", "--vocabulary-map"):
-        parser.add_argument(option, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", dest="worker_mode", help=argparse.SUPPRESS)
-    parser.add_argument("--shortlist", action="store_true", help=argparse.SUPPRESS)
+    add_worker_options(parser, "--output")
     args = parser.parse_args(argv)
     if args.mode == "worker":
         args.mode = args.worker_mode

@@ -47,7 +47,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import (ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, add_measurement_options,  # noqa: E402
-                        bytes_on_disk, check_measurement_options, deployed_rows, percentile, speed_rounds)
+                        add_worker_options, bytes_on_disk, check_measurement_options, deployed_rows, percentile,
+                        speed_rounds)
 from side_by_side import cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,11 +260,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for option in ("--d-model", "--ffn-dim", "--heads"):
         parser.add_argument(option, type=int, help="the preset's, unless given")
     add_measurement_options(parser)
-    for option in ("--kind", "--path", "--lengths", "--vocabulary-map"):  # the worker's own
-        parser.add_argument(option, help=argparse.SUPPRESS)
-    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--mode", dest="worker_mode", help=argparse.SUPPRESS)
-    parser.add_argument("--shortlist", action="store_true", help=argparse.SUPPRESS)
+    add_worker_options(parser, "--lengths")
     args = parser.parse_args(argv)
     if args.mode == "worker":
         args.mode = args.worker_mode
