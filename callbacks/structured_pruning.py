@@ -281,14 +281,13 @@ class StructuredPruning(L.Callback):
         if self.groups:
             return
         self.groups = self._selected_groups(pl_module)
-        kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
         for other in self._siblings(trainer):
             shared = {group.name for group in self.groups} & {group.name for group in other._selected_groups(pl_module)}
             if shared:
                 raise ValueError(f"{OWNER}: {sorted(shared)[0]} is selected by two StructuredPruning callbacks "
                                  f"(include={self.include} exclude={self.exclude}, and include={other.include} "
                                  f"exclude={other.exclude}); each module can be pruned by one of them only")
-        for kind in kinds:
+        for kind in self._kinds():
             if not any(group.kind == kind for group in self.groups):
                 what = (f"attention module (nn.Linear children {', '.join(self.attention_layers)} and an integer "
                         f"{', '.join(COUNT_ATTRIBUTES)})" if kind == "heads" else
@@ -306,9 +305,12 @@ class StructuredPruning(L.Callback):
                 columns = getattr(group.module, group.columns[0])
                 columns.register_forward_pre_hook(self._gate_gradient_hook(group))  # for the model's lifetime
 
+    def _kinds(self) -> list[str]:
+        """The unit kinds this callback prunes at all."""
+        return [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
+
     def _selected_groups(self, pl_module: nn.Module) -> list[UnitGroup]:
-        kinds = [kind for kind in ("heads", "neurons") if self.fraction(kind) > 0]
-        return find_unit_groups(pl_module, self.include, self.exclude, kinds, self.attention_layers,
+        return find_unit_groups(pl_module, self.include, self.exclude, self._kinds(), self.attention_layers,
                                 self.feed_forward_layers)
 
     def _siblings(self, trainer: Optional[L.Trainer]) -> list["StructuredPruning"]:
@@ -339,7 +341,7 @@ class StructuredPruning(L.Callback):
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.masks_from is not None and not self.masks_applied:  # once: a resumed run has them already
-            others = {group.name for other in self._siblings(trainer) for group in other._selected_groups(pl_module)}
+            others = {group.name for other in self._siblings(trainer) for group in other.groups}  # all set up by now
             self.adopt_masks(self.masks_from, others)
             self.masks_applied = True
         total = sum(group.units for group in self.groups)

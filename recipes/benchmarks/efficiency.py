@@ -131,8 +131,15 @@ def deployed_rows(args: argparse.Namespace, models: dict[str, Path]) -> list[Row
 
 def run_worker(row: Row, mode: str, input_path: Path, output: Path, threads: int, beam: int) -> dict:
     """Translate ``input_path`` in a fresh process; its JSON report (seconds, per-sentence times, memory)."""
-    command = [sys.executable, __file__, "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
-               "--input", str(input_path), "--output", str(output), "--threads", str(threads), "--beam", str(beam)]
+    return worker_report(Path(__file__), row, mode, input_path, threads, beam, ["--output", str(output)])
+
+
+def worker_report(script: Path, row: Row, mode: str, input_path: Path, threads: int, beam: int,
+                  extra: list[str]) -> dict:
+    """Run ``script worker`` on ``row`` in a fresh process with ``threads`` threads (its options from
+    ``add_worker_options``, and ``extra``); the JSON report it prints last."""
+    command = [sys.executable, str(script), "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
+               "--input", str(input_path), "--threads", str(threads), "--beam", str(beam), *extra]
     if row.vocabulary_map is not None:
         command += ["--shortlist", "--vocabulary-map", str(row.vocabulary_map)]
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads))

@@ -85,21 +85,13 @@ def label(name: str) -> str:
     return text.replace("half removed", f"encoder half, decoder {percent}% removed")
 
 
-def student_pruning(args: argparse.Namespace, steps: int) -> list[str]:
-    """The add-ons that prune a student: half of every layer's units, or with ``--decoder-prune``
-    half of the encoder's and that fraction of the decoder's (two StructuredPruning callbacks)."""
+def per_part(args: argparse.Namespace, callback_of) -> list[str]:
+    """The StructuredPruning add-ons of a pruned student, ``callback_of(fraction, include)`` each:
+    half of every layer's units, or with ``--decoder-prune`` half of the encoder's and that
+    fraction of the decoder's (two callbacks)."""
     if args.decoder_prune is None:
-        return [structured_pruning(steps)]
-    return [structured_pruning(steps, STRUCTURED_FRACTION, ENCODER_LAYERS),
-            structured_pruning(steps, args.decoder_prune, DECODER_LAYERS)]
-
-
-def student_structure_kept(args: argparse.Namespace, checkpoint: str) -> list[str]:
-    """The add-ons that keep a pruned student's removed units removed through its fine-tuning."""
-    if args.decoder_prune is None:
-        return [kept_structure(checkpoint)]
-    return [kept_structure(checkpoint, STRUCTURED_FRACTION, ENCODER_LAYERS),
-            kept_structure(checkpoint, args.decoder_prune, DECODER_LAYERS)]
+        return [callback_of(STRUCTURED_FRACTION, ("model.*",))]
+    return [callback_of(STRUCTURED_FRACTION, ENCODER_LAYERS), callback_of(args.decoder_prune, DECODER_LAYERS)]
 
 
 def run_name(name: str, seed: int) -> str:
@@ -139,14 +131,15 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
             variants = [name]
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[pruned(args, decoder_layers)] = {
-                    **student, "add_ons": [*student["add_ons"], *student_pruning(args, args.student_steps)]}
+                    **student, "add_ons": [*student["add_ons"], *per_part(args, lambda fraction, include: structured_pruning(args.student_steps, fraction, include))]}
                 variants.append(pruned(args, decoder_layers))
             for variant in variants if args.finetune_steps else []:  # from its final checkpoint, once trained
                 start = args.out / "runs" / run_name(variant, seed) / student["result"]
                 planned[f"{variant}_ft"] = {
                     **tuned, "after": run_name(variant, seed), "overrides": common + shape + [f"--model.init_from={start}"],
                     # a pruned student keeps its removed heads and neurons removed (init_from copies weights only)
-                    "add_ons": student_structure_kept(args, str(start)) if variant != name else []}
+                    "add_ons": per_part(args, lambda fraction, include: kept_structure(
+                        str(start), fraction, include)) if variant != name else []}
     return planned
 
 

@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -48,7 +46,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import (ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, add_measurement_options,  # noqa: E402
                         add_worker_options, bytes_on_disk, check_measurement_options, deployed_rows, percentile,
-                        speed_rounds)
+                        sentences_file, speed_rounds, worker_report)
 from side_by_side import cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,16 +208,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run_worker(args: argparse.Namespace, row: Row, mode: str, threads: int) -> dict:
+    """Decode the first ``--latency-sentences`` or ``--sentences`` test sentences at their fixed lengths
+    in a fresh process; its JSON report (per-sentence times or seconds, decoder steps)."""
     count = args.latency_sentences if mode == "latency" else args.sentences
-    command = [sys.executable, __file__, "worker", "--kind", row.kind, "--path", str(row.path), "--mode", mode,
-               "--input", str(args.out / f"test_{count}.en"), "--lengths", str(args.out / "lengths.json"),
-               "--threads", str(threads), "--beam", str(args.beam)]
-    if row.vocabulary_map is not None:
-        command += ["--shortlist", "--vocabulary-map", str(row.vocabulary_map)]
-    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-    if result.returncode != 0:
-        raise RuntimeError(f"{row.name}: the worker failed (its error is above)")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return worker_report(Path(__file__), row, mode, args.out / f"test_{count}.en", threads, args.beam,
+                         ["--lengths", str(args.out / "lengths.json")])
 
 
 def plot(path: Path, shapes: list[str], engines: list[str], ratios: dict[tuple[str, str], tuple[float, float]]) -> None:
@@ -280,7 +273,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     width = {"d_model": args.d_model, "ffn_dim": args.ffn_dim, "heads": args.heads}
     # What each name was built as: the exports, conversions and rounds under --out are cached by name.
-    record, built = args.out / "shapes.json", {}
+    record = args.out / "shapes.json"
     built = json.loads(record.read_text()) if record.is_file() else {}
     for shape in shapes:
         spec = {**asdict(shape), "preset": args.preset, **width}
@@ -294,9 +287,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         path = args.out / "checkpoints" / f"{file_slug(shape.name)}.ckpt"
         checkpoints[shape.name] = path if path.is_file() else build_checkpoint(shape, args.data_dir, args.preset, path,
                                                                                **width)
-    lines = (args.data_dir / "test.en").read_text(encoding="utf-8").splitlines()
     for count in {args.sentences, args.latency_sentences}:
-        (args.out / f"test_{count}.en").write_text("".join(line + "\n" for line in lines[:count]), encoding="utf-8")
+        sentences_file(args, count, f"test_{count}")
     lengths = reference_lengths(args.data_dir, max(args.sentences, args.latency_sentences), checkpoints[shapes[0].name])
     (args.out / "lengths.json").write_text(json.dumps(lengths))
     rows = deployed_rows(args, checkpoints)
@@ -314,13 +306,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     table, ratios = [], {}
     for row in rows:
         rounds = speeds[row.name]
-        ratios[(row.model, row.engine)] = (ratio(row, lambda r: 1 / r["sentences_per_second"]), ratio(row, median_ms))
+        throughput, latency = ratios[(row.model, row.engine)] = (ratio(row, lambda r: 1 / r["sentences_per_second"]),
+                                                                 ratio(row, median_ms))
         table.append([row.model, row.engine, f"{bytes_on_disk(row.path):,}",
                       f"{statistics.median(median_ms(r) for r in rounds):.1f}",
                       f"{percentile([ms for r in rounds for ms in r['milliseconds']], 0.9):.1f}",
-                      f"{ratio(row, median_ms):.2f}x",
-                      f"{statistics.median(r['sentences_per_second'] for r in rounds):.1f}",
-                      f"{ratio(row, lambda r: 1 / r['sentences_per_second']):.2f}x"])
+                      f"{latency:.2f}x", f"{statistics.median(r['sentences_per_second'] for r in rounds):.1f}",
+                      f"{throughput:.2f}x"])
     header = ["shape", "engine", "bytes on disk", "latency median (ms)", "latency p90 (ms)", "latency gain",
               "sentences/s", "throughput vs reference"]
     text = write_table(args.out / "shape_speed.csv", header, table)
