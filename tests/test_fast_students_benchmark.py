@@ -82,7 +82,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=2, seeds=[1], students=[2, 1], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=1, decoder_prune=None,
+                              prune_students=True, finetune_steps=1, decoder_prune=None, pruned_only=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
@@ -130,7 +130,7 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=0, decoder_prune=None,
+                              prune_students=True, finetune_steps=0, decoder_prune=None, pruned_only=False,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
@@ -159,7 +159,7 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=300, decoder_prune=None,
+                              prune_students=True, finetune_steps=300, decoder_prune=None, pruned_only=False,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
@@ -210,7 +210,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=4, seeds=[1], students=[2], jobs=1, distill=False, prune_students=True,
-                              finetune_steps=2, decoder_prune=0.75,
+                              finetune_steps=2, decoder_prune=0.75, pruned_only=False,
                               override=[option for option in SMALL if "_layers=" not in option])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_pruned_decoder75",
@@ -232,6 +232,29 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
             assert shapes[f"decoder_layers.{index}.cross_attn.q_proj.weight"] == [16, 32], run  # at least one head
 
 
+def test_pruned_only_trains_the_pruned_students_as_they_would_be_and_tests_them_against_the_teacher(
+        tmp_path: Path) -> None:
+    """--pruned-only: the unpruned students and their fine-tunes are left out; the pruned student's
+    runs are the same as with them (start, KD, pruning, steps, seed), its fine-tune included; the
+    paired tests are against the teacher (and the fine-tuned teacher) only."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+
+    def planned(pruned_only: bool) -> tuple[dict, list]:
+        args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
+                                  student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
+                                  prune_students=True, finetune_steps=300, decoder_prune=0.75,
+                                  pruned_only=pruned_only, override=[])
+        return fast_students.runs(args), fast_students.pairs(args)
+
+    (alone, alone_pairs), (full, _) = planned(True), planned(False)
+    assert sorted(alone) == ["student_6_2_pruned_decoder75", "student_6_2_pruned_decoder75_ft",
+                             "student_6_2_pruned_decoder75_ft_s2", "student_6_2_pruned_decoder75_s2", "teacher_ft"]
+    assert all(alone[name] == full[name] for name in alone)
+    assert alone_pairs == [("student_6_2_pruned_decoder75", "teacher"), ("student_6_2_pruned_decoder75_ft", "teacher_ft")]
+
+
 @pytest.mark.parametrize("options, message", [
     ([], "give --base (structured pruning) or --teacher"),
     (["--teacher", "{checkpoint}", "--distill"], "--distill prunes the --base"),
@@ -242,6 +265,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     (["--teacher", "{checkpoint}", "--finetune-steps", "-1"], "--finetune-steps must be >= 0, got -1"),
     (["--teacher", "{checkpoint}", "--decoder-prune", "0.75"], "--decoder-prune sets how much --prune-students"),
     (["--teacher", "{checkpoint}", "--prune-students", "--decoder-prune", "1"], "--decoder-prune is a fraction in (0, 1)"),
+    (["--teacher", "{checkpoint}", "--pruned-only"], "--pruned-only leaves out the unpruned students"),
 ])
 def test_impossible_settings_are_refused_naming_the_argument(
         options: list[str], message: str, trained_checkpoint: Path, prepared_dir: Path, tmp_path: Path,
@@ -269,7 +293,8 @@ def test_the_seed_summary_is_the_mean_and_sample_deviation_of_each_seeds_paired_
         (tmp_path / "paired" / f"{system}_vs_{baseline}.json").write_text(json.dumps(
             {"system_bleu": bleu, "baseline_bleu": baseline_bleu, "bleu_p_value": p_value}))
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "data", base=Path("base.ckpt"), teacher=None,
-                              distill=False, students=[2, 1], seeds=[1, 2, 3], prune_students=False)
+                              distill=False, students=[2, 1], seeds=[1, 2, 3], prune_students=False,
+                              pruned_only=False)
     lines = fast_students.paired_tests(args)
     assert "| half heads and neurons removed | unpruned (control) | 2 | 22.00 | 26.00 | -4.00 | 0.0200 |" in lines
     # mean 23, deviations -3, -1, 4: sqrt(26 / 2) = 3.61; baseline 25 ± 1; the largest p-value 0.3

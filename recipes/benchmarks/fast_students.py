@@ -24,6 +24,8 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
   against the teacher and against the unpruned student); ``--decoder-prune F`` removes ``F`` of
   the decoder's instead (half of the encoder's; two callbacks), where beam search spends most of
   its time (run ``student_6_N_pruned_decoderPP``);
+- with ``--pruned-only`` (and ``--prune-students``): only the pruned students, tested against the
+  teacher, when the unpruned students' runs are not needed (a second pruning fraction, say);
 - with ``--finetune-steps N``: the teacher and each student go on ``N`` steps with the
   fine-tuning recipe (``finetune.yaml``: lr 0.001 after 100 warm-up steps, cross-entropy only).
   The inverse square root schedule never anneals, so such a low-rate phase adds BLEU to a model
@@ -123,12 +125,14 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         for decoder_layers in args.students:
             name, picked = f"student_6_{decoder_layers}", STUDENT_DECODER_LAYERS[decoder_layers]
             shape = ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"]
-            student = planned[name] = {
+            student = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
                 "overrides": common + shape + [f"--model.init_from={teacher}",
                                                f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
-            variants = [name]
+            variants = [] if args.pruned_only else [name]
+            if not args.pruned_only:
+                planned[name] = student
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[pruned(args, decoder_layers)] = {
                     **student, "add_ons": [*student["add_ons"], *per_part(args, lambda fraction, include: structured_pruning(args.student_steps, fraction, include))]}
@@ -176,13 +180,15 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     found = [("structured", "control")] * (args.base is not None) + [("structured_kd", "control")] * args.distill
     if args.teacher is not None:
         for d in args.students:
-            found.append((f"student_6_{d}", "teacher"))
+            unpruned = not args.pruned_only  # without it, the pruned student is tested against the teacher only
+            found += [(f"student_6_{d}", "teacher")] * unpruned
             if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
-                found += [(pruned(args, d), "teacher"), (pruned(args, d), f"student_6_{d}")]
+                found += [(pruned(args, d), "teacher")] + [(pruned(args, d), f"student_6_{d}")] * unpruned
             if args.finetune_steps:  # fine-tuned alike
-                found.append((f"student_6_{d}_ft", "teacher_ft"))
+                found += [(f"student_6_{d}_ft", "teacher_ft")] * unpruned
                 if args.prune_students:
-                    found += [(f"{pruned(args, d)}_ft", "teacher_ft"), (f"{pruned(args, d)}_ft", f"student_6_{d}_ft")]
+                    found += [(f"{pruned(args, d)}_ft", "teacher_ft")] + [
+                        (f"{pruned(args, d)}_ft", f"student_6_{d}_ft")] * unpruned
     return found
 
 
@@ -263,6 +269,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="with --prune-students: remove this fraction of the decoder's heads and neurons and half "
                              "of the encoder's (default: half of every layer's); another run, named "
                              "student_6_N_pruned_decoderPP")
+    parser.add_argument("--pruned-only", action="store_true",
+                        help="with --prune-students: train only the pruned students (and their fine-tunes), not the "
+                             "unpruned ones; the pruned student is then tested against the teacher only")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=0,
@@ -288,6 +297,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--prune-students prunes the students of the --teacher: give --teacher")
     if args.decoder_prune is not None and not args.prune_students:
         parser.error("--decoder-prune sets how much --prune-students removes from the decoder: give --prune-students")
+    if args.pruned_only and not args.prune_students:
+        parser.error("--pruned-only leaves out the unpruned students of --prune-students: give --prune-students")
     if args.decoder_prune is not None and not 0.0 < args.decoder_prune < 1.0:
         parser.error(f"--decoder-prune is a fraction in (0, 1), got {args.decoder_prune}")
     if min(args.steps, args.student_steps, args.jobs) < 1:
