@@ -130,9 +130,9 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
                 "add_ons": [distillation(teacher)],
                 "overrides": common + shape + [f"--model.init_from={teacher}",
                                                f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
-            variants = [] if args.pruned_only else [name]
+            variants = []  # the runs that get a fine-tune; with --pruned-only, the pruned ones alone
             if not args.pruned_only:
-                planned[name] = student
+                planned[name], variants = student, [name]
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[pruned(args, decoder_layers)] = {
                     **student, "add_ons": [*student["add_ons"], *per_part(args, lambda fraction, include: structured_pruning(args.student_steps, fraction, include))]}
