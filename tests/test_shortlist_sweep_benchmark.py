@@ -94,7 +94,7 @@ def test_the_sweep_measures_each_map_against_no_map_and_caches(trained_checkpoin
         sweep.main(["--out", str(out), "--data-dir", str(prepared_dir), "--model", f"tiny={other}"])
 
 
-def test_a_setting_given_twice_and_a_missing_model_are_refused(prepared_dir: Path, tmp_path: Path,
+def test_a_setting_given_twice_a_missing_model_and_no_rounds_are_refused(prepared_dir: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     sweep = import_benchmark("shortlist_sweep")
     with pytest.raises(SystemExit):
@@ -103,3 +103,6 @@ def test_a_setting_given_twice_and_a_missing_model_are_refused(prepared_dir: Pat
     with pytest.raises(SystemExit):
         sweep.main(["--out", str(tmp_path), "--model", f"x={tmp_path}", "--setting", "5:10", "--setting", "5:10"])
     assert "given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(tmp_path), "--model", f"x={tmp_path}", "--rounds", "0"])
+    assert "--rounds must be >= 1" in capsys.readouterr().err

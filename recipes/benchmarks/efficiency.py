@@ -329,17 +329,29 @@ def write_quality_table(args: argparse.Namespace, rows: list[Row]) -> None:
     print("\n".join(lines))
 
 
-def add_measurement_options(parser: argparse.ArgumentParser) -> None:
-    """The engines, beam, threads, sentences, rounds and shortlist settings (shape_speed.py takes them too)."""
-    from nmt_lightning.shortlist import DEFAULT_BEST, DEFAULT_FREQUENT
-
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
+    """The beam, threads, sentences and rounds of the quality, latency and throughput runs
+    (shortlist_sweep.py takes these alone)."""
     parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="threads of the throughput runs (default: %(default)s)")
     parser.add_argument("--sentences", type=int, default=500, help="test sentences per throughput round (default: %(default)s)")
     parser.add_argument("--latency-sentences", type=int, default=200,
                         help="test sentences translated one at a time (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="throughput rounds (default: %(default)s)")
+
+
+def check_timing_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a beam, thread count, sentence count or number of rounds below 1, naming them."""
+    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds) < 1:
+        parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
+
+
+def add_measurement_options(parser: argparse.ArgumentParser) -> None:
+    """The engines, the timing options and the shortlist settings (shape_speed.py takes them too)."""
+    from nmt_lightning.shortlist import DEFAULT_BEST, DEFAULT_FREQUENT
+
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    add_timing_options(parser)
     parser.add_argument("--shortlist-best", type=int, default=DEFAULT_BEST,
                         help="the shortlist's candidates per source piece ('nmt-lightning shortlist --best'; "
                              "default: %(default)s)")
@@ -359,8 +371,9 @@ def check_measurement_options(parser: argparse.ArgumentParser, args: argparse.Na
     """Refuse impossible measurement settings, naming them (``ratios``: the reference engine is needed)."""
     if ratios and REFERENCE_ENGINE not in args.engines:
         parser.error(f"--engines must include '{REFERENCE_ENGINE}': every ratio is to the reference's")
-    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds, args.shortlist_best) < 1:
-        parser.error("--beam, --threads, --sentences, --latency-sentences, --rounds and --shortlist-best must be >= 1")
+    check_timing_options(parser, args)
+    if args.shortlist_best < 1:
+        parser.error(f"--shortlist-best must be >= 1, got {args.shortlist_best}")
     if args.shortlist_frequent < 0:
         parser.error(f"--shortlist-frequent must be >= 0, got {args.shortlist_frequent}")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import Row, export_path, quality, speed_rounds  # noqa: E402
+from efficiency import Row, add_timing_options, check_timing_options, export_path, quality, speed_rounds  # noqa: E402
 from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,12 +157,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--setting", action="append", default=[], metavar="BEST:FREQUENT",
                         help=f"a map's candidates per source piece and always-allowed pieces; repeat "
                              f"(default: {' '.join(DEFAULT_SETTINGS)})")
-    parser.add_argument("--beam", type=int, default=4, help="beam size (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=2, help="threads of the throughput runs (default: %(default)s)")
-    parser.add_argument("--sentences", type=int, default=500, help="test sentences per throughput round (default: %(default)s)")
-    parser.add_argument("--latency-sentences", type=int, default=200,
-                        help="test sentences translated one at a time (default: %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of latency and throughput (default: %(default)s)")
+    add_timing_options(parser)
     args = parser.parse_args(argv)
     try:
         settings = [parse_setting(text) for text in args.setting or DEFAULT_SETTINGS]
@@ -170,8 +165,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(str(error))
     if len(set(settings)) != len(settings):
         parser.error("--setting: a setting is given twice")
-    if min(args.beam, args.threads, args.sentences, args.latency_sentences, args.rounds) < 1:
-        parser.error("--beam, --threads, --sentences, --latency-sentences and --rounds must be >= 1")
+    check_timing_options(parser, args)
     models = {}
     for item in args.model:
         name, _, path = item.partition("=")
