@@ -238,7 +238,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"per-round ratios. Latency: 1 thread, one sentence at a time, the first {args.latency_sentences} "
                   f"test sentences. Throughput: {args.threads} threads, batches of 32, the first {args.sentences} "
                   f"sentences. {args.rounds} rounds, the rows taking turns. p-value: sacrebleu's paired bootstrap "
-                  f"test of the BLEU change. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
+                  f"test of the BLEU change. Target pieces allowed: the means over the validation split's sentences "
+                  f"and over its batches of 32 sentences of similar length (CTranslate2 takes a batch's union), of "
+                  f"{target_vocabulary(args.data_dir):,} pieces. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
               "", "Reproduce: python recipes/benchmarks/shortlist_sweep.py " + " ".join(shlex.quote(a) for a in argv)]
     (args.out / "shortlist_sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "shortlist_sweep.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
