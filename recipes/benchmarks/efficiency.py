@@ -214,12 +214,17 @@ def sentences_file(args: argparse.Namespace, count: Optional[int], name: str) ->
     return path
 
 
+def translation_path(args: argparse.Namespace, row: Row) -> Path:
+    """Where ``quality`` writes ``row``'s translation of the whole test split."""
+    return args.out / "translations" / f"{file_slug(row.name)}.cs"
+
+
 def quality(args: argparse.Namespace, row: Row) -> dict:
     """BLEU and chrF2 of the whole test split (cached)."""
     from nmt_lightning.evaluation import read_lines, score
 
     def compute() -> dict:
-        hypotheses = args.out / "translations" / f"{file_slug(row.name)}.cs"
+        hypotheses = translation_path(args, row)
         hypotheses.parent.mkdir(parents=True, exist_ok=True)
         print(f"translating the test split: {row.name}", file=sys.stderr, flush=True)
         run_worker(row, "throughput", sentences_file(args, None, "test"), hypotheses, args.threads, args.beam)

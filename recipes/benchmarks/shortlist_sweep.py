@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency import Row, add_timing_options, check_timing_options, export_path, quality, speed_rounds  # noqa: E402
+from efficiency import (Row, add_timing_options, check_timing_options, export_path, quality, speed_rounds,  # noqa: E402
+                        translation_path)
 from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +103,7 @@ def paired_test(args: argparse.Namespace, baseline: Row, system: Row) -> dict:
     from nmt_lightning.evaluation import paired_comparison, read_lines
 
     def translation(row: Row) -> list[str]:
-        return read_lines(args.out / "translations" / f"{file_slug(row.name)}.cs")  # written by quality()
+        return read_lines(translation_path(args, row))
 
     return cached(args.out / "paired" / f"{file_slug(system.name)}.json", lambda: paired_comparison(
         translation(baseline), translation(system), read_lines(args.data_dir / "test.cs")).as_dict())
