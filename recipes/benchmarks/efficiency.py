@@ -214,9 +214,10 @@ def sentences_file(args: argparse.Namespace, count: Optional[int], name: str) ->
     return path
 
 
-def translation_path(args: argparse.Namespace, row: Row) -> Path:
-    """Where ``quality`` writes ``row``'s translation of the whole test split."""
-    return args.out / "translations" / f"{file_slug(row.name)}.cs"
+def translation_path(out: Path, row_name: str) -> Path:
+    """Where ``quality`` writes the translation of the whole test split by the row named ``row_name``
+    (``Row.name``: "MODEL, ENGINE") of a run writing into ``out``."""
+    return out / "translations" / f"{file_slug(row_name)}.cs"
 
 
 def quality(args: argparse.Namespace, row: Row) -> dict:
@@ -224,7 +225,7 @@ def quality(args: argparse.Namespace, row: Row) -> dict:
     from nmt_lightning.evaluation import read_lines, score
 
     def compute() -> dict:
-        hypotheses = translation_path(args, row)
+        hypotheses = translation_path(args.out, row.name)
         hypotheses.parent.mkdir(parents=True, exist_ok=True)
         print(f"translating the test split: {row.name}", file=sys.stderr, flush=True)
         run_worker(row, "throughput", sentences_file(args, None, "test"), hypotheses, args.threads, args.beam)

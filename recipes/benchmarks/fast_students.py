@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import cached, file_slug, run_fit  # noqa: E402
+import efficiency  # noqa: E402
+from side_by_side import cached, run_fit  # noqa: E402
 from study_plan import (DECODER_LAYERS, ENCODER_LAYERS, FINETUNE, RESULT, STRUCTURED_FRACTION,  # noqa: E402
                         STUDENT_DECODER_LAYERS, TINY, distillation, kept_structure, structured_pruning)
 
@@ -194,8 +195,6 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], forwarded: list[str]) -> None:
     """The other seeds' models translated by our decoder in fp32 (BLEU, chrF2, bytes) into ``--out``/seeds."""
-    import efficiency
-
     models = [f"--model={label(name)} (seed {seed})={checkpoints[run_name(name, seed)]}"
               for seed in args.seeds[1:] for name in planned_for_seed(args, seed)]
     if models:
@@ -207,8 +206,8 @@ def measure_other_seeds(args: argparse.Namespace, checkpoints: dict[str, Path], 
 def translations(args: argparse.Namespace, name: str, seed: int) -> Path:
     """Where our decoder's fp32 translation of the test split by ``name`` of ``seed`` is (the teacher has one seed)."""
     if name.startswith("teacher") or seed == args.seeds[0]:
-        return args.out / "efficiency" / "translations" / f"{file_slug(f'{label(name)}, ours fp32')}.cs"
-    return args.out / "seeds" / "translations" / f"{file_slug(f'{label(name)} (seed {seed}), ours fp32')}.cs"
+        return efficiency.translation_path(args.out / "efficiency", f"{label(name)}, ours fp32")
+    return efficiency.translation_path(args.out / "seeds", f"{label(name)} (seed {seed}), ours fp32")
 
 
 def paired_tests(args: argparse.Namespace) -> list[str]:
@@ -316,8 +315,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | first
     if "teacher_ft" in models:  # the better teacher is the reference of the ratios
         models = {"teacher_ft": models.pop("teacher_ft")} | models
-    import efficiency
-
     efficiency.main(["--out", str(args.out / "efficiency"), "--data-dir", str(args.data_dir),
                      *[f"--model={label(run)}={path}" for run, path in models.items()], *forwarded])
     measure_other_seeds(args, checkpoints, forwarded)

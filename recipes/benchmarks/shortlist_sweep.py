@@ -103,7 +103,7 @@ def paired_test(args: argparse.Namespace, baseline: Row, system: Row) -> dict:
     from nmt_lightning.evaluation import paired_comparison, read_lines
 
     def translation(row: Row) -> list[str]:
-        return read_lines(translation_path(args, row))
+        return read_lines(translation_path(args.out, row.name))
 
     return cached(args.out / "paired" / f"{file_slug(system.name)}.json", lambda: paired_comparison(
         translation(baseline), translation(system), read_lines(args.data_dir / "test.cs")).as_dict())
