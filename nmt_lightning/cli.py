@@ -93,10 +93,8 @@ def translate_main(argv: Sequence[str]) -> int:
                         help="our decoder: restrict each batch's output to the candidates of this vocabulary map "
                              "('nmt-lightning shortlist'); a CTranslate2 model carries its own")
     args = parser.parse_args(argv)
-    from nmt_lightning.loading import load_for_device
     from nmt_lightning.deploy.ctranslate2_files import is_ctranslate2_model
     from nmt_lightning.evaluation import read_lines, score
-    from nmt_lightning.translate import translate_lines
 
     try:
         if args.beam < 1 or args.batch_size < 1:
@@ -118,6 +116,9 @@ def translate_main(argv: Sequence[str]) -> int:
             if args.shortlist is not None:
                 raise ValueError("--no-shortlist applies to CTranslate2 models only (ours uses a map only when "
                                  "given --vocabulary-map)")
+            from nmt_lightning.loading import load_for_device  # imports Lightning: only for our own models
+            from nmt_lightning.translate import translate_lines
+
             if args.threads is not None:
                 import torch
 

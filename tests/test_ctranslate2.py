@@ -323,3 +323,18 @@ def test_max_output_tokens_stops_each_search_after_that_many_tokens(trained_chec
     assert len(model.translator.hypotheses) == len(lines) and all(len(h) <= 1 for h in model.translator.hypotheses)
     with pytest.raises(ValueError, match="max_output_tokens must be None or >= 1, got 0"):
         model.translate_lines(lines, max_output_tokens=0)
+
+
+def test_translating_with_a_converted_model_does_not_import_lightning() -> None:
+    """A process that only translates with CTranslate2 (``nmt-lightning translate DIR``, the
+    benchmarks' workers) loads neither Lightning nor the training module: Lightning's import
+    costs seconds per process. A fresh interpreter, as this test process has Lightning loaded."""
+    import subprocess
+
+    code = ("import sys\n"
+            "import nmt_lightning.cli, nmt_lightning.deploy, nmt_lightning.evaluation\n"
+            "from nmt_lightning.deploy import CTranslate2Model\n"
+            "loaded = sorted(name for name in ('lightning', 'nmt_lightning.module') if name in sys.modules)\n"
+            "print(','.join(loaded))\n")
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == ""

@@ -26,7 +26,7 @@ def test_pruning_and_control_share_start_and_budget_and_the_export_is_smaller(
     monkeypatch.chdir(tmp_path)  # a relative --out: each run trains in its own directory
     out = tmp_path / "out"
     arguments = ["--out", "out", "--data-dir", str(prepared_dir), "--base", str(trained_checkpoint), "--steps", "4",
-                 "--jobs", "1", "--seeds", "1", "2", *[f"--override={option}" for option in SMALL], "--", *EFFICIENCY]
+                 "--jobs", "2", "--seeds", "1", "2", *[f"--override={option}" for option in SMALL], "--", *EFFICIENCY]
     fast_students.main(arguments)
     settings = {run: json.loads((out / "runs" / run / "run.json").read_text())
                 for run in ("control", "structured", "control_s2", "structured_s2")}
@@ -81,7 +81,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     fast_students = import_benchmark("fast_students")
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
-                              student_steps=2, seeds=[1], students=[2, 1], jobs=1, distill=False,
+                              student_steps=2, seeds=[1], students=[2, 1], jobs=2, distill=False,
                               prune_students=True, finetune_steps=1, decoder_prune=None, pruned_only=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
@@ -209,7 +209,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     fast_students = import_benchmark("fast_students")
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
-                              student_steps=4, seeds=[1], students=[2], jobs=1, distill=False, prune_students=True,
+                              student_steps=4, seeds=[1], students=[2], jobs=2, distill=False, prune_students=True,
                               finetune_steps=2, decoder_prune=0.75, pruned_only=False,
                               override=[option for option in SMALL if "_layers=" not in option])
     planned = fast_students.runs(args)

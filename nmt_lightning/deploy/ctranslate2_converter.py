@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -45,9 +45,11 @@ from nmt_lightning.errors import ModelFileError
 from nmt_lightning.model.attention import MultiHeadAttention
 from nmt_lightning.model.layers import DecoderLayer, EncoderLayer, FeedForward
 from nmt_lightning.model.transformer import Transformer
-from nmt_lightning.module import TranslationModule
 from nmt_lightning.shortlist import read_vocabulary_map
 from nmt_lightning.tokenization import Tokenization
+
+if TYPE_CHECKING:  # the Lightning module only types the arguments: translating a converted model never imports Lightning
+    from nmt_lightning.module import TranslationModule
 
 # The leaves a layer of our standard Transformer has; anything else (a bottleneck student, an
 # extra projection) has no place in CTranslate2's TransformerSpec and is refused.
