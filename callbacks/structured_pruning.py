@@ -180,7 +180,8 @@ def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention):
             raise ValueError(f"{OWNER}: {name} is a torch.nn.MultiheadAttention, whose q, k and v share one fused "
                              f"in_proj_weight and whose head_dim follows from embed_dim: its heads cannot be cut. "
-                             f"Exclude it (exclude=['{name}']) or use an attention with separate projections")
+                             f"Prune feed-forward neurons only (prune_heads=0), exclude it (exclude=['{name}']) or use an "
+                             f"attention with separate q_proj, k_proj, v_proj and out_proj")
         if "heads" in kinds and _children_are_linear(module, attention_layers):
             attribute = _count_attribute(module)
             if attribute is None:
