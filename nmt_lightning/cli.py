@@ -116,14 +116,14 @@ def translate_main(argv: Sequence[str]) -> int:
             if args.shortlist is not None:
                 raise ValueError("--no-shortlist applies to CTranslate2 models only (ours uses a map only when "
                                  "given --vocabulary-map)")
-            from nmt_lightning.loading import load_for_device  # imports Lightning: only for our own models
+            from nmt_lightning.loading import load_for_translation
             from nmt_lightning.translate import translate_lines
 
             if args.threads is not None:
                 import torch
 
                 torch.set_num_threads(args.threads)
-            module = load_for_device(args.checkpoint, args.device)
+            module = load_for_translation(args.checkpoint, args.device)
             shortlist = None
             if args.vocabulary_map is not None:
                 from nmt_lightning.shortlist import Shortlist

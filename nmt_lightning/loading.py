@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
 from nmt_lightning.checkpoint_reading import is_parametrized, model_weights, read_checkpoint
 from nmt_lightning.errors import ModelFileError
-from nmt_lightning.module import TranslationModule
+from nmt_lightning.translator import Translator
+
+if TYPE_CHECKING:  # imported where a Lightning checkpoint is loaded: translating an export never needs it
+    from nmt_lightning.module import TranslationModule
+
+
+def load_for_translation(path: str | os.PathLike, device: str | torch.device) -> Union[TranslationModule, Translator]:
+    """What ``translate_lines`` needs, on ``device``: an export file as a ``Translator`` (without
+    importing Lightning), a checkpoint as ``load_for_device`` loads it."""
+    from nmt_lightning.translation_file import is_export_file, load_translator
+
+    path = Path(path)
+    if not (path.is_file() and is_export_file(path)):
+        return load_for_device(path, device)
+    return load_translator(path, runtime_layers=torch.device(device).type == "cpu").to(device)
 
 
 def load_for_device(path: str | os.PathLike, device: str | torch.device) -> TranslationModule:
@@ -49,6 +63,8 @@ def load_translation_module(path: str | os.PathLike, map_location: str = "cpu",
     if quantize is not None or compression_manifest(checkpoint) or is_parametrized(checkpoint["state_dict"]):
         encoded = encode_checkpoint(checkpoint, str(path), quantize)
         return build_module(encoded.tensors, encoded.metadata, runtime_layers)
+    from nmt_lightning.module import TranslationModule
+
     module = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"])
     # The Transformer's weights only: what a training callback added to the module beside the
     # model (a distillation projection) is not part of the translation model.

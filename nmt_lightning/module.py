@@ -20,7 +20,7 @@ from nmt_lightning.decoding import beam_search, greedy_search
 from nmt_lightning.errors import ModelFileError
 from nmt_lightning.evaluation import score
 from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module
-from nmt_lightning.model import FEATURE_NAMES, PRESETS, Transformer, TransformerConfig, TransformerFeatures
+from nmt_lightning.model import FEATURE_NAMES, Transformer, TransformerFeatures, config_from_hyperparameters
 from nmt_lightning.model.initialization import initialize_from_teacher
 from nmt_lightning.tokenization import Tokenization
 
@@ -134,22 +134,21 @@ class TranslationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got '{preset}'")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if lr <= 0 or warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and warmup_steps >= 0, got lr={lr}, warmup_steps={warmup_steps}")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        overrides = {k: v for k, v in dict(d_model=d_model, ffn_dim=ffn_dim, heads=heads, encoder_layers=encoder_layers,
-                                            decoder_layers=decoder_layers, dropout=dropout, bottleneck_dim=bottleneck_dim,
-                                            stacked_ffn=stacked_ffn, embedding_dim=embedding_dim).items() if v is not None}
-        self.model = Transformer(TransformerConfig(
-            src_vocab_size, tgt_vocab_size, **{**PRESETS[preset], **overrides},
+        # From the arguments, not self.hparams: while LightningCLI instantiates a module, every module
+        # saving hyper-parameters gets the CLI's (Lightning's _given_hyperparameters context), so a
+        # teacher built for init_from inside this __init__ would get this student's architecture.
+        self.model = Transformer(config_from_hyperparameters(dict(
+            src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, preset=preset, d_model=d_model,
+            ffn_dim=ffn_dim, heads=heads, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+            dropout=dropout, bottleneck_dim=bottleneck_dim, stacked_ffn=stacked_ffn, embedding_dim=embedding_dim,
             attention_dropout=attention_dropout, activation_dropout=activation_dropout, pre_norm=pre_norm,
-            share_embeddings=share_embeddings, max_positions=max_positions, pad_id=PAD_ID,
-        ))
+            share_embeddings=share_embeddings, max_positions=max_positions), pad_id=PAD_ID))
         self.loss_terms: dict[str, _RegisteredTerm] = {}
         self.loss_weights: dict[str, float] = {CROSS_ENTROPY: 1.0}
         # Token normalisation across ranks and accumulated batches (see on_before_optimizer_step).

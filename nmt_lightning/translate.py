@@ -1,9 +1,9 @@
-"""Translating lists of detokenized lines with a trained TranslationModule."""
+"""Translating lists of detokenized lines with a trained TranslationModule or a Translator."""
 
 from __future__ import annotations
 
 import sys
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -12,8 +12,11 @@ from tqdm import tqdm
 from nmt_lightning.bpe import EOS_ID
 from nmt_lightning.data.dataset import pad_batch
 from nmt_lightning.decoding import beam_search, greedy_search
-from nmt_lightning.module import TranslationModule
 from nmt_lightning.shortlist import Shortlist
+from nmt_lightning.translator import Translator
+
+if TYPE_CHECKING:
+    from nmt_lightning.module import TranslationModule
 
 
 def source_batches(token_ids: list[list[int]], batch_size: int,
@@ -27,7 +30,7 @@ def source_batches(token_ids: list[list[int]], batch_size: int,
         yield chunk, pad_batch([ids[i] for i in chunk])
 
 
-def translate_lines(module: TranslationModule, lines: list[str], beam: int = 4, batch_size: int = 32,
+def translate_lines(module: Union[TranslationModule, Translator], lines: list[str], beam: int = 4, batch_size: int = 32,
                     progress: bool = True, use_cache: bool = True, shortlist: Optional[Shortlist] = None) -> list[str]:
     """Translate ``lines``, returned in the same order. Batches group sentences of similar
     length to limit padding; greedy search when ``beam == 1``. ``shortlist``: each batch

@@ -7,7 +7,7 @@ import json
 import lzma
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from safetensors.torch import save_file
 import torch
@@ -18,8 +18,12 @@ from nmt_lightning.checkpoint_reading import read_checkpoint
 from nmt_lightning.errors import ModelFileError
 from nmt_lightning.export.module_file import encode_module_checkpoint, fill_module, read_file
 from nmt_lightning.export.post_training import post_training_ipq
-from nmt_lightning.module import TranslationModule
+from nmt_lightning.model import Transformer, config_from_hyperparameters
 from nmt_lightning.tokenization import Tokenization
+from nmt_lightning.translator import Translator
+
+if TYPE_CHECKING:  # loading for translation only (load_translator) never imports Lightning
+    from nmt_lightning.module import TranslationModule
 
 FORMAT = "nmt-lightning-export/3"
 FORMAT_2 = "nmt-lightning-export/2"  # the sentencepiece models stored raw; still read
@@ -47,7 +51,7 @@ def encode_checkpoint(checkpoint: Mapping[str, Any], origin: str, quantize: Opti
     if "nmt_lightning_tokenization" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise ModelFileError(f"{origin}: not a checkpoint of a translation model")
     hyper_parameters = {k: v for k, v in dict(checkpoint["hyper_parameters"]).items() if not k.startswith("_")}
-    model = TranslationModule.from_hyperparameters(hyper_parameters).model
+    model = Transformer(config_from_hyperparameters(hyper_parameters))
     encoded = encode_module_checkpoint(checkpoint, model, origin, quantize, prefix="model.")
     tensors = dict(encoded.tensors)
     tokenization = checkpoint["nmt_lightning_tokenization"]
@@ -103,7 +107,7 @@ def export_checkpoint(checkpoint_path: str | os.PathLike, output: str | os.PathL
     if quantize == "ipq":
         if "hyper_parameters" not in checkpoint:
             raise ModelFileError(f"{path}: not a checkpoint of a translation model")
-        architecture = TranslationModule.from_hyperparameters(checkpoint["hyper_parameters"]).model
+        architecture = Transformer(config_from_hyperparameters(checkpoint["hyper_parameters"]))
         checkpoint, quantize = post_training_ipq(checkpoint, architecture, str(path)), None
     encoded = encode_checkpoint(checkpoint, str(path), quantize)
     output = Path(output)
@@ -121,8 +125,16 @@ def build_module(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     ``runtime_layers`` each nn.Linear whose codec has a faster form is then replaced by it
     (``Int8Linear``); without, the model stays plain nn.Linear layers holding the decoded
     weights (what another runtime, such as CTranslate2, converts)."""
-    tensors = dict(tensors)
+    from nmt_lightning.module import TranslationModule
+
     module = TranslationModule.from_hyperparameters(json.loads(metadata["hyper_parameters"]))
+    return _fill(module, tensors, metadata, runtime_layers)
+
+
+def _fill(module: Union[TranslationModule, Translator], tensors: Mapping[str, torch.Tensor],
+          metadata: Mapping[str, str], runtime_layers: bool) -> Union[TranslationModule, Translator]:
+    """``module`` (its Transformer untrained) given the weights and tokenization of an export, in eval mode."""
+    tensors = dict(tensors)
     token_info = json.loads(metadata["tokenization"])
     src_model = _pop_sentencepiece(tensors, "src")
     if src_model is None:
@@ -161,16 +173,33 @@ def _from_format_1(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     return {**metadata, "format": FORMAT, "weights": json.dumps(entries)}
 
 
-def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> TranslationModule:
-    """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``
-    (``runtime_layers``: see ``build_module``)."""
-    path = Path(path)
+def _read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata in this format) of a file written by ``nmt-lightning export``."""
     tensors, metadata = read_file(path)
     if metadata.get("format") == FORMAT_1:
         metadata = _from_format_1(tensors, metadata)
     if metadata.get("format") not in (FORMAT, FORMAT_2):
         raise ModelFileError(f"{path}: a safetensors file, but not one written by 'nmt-lightning export'")
+    return tensors, metadata
+
+
+def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> TranslationModule:
+    """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``
+    (``runtime_layers``: see ``build_module``)."""
+    path = Path(path)
+    tensors, metadata = _read_export(path)
     try:
         return build_module(tensors, metadata, runtime_layers)
+    except ModelFileError as error:
+        raise ModelFileError(f"{path}: {error}") from None
+
+
+def load_translator(path: str | os.PathLike, runtime_layers: bool = True) -> Translator:
+    """``load_exported`` for translation only: a Translator (eval mode, CPU), Lightning not imported."""
+    path = Path(path)
+    tensors, metadata = _read_export(path)
+    try:
+        return _fill(Translator.from_hyperparameters(json.loads(metadata["hyper_parameters"])), tensors, metadata,
+                     runtime_layers)
     except ModelFileError as error:
         raise ModelFileError(f"{path}: {error}") from None

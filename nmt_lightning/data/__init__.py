@@ -1,7 +1,21 @@
-"""Training-time data: memory-mapped parallel datasets, token-count batching, the DataModule."""
+"""Training-time data: memory-mapped parallel datasets, token-count batching, the DataModule.
 
-from nmt_lightning.data.dataset import ParallelTokenDataset
-from nmt_lightning.data.datamodule import TranslationDataModule
-from nmt_lightning.data.sampler import TokenBatchSampler
+The names load on first use (PEP 562), so that translation, which only pads batches
+(``dataset.pad_batch``), does not import Lightning through the DataModule."""
 
-__all__ = ["ParallelTokenDataset", "TokenBatchSampler", "TranslationDataModule"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_MODULES = {"ParallelTokenDataset": "nmt_lightning.data.dataset",
+            "TokenBatchSampler": "nmt_lightning.data.sampler",
+            "TranslationDataModule": "nmt_lightning.data.datamodule"}
+
+__all__ = sorted(_MODULES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULES[name]), name)

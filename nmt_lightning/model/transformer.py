@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -87,6 +87,26 @@ PRESETS: dict[str, dict] = {
                             bottleneck_dim=64, stacked_ffn=2, embedding_dim=128),
 }
 
+
+# What a TranslationModule's hyper-parameters (its __init__ arguments, stored in every checkpoint
+# and export) say about its Transformer, with that module's defaults: the preset, the non-None
+# fields of the preset that override it, and the fields no preset sets.
+PRESET_FIELDS = ("d_model", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "dropout", "bottleneck_dim",
+                 "stacked_ffn", "embedding_dim")
+ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(src_vocab_size=8000, tgt_vocab_size=8000, attention_dropout=0.0,
+                                             activation_dropout=0.0, pre_norm=False, share_embeddings="all",
+                                             max_positions=1024)
+
+
+def config_from_hyperparameters(hyper_parameters: Mapping[str, Any], pad_id: int = 0) -> TransformerConfig:
+    """The architecture of the TranslationModule with these hyper-parameters (other keys, such as
+    the learning rate, are ignored): ``preset`` ("tiny" when absent) with the fields given."""
+    preset = hyper_parameters.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got '{preset}'")
+    overrides = {k: hyper_parameters[k] for k in PRESET_FIELDS if hyper_parameters.get(k) is not None}
+    fixed = {k: hyper_parameters.get(k, default) for k, default in ARCHITECTURE_DEFAULTS.items()}
+    return TransformerConfig(**{**PRESETS[preset], **overrides}, **fixed, pad_id=pad_id)
 
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     """(length, d_model): sin on even dimensions, cos on odd ones, as in the paper."""

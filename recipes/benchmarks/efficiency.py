@@ -177,12 +177,11 @@ def worker(args: argparse.Namespace) -> None:
         def translate(batch: list[str], batch_size: int) -> list[str]:
             return model.translate_lines(batch, beam=args.beam, batch_size=batch_size, progress=False)
     else:
-        from nmt_lightning.loading import load_translation_module
+        from nmt_lightning.loading import load_for_translation
+        from nmt_lightning.shortlist import Shortlist
         from nmt_lightning.translate import translate_lines
 
-        from nmt_lightning.shortlist import Shortlist
-
-        module = load_translation_module(args.path)
+        module = load_for_translation(args.path, "cpu")  # an export file: no Lightning import in the worker
         shortlist = Shortlist.read(args.vocabulary_map, module.tokenization) if args.shortlist else None
 
         def translate(batch: list[str], batch_size: int) -> list[str]:

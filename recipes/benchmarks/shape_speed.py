@@ -165,11 +165,11 @@ def worker(args: argparse.Namespace) -> None:
             return [len(future.result().hypotheses[0]) for futures in pending for future in futures]
     else:
         from nmt_lightning.decoding import beam_search
-        from nmt_lightning.loading import load_translation_module
+        from nmt_lightning.loading import load_for_translation
         from nmt_lightning.shortlist import Shortlist
         from nmt_lightning.translate import source_batches
 
-        module = load_translation_module(args.path)
+        module = load_for_translation(args.path, "cpu")
         shortlist = Shortlist.read(args.vocabulary_map, module.tokenization) if args.shortlist else None
         limit = module.model.config.max_positions - 1
         batches = [(source, round(statistics.mean(lengths[i] for i in chunk)))
