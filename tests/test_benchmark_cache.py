@@ -52,6 +52,32 @@ def test_a_benchmark_refuses_a_checkpoint_that_is_not_the_model_it_assumes(train
         side_by_side.check_given_model(tmp_path / "qat.ckpt", "--x", same_shape, False)
 
 
+
+@pytest.mark.parametrize("given, checked_as_default", [
+    ([], True),
+    # the main job passes the path of the model it trained, which its time cap may have stopped
+    # before the recipe's steps: given explicitly, the step count is not checked
+    (["--fp32-checkpoint", "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"], False),
+])
+def test_the_int8_benchmark_checks_the_steps_of_its_default_checkpoint_only(
+        given: list, checked_as_default: bool, trained_checkpoint: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    benchmark = import_benchmark("int8_quantization")
+    seen = {}
+
+    def check(path: Path, argument: str, expected: dict, default: bool) -> dict:
+        seen.update(path=path, default=default)
+        raise SystemExit("checked")
+
+    monkeypatch.setattr(benchmark, "check_given_model", check)
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "runs" / "libreoffice_en_cs_tiny" / "checkpoints" / "last.ckpt"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(trained_checkpoint.read_bytes())  # present: nothing is trained
+    with pytest.raises(SystemExit, match="checked"):
+        benchmark.main(["--out", str(tmp_path / "out"), *given])
+    assert seen == {"path": target.resolve(), "default": checked_as_default}
+
 def test_a_fit_that_stops_early_without_an_error_is_not_taken_as_trained(prepared_dir: Path, tmp_path: Path) -> None:
     """Lightning ends a fit cleanly (exit status 0) on SIGTERM, or here at its epoch limit: the run
     stopped before its steps, so its checkpoint is not the run's result and a run that would start

@@ -53,6 +53,7 @@ from side_by_side import MAIN_JOB_MODEL, check_given_model, cpu_description, wei
 
 RECIPES = ROOT / "recipes"
 TINY = RECIPES / "libreoffice_en_cs" / "tiny.yaml"
+DEFAULT_FP32 = "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt"
 FINETUNE = RECIPES / "libreoffice_en_cs" / "finetune.yaml"
 QAT = RECIPES / "compress" / "qat.yaml"
 PTQ_ROW = "PTQ int8 (dynamic, no training)"  # the fp32 model's own int8 copy: the same decoding work, int8 arithmetic
@@ -210,8 +211,7 @@ def train_and_export(args: argparse.Namespace, out: Path, data_dir: Path) -> tup
         run_cli(["fit", "--config", str(TINY), f"--data.data_dir={data_dir}"], Path.cwd())
         if not fp32_checkpoint.is_file():
             raise SystemExit(f"{fp32_checkpoint}: still missing after training tiny.yaml (pass --fp32-checkpoint)")
-    check_given_model(fp32_checkpoint, "--fp32-checkpoint", MAIN_JOB_MODEL,
-                      default=args.fp32_checkpoint == "runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    check_given_model(fp32_checkpoint, "--fp32-checkpoint", MAIN_JOB_MODEL, default=not args.fp32_given)
     qat_checkpoint = (Path(args.qat_checkpoint).resolve() if args.qat_checkpoint
                       else finetune(fp32_checkpoint, data_dir, out / "qat_finetune", quantize=True))
 
@@ -230,7 +230,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/int8_benchmark", help="output directory (default: %(default)s)")
     parser.add_argument("--data-dir", default="data/libreoffice_en_cs", help="prepared data (default: %(default)s)")
-    parser.add_argument("--fp32-checkpoint", default="runs/libreoffice_en_cs_tiny/checkpoints/last.ckpt")
+    parser.add_argument("--fp32-checkpoint", help=f"default: {DEFAULT_FP32}, which must have trained the recipe's "
+                        "steps; a checkpoint given here (as the main job gives the one it trained, however far its "
+                        "time cap let it go) may have trained any number")
     parser.add_argument("--qat-checkpoint", help="a checkpoint trained with QuantizationAwareTraining (skips fine-tuning)")
     parser.add_argument("--control", action="store_true", help="also fine-tune fp32 with the same budget, no QAT")
     parser.add_argument("--beam", type=int, default=4)
@@ -240,6 +242,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--exports", help="measure the exported files of an earlier run in this directory "
                                           "(fp32.safetensors, ptq.int8.safetensors, ...) instead of training")
     args = parser.parse_args(argv)
+    args.fp32_given = args.fp32_checkpoint is not None
+    args.fp32_checkpoint = args.fp32_checkpoint or DEFAULT_FP32
     out, data_dir = Path(args.out).resolve(), Path(args.data_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.exports:
