@@ -108,6 +108,7 @@ def config_from_hyperparameters(hyper_parameters: Mapping[str, Any], pad_id: int
     fixed = {k: hyper_parameters.get(k, default) for k, default in ARCHITECTURE_DEFAULTS.items()}
     return TransformerConfig(**{**PRESETS[preset], **overrides}, **fixed, pad_id=pad_id)
 
+
 def sinusoidal_positions(length: int, d_model: int) -> torch.Tensor:
     """(length, d_model): sin on even dimensions, cos on odd ones, as in the paper."""
     position = torch.arange(length, dtype=torch.float32).unsqueeze(1)
