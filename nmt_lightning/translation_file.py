@@ -7,7 +7,7 @@ import json
 import lzma
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Union
 
 from safetensors.torch import save_file
 import torch
@@ -186,20 +186,21 @@ def _read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 def load_exported(path: str | os.PathLike, runtime_layers: bool = True) -> TranslationModule:
     """A TranslationModule (eval mode, CPU) from a file written by ``nmt-lightning export``
     (``runtime_layers``: see ``build_module``)."""
-    path = Path(path)
-    tensors, metadata = _read_export(path)
-    try:
-        return build_module(tensors, metadata, runtime_layers)
-    except ModelFileError as error:
-        raise ModelFileError(f"{path}: {error}") from None
+    from nmt_lightning.module import TranslationModule
+
+    return _load(path, TranslationModule.from_hyperparameters, runtime_layers)
 
 
 def load_translator(path: str | os.PathLike, runtime_layers: bool = True) -> Translator:
     """``load_exported`` for translation only: a Translator (eval mode, CPU), Lightning not imported."""
+    return _load(path, Translator.from_hyperparameters, runtime_layers)
+
+
+def _load(path: str | os.PathLike, untrained: Callable[[dict], Any], runtime_layers: bool) -> Any:
+    """``untrained(hyper-parameters)`` of the file at ``path``, filled by ``_fill``; errors name the file."""
     path = Path(path)
     tensors, metadata = _read_export(path)
     try:
-        return _fill(Translator.from_hyperparameters(json.loads(metadata["hyper_parameters"])), tensors, metadata,
-                     runtime_layers)
+        return _fill(untrained(json.loads(metadata["hyper_parameters"])), tensors, metadata, runtime_layers)
     except ModelFileError as error:
         raise ModelFileError(f"{path}: {error}") from None
