@@ -15,15 +15,23 @@ module with ``nn.Linear`` children ``fc1`` and ``fc2`` (``feed_forward_layers`` 
 otherwise, e.g. ``["linear1", "linear2"]`` for ``nn.TransformerEncoderLayer``, ``["0", "2"]``
 for an ``nn.Sequential``), the first's
 outputs being the second's inputs. ``include``/``exclude`` globs over those modules' names
-choose which are pruned. ``nn.MultiheadAttention`` is refused: it keeps q, k and v in one fused
-``in_proj_weight`` and derives ``head_dim`` from ``embed_dim``, so its heads cannot be cut.
+choose which are pruned. torch's own layers are found as they are: ``nn.MultiheadAttention``'s
+heads (rows of its fused ``in_proj_weight``, columns of its ``out_proj``) and the ``linear1`` /
+``linear2`` neurons of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``. An
+``nn.MultiheadAttention`` derives ``head_dim`` from ``embed_dim``, so its removed heads cannot be
+cut out of the matrices: they stay masked, and the export writes them as zeros (record
+``cut: False``); our attention and Hugging Face's lose their rows and columns.
 
 **Importance.** ``importance="taylor"`` is Michel et al.'s (2019) head importance, applied to
 neurons too (Molchanov et al. 2017's first-order Taylor criterion): a gate ``xi_u`` multiplying
 unit ``u``'s output, ``I_u = sum over sentences |dL/d xi_u|``, where ``dL/d xi_u`` is the unit's
 output dotted with the loss gradient at that output, summed over the sentence's positions. It
 is gathered from the gradients of the training steps since the previous pruning (no extra
-passes), summed over DDP ranks at every optimiser step so every rank decides alike.
+passes), summed over DDP ranks at every optimiser step so every rank decides alike. An
+``nn.MultiheadAttention`` never calls its ``out_proj`` as a module, so while importances are
+gathered it is asked for its per-head attention probabilities (``need_weights=True,
+average_attn_weights=False``; its caller still gets what it asked for) and the heads' outputs
+are those probabilities times the heads' values.
 ``importance="magnitude"`` is the baseline: the L2 norm of the unit's rows and columns.
 
 **Schedule.** As gradual magnitude pruning (Zhu & Gupta 2017): every ``frequency`` steps from
@@ -59,8 +67,9 @@ modules from the one checkpoint.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import lightning as L
 import torch
@@ -78,26 +87,42 @@ __all__ = ["StructuredPruning", "UnitMask"]
 OWNER = "StructuredPruning"
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")  # rows: q, k, v; columns: out
 FEED_FORWARD_LAYERS = ("fc1", "fc2")  # rows: the first; columns: the second
+TORCH_FEED_FORWARD_LAYERS = ("linear1", "linear2")  # nn.TransformerEncoderLayer's and DecoderLayer's
 COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads")
+FUSED_QKV = "in_proj"  # nn.MultiheadAttention's in_proj_weight (3 * embed_dim, embed_dim) and in_proj_bias
+MHA_ARGUMENTS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]  # query, key, value, ...
 
 
 class UnitMask(WeightTransform):
     """``weight`` with the rows (``axis=0``) or columns (``axis=1``) of dropped units zeroed.
 
     ``keep`` (units,): 1 keeps a unit, 0 drops it; unit ``u`` spans ``width`` consecutive rows or
-    columns. Each layer of a unit group holds its own copy (a buffer shared between modules would
-    be copied apart by ``model.to(device)``); ``UnitGroup.set_keep`` writes them all."""
+    columns, in each of ``blocks`` stacked blocks (3 for a fused q/k/v weight, (3 * units * width,
+    in)). Each layer of a unit group holds its own copy (a buffer shared between modules would be
+    copied apart by ``model.to(device)``); ``UnitGroup.set_keep`` writes them all."""
 
     stage = MASK
 
-    def __init__(self, keep: torch.Tensor, width: int, axis: int) -> None:
+    def __init__(self, keep: torch.Tensor, width: int, axis: int, blocks: int = 1) -> None:
         super().__init__()
         self.register_buffer("keep", keep)
-        self.width, self.axis = width, axis
+        self.width, self.axis, self.blocks = width, axis, blocks
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        mask = self.keep.to(weight.dtype).repeat_interleave(self.width)  # (units * width,)
+        mask = self.keep.to(weight.dtype).repeat_interleave(self.width).repeat(self.blocks)  # (blocks * units * width,)
         return weight * (mask[:, None] if self.axis == 0 else mask[None, :])
+
+
+@dataclass(frozen=True)
+class UnitTensor:
+    """One weight holding a group's units: ``owner.<tensor>`` (and its bias ``owner.<bias>`` for
+    rows), the units along ``axis`` in ``blocks`` stacked blocks."""
+
+    owner: nn.Module
+    tensor: str
+    bias: Optional[str]
+    axis: int
+    blocks: int = 1
 
 
 @dataclass
@@ -111,12 +136,18 @@ class UnitGroup:
     columns: tuple[str, ...]  # children whose input columns hold the units
     width: int  # rows per unit: head_dim, or 1 for a neuron
     count_attribute: Optional[str]  # "heads" / "num_heads", or None
+    fused_rows: Optional[str] = None  # FUSED_QKV: the module's own q/k/v rows (nn.MultiheadAttention)
     pending: Optional[torch.Tensor] = None  # importance of the current optimiser step (units,)
 
+    @property
+    def cut(self) -> bool:
+        """Whether an export can take the units out (an nn.MultiheadAttention keeps its shapes)."""
+        return self.fused_rows is None
+
     def masks(self) -> list[UnitMask]:
-        """The UnitMask of each of the group's layers, looked up afresh: ``model.to(device)``
+        """The UnitMask of each of the group's weights, looked up afresh: ``model.to(device)``
         replaces buffers, so a tensor kept from before would go stale."""
-        return [find_weight_transform(linear, UnitMask) for _, linear, _ in self.linears()]
+        return [find_weight_transform(t.owner, UnitMask, t.tensor) for t in self.tensors()]
 
     @property
     def keep(self) -> torch.Tensor:
@@ -132,20 +163,23 @@ class UnitGroup:
     def units(self) -> int:
         return int(self.keep.numel())
 
-    def linears(self) -> list[tuple[str, nn.Linear, int]]:
-        """(child name, layer, axis) of every layer the units live in."""
-        return ([(child, getattr(self.module, child), 0) for child in self.rows]
-                + [(child, getattr(self.module, child), 1) for child in self.columns])
+    def tensors(self) -> list[UnitTensor]:
+        """Every weight the units live in: the rows first, then the columns."""
+        fused = ([UnitTensor(self.module, f"{self.fused_rows}_weight", f"{self.fused_rows}_bias", 0, 3)]
+                 if self.fused_rows else [])
+        return (fused + [UnitTensor(getattr(self.module, child), "weight", "bias", 0) for child in self.rows]
+                + [UnitTensor(getattr(self.module, child), "weight", None, 1) for child in self.columns])
 
     def magnitudes(self) -> torch.Tensor:
         """(units,): the L2 norm of each unit's rows and columns (as trained, before any transform)."""
         squares = torch.zeros(self.units, dtype=torch.float64, device=self.keep.device)
-        for _, linear, axis in self.linears():
-            weight = trainable_weight(linear).detach().double()
-            per_row = weight.pow(2).sum(1 - axis)  # (units * width,)
-            squares += per_row.view(self.units, self.width).sum(1)
-            if axis == 0 and linear.bias is not None:
-                squares += linear.bias.detach().double().pow(2).view(self.units, self.width).sum(1)
+        for unit_tensor in self.tensors():
+            weight = trainable_weight(unit_tensor.owner, unit_tensor.tensor).detach().double()
+            per_row = weight.pow(2).sum(1 - unit_tensor.axis)  # (blocks * units * width,)
+            squares += per_row.view(unit_tensor.blocks, self.units, self.width).sum((0, 2))
+            bias = getattr(unit_tensor.owner, unit_tensor.bias) if unit_tensor.bias else None
+            if bias is not None:
+                squares += bias.detach().double().pow(2).view(unit_tensor.blocks, self.units, self.width).sum((0, 2))
         return squares.sqrt()
 
 
@@ -178,11 +212,8 @@ def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[
         if not matches(name, include) or matches(name, exclude):
             continue
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention):
-            raise ValueError(f"{OWNER}: {name} is a torch.nn.MultiheadAttention, whose q, k and v share one fused "
-                             f"in_proj_weight and whose head_dim follows from embed_dim: its heads cannot be cut. "
-                             f"Prune feed-forward neurons only (prune_heads=0), exclude it (exclude=['{name}']) or use an "
-                             f"attention with separate q_proj, k_proj, v_proj and out_proj")
-        if "heads" in kinds and _children_are_linear(module, attention_layers):
+            groups.append(_multihead_attention_group(name, module))
+        elif "heads" in kinds and _children_are_linear(module, attention_layers):
             attribute = _count_attribute(module)
             if attribute is None:
                 continue
@@ -195,11 +226,39 @@ def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[
                                  f"where all four hold heads x head_dim (no grouped keys and values)")
             groups.append(UnitGroup(name, "heads", module, tuple(attention_rows), (attention_columns,),
                                     inner // heads, attribute))
-        elif "neurons" in kinds and _children_are_linear(module, feed_forward_layers):
-            if getattr(module, first).out_features != getattr(module, second).in_features:
+        elif "neurons" in kinds:
+            pair = (first, second)
+            if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) \
+                    and tuple(feed_forward_layers) == FEED_FORWARD_LAYERS:
+                pair = TORCH_FEED_FORWARD_LAYERS  # torch's own layers, found without naming them
+            if not _children_are_linear(module, pair) or \
+                    getattr(module, pair[0]).out_features != getattr(module, pair[1]).in_features:
                 continue
-            groups.append(UnitGroup(name, "neurons", module, (first,), (second,), 1, None))
+            groups.append(UnitGroup(name, "neurons", module, (pair[0],), (pair[1],), 1, None))
     return groups
+
+
+def _multihead_attention_group(name: str, module: nn.MultiheadAttention) -> UnitGroup:
+    """The heads of a torch.nn.MultiheadAttention: rows of its fused q/k/v weight, columns of its
+    out_proj; refused where its keys and values are not plain per-head projections."""
+    if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+        raise ValueError(f"{OWNER}: {name} is a torch.nn.MultiheadAttention with kdim/vdim other than embed_dim "
+                         f"(separate q/k/v weights): its heads are not supported; prune_heads=0 prunes neurons only, "
+                         f"or exclude=['{name}']")
+    if module.bias_k is not None or module.add_zero_attn:
+        raise ValueError(f"{OWNER}: {name} is a torch.nn.MultiheadAttention with add_bias_kv or add_zero_attn, whose "
+                         f"extra key/value position its heads' pruning does not handle; prune_heads=0 prunes neurons "
+                         f"only, or exclude=['{name}']")
+    return UnitGroup(name, "heads", module, (), ("out_proj",), module.head_dim, None, fused_rows=FUSED_QKV)
+
+
+def _add_gate_gradients(group: UnitGroup, outputs: torch.Tensor, gradient: torch.Tensor) -> None:
+    """Add to ``group.pending`` each unit's ``sum over sentences |dL/d gate|`` from its outputs and
+    the loss gradient at them, both (B, ..., units * width): per sentence, the product summed over
+    the positions and the unit's width."""
+    product = (outputs.float() * gradient.float()).reshape(outputs.shape[0], -1, group.units, group.width)
+    per_sentence = product.sum(dim=(1, 3)).abs().sum(0)  # (units,)
+    group.pending = per_sentence if group.pending is None else group.pending + per_sentence
 
 
 class StructuredPruning(L.Callback):
@@ -297,14 +356,18 @@ class StructuredPruning(L.Callback):
                 raise ValueError(f"{OWNER}: prune_{kind} is {self.fraction(kind)} but include={self.include} "
                                  f"exclude={self.exclude} select no {what}; set prune_{kind}=0 or select some")
         for group in self.groups:
-            units = getattr(group.module, group.rows[0]).out_features // group.width
-            for _, linear, axis in group.linears():  # idempotent: a layer's existing UnitMask stays
-                add_weight_transform(linear, UnitMask(torch.ones(units, device=trainable_weight(linear).device),
-                                                      group.width, axis))
-        if self.importance == "taylor":
+            units = getattr(group.module, group.columns[0]).in_features // group.width
+            for unit_tensor in group.tensors():  # idempotent: a weight's existing UnitMask stays
+                device = trainable_weight(unit_tensor.owner, unit_tensor.tensor).device
+                add_weight_transform(unit_tensor.owner, UnitMask(torch.ones(units, device=device), group.width,
+                                                                 unit_tensor.axis, unit_tensor.blocks),
+                                     unit_tensor.tensor)
+        if self.importance == "taylor":  # the hooks stay for the model's lifetime
             for group in self.groups:
-                columns = getattr(group.module, group.columns[0])
-                columns.register_forward_pre_hook(self._gate_gradient_hook(group))  # for the model's lifetime
+                if group.fused_rows:
+                    self._hook_multihead_attention(group)
+                else:
+                    getattr(group.module, group.columns[0]).register_forward_pre_hook(self._gate_gradient_hook(group))
 
     def _kinds(self) -> list[str]:
         """The unit kinds this callback prunes at all."""
@@ -328,16 +391,76 @@ class StructuredPruning(L.Callback):
             if not (self._scoring and module.training and torch.is_grad_enabled() and x.requires_grad):
                 return
             saved = x.detach()
-
-            def on_gradient(gradient: torch.Tensor) -> None:
-                # (B, ..., units * width) -> per sentence and unit: sum over positions and the unit's width
-                product = (saved.float() * gradient.float()).reshape(saved.shape[0], -1, group.units, group.width)
-                per_sentence = product.sum(dim=(1, 3)).abs().sum(0)  # (units,)
-                group.pending = per_sentence if group.pending is None else group.pending + per_sentence
-
-            x.register_hook(on_gradient)
+            x.register_hook(lambda gradient: _add_gate_gradients(group, saved, gradient))
 
         return hook
+
+    def _hook_multihead_attention(self, group: UnitGroup) -> None:
+        """Taylor importances of an nn.MultiheadAttention's heads. Its forward applies ``out_proj``
+        inside ``F.multi_head_attention_forward``, so the heads' outputs (out_proj's input) are
+        rebuilt: while gathering, the call is made with ``need_weights=True,
+        average_attn_weights=False`` (torch's own computation, whose returned probabilities are
+        those it used, dropout included), the outputs are those probabilities times the values, and
+        the gradient at out_proj's input is the output's gradient times out_proj's weight. The
+        weights are the ones the forward computed (their transform chains' last results), not read
+        again: a chain with Quant-Noise draws anew at each read. The caller gets what it asked for."""
+        module = group.module
+        calls: list[Optional[dict[str, Any]]] = []  # per call in flight: what the caller asked, what it computed
+
+        def before(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+            if not (self._scoring and module.training and torch.is_grad_enabled()):
+                calls.append(None)
+                return None
+            call = {**dict(zip(MHA_ARGUMENTS, args)), **kwargs}
+            computed: dict[str, Any] = {"asked": (bool(call.get("need_weights", True)),
+                                                  bool(call.get("average_attn_weights", True)))}
+
+            def remember(key: str) -> Callable:
+                def hook(chain: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+                    computed[key] = output  # the last read is the one the forward passes on
+                return hook
+
+            # Hooked per call: another callback's transform added later rebuilds the chains.
+            computed["handles"] = [
+                module.parametrizations[f"{FUSED_QKV}_weight"].register_forward_hook(remember(FUSED_QKV)),
+                module.out_proj.parametrizations["weight"].register_forward_hook(remember("out_proj"))]
+            calls.append(computed)
+            return (), {**call, "need_weights": True, "average_attn_weights": False}
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, output: tuple) -> Optional[tuple]:
+            computed = calls.pop()
+            if computed is None:
+                return None
+            for handle in computed["handles"]:
+                handle.remove()
+            attention, probabilities = output  # (B, T, E) or (T, B, E) or (T, E); (B, H, T, S) or (H, T, S)
+            batched = kwargs["query"].dim() == 3
+            value = kwargs["value"] if batched else kwargs["value"].unsqueeze(1)
+            value = value.transpose(0, 1) if batched and module.batch_first else value  # (S, B, E)
+            weight, bias = computed.pop(FUSED_QKV), module.in_proj_bias
+            embed = module.embed_dim
+            values = nn.functional.linear(value, weight[2 * embed:], None if bias is None else bias[2 * embed:])
+            values = values.unflatten(-1, (module.num_heads, module.head_dim)).permute(1, 2, 0, 3)  # (B, H, S, hd)
+            per_head = probabilities if batched else probabilities.unsqueeze(0)
+            heads = (per_head.to(values.dtype) @ values).permute(0, 2, 1, 3).flatten(2).detach()  # (B, T, E)
+            out_weight = computed.pop("out_proj").detach()
+
+            def on_gradient(gradient: torch.Tensor) -> None:
+                if not batched:
+                    gradient = gradient.unsqueeze(0)
+                elif not module.batch_first:
+                    gradient = gradient.transpose(0, 1)  # (B, T, E)
+                _add_gate_gradients(group, heads, gradient.float() @ out_weight.float())
+
+            if attention.requires_grad:
+                attention.register_hook(on_gradient)
+            need_weights, average = computed["asked"]
+            if not need_weights:
+                return attention, None
+            return attention, probabilities.mean(dim=-3) if average else probabilities
+
+        module.register_forward_pre_hook(before, with_kwargs=True)
+        module.register_forward_hook(after, with_kwargs=True)
 
     # ------------------------------------------------------------------ training
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -382,10 +505,11 @@ class StructuredPruning(L.Callback):
                 raise ValueError(f"{OWNER}: masks_from {path} records no units of {name}, which this run prunes; "
                                  f"exclude it, or start from a checkpoint that pruned it")
             keep = state.get(entry["keep"])
-            if (tuple(entry["rows"]), tuple(entry["columns"]), entry["width"]) != (group.rows, group.columns,
-                                                                                  group.width) \
+            if (tuple(entry["rows"]), tuple(entry["columns"]), entry["width"], entry.get("fused_rows")) != (
+                    group.rows, group.columns, group.width, group.fused_rows) \
                     or keep is None or tuple(keep.shape) != (group.units,):
-                raise ValueError(f"{OWNER}: masks_from {path}: {name}'s record (rows {entry['rows']}, columns "
+                raise ValueError(f"{OWNER}: masks_from {path}: {name}'s record (rows {entry['rows']}"
+                                 f"{' and fused ' + entry['fused_rows'] if entry.get('fused_rows') else ''}, columns "
                                  f"{entry['columns']}, width {entry['width']}, keep "
                                  f"{None if keep is None else tuple(keep.shape)}) does not fit this model's "
                                  f"{group.kind} ({list(group.rows)}, {list(group.columns)}, width {group.width}, "
@@ -482,11 +606,12 @@ class StructuredPruning(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         names = {id(module): name for name, module in pl_module.named_modules()}
         for group in self.groups:
-            first = getattr(group.module, group.rows[0])
-            index = next(i for i, t in enumerate(weight_transforms(first)) if isinstance(t, UnitMask))
-            keep = f"{names[id(first)]}.parametrizations.weight.{index}.keep"
+            first = group.tensors()[0]
+            index = next(i for i, t in enumerate(weight_transforms(first.owner, first.tensor))
+                         if isinstance(t, UnitMask))
+            keep = f"{names[id(first.owner)]}.parametrizations.{first.tensor}.{index}.keep"
             record_structure(checkpoint, group.name, keep, list(group.rows), list(group.columns), group.width,
-                             group.count_attribute)
+                             group.count_attribute, fused_rows=group.fused_rows, cut=group.cut)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, OWNER)

@@ -24,6 +24,12 @@ attention module::
 columns of each ``columns`` child's weight; ``count_attribute`` (or None) is the module's integer
 attribute counting the units, set to the number kept. An exporter cuts the tensors before
 encoding them, so the file holds smaller matrices and its model is built with them.
+
+Two optional fields describe a torch.nn.MultiheadAttention, whose q, k and v rows are the
+module's own fused tensors and whose shapes cannot change: ``"fused_rows": "in_proj"`` (unit
+``u``'s rows in each of the three blocks of ``in_proj_weight`` and ``in_proj_bias``) and
+``"cut": False`` (the exporter zeroes the removed units' rows and columns in place instead of
+taking them out; the module keeps its size). A record without them is cut.
 """
 
 from __future__ import annotations
@@ -50,9 +56,13 @@ def record_codec(checkpoint: dict[str, Any], tensor_name: str, codec: str, order
 
 
 def record_structure(checkpoint: dict[str, Any], module_name: str, keep: str, rows: list[str], columns: list[str],
-                     width: int, count_attribute: str | None) -> None:
+                     width: int, count_attribute: str | None, fused_rows: str | None = None, cut: bool = True) -> None:
     """Record that ``module_name`` loses the units its ``keep`` tensor marks 0 (see the module
     docstring; saving twice writes it once)."""
-    checkpoint.setdefault(STRUCTURE_KEY, {})[module_name] = {
-        "keep": keep, "rows": list(rows), "columns": list(columns), "width": int(width),
-        "count_attribute": count_attribute}
+    record = {"keep": keep, "rows": list(rows), "columns": list(columns), "width": int(width),
+              "count_attribute": count_attribute}
+    if fused_rows is not None:
+        record["fused_rows"] = fused_rows
+    if not cut:
+        record["cut"] = False
+    checkpoint.setdefault(STRUCTURE_KEY, {})[module_name] = record

@@ -5,7 +5,9 @@ heads, feed-forward neurons) it dropped (``compression_contract.manifest.STRUCTU
 exporter takes their rows and columns out of the tensors before encoding them (``cut_units``),
 and the file lists each module's new size, so loading first shrinks the freshly built model to
 those shapes (``shrink_modules``) and then fills it. Nothing here knows our model: the record
-names the layers and the attribute that counts the units.
+names the layers and the attribute that counts the units. A module that cannot take smaller
+matrices (torch.nn.MultiheadAttention, record ``cut: False``) keeps its shapes, with the removed
+units' rows and columns written as zeros.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
                                  f"no such tensor")
         keep = state[keep_key].detach().cpu()
         width = int(record["width"])
+        if record.get("cut", True) is False:
+            weights = _zero_units(weights, keep, width, record, module)
+            continue
         index = _kept_rows(keep, width)
         for axis, children in ((0, record["rows"]), (1, record["columns"])):
             for child in children:
@@ -68,6 +73,28 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
         sizes[module] = {"units": int((keep > 0).sum()), "width": width, "rows": list(record["rows"]),
                          "columns": list(record["columns"]), "count_attribute": record.get("count_attribute")}
     return weights, state, sizes
+
+
+def _zero_units(weights: Mapping[str, torch.Tensor], keep: torch.Tensor, width: int, record: Mapping[str, Any],
+                module: str) -> dict[str, torch.Tensor]:
+    """``weights`` with the removed units' rows and columns set to zero, shapes unchanged (a module
+    that cannot take smaller matrices: torch.nn.MultiheadAttention). The masked model computed
+    the same: its out_proj columns were masked, so a removed head added nothing."""
+    weights = dict(weights)
+    dropped = ~torch.isin(torch.arange(keep.numel() * width), _kept_rows(keep, width))  # (units * width,)
+    row_tensors = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
+    if record.get("fused_rows"):
+        row_tensors += [f"{module}.{record['fused_rows']}_{part}" for part in ("weight", "bias")]
+    for axis, names in ((0, row_tensors), (1, [f"{module}.{child}.weight" for child in record["columns"]])):
+        for name in names:
+            if name not in weights:
+                continue
+            tensor = weights[name]
+            blocks = tensor.shape[axis] // dropped.numel()  # 3 for fused q/k/v rows
+            mask = dropped.repeat(blocks).to(tensor.device)
+            shaped = mask if tensor.dim() == 1 else mask[:, None] if axis == 0 else mask[None, :]  # a bias: (rows,)
+            weights[name] = tensor.masked_fill(shaped, 0.0)
+    return weights
 
 
 def _smaller_linear(linear: nn.Module, rows: int | None, columns: int | None) -> nn.Linear:

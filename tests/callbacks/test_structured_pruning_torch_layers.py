@@ -1,0 +1,251 @@
+"""StructuredPruning on torch's own layers: nn.MultiheadAttention's heads and the feed-forward
+neurons of nn.TransformerEncoderLayer, found without naming them.
+
+The head importances are checked against an attention written out by hand from the module's
+weights, with a gate per sentence and head multiplying each head's output: autograd's gradient
+at the gates (all ones) is the importance before the absolute value. The hand-written attention
+never calls nn.MultiheadAttention, so a wrong reconstruction of the heads' outputs (the
+probabilities before the padding mask, another head order, the bias left out of the values)
+answers differently.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import StructuredPruning
+from callbacks.structured_pruning import find_unit_groups
+from nmt_lightning.export import export_module, load_module
+from tests.callbacks.classifier import ResumableLoader
+from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+
+WIDTH, HEADS, NEURONS = 12, 4, 10
+HEAD_DIM = WIDTH // HEADS
+
+
+def padding(sentences: int, length: int = 5) -> torch.Tensor:
+    """(B, S) True at padded key positions: sentence b has its last b % 3 positions padded."""
+    positions = torch.arange(length)
+    return torch.stack([positions >= length - index % 3 for index in range(sentences)])
+
+
+class PaddedRegression(L.LightningModule):
+    """Random vectors (B, T, WIDTH) with padded positions regressed onto random targets;
+    subclasses give ``forward(x, pad)``."""
+
+    def training_step(self, batch, batch_index):
+        inputs, pad, targets = batch
+        return F.mse_loss(self(inputs, pad), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class TorchAttention(PaddedRegression):
+    """Self-attention by nn.MultiheadAttention (batch first, a key padding mask, no weights asked
+    for, as nn.TransformerEncoderLayer calls it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(WIDTH, HEADS, batch_first=True)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return x + self.attention(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
+class TorchEncoder(PaddedRegression):
+    """Two stock nn.TransformerEncoderLayer (sequence first, post-norm, no dropout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(WIDTH, HEADS, NEURONS, dropout=0.0), 2,
+                                             enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x.transpose(0, 1), src_key_padding_mask=pad).transpose(0, 1)
+
+
+def data(sentences: int = 8, batch_size: int = 4) -> DataLoader:
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(sentences, 5, WIDTH, generator=generator)
+    targets = torch.randn(sentences, 5, WIDTH, generator=generator)
+    return DataLoader(TensorDataset(inputs, padding(sentences), targets), batch_size=batch_size)
+
+
+def attention_by_hand(module: nn.MultiheadAttention, x: torch.Tensor, pad: torch.Tensor,
+                      gates: torch.Tensor) -> torch.Tensor:
+    """What ``module(x, x, x, key_padding_mask=pad)`` computes, each head's output times its gate
+    (B, heads): x (B, T, E) -> (B, T, E)."""
+    q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(HEAD_DIM)
+    scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    heads = scores.softmax(-1) @ v * gates[:, :, None, None]
+    return F.linear(heads.transpose(1, 2).flatten(2), module.out_proj.weight, module.out_proj.bias)
+
+
+def gated_head_gradients(model: TorchAttention, inputs: torch.Tensor, pad: torch.Tensor,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """dL/d gate of every (sentence, head), L the model's MSE; the parameters' gradients are left in place."""
+    gates = torch.ones(inputs.shape[0], HEADS, requires_grad=True)
+    F.mse_loss(inputs + attention_by_hand(model.attention, inputs, pad, gates), targets).backward()
+    return gates.grad
+
+
+def test_taylor_importance_of_multihead_attention_heads_is_the_gate_gradient_per_sentence(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, reference = TorchAttention(), TorchAttention()
+    reference.load_state_dict(model.state_dict())
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, start_step=10, end_step=20, frequency=5)
+    trainer(tmp_path, [callback], max_steps=2).fit(model, data())
+    expected = torch.zeros(HEADS, dtype=torch.float64)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for inputs, pad, targets in data():  # the same two steps, the same updates
+        optimizer.zero_grad()
+        expected += gated_head_gradients(reference, inputs, pad, targets).abs().sum(0).double()
+        optimizer.step()
+    (found,) = callback.unit_scores()
+    # float32 products summed in another order: a few ulp of the largest term
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-7)
+    # the training itself followed the same gradients as the hand-written attention
+    torch.testing.assert_close(model.attention.out_proj.weight, reference.attention.out_proj.weight,
+                               rtol=1e-5, atol=1e-6)
+    # Not the absolute value of the batch's sum: these inputs tell the two apart.
+    gradients = gated_head_gradients(reference, *next(iter(data())))
+    assert not torch.allclose(gradients.sum(0).abs(), gradients.abs().sum(0))
+
+
+@pytest.mark.parametrize("need_weights, average", [(False, True), (True, True), (True, False)])
+def test_the_caller_gets_what_it_asked_for_while_importances_are_gathered(need_weights: bool, average: bool) -> None:
+    """While scoring, the module is called with its per-head probabilities; the caller still gets
+    its output and the weights it asked for, as without the callback."""
+    torch.manual_seed(0)
+    plain, scored = TorchAttention(), TorchAttention()
+    scored.load_state_dict(plain.state_dict())
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, start_step=1, end_step=4)
+    callback.setup(None, scored, "fit")
+    callback._scoring = True
+    x = torch.randn(2, 5, WIDTH, requires_grad=True)
+    pad = padding(2)
+    expected = plain.attention(x, x, x, key_padding_mask=pad, need_weights=need_weights, average_attn_weights=average)
+    found = scored.attention(x, x, x, key_padding_mask=pad, need_weights=need_weights, average_attn_weights=average)
+    torch.testing.assert_close(found[0], expected[0], rtol=1e-5, atol=1e-6)
+    if need_weights:
+        assert found[1].shape == expected[1].shape
+        torch.testing.assert_close(found[1], expected[1], rtol=1e-5, atol=1e-6)
+    else:
+        assert found[1] is None and expected[1] is None
+    found[0].sum().backward()
+    assert callback.groups[0].pending is not None  # the heads' importances were gathered
+
+
+def test_masked_heads_compute_what_the_kept_heads_alone_compute() -> None:
+    """Masking a head's q/k/v rows of the fused weight and its out_proj columns equals a gate of 0
+    on that head's output, and the magnitude counts the head's rows in all three blocks."""
+    torch.manual_seed(0)
+    model = TorchAttention()
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, importance="magnitude", start_step=0, end_step=0)
+    callback.setup(None, model, "fit")
+    (group,) = callback.groups
+    weight, bias = model.attention.in_proj_weight.detach().clone(), model.attention.in_proj_bias.detach().clone()
+    out = model.attention.out_proj.weight.detach()
+    rows = [block * WIDTH + head * HEAD_DIM + torch.arange(HEAD_DIM) for block in range(3) for head in range(HEADS)]
+    expected = torch.tensor([
+        sum(weight[rows[block * HEADS + head]].double().pow(2).sum() + bias[rows[block * HEADS + head]].double().pow(2)
+            .sum() for block in range(3)) + out[:, head * HEAD_DIM:(head + 1) * HEAD_DIM].double().pow(2).sum()
+        for head in range(HEADS)]).sqrt()
+    torch.testing.assert_close(group.magnitudes(), expected)
+    keep = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    group.set_keep(keep)
+    x, pad = torch.randn(3, 5, WIDTH), padding(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, pad), x + attention_by_hand(model.attention, x, pad, keep.expand(3, HEADS)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_torch_layers_are_found_without_naming_them_and_odd_attentions_are_refused() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, 16)
+    found = find_unit_groups(layer, ["*"], [], ["heads", "neurons"])
+    assert [(g.name, g.kind, g.width, g.rows, g.columns, g.fused_rows) for g in found] == [
+        ("", "neurons", 1, ("linear1",), ("linear2",), None),
+        ("self_attn", "heads", 4, (), ("out_proj",), "in_proj")]
+    decoder = nn.TransformerDecoderLayer(8, 2, 16)
+    assert [g.name for g in find_unit_groups(decoder, ["*"], [], ["heads", "neurons"])] == [
+        "", "self_attn", "multihead_attn"]
+    with pytest.raises(ValueError, match=r"^StructuredPruning: attn is a torch.nn.MultiheadAttention with kdim"):
+        find_unit_groups(nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, kdim=4, vdim=4)}), ["*"], [], ["heads"])
+    with pytest.raises(ValueError, match=r"^StructuredPruning: attn is a torch.nn.MultiheadAttention with add_bias_kv"):
+        find_unit_groups(nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, add_bias_kv=True)}), ["*"], [], ["heads"])
+
+
+def pruning() -> list:
+    return [StructuredPruning(start_step=2, end_step=6, frequency=2)]  # the defaults: half of the heads and neurons
+
+
+def test_a_stock_transformer_encoder_is_pruned_with_the_defaults_and_resumes_exactly(tmp_path: Path) -> None:
+    def resumable() -> DataLoader:
+        loader = data(sentences=40, batch_size=4)
+        return ResumableLoader(loader.dataset, batch_size=4)
+
+    def make() -> TorchEncoder:
+        torch.manual_seed(0)
+        return TorchEncoder()
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, make, pruning, resumable, stop=3, total=8)
+    assert_same_state(straight, resumed)
+    keeps = {name: value for name, value in straight.items() if name.endswith(".keep")}
+    heads = [v for n, v in keeps.items() if "in_proj_weight" in n]
+    neurons = [v for n, v in keeps.items() if "linear1" in n]
+    assert len(heads) == 2 and all(v.sum() == HEADS // 2 for v in heads)
+    assert len(neurons) == 2 and all(v.sum() == NEURONS // 2 for v in neurons)
+
+
+def test_the_export_keeps_multihead_attention_shapes_with_zeros_and_cuts_the_neurons(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = TorchEncoder()
+    fit = trainer(tmp_path / "fit", pruning(), max_steps=8)
+    fit.fit(model, data(sentences=32))
+    fit.save_checkpoint(tmp_path / "trained.ckpt")
+    export_module(tmp_path / "trained.ckpt", TorchEncoder(), tmp_path / "pruned.safetensors")
+    loaded = load_module(TorchEncoder(), tmp_path / "pruned.safetensors")
+    x, pad = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1)), padding(3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, pad), model.eval()(x, pad), rtol=1e-5, atol=1e-5)
+    for layer in loaded.encoder.layers:
+        assert tuple(layer.linear1.weight.shape) == (NEURONS // 2, WIDTH)
+        assert tuple(layer.self_attn.in_proj_weight.shape) == (3 * WIDTH, WIDTH)  # MultiheadAttention keeps its size
+        dropped = (layer.self_attn.out_proj.weight == 0).all(0).view(HEADS, HEAD_DIM).all(1)
+        assert int(dropped.sum()) == HEADS // 2
+        rows = layer.self_attn.in_proj_weight.view(3, HEADS, HEAD_DIM, WIDTH)
+        assert bool((rows[:, dropped] == 0).all()) and bool((rows[:, ~dropped] != 0).any())
+
+
+def test_composed_with_transforms_added_after_it_a_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """MagnitudePruning and Quant-Noise set up after StructuredPruning rebuild out_proj's transform
+    chain; the heads' importances still read the weights the forward used, and a run stopped
+    between two prunings ends where the straight one does."""
+    from callbacks import MagnitudePruning, QuantNoise
+
+    def callbacks() -> list:
+        return [*pruning(), MagnitudePruning(sparsity=0.5, start_step=1, end_step=7, frequency=2, include=["*"]),
+                QuantNoise(p=0.25, block_size=2)]
+
+    def resumable() -> DataLoader:
+        return ResumableLoader(data(sentences=40, batch_size=4).dataset, batch_size=4)
+
+    def make() -> TorchEncoder:
+        torch.manual_seed(0)
+        return TorchEncoder()
+
+    straight, resumed = resumed_and_uninterrupted(tmp_path, make, callbacks, resumable, stop=3, total=8)
+    assert_same_state(straight, resumed)
+    chain = [key for key in straight if key.startswith("encoder.layers.0.self_attn.out_proj.parametrizations.weight.")]
+    assert any(key.endswith(".keep") for key in chain) and any(key.endswith(".mask") for key in chain)
