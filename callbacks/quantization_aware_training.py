@@ -31,6 +31,11 @@ in a step reads a tensor back to Python (on a GPU each such read waits for the d
 on/off switch is a plain attribute set from ``trainer.global_step``, and "no range yet" is
 decided with torch.where. The checkpoint also gets a ``compression`` entry per quantized
 weight, which ``nmt-lightning export`` reads to write the int8 model.
+
+torch's ``nn.MultiheadAttention`` applies its ``out_proj`` from the weight, never calling it, so
+that weight is fake-quantized without an input range (a hook on its input would never fire) and
+a loaded export keeps it an nn.Linear of the decoded int8 values; the fused ``in_proj_weight`` is
+not an nn.Linear and stays in floating point.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from callbacks._transforms import (WeightTransform, add_weight_transform, find_w
 from compression_contract.grid import absmax_of as weight_absmax  # the grid the export stores
 from compression_contract.grid import round_to_grid
 from compression_contract.manifest import QUANTIZE, record_codec
+from compression_contract.torch_layers import linears_read_by_weight
 
 OWNER = "QuantizationAwareTraining"
 
@@ -123,6 +129,12 @@ class InputQuantizer(nn.Module):
         return f"bits={self.bits}, ema_decay={self.ema_decay}"
 
 
+def _has_input_quantizer(module: nn.Module) -> bool:
+    """Whether the activations into ``module`` are fake-quantized: an nn.Linear that is called (not
+    an embedding, not nn.MultiheadAttention's out_proj, whose weight is fake-quantized alone)."""
+    return isinstance(getattr(module, "input_quantizer", None), InputQuantizer)
+
+
 def _quantize_input_hook(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), *args[1:])
 
@@ -179,6 +191,7 @@ class QuantizationAwareTraining(L.Callback):
         """
         targets = [(names, module) for module, names in select_modules(
             root, OWNER, self.include, self.exclude, self.quantize_embeddings)]
+        weight_only = linears_read_by_weight(root)  # never called: no input to observe
         self._quantized_modules = []
         for _, module in targets:
             transform = add_weight_transform(module, FakeQuantizedWeight(self.bits, self.per_channel))
@@ -187,7 +200,8 @@ class QuantizationAwareTraining(L.Callback):
                                  f"{transform.bits}, per_channel={transform.per_channel}; this callback has "
                                  f"bits={self.bits}, per_channel={self.per_channel}")
             self._quantized_modules.append(module)
-            if isinstance(module, nn.Linear) and not isinstance(getattr(module, "input_quantizer", None), InputQuantizer):
+            if isinstance(module, nn.Linear) and id(module) not in weight_only \
+                    and not isinstance(getattr(module, "input_quantizer", None), InputQuantizer):
                 module.input_quantizer = InputQuantizer(self.bits, self.ema_decay).to(module.weight.device)
                 module.register_forward_pre_hook(_quantize_input_hook)
                 module.register_load_state_dict_pre_hook(_fresh_range_for_checkpoints_without_one)
@@ -214,7 +228,7 @@ class QuantizationAwareTraining(L.Callback):
         for name in self.quantized_names:
             module = pl_module.get_submodule(name)
             spec = {"bits": self.bits, "per_channel": self.per_channel}
-            if isinstance(module, nn.Linear):
+            if _has_input_quantizer(module):
                 spec["activation_range"] = f"{name}.input_quantizer.absmax"
             # Grids of 4 bits or fewer are stored two weights a byte.
             record_codec(checkpoint, f"{name}.weight", "int4" if self.bits <= 4 else "int8", QUANTIZE, **spec)
@@ -228,7 +242,7 @@ class QuantizationAwareTraining(L.Callback):
         enabled = trainer.global_step >= self.start_step
         for module in self._quantized_modules:
             find_weight_transform(module, FakeQuantizedWeight).enabled = enabled
-            if isinstance(module, nn.Linear):
+            if _has_input_quantizer(module):
                 module.input_quantizer.enabled = enabled
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -237,7 +251,7 @@ class QuantizationAwareTraining(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         quantizers = [m.input_quantizer for m in self._quantized_modules
-                      if isinstance(m, nn.Linear) and m.input_quantizer.pending is not None]
+                      if _has_input_quantizer(m) and m.input_quantizer.pending is not None]
         if not quantizers:
             return
         # One reduction for all layers: the maximum over ranks of every layer's input range.

@@ -11,7 +11,9 @@ agree on, owned by neither, depending on torch only.
 - ``names``: a parameter's logical name under a weight-transform chain;
 - ``checkpoints``: reading an untrusted checkpoint safely, with one-line errors;
 - ``protocols``: what a LightningModule offers the distillation callbacks (loss terms, the
-  task-loss name, per-layer features), as ``typing.Protocol``s.
+  task-loss name, per-layer features), as ``typing.Protocol``s;
+- ``torch_layers``: the nn.Linear children torch's own layers use without calling them
+  (nn.MultiheadAttention's out_proj).
 """
 
 from compression_contract.checkpoints import CheckpointError, checkpoint_problem, describe_load_error, read_checkpoint
@@ -23,9 +25,10 @@ from compression_contract.product_quantization import (DEFAULT_BLOCK_SIZES, DEFA
                                                        nearest_centroids)
 from compression_contract.protocols import (TASK_LOSS, FeatureRecorder, LossContext, LossTermHost,
                                             missing_members)
+from compression_contract.torch_layers import linears_read_by_weight
 
 __all__ = ["CODEBOOK", "COMPRESSION_KEY", "CheckpointError", "DEFAULT_BLOCK_SIZES", "DEFAULT_STAGES", "FeatureRecorder",
            "LossContext", "LossTermHost", "MASK", "PARAMETRIZED", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "STRUCTURE_KEY", "TASK_LOSS",
            "absmax_of", "checkpoint_problem", "describe_load_error", "integer_codes", "kmeans", "learn_codebook",
-           "logical_name", "missing_members", "nearest_centroids", "quantize_weight", "read_checkpoint", "record_codec",
+           "linears_read_by_weight", "logical_name", "missing_members", "nearest_centroids", "quantize_weight", "read_checkpoint", "record_codec",
            "record_structure", "round_to_grid"]

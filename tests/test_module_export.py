@@ -104,3 +104,36 @@ def test_a_file_for_another_class_or_checkpoint_is_refused(tmp_path: Path) -> No
         load_module(BagOfWordsClassifier(dim=8), tmp_path / "model.safetensors")
     with pytest.raises(ModelFileError, match="the checkpoint lacks 2 weights of the Linear, e.g. model.bias"):
         export_module(checkpoint, torch.nn.Linear(4, 4), tmp_path / "other.safetensors", prefix="model.")
+
+
+def test_qat_fake_quantizes_multihead_attention_out_proj_by_its_weight_only(tmp_path: Path) -> None:
+    """nn.MultiheadAttention applies out_proj from its weight inside F.multi_head_attention_forward,
+    never calling it: QAT fake-quantizes that weight alone (a hook on its input never fires, its
+    activation range would stay 0), the export stores it in int8 without a range, and loading keeps
+    it an nn.Linear of the decoded weight (an int8 layer there would never run and the attention
+    would find no weight). The attention then computes what it computed in training's evaluation."""
+    from compression_contract.manifest import COMPRESSION_KEY
+    from tests.callbacks.test_structured_pruning_torch_layers import WIDTH, TorchEncoder, data, padding
+
+    L.seed_everything(0)
+    trained = TorchEncoder()
+    fit = trainer(tmp_path / "fit", [QuantizationAwareTraining(include=["*"])], max_steps=6)
+    fit.fit(trained, data(sentences=32))
+    fit.save_checkpoint(tmp_path / "trained.ckpt")
+    trained.eval()
+    manifest = torch.load(tmp_path / "trained.ckpt", weights_only=False)[COMPRESSION_KEY]
+    assert "activation_range" not in manifest["encoder.layers.0.self_attn.out_proj.weight"][0]
+    assert "activation_range" in manifest["encoder.layers.0.linear1.weight"][0]
+    assert not hasattr(trained.encoder.layers[0].self_attn.out_proj, "input_quantizer")
+    export_module(tmp_path / "trained.ckpt", TorchEncoder(), tmp_path / "int8.safetensors")
+    loaded = load_module(TorchEncoder(), tmp_path / "int8.safetensors")
+    x = torch.randn(5, 3, WIDTH, generator=torch.Generator().manual_seed(1))  # (T, B, E): the layers are sequence-first
+    for trained_layer, loaded_layer in zip(trained.encoder.layers, loaded.encoder.layers):
+        out_proj = loaded_layer.self_attn.out_proj
+        assert isinstance(out_proj, torch.nn.Linear) and not isinstance(out_proj, Int8Linear)
+        assert isinstance(loaded_layer.linear1, Int8Linear)
+        torch.testing.assert_close(out_proj.weight, trained_layer.self_attn.out_proj.weight, rtol=2.4e-7, atol=0)
+        with torch.no_grad():  # code x scale against code / (127 / max|W|): float32 roundings apart
+            torch.testing.assert_close(loaded_layer.self_attn(x, x, x, key_padding_mask=padding(3))[0],
+                                       trained_layer.self_attn(x, x, x, key_padding_mask=padding(3))[0],
+                                       rtol=1e-5, atol=1e-6)

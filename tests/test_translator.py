@@ -65,6 +65,20 @@ def test_the_architecture_is_the_modules(hyper_parameters: dict) -> None:
     assert config_from_hyperparameters(dict(module.hparams)) == module.model.config
 
 
+def test_the_defaults_of_a_file_without_the_keys_are_the_modules_signature_defaults() -> None:
+    """DECODING_DEFAULTS and ARCHITECTURE_DEFAULTS repeat TranslationModule's defaults (reading the
+    signature would import Lightning where translation must not); a default changed in one place
+    only fails here."""
+    import inspect
+
+    from nmt_lightning.model.transformer import ARCHITECTURE_DEFAULTS
+
+    signature = inspect.signature(TranslationModule.__init__).parameters
+    for defaults in (DECODING_DEFAULTS, ARCHITECTURE_DEFAULTS):
+        assert defaults == {name: signature[name].default for name in defaults}
+    assert signature["preset"].default == "tiny"  # config_from_hyperparameters' preset when absent
+
+
 def test_an_unknown_preset_is_named() -> None:
     with pytest.raises(ValueError, match="preset must be one of .*, got 'small'"):
         config_from_hyperparameters(dict(preset="small"))

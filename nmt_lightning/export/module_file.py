@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from compression_contract.torch_layers import linears_read_by_weight
 from nmt_lightning.atomic import atomic_path
 from nmt_lightning.checkpoint_reading import model_weights, read_checkpoint
 from nmt_lightning.errors import ModelFileError
@@ -188,7 +189,8 @@ def _untie_where_encodings_differ(model: nn.Module, entries: Mapping[str, dict])
 def fill_module(model: nn.Module, tensors: Mapping[str, torch.Tensor], entries: Mapping[str, dict],
                 runtime_layers: bool = True, structure: Optional[Mapping[str, dict]] = None) -> nn.Module:
     """Load the decoded weights into ``model`` (strict) and, with ``runtime_layers``, replace each
-    nn.Linear whose codec has a faster form by it; returns ``model`` in eval mode. ``structure``
+    nn.Linear whose codec has a faster form by it (not one its parent reads by weight:
+    nn.MultiheadAttention's out_proj); returns ``model`` in eval mode. ``structure``
     (the file's): the modules structured pruning made smaller, shrunk first to their new sizes."""
     if structure:
         shrink_modules(model, structure)
@@ -209,9 +211,10 @@ def fill_module(model: nn.Module, tensors: Mapping[str, torch.Tensor], entries: 
     model.load_state_dict(decoded, strict=True)
     if runtime_layers:
         deployed: dict[int, nn.Module] = {}
+        read_by_weight = linears_read_by_weight(model)  # stay nn.Linear, with the decoded weight
         for name, linear in list(model.named_modules(remove_duplicate=False)):
             entry = entries.get(f"{name}.weight")
-            if not isinstance(linear, nn.Linear) or not entry or not entry["codecs"]:
+            if not isinstance(linear, nn.Linear) or not entry or not entry["codecs"] or id(linear) in read_by_weight:
                 continue
             if id(linear) not in deployed:
                 options = {field: tensors[_key(f"{name}.weight", field)] for field in entry["options"]}
