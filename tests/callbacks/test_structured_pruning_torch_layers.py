@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import pytest
@@ -249,3 +250,30 @@ def test_composed_with_transforms_added_after_it_a_resume_equals_an_uninterrupte
     assert_same_state(straight, resumed)
     chain = [key for key in straight if key.startswith("encoder.layers.0.self_attn.out_proj.parametrizations.weight.")]
     assert any(key.endswith(".keep") for key in chain) and any(key.endswith(".mask") for key in chain)
+
+
+def test_masks_from_keeps_the_multihead_attention_heads_a_checkpoint_removed(tmp_path: Path) -> None:
+    """A fine-tuning phase after pruning torch's layers: the record of a fused attention (its
+    ``in_proj`` rows, not cut) is adopted, and the same heads stay removed although the new
+    weights' magnitudes would choose others."""
+    torch.manual_seed(0)
+    source = TorchEncoder()
+    first = StructuredPruning(importance="magnitude", start_step=2, end_step=2)
+    fit = trainer(tmp_path / "source", [first], max_steps=4)
+    fit.fit(source, data(sentences=16))
+    fit.save_checkpoint(tmp_path / "pruned.ckpt")
+    record = torch.load(tmp_path / "pruned.ckpt", weights_only=False)["compression_structure"]
+    assert record["encoder.layers.0.self_attn"]["fused_rows"] == "in_proj"
+    assert record["encoder.layers.0.self_attn"]["cut"] is False and "cut" not in record["encoder.layers.0"]
+    expected = [group.keep.tolist() for group in first.groups]
+
+    def keeps(masks_from: Optional[Path]) -> list[list[float]]:
+        torch.manual_seed(5)  # other weights: their magnitudes rank the units otherwise
+        model = TorchEncoder()
+        callback = StructuredPruning(importance="magnitude", start_step=0, end_step=0,
+                                     masks_from=None if masks_from is None else str(masks_from))
+        trainer(tmp_path / f"tuned_{masks_from is None}", [callback], max_steps=2).fit(model, data(sentences=16))
+        return [group.keep.tolist() for group in callback.groups]
+
+    assert keeps(None) != expected  # the test can tell
+    assert keeps(tmp_path / "pruned.ckpt") == expected
