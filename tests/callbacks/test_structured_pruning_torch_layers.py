@@ -191,16 +191,17 @@ def pruning() -> list:
     return [StructuredPruning(start_step=2, end_step=6, frequency=2)]  # the defaults: half of the heads and neurons
 
 
+def resumable_data() -> DataLoader:
+    return ResumableLoader(data(sentences=40, batch_size=4).dataset, batch_size=4)  # resumes mid-epoch
+
+
+def seeded_encoder() -> TorchEncoder:
+    torch.manual_seed(0)
+    return TorchEncoder()
+
+
 def test_a_stock_transformer_encoder_is_pruned_with_the_defaults_and_resumes_exactly(tmp_path: Path) -> None:
-    def resumable() -> DataLoader:
-        loader = data(sentences=40, batch_size=4)
-        return ResumableLoader(loader.dataset, batch_size=4)
-
-    def make() -> TorchEncoder:
-        torch.manual_seed(0)
-        return TorchEncoder()
-
-    straight, resumed = resumed_and_uninterrupted(tmp_path, make, pruning, resumable, stop=3, total=8)
+    straight, resumed = resumed_and_uninterrupted(tmp_path, seeded_encoder, pruning, resumable_data, stop=3, total=8)
     assert_same_state(straight, resumed)
     keeps = {name: value for name, value in straight.items() if name.endswith(".keep")}
     heads = [v for n, v in keeps.items() if "in_proj_weight" in n]
@@ -239,14 +240,7 @@ def test_composed_with_transforms_added_after_it_a_resume_equals_an_uninterrupte
         return [*pruning(), MagnitudePruning(sparsity=0.5, start_step=1, end_step=7, frequency=2, include=["*"]),
                 QuantNoise(p=0.25, block_size=2)]
 
-    def resumable() -> DataLoader:
-        return ResumableLoader(data(sentences=40, batch_size=4).dataset, batch_size=4)
-
-    def make() -> TorchEncoder:
-        torch.manual_seed(0)
-        return TorchEncoder()
-
-    straight, resumed = resumed_and_uninterrupted(tmp_path, make, callbacks, resumable, stop=3, total=8)
+    straight, resumed = resumed_and_uninterrupted(tmp_path, seeded_encoder, callbacks, resumable_data, stop=3, total=8)
     assert_same_state(straight, resumed)
     chain = [key for key in straight if key.startswith("encoder.layers.0.self_attn.out_proj.parametrizations.weight.")]
     assert any(key.endswith(".keep") for key in chain) and any(key.endswith(".mask") for key in chain)
