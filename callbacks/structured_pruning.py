@@ -9,8 +9,11 @@ decodes faster with our decoder and in CTranslate2.
 
 **Units.** An attention module is any module with ``nn.Linear`` children ``q_proj``, ``k_proj``,
 ``v_proj`` (whose output rows are ``heads x head_dim``) and ``out_proj``, and an integer
-attribute ``heads``, ``num_heads`` or ``n_heads`` (ours, and Hugging Face's BART/Marian
-attention); ``attention_layers`` names the four children otherwise. A feed-forward block is any
+attribute ``heads``, ``num_heads``, ``n_heads`` or ``n_head`` (ours, and Hugging Face's
+BART/Marian attention), or with one ``nn.Linear`` computing q, k and v (rows: three blocks of
+``heads x head_dim``) and an output projection, ``qkv`` and ``proj`` (timm's ViT attention) or
+``c_attn`` and ``c_proj`` (nanoGPT's); ``attention_layers`` names the four (or two) children
+otherwise. A feed-forward block is any
 module with ``nn.Linear`` children ``fc1`` and ``fc2`` (``feed_forward_layers`` names them
 otherwise, e.g. ``["linear1", "linear2"]`` for ``nn.TransformerEncoderLayer``, ``["0", "2"]``
 for an ``nn.Sequential``), the first's
@@ -86,9 +89,12 @@ __all__ = ["StructuredPruning", "UnitMask"]
 
 OWNER = "StructuredPruning"
 ATTENTION_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj")  # rows: q, k, v; columns: out
+# One nn.Linear computing q, k and v (rows: 3 blocks of heads x head_dim), then the output projection:
+# timm's ViT attention, nanoGPT's. Found with the default attention_layers, like ATTENTION_LAYERS.
+FUSED_ATTENTION_LAYERS = (("qkv", "proj"), ("c_attn", "c_proj"))
 FEED_FORWARD_LAYERS = ("fc1", "fc2")  # rows: the first; columns: the second
 TORCH_FEED_FORWARD_LAYERS = ("linear1", "linear2")  # nn.TransformerEncoderLayer's and DecoderLayer's
-COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads")
+COUNT_ATTRIBUTES = ("heads", "num_heads", "n_heads", "n_head")
 FUSED_QKV = "in_proj"  # nn.MultiheadAttention's in_proj_weight (3 * embed_dim, embed_dim) and in_proj_bias
 MHA_ARGUMENTS = tuple(inspect.signature(nn.MultiheadAttention.forward).parameters)[1:]  # query, key, value, ...
 
@@ -137,6 +143,7 @@ class UnitGroup:
     width: int  # rows per unit: head_dim, or 1 for a neuron
     count_attribute: Optional[str]  # "heads" / "num_heads", or None
     fused_rows: Optional[str] = None  # FUSED_QKV: the module's own q/k/v rows (nn.MultiheadAttention)
+    row_blocks: int = 1  # 3 where one ``rows`` child computes q, k and v (its rows: 3 blocks of units)
     pending: Optional[torch.Tensor] = None  # importance of the current optimiser step (units,)
 
     @property
@@ -167,7 +174,8 @@ class UnitGroup:
         """Every weight the units live in: the rows first, then the columns."""
         fused = ([UnitTensor(self.module, f"{self.fused_rows}_weight", f"{self.fused_rows}_bias", 0, 3)]
                  if self.fused_rows else [])
-        return (fused + [UnitTensor(getattr(self.module, child), "weight", "bias", 0) for child in self.rows]
+        return (fused + [UnitTensor(getattr(self.module, child), "weight", "bias", 0, self.row_blocks)
+                         for child in self.rows]
                 + [UnitTensor(getattr(self.module, child), "weight", None, 1) for child in self.columns])
 
     def magnitudes(self) -> torch.Tensor:
@@ -188,10 +196,11 @@ def _count_attribute(module: nn.Module) -> Optional[str]:
                  and not isinstance(getattr(module, name), bool)), None)
 
 
-def _child_names(name: str, value: Any, count: int) -> tuple[str, ...]:
-    """``count`` distinct child names (an attribute, or an index of an nn.Sequential: "0"), as a tuple."""
-    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != count or \
-            not all(isinstance(item, str) and item and "." not in item for item in value) or len(set(value)) != count:
+def _child_names(name: str, value: Any, counts: tuple[int, ...]) -> tuple[str, ...]:
+    """One of ``counts`` distinct child names (an attribute, or an index of an nn.Sequential: "0"), as a tuple."""
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) not in counts or \
+            not all(isinstance(item, str) and item and "." not in item for item in value) or len(set(value)) != len(value):
+        count = " or ".join(map(str, counts))
         raise ValueError(f"{OWNER}: {name} must be a list of {count} distinct child names, got {shown(value)}")
     return tuple(value)
 
@@ -205,27 +214,21 @@ def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[
                      feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS) -> list[UnitGroup]:
     """Every attention module (``"heads"`` in kinds) and feed-forward block (``"neurons"``) of
     ``root`` selected by the globs, in ``named_modules`` order."""
-    *attention_rows, attention_columns = attention_layers
+    layouts = [tuple(attention_layers)]
+    if tuple(attention_layers) == ATTENTION_LAYERS:
+        layouts += list(FUSED_ATTENTION_LAYERS)
     first, second = feed_forward_layers
     groups = []
     for name, module in root.named_modules():
         if not matches(name, include) or matches(name, exclude):
             continue
+        layout = next((names for names in layouts if _children_are_linear(module, names)), None)
         if "heads" in kinds and isinstance(module, nn.MultiheadAttention):
             groups.append(_multihead_attention_group(name, module))
-        elif "heads" in kinds and _children_are_linear(module, attention_layers):
-            attribute = _count_attribute(module)
-            if attribute is None:
-                continue
-            heads = getattr(module, attribute)
-            rows = {getattr(module, child).out_features for child in attention_rows}
-            inner = getattr(module, attention_columns).in_features
-            if heads < 1 or rows != {inner} or inner % heads:
-                raise ValueError(f"{OWNER}: {name} has q/k/v projections of {sorted(rows)} outputs and an output "
-                                 f"projection of {inner} inputs for {attribute}={heads}; heads can only be removed "
-                                 f"where all four hold heads x head_dim (no grouped keys and values)")
-            groups.append(UnitGroup(name, "heads", module, tuple(attention_rows), (attention_columns,),
-                                    inner // heads, attribute))
+        elif "heads" in kinds and layout is not None:
+            group = _attention_group(name, module, layout)
+            if group is not None:
+                groups.append(group)
         elif "neurons" in kinds:
             pair = (first, second)
             if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) \
@@ -236,6 +239,27 @@ def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[
                 continue
             groups.append(UnitGroup(name, "neurons", module, (pair[0],), (pair[1],), 1, None))
     return groups
+
+
+def _attention_group(name: str, module: nn.Module, layout: Sequence[str]) -> Optional[UnitGroup]:
+    """The heads of an attention with nn.Linear children ``layout``: q, k, v and output projections,
+    or one projection computing q, k and v (3 blocks of rows) and the output projection; None
+    without an integer head count."""
+    attribute = _count_attribute(module)
+    if attribute is None:
+        return None
+    *rows, columns = layout
+    heads = getattr(module, attribute)
+    inner = getattr(module, columns).in_features
+    blocks = 3 if len(rows) == 1 else 1
+    outputs = {getattr(module, child).out_features for child in rows}
+    if heads < 1 or outputs != {blocks * inner} or inner % heads:
+        what = (f"a q/k/v projection of {outputs.pop()} outputs" if blocks == 3 else
+                f"q/k/v projections of {sorted(outputs)} outputs")
+        raise ValueError(f"{OWNER}: {name} has {what} and an output projection of {inner} inputs for "
+                         f"{attribute}={heads}; heads can only be removed where q, k and v each hold heads x "
+                         f"head_dim (no grouped keys and values)")
+    return UnitGroup(name, "heads", module, tuple(rows), (columns,), inner // heads, attribute, row_blocks=blocks)
 
 
 def _multihead_attention_group(name: str, module: nn.MultiheadAttention) -> UnitGroup:
@@ -273,7 +297,8 @@ class StructuredPruning(L.Callback):
             With "taylor" the first pruning needs gradients before it: ``start_step >= 1``.
         include / exclude: globs over the names of the attention and feed-forward modules.
         attention_layers: the names of an attention module's query, key, value and output
-            projections (default: q_proj, k_proj, v_proj, out_proj).
+            projections (default: q_proj, k_proj, v_proj, out_proj; also qkv, proj and c_attn,
+            c_proj), or two: one projection computing q, k and v, and the output projection.
         feed_forward_layers: the names of a feed-forward block's two layers (default: fc1, fc2).
         masks_from: a checkpoint of a pruning run whose removed units stay removed from the
             first step (a fine-tuning phase after pruning); it must record every module this
@@ -297,8 +322,8 @@ class StructuredPruning(L.Callback):
         self.frequency = integer(OWNER, "frequency", frequency, minimum=1)
         self.include = globs(OWNER, "include", include, allow_empty=False)
         self.exclude = globs(OWNER, "exclude", exclude)
-        self.attention_layers = _child_names("attention_layers", attention_layers, 4)
-        self.feed_forward_layers = _child_names("feed_forward_layers", feed_forward_layers, 2)
+        self.attention_layers = _child_names("attention_layers", attention_layers, (4, 2))
+        self.feed_forward_layers = _child_names("feed_forward_layers", feed_forward_layers, (2,))
         self.masks_from = None if masks_from is None else existing_file(OWNER, "masks_from", masks_from)
         self.masks_applied = False  # whether masks_from's units were removed (callback state)
         self.groups: list[UnitGroup] = []
@@ -349,8 +374,10 @@ class StructuredPruning(L.Callback):
                                  f"exclude={other.exclude}); each module can be pruned by one of them only")
         for kind in self._kinds():
             if not any(group.kind == kind for group in self.groups):
-                what = (f"attention module (nn.Linear children {', '.join(self.attention_layers)} and an integer "
-                        f"{', '.join(COUNT_ATTRIBUTES)})" if kind == "heads" else
+                layouts = [self.attention_layers] + (list(FUSED_ATTENTION_LAYERS)
+                                                     if self.attention_layers == ATTENTION_LAYERS else [])
+                what = (f"attention module (nn.Linear children {' or '.join(', '.join(names) for names in layouts)} "
+                        f"and an integer {', '.join(COUNT_ATTRIBUTES)})" if kind == "heads" else
                         f"feed-forward block (nn.Linear children {' and '.join(self.feed_forward_layers)}); "
                         f"attention_layers / feed_forward_layers name other children")
                 raise ValueError(f"{OWNER}: prune_{kind} is {self.fraction(kind)} but include={self.include} "
@@ -505,8 +532,9 @@ class StructuredPruning(L.Callback):
                 raise ValueError(f"{OWNER}: masks_from {path} records no units of {name}, which this run prunes; "
                                  f"exclude it, or start from a checkpoint that pruned it")
             keep = state.get(entry["keep"])
-            if (tuple(entry["rows"]), tuple(entry["columns"]), entry["width"], entry.get("fused_rows")) != (
-                    group.rows, group.columns, group.width, group.fused_rows) \
+            if (tuple(entry["rows"]), tuple(entry["columns"]), entry["width"], entry.get("fused_rows"),
+                    entry.get("row_blocks", 1)) != (group.rows, group.columns, group.width, group.fused_rows,
+                                                    group.row_blocks) \
                     or keep is None or tuple(keep.shape) != (group.units,):
                 raise ValueError(f"{OWNER}: masks_from {path}: {name}'s record (rows {entry['rows']}"
                                  f"{' and fused ' + entry['fused_rows'] if entry.get('fused_rows') else ''}, columns "
@@ -611,7 +639,8 @@ class StructuredPruning(L.Callback):
                          if isinstance(t, UnitMask))
             keep = f"{names[id(first.owner)]}.parametrizations.{first.tensor}.{index}.keep"
             record_structure(checkpoint, group.name, keep, list(group.rows), list(group.columns), group.width,
-                             group.count_attribute, fused_rows=group.fused_rows, cut=group.cut)
+                             group.count_attribute, fused_rows=group.fused_rows, cut=group.cut,
+                             row_blocks=group.row_blocks)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         refuse_optimizer_state_of_untransformed_weights(checkpoint, pl_module, OWNER)

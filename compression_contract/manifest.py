@@ -30,6 +30,8 @@ module's own fused tensors and whose shapes cannot change: ``"fused_rows": "in_p
 ``u``'s rows in each of the three blocks of ``in_proj_weight`` and ``in_proj_bias``) and
 ``"cut": False`` (the exporter zeroes the removed units' rows and columns in place instead of
 taking them out; the module keeps its size). A record without them is cut.
+``"row_blocks": 3`` says each ``rows`` child computes q, k and v at once: its rows are three
+blocks of ``units * width``, and unit ``u`` has its rows in each (cut from each).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def record_codec(checkpoint: dict[str, Any], tensor_name: str, codec: str, order
 
 
 def record_structure(checkpoint: dict[str, Any], module_name: str, keep: str, rows: list[str], columns: list[str],
-                     width: int, count_attribute: str | None, fused_rows: str | None = None, cut: bool = True) -> None:
+                     width: int, count_attribute: str | None, fused_rows: str | None = None, cut: bool = True,
+                     row_blocks: int = 1) -> None:
     """Record that ``module_name`` loses the units its ``keep`` tensor marks 0 (see the module
     docstring; saving twice writes it once)."""
     record = {"keep": keep, "rows": list(rows), "columns": list(columns), "width": int(width),
@@ -65,4 +68,6 @@ def record_structure(checkpoint: dict[str, Any], module_name: str, keep: str, ro
         record["fused_rows"] = fused_rows
     if not cut:
         record["cut"] = False
+    if row_blocks != 1:
+        record["row_blocks"] = int(row_blocks)
     checkpoint.setdefault(STRUCTURE_KEY, {})[module_name] = record

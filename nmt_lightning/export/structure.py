@@ -54,8 +54,11 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
         if record.get("cut", True) is False:
             weights = _zero_units(weights, keep, width, record, module)
             continue
-        index = _kept_rows(keep, width)
-        for axis, children in ((0, record["rows"]), (1, record["columns"])):
+        kept = _kept_rows(keep, width)
+        row_blocks = int(record.get("row_blocks", 1))
+        # a fused q/k/v child: the kept rows of each of its blocks of units * width rows
+        rows = torch.cat([block * keep.numel() * width + kept for block in range(row_blocks)])
+        for axis, children, index in ((0, record["rows"], rows), (1, record["columns"], kept)):
             for child in children:
                 for tensor_name in (f"{module}.{child}.weight", f"{module}.{child}.bias"):
                     if tensor_name not in weights or (axis == 1 and tensor_name.endswith(".bias")):
@@ -72,6 +75,8 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
                                 state[value] = state[value].index_select(axis, index.to(state[value].device))
         sizes[module] = {"units": int((keep > 0).sum()), "width": width, "rows": list(record["rows"]),
                          "columns": list(record["columns"]), "count_attribute": record.get("count_attribute")}
+        if row_blocks != 1:
+            sizes[module]["row_blocks"] = row_blocks
     return weights, state, sizes
 
 
@@ -115,7 +120,8 @@ def shrink_modules(model: nn.Module, sizes: Mapping[str, dict]) -> nn.Module:
                                  f"have: another class than the one exported?") from None
         width = size["units"] * size["width"]
         for child in size["rows"]:
-            setattr(module, child, _smaller_linear(getattr(module, child), rows=width, columns=None))
+            rows = width * int(size.get("row_blocks", 1))
+            setattr(module, child, _smaller_linear(getattr(module, child), rows=rows, columns=None))
         for child in size["columns"]:
             setattr(module, child, _smaller_linear(getattr(module, child), rows=None, columns=width))
         if size.get("count_attribute"):

@@ -75,3 +75,25 @@ class TeacherWithLogits(nn.Module):
     def forward(self, *inputs):
         self.calls += 1
         return SimpleNamespace(logits=self.inner(*inputs))
+
+
+def replayed_head_importances(root: Path, make_model: Callable[[], L.LightningModule], data: Callable,
+                              gate_gradients: Callable, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the Taylor head importances StructuredPruning gathered over two SGD steps (lr 0.05) of a
+    ``make_model()``, the same from gates): a copy replays the steps, each batch's
+    ``gate_gradients(copy, *batch)`` (B, heads) summed in absolute value over its sentences."""
+    from callbacks import StructuredPruning
+
+    torch.manual_seed(0)
+    model, reference = make_model(), make_model()
+    reference.load_state_dict(model.state_dict())
+    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, start_step=10, end_step=20, frequency=5)
+    trainer(root, [callback], max_steps=2).fit(model, data())
+    expected = torch.zeros(heads, dtype=torch.float64)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
+    for batch in data():  # the same two steps, the same updates
+        optimizer.zero_grad()
+        expected += gate_gradients(reference, *batch).abs().sum(0).double()
+        optimizer.step()
+    (found,) = callback.unit_scores()
+    return found, expected

@@ -376,7 +376,9 @@ def test_a_second_setup_changes_nothing() -> None:
     (dict(frequency=0), "frequency must be an integer >= 1"),
     (dict(prune_neurons=-0.1), r"prune_neurons must be a finite number in \[0, 1\)"),
     (dict(prune_neurons=1.0), r"prune_neurons must be a finite number in \[0, 1\)"),
-    (dict(attention_layers=["q_proj", "k_proj", "v_proj"]), "attention_layers must be a list of 4 distinct"),
+    (dict(attention_layers=["q_proj", "k_proj", "v_proj"]), "attention_layers must be a list of 4 or 2 distinct"),
+    (dict(attention_layers=["qkv", "qkv"]), "attention_layers must be a list of 4 or 2 distinct"),
+    (dict(feed_forward_layers=["fc1", "fc2", "fc3"]), "feed_forward_layers must be a list of 2 distinct"),
     (dict(include="*attn*"), "include must be a list of globs"),
     (dict(exclude=[""]), "exclude must be a list of globs"),
 ])

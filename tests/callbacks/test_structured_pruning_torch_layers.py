@@ -26,7 +26,8 @@ from callbacks import StructuredPruning
 from callbacks.structured_pruning import find_unit_groups
 from nmt_lightning.export import export_module, load_module
 from tests.callbacks.classifier import ResumableLoader
-from tests.callbacks.helpers import assert_same_state, resumed_and_uninterrupted, trainer
+from tests.callbacks.helpers import (assert_same_state, replayed_head_importances, resumed_and_uninterrupted,
+                                     trainer)
 
 WIDTH, HEADS, NEURONS = 12, 4, 10
 HEAD_DIM = WIDTH // HEADS
@@ -102,25 +103,12 @@ def gated_head_gradients(model: TorchAttention, inputs: torch.Tensor, pad: torch
 
 
 def test_taylor_importance_of_multihead_attention_heads_is_the_gate_gradient_per_sentence(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model, reference = TorchAttention(), TorchAttention()
-    reference.load_state_dict(model.state_dict())
-    callback = StructuredPruning(prune_heads=0.5, prune_neurons=0.0, start_step=10, end_step=20, frequency=5)
-    trainer(tmp_path, [callback], max_steps=2).fit(model, data())
-    expected = torch.zeros(HEADS, dtype=torch.float64)
-    optimizer = torch.optim.SGD(reference.parameters(), lr=0.05)
-    for inputs, pad, targets in data():  # the same two steps, the same updates
-        optimizer.zero_grad()
-        expected += gated_head_gradients(reference, inputs, pad, targets).abs().sum(0).double()
-        optimizer.step()
-    (found,) = callback.unit_scores()
+    found, expected = replayed_head_importances(tmp_path, TorchAttention, data, gated_head_gradients, HEADS)
     # float32 products summed in another order: a few ulp of the largest term
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-7)
-    # the training itself followed the same gradients as the hand-written attention
-    torch.testing.assert_close(model.attention.out_proj.weight, reference.attention.out_proj.weight,
-                               rtol=1e-5, atol=1e-6)
     # Not the absolute value of the batch's sum: these inputs tell the two apart.
-    gradients = gated_head_gradients(reference, *next(iter(data())))
+    torch.manual_seed(0)
+    gradients = gated_head_gradients(TorchAttention(), *next(iter(data())))
     assert not torch.allclose(gradients.sum(0).abs(), gradients.abs().sum(0))
 
 
