@@ -429,8 +429,9 @@ class StructuredPruning(L.Callback):
         average_attn_weights=False`` (torch's own computation, whose returned probabilities are
         those it used, dropout included), the outputs are those probabilities times the values, and
         the gradient at out_proj's input is the output's gradient times out_proj's weight. The
-        weights are the ones the forward computed (their transform chains' last results), not read
-        again: a chain with Quant-Noise draws anew at each read. The caller gets what it asked for."""
+        weights are the ones the forward used (their transform chains' last results, caught by a
+        hook for the call), not read again: each read runs the whole chain once more. The caller
+        gets what it asked for."""
         module = group.module
         calls: list[Optional[dict[str, Any]]] = []  # per call in flight: what the caller asked, what it computed
 

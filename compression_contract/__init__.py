@@ -30,5 +30,5 @@ from compression_contract.torch_layers import linears_read_by_weight
 __all__ = ["CODEBOOK", "COMPRESSION_KEY", "CheckpointError", "DEFAULT_BLOCK_SIZES", "DEFAULT_STAGES", "FeatureRecorder",
            "LossContext", "LossTermHost", "MASK", "PARAMETRIZED", "PERTURB", "QUANTIZE", "SPARSE_ORDER", "STRUCTURE_KEY", "TASK_LOSS",
            "absmax_of", "checkpoint_problem", "describe_load_error", "integer_codes", "kmeans", "learn_codebook",
-           "linears_read_by_weight", "logical_name", "missing_members", "nearest_centroids", "quantize_weight", "read_checkpoint", "record_codec",
-           "record_structure", "round_to_grid"]
+           "linears_read_by_weight", "logical_name", "missing_members", "nearest_centroids", "quantize_weight",
+           "read_checkpoint", "record_codec", "record_structure", "round_to_grid"]
