@@ -29,8 +29,15 @@ def write_table(csv_path: Path, header: Sequence[str], rows: Sequence[Sequence[s
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+# Environment variables that cap the instruction set of a library's kernels: CTranslate2's own,
+# oneDNN (CTranslate2's GEMMs on AMD, torch's mkldnn), MKL, FBGEMM (torch's int8) and ATen.
+ISA_CAPS = ("CT2_FORCE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "FBGEMM_ENABLE_INSTRUCTIONS",
+            "ATEN_CPU_CAPABILITY")
+
+
 def cpu_description() -> str:
-    """The processor's model name and the instruction sets int8 matrix products use (Linux)."""
+    """The processor's model name and the instruction sets int8 matrix products use (Linux), and
+    the caps on them set in the environment (a machine measured as an older one would run)."""
     try:
         info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -38,7 +45,9 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     int8_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    return f"{name} ({', '.join(int8_flags) or 'no AVX2'})"
+    caps = [f"{variable}={os.environ[variable]}" for variable in ISA_CAPS if os.environ.get(variable)]
+    capped = f", kernels capped by {' '.join(caps)}" if caps else ""
+    return f"{name} ({', '.join(int8_flags) or 'no AVX2'}{capped})"
 
 
 def prepared_test_split(data_dir: Path, limit: Optional[int] = None) -> tuple[list[str], list[str]]:
