@@ -27,7 +27,10 @@ shape and engine).
 What it answers: which student shape can reach a speed target, and how much of a ratio the
 parts that do not shrink (the embeddings, the output layer, the search) allow, before paying
 for the training. A trained model's own ratio also carries its output lengths; compare with
-``efficiency.py`` on the trained models (docs/fast_students.md does). Never time anything while
+``efficiency.py`` on the trained models (docs/fast_students.md does). To time a CPU without
+AVX-512 or VNNI on one with them, cap the libraries' kernels in the environment
+(``side_by_side.ISA_CAPS``, e.g. ``ONEDNN_MAX_CPU_ISA=AVX2``); the table's CPU line and its
+command name the caps. Never time anything while
 another job trains on the same machine.
 """
 
@@ -47,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import (ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, add_measurement_options,  # noqa: E402
                         add_worker_options, bytes_on_disk, check_measurement_options, deployed_rows, percentile,
                         sentences_file, speed_rounds, worker_report)
-from side_by_side import cpu_description, file_slug, write_table  # noqa: E402
+from side_by_side import cpu_description, file_slug, isa_caps, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -297,8 +300,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         "sentences_per_second": args.sentences / run_worker(args, row, "throughput", args.threads)["seconds"]})
     reference = speeds[Row(shapes[0].name, REFERENCE_ENGINE, Path()).name]
 
-    def ratio(row: Row, value) -> float:  # median over rounds of reference / row, both from one round
-        return statistics.median(value(b) / value(a) for a, b in zip(speeds[row.name], reference))
+    def per_round(row: Row, value) -> list[float]:  # reference / row of each round, both from that round
+        return [value(b) / value(a) for a, b in zip(speeds[row.name], reference)]
+
+    def ratio(row: Row, value) -> float:
+        return statistics.median(per_round(row, value))
 
     def median_ms(measured: dict) -> float:
         return statistics.median(measured["milliseconds"])
@@ -308,13 +314,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         rounds = speeds[row.name]
         throughput, latency = ratios[(row.model, row.engine)] = (ratio(row, lambda r: 1 / r["sentences_per_second"]),
                                                                  ratio(row, median_ms))
+        spread = sorted(per_round(row, lambda r: 1 / r["sentences_per_second"]))  # the rounds' throughput ratios
         table.append([row.model, row.engine, f"{bytes_on_disk(row.path):,}",
                       f"{statistics.median(median_ms(r) for r in rounds):.1f}",
                       f"{percentile([ms for r in rounds for ms in r['milliseconds']], 0.9):.1f}",
                       f"{latency:.2f}x", f"{statistics.median(r['sentences_per_second'] for r in rounds):.1f}",
-                      f"{throughput:.2f}x"])
+                      f"{throughput:.2f}x", f"{spread[0]:.2f}x to {spread[-1]:.2f}x"])
     header = ["shape", "engine", "bytes on disk", "latency median (ms)", "latency p90 (ms)", "latency gain",
-              "sentences/s", "throughput vs reference"]
+              "sentences/s", "throughput vs reference", "rounds' throughput ratios"]
     text = write_table(args.out / "shape_speed.csv", header, table)
     text += ["", f"Random-weight models at the {args.preset} width, every sentence decoding its reference's length "
                  f"in target pieces, beam {args.beam}; reference: {shapes[0].name}, {REFERENCE_ENGINE}. Latency: 1 "
@@ -323,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{THROUGHPUT_BATCH}, the first {args.sentences} sentences, the median round. {args.rounds} rounds, "
                  f"the shapes taking turns; ratios are medians of per-round ratios. Measured "
                  f"{time.strftime('%Y-%m-%d')} on {cpu_description()}.",
-             "", "Reproduce: python recipes/benchmarks/shape_speed.py " + " ".join(shlex.quote(a) for a in argv)]
+             "", "Reproduce: " + "".join(f"{cap} " for cap in isa_caps()) + "python recipes/benchmarks/shape_speed.py "
+             + " ".join(shlex.quote(a) for a in argv)]
     (args.out / "shape_speed.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     plot(args.out / "shape_speed.png", [shape.name for shape in shapes], [e for e in ENGINES if e in args.engines],
          ratios)

@@ -35,6 +35,11 @@ ISA_CAPS = ("CT2_FORCE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"
             "ATEN_CPU_CAPABILITY")
 
 
+def isa_caps() -> list[str]:
+    """``VARIABLE=value`` of each instruction-set cap set in the environment (``ISA_CAPS``)."""
+    return [f"{variable}={os.environ[variable]}" for variable in ISA_CAPS if os.environ.get(variable)]
+
+
 def cpu_description() -> str:
     """The processor's model name and the instruction sets int8 matrix products use (Linux), and
     the caps on them set in the environment (a machine measured as an older one would run)."""
@@ -45,8 +50,7 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     int8_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    caps = [f"{variable}={os.environ[variable]}" for variable in ISA_CAPS if os.environ.get(variable)]
-    capped = f", kernels capped by {' '.join(caps)}" if caps else ""
+    capped = f", kernels capped by {' '.join(isa_caps())}" if isa_caps() else ""
     return f"{name} ({', '.join(int8_flags) or 'no AVX2'}{capped})"
 
 
