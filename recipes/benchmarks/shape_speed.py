@@ -30,8 +30,7 @@ for the training. A trained model's own ratio also carries its output lengths; c
 ``efficiency.py`` on the trained models (docs/fast_students.md does). To time a CPU without
 AVX-512 or VNNI on one with them, cap the libraries' kernels in the environment
 (``side_by_side.ISA_CAPS``, e.g. ``ONEDNN_MAX_CPU_ISA=AVX2``); the table's CPU line and its
-command name the caps. Never time anything while
-another job trains on the same machine.
+command name the caps. Never time anything while another job trains on the same machine.
 """
 
 from __future__ import annotations
