@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
+from side_by_side import cached, cpu_description, file_slug, reproduce_line, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("ours fp32", "ours fp32 + shortlist", "ours int8", "CTranslate2 float32", "CTranslate2 int8",
@@ -460,7 +459,7 @@ def main(argv: Optional[list[str]] = None) -> None:
               "", "Greedy decoding of the whole test split, CTranslate2 float32 against ours fp32 (the conversion's "
                   "exactness), identical translations: " + "; ".join(
                       f"{model} {found['identical']}/{found['sentences']}" for model, found in agreement.items()) + ".",
-              "", "Reproduce: python recipes/benchmarks/efficiency.py " + " ".join(shlex.quote(a) for a in argv)]
+              "", reproduce_line("efficiency.py", argv)]
     (args.out / "efficiency.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "efficiency.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     plot(args.out / "efficiency.png", table)

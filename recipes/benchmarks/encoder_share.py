@@ -19,7 +19,6 @@ anything while another job trains on the same machine.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -28,7 +27,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import THROUGHPUT_BATCH  # noqa: E402
-from side_by_side import cpu_description, write_table  # noqa: E402
+from side_by_side import cpu_description, reproduce_line, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{THROUGHPUT_BATCH}, one per thread on {args.threads} threads, beam {args.beam}, no shortlist; "
                  f"the median of {args.rounds} rounds, the models taking turns. Measured {time.strftime('%Y-%m-%d')} "
                  f"on {cpu_description()}.",
-             "", "Reproduce: python recipes/benchmarks/encoder_share.py " + " ".join(shlex.quote(a) for a in argv)]
+             "", reproduce_line("encoder_share.py", argv)]
     (args.out / "encoder_share.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
 

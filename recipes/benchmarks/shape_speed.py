@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -49,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import (ENGINES, REFERENCE_ENGINE, THROUGHPUT_BATCH, Row, add_measurement_options,  # noqa: E402
                         add_worker_options, bytes_on_disk, check_measurement_options, deployed_rows, percentile,
                         sentences_file, speed_rounds, worker_report)
-from side_by_side import cpu_description, file_slug, isa_caps, write_table  # noqa: E402
+from side_by_side import cpu_description, file_slug, reproduce_line, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -329,8 +328,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                  f"{THROUGHPUT_BATCH}, the first {args.sentences} sentences, the median round. {args.rounds} rounds, "
                  f"the shapes taking turns; ratios are medians of per-round ratios. Measured "
                  f"{time.strftime('%Y-%m-%d')} on {cpu_description()}.",
-             "", "Reproduce: " + "".join(f"{cap} " for cap in isa_caps()) + "python recipes/benchmarks/shape_speed.py "
-             + " ".join(shlex.quote(a) for a in argv)]
+             "", reproduce_line("shape_speed.py", argv)]
     (args.out / "shape_speed.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     plot(args.out / "shape_speed.png", [shape.name for shape in shapes], [e for e in ENGINES if e in args.engines],
          ratios)

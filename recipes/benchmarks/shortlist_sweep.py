@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from efficiency import (Row, add_timing_options, check_timing_options, export_path, quality, speed_rounds,  # noqa: E402
                         translation_path)
-from side_by_side import cached, cpu_description, file_slug, write_table  # noqa: E402
+from side_by_side import cached, cpu_description, file_slug, reproduce_line, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE = "CTranslate2 int8"
@@ -242,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"test of the BLEU change. Target pieces allowed: the means over the validation split's sentences "
                   f"and over its batches of 32 sentences of similar length (CTranslate2 takes a batch's union), of "
                   f"{target_vocabulary(args.data_dir):,} pieces. Measured {time.strftime('%Y-%m-%d')} on {cpu_description()}.",
-              "", "Reproduce: python recipes/benchmarks/shortlist_sweep.py " + " ".join(shlex.quote(a) for a in argv)]
+              "", reproduce_line("shortlist_sweep.py", argv)]
     (args.out / "shortlist_sweep.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (args.out / "shortlist_sweep.json").write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
     plot(args.out / "shortlist_sweep.png", table, target_vocabulary(args.data_dir))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,13 @@ ISA_CAPS = ("CT2_FORCE_CPU_ISA", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS"
 def isa_caps() -> list[str]:
     """``VARIABLE=value`` of each instruction-set cap set in the environment (``ISA_CAPS``)."""
     return [f"{variable}={os.environ[variable]}" for variable in ISA_CAPS if os.environ.get(variable)]
+
+
+def reproduce_line(script: str, argv: Sequence[str]) -> str:
+    """"Reproduce: ..." for a table: the command of ``recipes/benchmarks/<script>`` with ``argv``,
+    after the instruction-set caps of the environment that measured it."""
+    caps = "".join(f"{cap} " for cap in isa_caps())
+    return f"Reproduce: {caps}python recipes/benchmarks/{script} " + " ".join(shlex.quote(a) for a in argv)
 
 
 def cpu_description() -> str:
