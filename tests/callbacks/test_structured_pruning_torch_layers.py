@@ -5,8 +5,9 @@ The head importances are checked against an attention written out by hand from t
 weights, with a gate per sentence and head multiplying each head's output: autograd's gradient
 at the gates (all ones) is the importance before the absolute value. The hand-written attention
 never calls nn.MultiheadAttention, so a wrong reconstruction of the heads' outputs (the
-probabilities before the padding mask, another head order, the bias left out of the values)
-answers differently.
+probabilities before the padding mask, another head order, the bias left out of the values, the
+keys taken for the values, a sequence-first gradient read batch first) answers differently:
+self-attention batch first, and cross-attention sequence first with T != S and keys != values.
 """
 
 from __future__ import annotations
@@ -62,6 +63,28 @@ class TorchAttention(PaddedRegression):
     def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
         return x + self.attention(x, x, x, key_padding_mask=pad, need_weights=False)[0]
 
+    def by_hand(self, x: torch.Tensor, pad: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The forward with the attention written out, each head's output times its gate (B, heads)."""
+        return x + attention_by_hand(self.attention, x, x, x, pad, gates)
+
+
+class TorchCrossAttention(PaddedRegression):
+    """Cross-attention, sequence first: the first 3 positions attend to all 5 (T != S, the keys
+    padded), whose values are tanh of the keys (key != value); the last 2 pass unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(WIDTH, HEADS)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        query, memory = x[:, :3].transpose(0, 1), x.transpose(0, 1)  # (T, B, E), (S, B, E)
+        attended = self.attention(query, memory, torch.tanh(memory), key_padding_mask=pad)[0].transpose(0, 1)
+        return torch.cat([x[:, :3] + attended, x[:, 3:]], dim=1)
+
+    def by_hand(self, x: torch.Tensor, pad: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        attended = attention_by_hand(self.attention, x[:, :3], x, torch.tanh(x), pad, gates)
+        return torch.cat([x[:, :3] + attended, x[:, 3:]], dim=1)
+
 
 class TorchEncoder(PaddedRegression):
     """Two stock nn.TransformerEncoderLayer (sequence first, post-norm, no dropout)."""
@@ -82,33 +105,37 @@ def data(sentences: int = 8, batch_size: int = 4) -> DataLoader:
     return DataLoader(TensorDataset(inputs, padding(sentences), targets), batch_size=batch_size)
 
 
-def attention_by_hand(module: nn.MultiheadAttention, x: torch.Tensor, pad: torch.Tensor,
-                      gates: torch.Tensor) -> torch.Tensor:
-    """What ``module(x, x, x, key_padding_mask=pad)`` computes, each head's output times its gate
-    (B, heads): x (B, T, E) -> (B, T, E)."""
-    q, k, v = F.linear(x, module.in_proj_weight, module.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+def attention_by_hand(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      pad: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """What ``module(query, key, value, key_padding_mask=pad)`` computes (batch first), each head's
+    output times its gate (B, heads): query (B, T, E), key and value (B, S, E) -> (B, T, E)."""
+    weight, bias = module.in_proj_weight, module.in_proj_bias
+    q, k, v = (F.linear(x, weight[i * WIDTH:(i + 1) * WIDTH], bias[i * WIDTH:(i + 1) * WIDTH])
+               for i, x in enumerate((query, key, value)))
+    q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T or S, head_dim)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(HEAD_DIM)
     scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
     heads = scores.softmax(-1) @ v * gates[:, :, None, None]
     return F.linear(heads.transpose(1, 2).flatten(2), module.out_proj.weight, module.out_proj.bias)
 
 
-def gated_head_gradients(model: TorchAttention, inputs: torch.Tensor, pad: torch.Tensor,
+def gated_head_gradients(model: PaddedRegression, inputs: torch.Tensor, pad: torch.Tensor,
                          targets: torch.Tensor) -> torch.Tensor:
     """dL/d gate of every (sentence, head), L the model's MSE; the parameters' gradients are left in place."""
     gates = torch.ones(inputs.shape[0], HEADS, requires_grad=True)
-    F.mse_loss(inputs + attention_by_hand(model.attention, inputs, pad, gates), targets).backward()
+    F.mse_loss(model.by_hand(inputs, pad, gates), targets).backward()
     return gates.grad
 
 
-def test_taylor_importance_of_multihead_attention_heads_is_the_gate_gradient_per_sentence(tmp_path: Path) -> None:
-    found, expected = replayed_head_importances(tmp_path, TorchAttention, data, gated_head_gradients, HEADS)
+@pytest.mark.parametrize("make", [TorchAttention, TorchCrossAttention])
+def test_taylor_importance_of_multihead_attention_heads_is_the_gate_gradient_per_sentence(tmp_path: Path,
+                                                                                          make: type) -> None:
+    found, expected = replayed_head_importances(tmp_path, make, data, gated_head_gradients, HEADS)
     # float32 products summed in another order: a few ulp of the largest term
     torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-7)
     # Not the absolute value of the batch's sum: these inputs tell the two apart.
     torch.manual_seed(0)
-    gradients = gated_head_gradients(TorchAttention(), *next(iter(data())))
+    gradients = gated_head_gradients(make(), *next(iter(data())))
     assert not torch.allclose(gradients.sum(0).abs(), gradients.abs().sum(0))
 
 
@@ -156,8 +183,7 @@ def test_masked_heads_compute_what_the_kept_heads_alone_compute() -> None:
     group.set_keep(keep)
     x, pad = torch.randn(3, 5, WIDTH), padding(3)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, pad), x + attention_by_hand(model.attention, x, pad, keep.expand(3, HEADS)),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model(x, pad), model.by_hand(x, pad, keep.expand(3, HEADS)), rtol=1e-5, atol=1e-6)
 
 
 def test_torch_layers_are_found_without_naming_them_and_odd_attentions_are_refused() -> None:
