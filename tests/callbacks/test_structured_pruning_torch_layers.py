@@ -285,3 +285,46 @@ def test_masks_from_keeps_the_multihead_attention_heads_a_checkpoint_removed(tmp
 
     assert keeps(None) != expected  # the test can tell
     assert keeps(tmp_path / "pruned.ckpt") == expected
+
+
+class TorchSeq2Seq(L.LightningModule):
+    """nn.Transformer, batch first, no dropout: a causal decoder self-attention (its mask given,
+    as torch asks) and cross-attention over the encoder's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transformer = nn.Transformer(WIDTH, HEADS, 1, 1, NEURONS, dropout=0.0, batch_first=True)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(target.shape[1])
+        return self.transformer(source, target, tgt_mask=mask, tgt_is_causal=True)
+
+    def training_step(self, batch, batch_index):
+        source, target = batch
+        return F.mse_loss(self(source, target[:, :4]), target[:, 1:])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_an_nn_transformer_loses_heads_of_all_three_attentions_and_computes_as_before_while_scoring(
+        tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TorchSeq2Seq()
+    callback = StructuredPruning(start_step=2, end_step=4, frequency=2)
+    generator = torch.Generator().manual_seed(3)
+    pairs = TensorDataset(torch.randn(16, 6, WIDTH, generator=generator), torch.randn(16, 5, WIDTH, generator=generator))
+    trainer(tmp_path, [callback], max_steps=5).fit(model, DataLoader(pairs, batch_size=4))
+    heads = {group.name: int(group.keep.sum()) for group in callback.groups if group.kind == "heads"}
+    assert heads == {"transformer.encoder.layers.0.self_attn": 2, "transformer.decoder.layers.0.self_attn": 2,
+                     "transformer.decoder.layers.0.multihead_attn": 2}
+    source, target = pairs.tensors[0][:2], pairs.tensors[1][:2, :4]
+    callback._scoring = False
+    plain = model.train()(source, target)
+    callback._scoring = True  # the explicit-probabilities path
+    scored = model(source, target)
+    # SDPA and the explicit path sum the same float32 products in other orders (unit-scale values,
+    # sums of a few dozen terms: ~1e-6 apart), through two layers and their LayerNorms
+    torch.testing.assert_close(scored, plain, rtol=1e-5, atol=1e-5)
+    scored.sum().backward()
+    assert all(group.pending is not None for group in callback.groups if group.kind == "heads")
