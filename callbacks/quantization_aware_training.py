@@ -200,8 +200,7 @@ class QuantizationAwareTraining(L.Callback):
                                  f"{transform.bits}, per_channel={transform.per_channel}; this callback has "
                                  f"bits={self.bits}, per_channel={self.per_channel}")
             self._quantized_modules.append(module)
-            if isinstance(module, nn.Linear) and id(module) not in weight_only \
-                    and not isinstance(getattr(module, "input_quantizer", None), InputQuantizer):
+            if isinstance(module, nn.Linear) and id(module) not in weight_only and not _has_input_quantizer(module):
                 module.input_quantizer = InputQuantizer(self.bits, self.ema_decay).to(module.weight.device)
                 module.register_forward_pre_hook(_quantize_input_hook)
                 module.register_load_state_dict_pre_hook(_fresh_range_for_checkpoints_without_one)

@@ -209,14 +209,19 @@ def _children_are_linear(module: nn.Module, names: Sequence[str]) -> bool:
     return all(isinstance(getattr(module, name, None), nn.Linear) for name in names)
 
 
+def attention_layouts(attention_layers: Sequence[str]) -> list[tuple[str, ...]]:
+    """The children names an attention module is looked for with: ``attention_layers``, and with
+    the default ones also the fused q/k/v layouts (FUSED_ATTENTION_LAYERS)."""
+    layouts = [tuple(attention_layers)]
+    return layouts + list(FUSED_ATTENTION_LAYERS) if layouts[0] == ATTENTION_LAYERS else layouts
+
+
 def find_unit_groups(root: nn.Module, include: Sequence[str], exclude: Sequence[str], kinds: Sequence[str],
                      attention_layers: Sequence[str] = ATTENTION_LAYERS,
                      feed_forward_layers: Sequence[str] = FEED_FORWARD_LAYERS) -> list[UnitGroup]:
     """Every attention module (``"heads"`` in kinds) and feed-forward block (``"neurons"``) of
     ``root`` selected by the globs, in ``named_modules`` order."""
-    layouts = [tuple(attention_layers)]
-    if tuple(attention_layers) == ATTENTION_LAYERS:
-        layouts += list(FUSED_ATTENTION_LAYERS)
+    layouts = attention_layouts(attention_layers)
     first, second = feed_forward_layers
     groups = []
     for name, module in root.named_modules():
@@ -374,8 +379,7 @@ class StructuredPruning(L.Callback):
                                  f"exclude={other.exclude}); each module can be pruned by one of them only")
         for kind in self._kinds():
             if not any(group.kind == kind for group in self.groups):
-                layouts = [self.attention_layers] + (list(FUSED_ATTENTION_LAYERS)
-                                                     if self.attention_layers == ATTENTION_LAYERS else [])
+                layouts = attention_layouts(self.attention_layers)
                 what = (f"attention module (nn.Linear children {' or '.join(', '.join(names) for names in layouts)} "
                         f"and an integer {', '.join(COUNT_ATTRIBUTES)})" if kind == "heads" else
                         f"feed-forward block (nn.Linear children {' and '.join(self.feed_forward_layers)}); "

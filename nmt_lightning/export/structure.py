@@ -86,7 +86,7 @@ def _zero_units(weights: Mapping[str, torch.Tensor], keep: torch.Tensor, width: 
     that cannot take smaller matrices: torch.nn.MultiheadAttention). The masked model computed
     the same: its out_proj columns were masked, so a removed head added nothing."""
     weights = dict(weights)
-    dropped = ~torch.isin(torch.arange(keep.numel() * width), _kept_rows(keep, width))  # (units * width,)
+    dropped = (keep.flatten() <= 0).repeat_interleave(width)  # (units * width,): the complement of _kept_rows
     row_tensors = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
     if record.get("fused_rows"):
         row_tensors += [f"{module}.{record['fused_rows']}_{part}" for part in ("weight", "bias")]

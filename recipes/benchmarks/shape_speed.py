@@ -310,9 +310,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     table, ratios = [], {}
     for row in rows:
         rounds = speeds[row.name]
-        throughput, latency = ratios[(row.model, row.engine)] = (ratio(row, lambda r: 1 / r["sentences_per_second"]),
-                                                                 ratio(row, median_ms))
         spread = sorted(per_round(row, lambda r: 1 / r["sentences_per_second"]))  # the rounds' throughput ratios
+        throughput, latency = ratios[(row.model, row.engine)] = (statistics.median(spread), ratio(row, median_ms))
         table.append([row.model, row.engine, f"{bytes_on_disk(row.path):,}",
                       f"{statistics.median(median_ms(r) for r in rounds):.1f}",
                       f"{percentile([ms for r in rounds for ms in r['milliseconds']], 0.9):.1f}",

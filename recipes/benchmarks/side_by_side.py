@@ -58,7 +58,8 @@ def cpu_description() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     int8_flags = [flag for flag in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if flag in flags]
-    capped = f", kernels capped by {' '.join(isa_caps())}" if isa_caps() else ""
+    caps = isa_caps()
+    capped = f", kernels capped by {' '.join(caps)}" if caps else ""
     return f"{name} ({', '.join(int8_flags) or 'no AVX2'}{capped})"
 
 
