@@ -20,10 +20,10 @@ for an ``nn.Sequential``), the first's
 outputs being the second's inputs. ``include``/``exclude`` globs over those modules' names
 choose which are pruned. torch's own layers are found as they are: ``nn.MultiheadAttention``'s
 heads (rows of its fused ``in_proj_weight``, columns of its ``out_proj``) and the ``linear1`` /
-``linear2`` neurons of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``. An
-``nn.MultiheadAttention`` derives ``head_dim`` from ``embed_dim``, so its removed heads cannot be
-cut out of the matrices: they stay masked, and the export writes them as zeros (record
-``cut: False``); our attention and Hugging Face's lose their rows and columns.
+``linear2`` neurons of ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``. The
+export cuts them all; an ``nn.MultiheadAttention`` cannot hold fewer heads of the same width, so
+the loaded model has ``nmt_lightning.export.pruned_attention.PrunedMultiheadAttention`` in its
+place (record ``fused_rows: "in_proj"``).
 
 **Importance.** ``importance="taylor"`` is Michel et al.'s (2019) head importance, applied to
 neurons too (Molchanov et al. 2017's first-order Taylor criterion): a gate ``xi_u`` multiplying
@@ -145,11 +145,6 @@ class UnitGroup:
     fused_rows: Optional[str] = None  # FUSED_QKV: the module's own q/k/v rows (nn.MultiheadAttention)
     row_blocks: int = 1  # 3 where one ``rows`` child computes q, k and v (its rows: 3 blocks of units)
     pending: Optional[torch.Tensor] = None  # importance of the current optimiser step (units,)
-
-    @property
-    def cut(self) -> bool:
-        """Whether an export can take the units out (an nn.MultiheadAttention keeps its shapes)."""
-        return self.fused_rows is None
 
     def masks(self) -> list[UnitMask]:
         """The UnitMask of each of the group's weights, looked up afresh: ``model.to(device)``
@@ -644,7 +639,7 @@ class StructuredPruning(L.Callback):
                          if isinstance(t, UnitMask))
             keep = f"{names[id(first.owner)]}.parametrizations.{first.tensor}.{index}.keep"
             record_structure(checkpoint, group.name, keep, list(group.rows), list(group.columns), group.width,
-                             group.count_attribute, fused_rows=group.fused_rows, cut=group.cut,
+                             group.count_attribute, fused_rows=group.fused_rows,
                              row_blocks=group.row_blocks)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -25,11 +25,13 @@ columns of each ``columns`` child's weight; ``count_attribute`` (or None) is the
 attribute counting the units, set to the number kept. An exporter cuts the tensors before
 encoding them, so the file holds smaller matrices and its model is built with them.
 
-Two optional fields describe a torch.nn.MultiheadAttention, whose q, k and v rows are the
-module's own fused tensors and whose shapes cannot change: ``"fused_rows": "in_proj"`` (unit
-``u``'s rows in each of the three blocks of ``in_proj_weight`` and ``in_proj_bias``) and
-``"cut": False`` (the exporter zeroes the removed units' rows and columns in place instead of
-taking them out; the module keeps its size). A record without them is cut.
+``"fused_rows": "in_proj"`` describes a torch.nn.MultiheadAttention, whose q, k and v rows are
+the module's own fused tensors: unit ``u``'s rows sit in each of the three blocks of
+``in_proj_weight`` and ``in_proj_bias``, and are cut from each. Such a module cannot hold fewer
+heads of the same width, so a loader puts one that can in its place. ``"cut": False`` says the
+module keeps its size: the exporter zeroes the removed units' rows and columns in place instead
+of taking them out (what checkpoints of earlier versions recorded for nn.MultiheadAttention). A
+record without it is cut.
 ``"row_blocks": 3`` says each ``rows`` child computes q, k and v at once: its rows are three
 blocks of ``units * width``, and unit ``u`` has its rows in each (cut from each).
 """

@@ -5,9 +5,13 @@ heads, feed-forward neurons) it dropped (``compression_contract.manifest.STRUCTU
 exporter takes their rows and columns out of the tensors before encoding them (``cut_units``),
 and the file lists each module's new size, so loading first shrinks the freshly built model to
 those shapes (``shrink_modules``) and then fills it. Nothing here knows our model: the record
-names the layers and the attribute that counts the units. A module that cannot take smaller
-matrices (torch.nn.MultiheadAttention, record ``cut: False``) keeps its shapes, with the removed
-units' rows and columns written as zeros.
+names the layers and the attribute that counts the units.
+
+A torch.nn.MultiheadAttention (record ``fused_rows: "in_proj"``) loses the kept heads' rows in each
+of the q, k and v blocks of its own ``in_proj_weight``; it cannot hold fewer heads of the same
+width, so loading puts a ``PrunedMultiheadAttention`` (same call, same output) in its place. A
+record marked ``cut: False`` (such attentions, as checkpoints of earlier versions recorded them)
+keeps its shapes, with the removed units' rows and columns written as zeros.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 
 from compression_contract.manifest import STRUCTURE_KEY
 from nmt_lightning.errors import ModelFileError
+from nmt_lightning.export.pruned_attention import PrunedMultiheadAttention, disable_nested_tensor_paths
 
 __all__ = ["cut_units", "shrink_modules", "structure_records"]
 
@@ -42,7 +47,8 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
     """(weights, state, sizes): ``weights`` (names without ``prefix``) with the dropped units'
     rows and columns taken out; ``state`` (the checkpoint's) with the same cut made in every
     tensor a codec step of those weights reads that has the weight's shape (a pruning mask);
-    sizes: module -> {"units": kept, "width", "rows", "columns", "count_attribute"}, for the file."""
+    sizes: module -> {"units": kept, "width", "rows", "columns", "count_attribute"} (and
+    "row_blocks", or "fused_rows" with "kept_units": the kept heads' indices), for the file."""
     weights, state, sizes = dict(weights), dict(state), {}
     for module, record in records.items():
         keep_key = record["keep"]
@@ -55,27 +61,32 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
             weights = _zero_units(weights, keep, width, record, module)
             continue
         kept = _kept_rows(keep, width)
-        row_blocks = int(record.get("row_blocks", 1))
-        # a fused q/k/v child: the kept rows of each of its blocks of units * width rows
+        fused = record.get("fused_rows")
+        row_blocks = 3 if fused else int(record.get("row_blocks", 1))
+        # q, k and v in one tensor: the kept rows of each of its blocks of units * width rows
         rows = torch.cat([block * keep.numel() * width + kept for block in range(row_blocks)])
-        for axis, children, index in ((0, record["rows"], rows), (1, record["columns"], kept)):
-            for child in children:
-                for tensor_name in (f"{module}.{child}.weight", f"{module}.{child}.bias"):
-                    if tensor_name not in weights or (axis == 1 and tensor_name.endswith(".bias")):
-                        continue
-                    original = weights[tensor_name]
-                    weights[tensor_name] = original.index_select(axis, index.to(original.device))
-                    for step in plan.get(tensor_name, []):
-                        if step["codec"] == "ipq":
-                            raise ModelFileError(f"{origin}: {tensor_name} has iPQ codebooks and structured pruning "
-                                                 f"removed units of it; codebooks cannot be cut (train iPQ without "
-                                                 f"structured pruning, or export without iPQ)")
-                        for value in step.values():
-                            if isinstance(value, str) and value in state and state[value].shape == original.shape:
-                                state[value] = state[value].index_select(axis, index.to(state[value].device))
+        row_tensors = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
+        row_tensors += [f"{module}.{fused}_{part}" for part in ("weight", "bias")] if fused else []
+        column_tensors = [f"{module}.{child}.weight" for child in record["columns"]]
+        for axis, names, index in ((0, row_tensors, rows), (1, column_tensors, kept)):
+            for tensor_name in names:
+                if tensor_name not in weights:
+                    continue
+                original = weights[tensor_name]
+                weights[tensor_name] = original.index_select(axis, index.to(original.device))
+                for step in plan.get(tensor_name, []):
+                    if step["codec"] == "ipq":
+                        raise ModelFileError(f"{origin}: {tensor_name} has iPQ codebooks and structured pruning "
+                                             f"removed units of it; codebooks cannot be cut (train iPQ without "
+                                             f"structured pruning, or export without iPQ)")
+                    for value in step.values():
+                        if isinstance(value, str) and value in state and state[value].shape == original.shape:
+                            state[value] = state[value].index_select(axis, index.to(state[value].device))
         sizes[module] = {"units": int((keep > 0).sum()), "width": width, "rows": list(record["rows"]),
                          "columns": list(record["columns"]), "count_attribute": record.get("count_attribute")}
-        if row_blocks != 1:
+        if fused:  # loading swaps the module for one of the kept heads: which, for 3-D attention masks
+            sizes[module].update(fused_rows=fused, kept_units=torch.nonzero(keep.flatten() > 0).flatten().tolist())
+        elif row_blocks != 1:
             sizes[module]["row_blocks"] = row_blocks
     return weights, state, sizes
 
@@ -118,6 +129,9 @@ def shrink_modules(model: nn.Module, sizes: Mapping[str, dict]) -> nn.Module:
         except AttributeError:
             raise ModelFileError(f"the file cuts units of {module_name}, which the {type(model).__name__} does not "
                                  f"have: another class than the one exported?") from None
+        if size.get("fused_rows"):
+            _replace_multihead_attention(model, module_name, module, size)
+            continue
         width = size["units"] * size["width"]
         for child in size["rows"]:
             rows = width * int(size.get("row_blocks", 1))
@@ -126,4 +140,16 @@ def shrink_modules(model: nn.Module, sizes: Mapping[str, dict]) -> nn.Module:
             setattr(module, child, _smaller_linear(getattr(module, child), rows=None, columns=width))
         if size.get("count_attribute"):
             setattr(module, size["count_attribute"], size["units"])
+    disable_nested_tensor_paths(model)
     return model
+
+
+def _replace_multihead_attention(model: nn.Module, name: str, module: nn.Module, size: Mapping[str, Any]) -> None:
+    """Put a PrunedMultiheadAttention of the file's kept heads in the place of ``name``."""
+    if not isinstance(module, nn.MultiheadAttention) or size["fused_rows"] != "in_proj":
+        raise ModelFileError(f"the file cuts heads out of the fused {size['fused_rows']} rows of {name}, a "
+                             f"{type(module).__name__} in the {type(model).__name__}: only an nn.MultiheadAttention "
+                             f"has those")
+    kept = size.get("kept_units") or list(range(size["units"]))
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attribute, PrunedMultiheadAttention.like(module, kept))

@@ -224,21 +224,66 @@ def test_a_stock_transformer_encoder_is_pruned_with_the_defaults_and_resumes_exa
     assert len(neurons) == 2 and all(v.sum() == NEURONS // 2 for v in neurons)
 
 
-def test_the_export_keeps_multihead_attention_shapes_with_zeros_and_cuts_the_neurons(tmp_path: Path) -> None:
+def trained_encoder(tmp_path: Path) -> TorchEncoder:
+    """A TorchEncoder that lost half of its heads and neurons, saved as ``tmp_path``/trained.ckpt."""
     L.seed_everything(0)
     model = TorchEncoder()
     fit = trainer(tmp_path / "fit", pruning(), max_steps=8)
     fit.fit(model, data(sentences=32))
     fit.save_checkpoint(tmp_path / "trained.ckpt")
+    return model.eval()
+
+
+def kept_heads(attention: nn.MultiheadAttention) -> torch.Tensor:
+    """(heads,) True for a head the masks keep: its out_proj columns are not all zero (as the masked forward
+    computes them: the transform chain's result)."""
+    return (attention.out_proj.weight != 0).any(0).view(HEADS, HEAD_DIM).any(1)
+
+
+def test_the_export_cuts_multihead_attention_heads_and_neurons(tmp_path: Path) -> None:
+    """The loaded encoder's attentions hold only the kept heads: each of the q, k and v blocks of
+    in_proj_weight keeps the trained rows of those heads (a cut of one contiguous range, or of the
+    first block only, keeps others), out_proj their columns; it computes what the masked model did."""
+    from nmt_lightning.export.pruned_attention import PrunedMultiheadAttention
+
+    model = trained_encoder(tmp_path)
     export_module(tmp_path / "trained.ckpt", TorchEncoder(), tmp_path / "pruned.safetensors")
     loaded = load_module(TorchEncoder(), tmp_path / "pruned.safetensors")
     x, pad = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1)), padding(3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x, pad), model.eval()(x, pad), rtol=1e-5, atol=1e-5)
-    for layer in loaded.encoder.layers:
+        torch.testing.assert_close(loaded(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
+    kept_width = HEADS // 2 * HEAD_DIM
+    for trained, layer in zip(model.encoder.layers, loaded.encoder.layers):
         assert tuple(layer.linear1.weight.shape) == (NEURONS // 2, WIDTH)
-        assert tuple(layer.self_attn.in_proj_weight.shape) == (3 * WIDTH, WIDTH)  # MultiheadAttention keeps its size
-        dropped = (layer.self_attn.out_proj.weight == 0).all(0).view(HEADS, HEAD_DIM).all(1)
+        attention = layer.self_attn
+        assert isinstance(attention, PrunedMultiheadAttention) and attention.num_heads == HEADS // 2
+        assert tuple(attention.in_proj_weight.shape) == (3 * kept_width, WIDTH)
+        assert tuple(attention.out_proj.weight.shape) == (WIDTH, kept_width)
+        kept = kept_heads(trained.self_attn)
+        assert attention.kept_heads == torch.nonzero(kept).flatten().tolist()
+        rows = trained.self_attn.in_proj_weight.detach().view(3, HEADS, HEAD_DIM, WIDTH)[:, kept]
+        torch.testing.assert_close(attention.in_proj_weight.view(3, HEADS // 2, HEAD_DIM, WIDTH), rows, rtol=0, atol=0)
+        columns = trained.self_attn.out_proj.weight.detach().view(WIDTH, HEADS, HEAD_DIM)[:, kept]
+        torch.testing.assert_close(attention.out_proj.weight.view(WIDTH, HEADS // 2, HEAD_DIM), columns, rtol=0, atol=0)
+
+
+def test_a_record_of_earlier_versions_not_cut_still_exports_zeros(tmp_path: Path) -> None:
+    """Checkpoints written before the heads were cut record nn.MultiheadAttention with ``cut: False``:
+    their export keeps the attention's shapes and writes the removed heads as zeros."""
+    model = trained_encoder(tmp_path)
+    checkpoint = torch.load(tmp_path / "trained.ckpt", weights_only=False)
+    for name, record in checkpoint["compression_structure"].items():
+        if record.get("fused_rows"):
+            record["cut"] = False
+    export_module(checkpoint, TorchEncoder(), tmp_path / "zeros.safetensors")
+    loaded = load_module(TorchEncoder(), tmp_path / "zeros.safetensors")
+    x, pad = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(1)), padding(3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, pad), model(x, pad), rtol=1e-5, atol=1e-5)
+    for layer in loaded.encoder.layers:
+        assert isinstance(layer.self_attn, nn.MultiheadAttention)
+        assert tuple(layer.self_attn.in_proj_weight.shape) == (3 * WIDTH, WIDTH)
+        dropped = ~kept_heads(layer.self_attn)
         assert int(dropped.sum()) == HEADS // 2
         rows = layer.self_attn.in_proj_weight.view(3, HEADS, HEAD_DIM, WIDTH)
         assert bool((rows[:, dropped] == 0).all()) and bool((rows[:, ~dropped] != 0).any())
@@ -262,7 +307,7 @@ def test_composed_with_transforms_added_after_it_a_resume_equals_an_uninterrupte
 
 def test_masks_from_keeps_the_multihead_attention_heads_a_checkpoint_removed(tmp_path: Path) -> None:
     """A fine-tuning phase after pruning torch's layers: the record of a fused attention (its
-    ``in_proj`` rows, not cut) is adopted, and the same heads stay removed although the new
+    ``in_proj`` rows) is adopted, and the same heads stay removed although the new
     weights' magnitudes would choose others."""
     torch.manual_seed(0)
     source = TorchEncoder()
@@ -272,7 +317,7 @@ def test_masks_from_keeps_the_multihead_attention_heads_a_checkpoint_removed(tmp
     fit.save_checkpoint(tmp_path / "pruned.ckpt")
     record = torch.load(tmp_path / "pruned.ckpt", weights_only=False)["compression_structure"]
     assert record["encoder.layers.0.self_attn"]["fused_rows"] == "in_proj"
-    assert record["encoder.layers.0.self_attn"]["cut"] is False and "cut" not in record["encoder.layers.0"]
+    assert "cut" not in record["encoder.layers.0.self_attn"] and "cut" not in record["encoder.layers.0"]
     expected = [group.keep.tolist() for group in first.groups]
 
     def keeps(masks_from: Optional[Path]) -> list[list[float]]:
@@ -328,3 +373,25 @@ def test_an_nn_transformer_loses_heads_of_all_three_attentions_and_computes_as_b
     torch.testing.assert_close(scored, plain, rtol=1e-5, atol=1e-5)
     scored.sum().backward()
     assert all(group.pending is not None for group in callback.groups if group.kind == "heads")
+
+
+def test_an_nn_transformer_exports_without_the_removed_heads_and_translates_as_trained(tmp_path: Path) -> None:
+    """Encoder self-attention, causal decoder self-attention (its mask and is_causal hint) and
+    cross-attention, all with heads cut out, compute what the masked model did."""
+    from nmt_lightning.export.pruned_attention import PrunedMultiheadAttention
+
+    torch.manual_seed(0)
+    model = TorchSeq2Seq()
+    generator = torch.Generator().manual_seed(3)
+    pairs = TensorDataset(torch.randn(16, 6, WIDTH, generator=generator), torch.randn(16, 5, WIDTH, generator=generator))
+    fit = trainer(tmp_path, [StructuredPruning(start_step=2, end_step=4, frequency=2)], max_steps=5)
+    fit.fit(model, DataLoader(pairs, batch_size=4))
+    fit.save_checkpoint(tmp_path / "trained.ckpt")
+    export_module(tmp_path / "trained.ckpt", TorchSeq2Seq(), tmp_path / "pruned.safetensors")
+    loaded = load_module(TorchSeq2Seq(), tmp_path / "pruned.safetensors")
+    attentions = [m for m in loaded.modules() if isinstance(m, PrunedMultiheadAttention)]
+    assert len(attentions) == 3 and all(m.num_heads == HEADS // 2 for m in attentions)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in loaded.modules())
+    source, target = pairs.tensors[0][:3], pairs.tensors[1][:3, :4]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(source, target), model.eval()(source, target), rtol=1e-5, atol=1e-5)
