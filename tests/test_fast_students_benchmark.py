@@ -83,6 +83,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=2, seeds=[1], students=[2, 1], jobs=2, distill=False,
                               prune_students=True, finetune_steps=1, decoder_prune=None, pruned_only=False,
+                              sequence_kd=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
@@ -131,6 +132,7 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                               prune_students=True, finetune_steps=0, decoder_prune=None, pruned_only=False,
+                              sequence_kd=False,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
@@ -160,6 +162,7 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                               prune_students=True, finetune_steps=300, decoder_prune=None, pruned_only=False,
+                              sequence_kd=False,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
@@ -211,6 +214,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=4, seeds=[1], students=[2], jobs=2, distill=False, prune_students=True,
                               finetune_steps=2, decoder_prune=0.75, pruned_only=False,
+                              sequence_kd=False,
                               override=[option for option in SMALL if "_layers=" not in option])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_pruned_decoder75",
@@ -245,7 +249,7 @@ def test_pruned_only_trains_the_pruned_students_as_they_would_be_and_tests_them_
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                                   student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                                   prune_students=True, finetune_steps=300, decoder_prune=0.75,
-                                  pruned_only=pruned_only, override=[])
+                                  pruned_only=pruned_only, sequence_kd=False, override=[])
         return fast_students.runs(args), fast_students.pairs(args)
 
     (alone, alone_pairs), (full, _) = planned(True), planned(False)
@@ -294,9 +298,41 @@ def test_the_seed_summary_is_the_mean_and_sample_deviation_of_each_seeds_paired_
             {"system_bleu": bleu, "baseline_bleu": baseline_bleu, "bleu_p_value": p_value}))
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "data", base=Path("base.ckpt"), teacher=None,
                               distill=False, students=[2, 1], seeds=[1, 2, 3], prune_students=False,
-                              pruned_only=False)
+                              pruned_only=False, sequence_kd=False)
     lines = fast_students.paired_tests(args)
     assert "| half heads and neurons removed | unpruned (control) | 2 | 22.00 | 26.00 | -4.00 | 0.0200 |" in lines
     # mean 23, deviations -3, -1, 4: sqrt(26 / 2) = 3.61; baseline 25 ± 1; the largest p-value 0.3
     assert ("| half heads and neurons removed | unpruned (control) | 23.00 ± 3.61 | 25.00 ± 1.00 | -2.00 | 0.3000 |"
             in lines)
+
+
+def test_sequence_kd_students_train_on_the_teachers_translations_and_fine_tune_on_the_corpus(tmp_path: Path) -> None:
+    """--sequence-kd: every student run (pruned or not) is its own run on the sequence-level KD data,
+    with the same KD, start, steps and seed as the word-level student; the fine-tunes, the teacher's
+    included, train on the corpus itself; the pairs compare like with like."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+
+    def planned(sequence_kd: bool) -> tuple[dict, list]:
+        args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "corpus", base=None, teacher=Path("teacher.ckpt"),
+                                  steps=1000, student_steps=1400, seeds=[1], students=[2], jobs=1, distill=False,
+                                  prune_students=True, finetune_steps=300, decoder_prune=None, pruned_only=False,
+                                  sequence_kd=sequence_kd, override=[])
+        return fast_students.runs(args), fast_students.pairs(args)
+
+    (word, _), (sequence, pairs) = planned(False), planned(True)
+    assert sorted(sequence) == ["student_6_2_seqkd", "student_6_2_seqkd_ft", "student_6_2_seqkd_pruned",
+                                "student_6_2_seqkd_pruned_ft", "teacher_ft"]
+    corpus, translations = f"--data.data_dir={tmp_path / 'corpus'}", f"--data.data_dir={tmp_path / 'sequence_kd' / 'data'}"
+    for run in ("student_6_2", "student_6_2_pruned"):
+        taught = sequence[run.replace("student_6_2", "student_6_2_seqkd")]
+        assert taught["overrides"][0] == translations and word[run]["overrides"][0] == corpus
+        assert taught["overrides"][1:] == word[run]["overrides"][1:] and taught["add_ons"] == word[run]["add_ons"]
+        tuned = sequence[f"{run.replace('student_6_2', 'student_6_2_seqkd')}_ft"]
+        assert tuned["overrides"][0] == corpus and tuned["after"] == run.replace("student_6_2", "student_6_2_seqkd")
+    assert sequence["teacher_ft"] == word["teacher_ft"]
+    assert pairs == [("student_6_2_seqkd", "teacher"), ("student_6_2_seqkd_pruned", "teacher"),
+                     ("student_6_2_seqkd_pruned", "student_6_2_seqkd"), ("student_6_2_seqkd_ft", "teacher_ft"),
+                     ("student_6_2_seqkd_pruned_ft", "teacher_ft"), ("student_6_2_seqkd_pruned_ft", "student_6_2_seqkd_ft")]
+    assert fast_students.label("student_6_2_seqkd_pruned_ft") == "student 6+2 (sequence-level KD), half removed, fine-tuned"

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))  # the callbacks package lives at the top of the r
 
 from deployment import BASELINE, CT2_QAT  # noqa: E402  (recipes/benchmarks/deployment.py: its table's row names)
 from side_by_side import (MAIN_JOB_MODEL, TEACHER_MODEL, cached, check_given_model, checkpoint_step, cpu_description, export_and_score,  # noqa: E402
-                          prepared_test_split, run_fit, translation_speed_rounds,
+                          prepared_test_split, run_fit, sequence_kd_data, translation_speed_rounds,
                           write_table)  # recipes/benchmarks/side_by_side.py
 
 TINY = ROOT / "recipes/libreoffice_en_cs/tiny.yaml"
@@ -101,18 +101,8 @@ def teacher_checkpoint(args: argparse.Namespace) -> Path:
 
 def sequence_level_data(args: argparse.Namespace) -> Path:
     """The teacher's beam-4 translations of the training source, prepared with the teacher's BPE."""
-    data_dir = args.out / "sequence_level_data"
-    if (data_dir / "prepare.json").is_file() and "binary" in json.loads((data_dir / "prepare.json").read_text())["stages"]:
-        return data_dir
-    corpus = args.out / "sequence_level_corpus" / "train"
-    if not Path(f"{corpus}.cs").is_file():
-        subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "distill-data", "--checkpoint",
-                        str(args.teacher_checkpoint), "--input", str(args.data_dir / "train"), "--output", str(corpus),
-                        "--beam", "4"], check=True)
-    subprocess.run([sys.executable, "-m", "nmt_lightning.cli", "prepare", "--train", str(corpus), "--valid",
-                    str(args.data_dir / "valid"), "--test", str(args.data_dir / "test"), "--bpe-from",
-                    str(args.data_dir), "--out", str(data_dir)], check=True)
-    return data_dir
+    return sequence_kd_data(args.out / "sequence_level_data", args.out / "sequence_level_corpus" / "train",
+                            args.teacher_checkpoint, args.data_dir)
 
 
 def build_rows(args: argparse.Namespace) -> list[tuple[str, Path, Optional[str]]]:

@@ -26,6 +26,11 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
   its time (run ``student_6_N_pruned_decoderPP``);
 - with ``--pruned-only`` (and ``--prune-students``): only the pruned students, tested against the
   teacher, when the unpruned students' runs are not needed (a second pruning fraction, say);
+- with ``--sequence-kd``: the students (pruned or not) train on sequence-level KD data (Kim & Rush
+  2016: the teacher's beam-4 translations of the training source, built once into
+  ``--out``/sequence_kd, with the corpus' BPE and its valid and test splits), word-level KD from
+  the teacher alongside as before; their runs are ``student_6_N_seqkd...``. Their fine-tunes, like
+  the teacher's, train on the corpus' own references;
 - with ``--finetune-steps N``: the teacher and each student go on ``N`` steps with the
   fine-tuning recipe (``finetune.yaml``: lr 0.001 after 100 warm-up steps, cross-entropy only).
   The inverse square root schedule never anneals, so such a low-rate phase adds BLEU to a model
@@ -56,7 +61,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import efficiency  # noqa: E402
-from side_by_side import cached, run_fit  # noqa: E402
+from side_by_side import cached, run_fit, sequence_kd_data  # noqa: E402
 from study_plan import (DECODER_LAYERS, ENCODER_LAYERS, FINETUNE, RESULT, STRUCTURED_FRACTION,  # noqa: E402
                         STUDENT_DECODER_LAYERS, TINY, distillation, kept_structure, structured_pruning)
 
@@ -71,21 +76,42 @@ NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured"
          "student_6_1_pruned_ft": "student 6+1, half removed, fine-tuned"}
 
 
+SEQUENCE_KD = "_seqkd"  # in the name of a student trained on sequence-level KD data
+
+
+def student(args: argparse.Namespace, decoder_layers: int) -> str:
+    """The plain name of the 6+N student: ``student_6_N``, or with ``--sequence-kd`` (another run)
+    ``student_6_N_seqkd``."""
+    return f"student_6_{decoder_layers}" + (SEQUENCE_KD if args.sequence_kd else "")
+
+
 def pruned(args: argparse.Namespace, decoder_layers: int) -> str:
     """The plain name of the pruned 6+N student: ``student_6_N_pruned``, or with ``--decoder-prune``
     (another run, so another name) ``student_6_N_pruned_decoderPP``, PP the decoder's percentage."""
     suffix = "" if args.decoder_prune is None else f"_decoder{round(100 * args.decoder_prune)}"
-    return f"student_6_{decoder_layers}_pruned{suffix}"
+    return f"{student(args, decoder_layers)}_pruned{suffix}"
 
 
 def label(name: str) -> str:
-    """A plain run name as the tables show it (``NAMES``; a ``_decoderPP`` student says its fractions)."""
-    base, marker, percent = name.partition("_decoder")
-    if not marker:
-        return NAMES[name]
-    percent, _, tuned = percent.partition("_")
-    text = NAMES[base + (f"_{tuned}" if tuned else "")]
-    return text.replace("half removed", f"encoder half, decoder {percent}% removed")
+    """A plain run name as the tables show it (``NAMES``; a ``_decoderPP`` student says its fractions,
+    a ``_seqkd`` one its data)."""
+    sequence_kd = SEQUENCE_KD in name
+    base, marker, percent = name.replace(SEQUENCE_KD, "").partition("_decoder")
+    if marker:
+        percent, _, tuned = percent.partition("_")
+        text = NAMES[base + (f"_{tuned}" if tuned else "")].replace("half removed",
+                                                                    f"encoder half, decoder {percent}% removed")
+    else:
+        text = NAMES[base]
+    if sequence_kd:  # "student 6+2, half removed" -> "student 6+2 (sequence-level KD), half removed"
+        shape, comma, rest = text.partition(",")
+        text = f"{shape} (sequence-level KD){comma}{rest}"
+    return text
+
+
+def sequence_kd_dir(args: argparse.Namespace) -> Path:
+    """Where ``--sequence-kd``'s prepared data is."""
+    return args.out / "sequence_kd" / "data"
 
 
 def per_part(args: argparse.Namespace, callback_of) -> list[str]:
@@ -123,23 +149,25 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         if args.finetune_steps and seed == args.seeds[0]:  # the teacher is one model: fine-tuned once
             planned["teacher_ft"] = {**tuned, "overrides": common + [
                 "--model.encoder_layers=6", "--model.decoder_layers=6", f"--model.init_from={teacher}"]}
+        # the students' training data: the corpus, or the teacher's translations of its source
+        data = [f"--data.data_dir={sequence_kd_dir(args)}", *common[1:]] if args.sequence_kd else common
         for decoder_layers in args.students:
-            name, picked = f"student_6_{decoder_layers}", STUDENT_DECODER_LAYERS[decoder_layers]
+            name, picked = student(args, decoder_layers), STUDENT_DECODER_LAYERS[decoder_layers]
             shape = ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"]
-            student = {
+            taught = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
-                "overrides": common + shape + [f"--model.init_from={teacher}",
-                                               f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
+                "overrides": data + shape + [f"--model.init_from={teacher}",
+                                             f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
             variants = []  # the runs that get a fine-tune; with --pruned-only, the pruned ones alone
             if not args.pruned_only:
-                planned[name], variants = student, [name]
+                planned[name], variants = taught, [name]
             if args.prune_students:  # the same student (start, KD, steps, seed) losing half its heads and neurons
                 planned[pruned(args, decoder_layers)] = {
-                    **student, "add_ons": [*student["add_ons"], *per_part(args, lambda fraction, include: structured_pruning(args.student_steps, fraction, include))]}
+                    **taught, "add_ons": [*taught["add_ons"], *per_part(args, lambda fraction, include: structured_pruning(args.student_steps, fraction, include))]}
                 variants.append(pruned(args, decoder_layers))
             for variant in variants if args.finetune_steps else []:  # from its final checkpoint, once trained
-                start = args.out / "runs" / run_name(variant, seed) / student["result"]
+                start = args.out / "runs" / run_name(variant, seed) / taught["result"]
                 planned[f"{variant}_ft"] = {
                     **tuned, "after": run_name(variant, seed), "overrides": common + shape + [f"--model.init_from={start}"],
                     # a pruned student keeps its removed heads and neurons removed (init_from copies weights only)
@@ -182,14 +210,14 @@ def pairs(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.teacher is not None:
         for d in args.students:
             unpruned = not args.pruned_only  # without it, the pruned student is tested against the teacher only
-            found += [(f"student_6_{d}", "teacher")] * unpruned
+            found += [(student(args, d), "teacher")] * unpruned
             if args.prune_students:  # against the target's reference, and the unpruned student of the same budget
-                found += [(pruned(args, d), "teacher")] + [(pruned(args, d), f"student_6_{d}")] * unpruned
+                found += [(pruned(args, d), "teacher")] + [(pruned(args, d), student(args, d))] * unpruned
             if args.finetune_steps:  # fine-tuned alike
-                found += [(f"student_6_{d}_ft", "teacher_ft")] * unpruned
+                found += [(f"{student(args, d)}_ft", "teacher_ft")] * unpruned
                 if args.prune_students:
                     found += [(f"{pruned(args, d)}_ft", "teacher_ft")] + [
-                        (f"{pruned(args, d)}_ft", f"student_6_{d}_ft")] * unpruned
+                        (f"{pruned(args, d)}_ft", f"{student(args, d)}_ft")] * unpruned
     return found
 
 
@@ -271,6 +299,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--pruned-only", action="store_true",
                         help="with --prune-students: train only the pruned students (and their fine-tunes), not the "
                              "unpruned ones; the pruned student is then tested against the teacher only")
+    parser.add_argument("--sequence-kd", action="store_true",
+                        help="the students train on the teacher's beam-4 translations of the training source "
+                             "(sequence-level KD, built into --out/sequence_kd), word-level KD alongside "
+                             "(student_6_N_seqkd...)")
     parser.add_argument("--steps", type=int, default=1000, help="steps of the pruning and its control (default: %(default)s)")
     parser.add_argument("--student-steps", type=int, default=1400, help="steps of each student (default: %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=0,
@@ -296,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--prune-students prunes the students of the --teacher: give --teacher")
     if args.decoder_prune is not None and not args.prune_students:
         parser.error("--decoder-prune sets how much --prune-students removes from the decoder: give --prune-students")
+    if args.sequence_kd and args.teacher is None:
+        parser.error("--sequence-kd trains the students of the --teacher on its translations: give --teacher")
     if args.pruned_only and not args.prune_students:
         parser.error("--pruned-only leaves out the unpruned students of --prune-students: give --prune-students")
     if args.decoder_prune is not None and not 0.0 < args.decoder_prune < 1.0:
@@ -310,6 +344,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is given twice")
     args.students = list(dict.fromkeys(args.students))
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sequence_kd:  # before any student trains on it (cached; an interrupted translation continues)
+        sequence_kd_data(sequence_kd_dir(args), args.out / "sequence_kd" / "corpus" / "train", args.teacher.resolve(),
+                         args.data_dir)
     checkpoints = train(args, runs(args))
     first = {name: checkpoints[run_name(name, args.seeds[0])] for name in planned_for_seed(args, args.seeds[0])}
     models = ({"teacher": args.teacher.resolve()} if args.teacher else {}) | first

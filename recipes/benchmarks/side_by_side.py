@@ -195,6 +195,26 @@ def run_fit(out: Path, name: str, configs: list[Path], add_ons: list[str], overr
     return checkpoint
 
 
+def sequence_kd_data(data_out: Path, corpus: Path, teacher: Path, data_dir: Path,
+                     source: Optional[Path] = None) -> Path:
+    """Sequence-level KD data (Kim & Rush 2016): the teacher's beam-4 translations of ``source``
+    (a corpus prefix; default: ``data_dir``/train), written to ``corpus``.en/.cs, prepared into
+    ``data_out`` with ``data_dir``'s BPE and its valid and test splits; returns ``data_out``.
+    Cached: a finished directory is reused, and distill-data continues an interrupted translation."""
+    prepared = data_out / "prepare.json"
+    if prepared.is_file() and "binary" in json.loads(prepared.read_text(encoding="utf-8"))["stages"]:
+        return data_out
+    command = [sys.executable, "-m", "nmt_lightning.cli"]
+    if not Path(f"{corpus}.cs").is_file():
+        subprocess.run([*command, "distill-data", "--checkpoint", str(teacher), "--input",
+                        str(source if source is not None else data_dir / "train"), "--output", str(corpus),
+                        "--beam", "4"], check=True)
+    subprocess.run([*command, "prepare", "--train", str(corpus), "--valid", str(data_dir / "valid"), "--test",
+                    str(data_dir / "test"), "--bpe-from", str(data_dir), "--src", "en", "--tgt", "cs", "--out",
+                    str(data_out)], check=True)
+    return data_out
+
+
 def file_slug(name: str) -> str:
     """``name`` as a file name: every character but letters and digits made ``_``."""
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")

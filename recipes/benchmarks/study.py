@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import study_page  # noqa: E402  (recipes/benchmarks/study_page.py)
-from side_by_side import cached, checkpoint_step, file_slug, run_fit  # noqa: E402
+from side_by_side import cached, checkpoint_step, file_slug, run_fit, sequence_kd_data  # noqa: E402
 from study_plan import PLATEAU, Budget, Plan, Row, Run, plan  # noqa: E402
 
 STAGES = ("references", "qat", "quant_noise", "distillation", "mobilebert", "lottery", "fast_students", "scores", "speed",
@@ -156,25 +156,15 @@ class Study:
 
     def sequence_kd_data(self) -> Path:
         """The teacher's beam-4 translations of the training source, prepared with its BPE."""
-        data_dir = self.out / "sequence_kd" / "data"
-        if (data_dir / "prepare.json").is_file():
-            return data_dir
-        corpus = self.out / "sequence_kd" / "corpus" / "train"
-        command = [sys.executable, "-m", "nmt_lightning.cli"]
-        source = self.args.data_dir / "train"
+        source = None
         if self.args.smoke:  # a smoke test translates a sample of the training set
             source = self.out / "sequence_kd" / "sample" / "train"
             source.parent.mkdir(parents=True, exist_ok=True)
             for side in ("en", "cs"):
                 lines = (self.args.data_dir / f"train.{side}").read_text(encoding="utf-8").splitlines(True)[:200]
                 Path(f"{source}.{side}").write_text("".join(lines), encoding="utf-8")
-        if not Path(f"{corpus}.cs").is_file():
-            subprocess.run([*command, "distill-data", "--checkpoint", str(self.result("teacher")), "--input",
-                            str(source), "--output", str(corpus), "--beam", "4"], check=True)
-        subprocess.run([*command, "prepare", "--train", str(corpus), "--valid", str(self.args.data_dir / "valid"),
-                        "--test", str(self.args.data_dir / "test"), "--bpe-from", str(self.args.data_dir),
-                        "--src", "en", "--tgt", "cs", "--out", str(data_dir)], check=True)
-        return data_dir
+        return sequence_kd_data(self.out / "sequence_kd" / "data", self.out / "sequence_kd" / "corpus" / "train",
+                                self.result("teacher"), self.args.data_dir, source)
 
     def note(self, text: str) -> None:
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}"
