@@ -75,6 +75,7 @@ def pruned_files(width: str, layers: int, out: Path) -> tuple[Path, Path]:
     from torch.utils.data import DataLoader, TensorDataset
 
     from callbacks import StructuredPruning
+    from nmt_lightning.checkpoint_reading import read_checkpoint
     from nmt_lightning.export import export_module
 
     dense = dense_model(width, layers)
@@ -86,7 +87,7 @@ def pruned_files(width: str, layers: int, out: Path) -> tuple[Path, Path]:
     trainer.fit(dense, DataLoader(pairs, batch_size=4))
     checkpoint_path = out / f"{width}.ckpt"
     trainer.save_checkpoint(checkpoint_path)
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint = dict(read_checkpoint(checkpoint_path))  # the safe loader export_module uses
     cut, zeros = out / f"{width}_cut.safetensors", out / f"{width}_zeros.safetensors"
     export_module(checkpoint, build(width, layers), cut)
     for record in checkpoint["compression_structure"].values():
