@@ -82,7 +82,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=2, seeds=[1], students=[2, 1], jobs=2, distill=False,
-                              prune_students=True, finetune_steps=1, decoder_prune=None, pruned_only=False,
+                              prune_students=True, finetune_steps=1, decoder_prune=None, encoder_prune=None, pruned_only=False,
                               sequence_kd=False,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
@@ -131,7 +131,7 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=0, decoder_prune=None, pruned_only=False,
+                              prune_students=True, finetune_steps=0, decoder_prune=None, encoder_prune=None, pruned_only=False,
                               sequence_kd=False,
                               override=[])
     planned = fast_students.runs(args)
@@ -161,7 +161,7 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     fast_students = import_benchmark("fast_students")
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                              prune_students=True, finetune_steps=300, decoder_prune=None, pruned_only=False,
+                              prune_students=True, finetune_steps=300, decoder_prune=None, encoder_prune=None, pruned_only=False,
                               sequence_kd=False,
                               override=[])
     planned = fast_students.runs(args)
@@ -213,7 +213,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=4, seeds=[1], students=[2], jobs=2, distill=False, prune_students=True,
-                              finetune_steps=2, decoder_prune=0.75, pruned_only=False,
+                              finetune_steps=2, decoder_prune=0.75, encoder_prune=None, pruned_only=False,
                               sequence_kd=False,
                               override=[option for option in SMALL if "_layers=" not in option])
     planned = fast_students.runs(args)
@@ -248,7 +248,7 @@ def test_pruned_only_trains_the_pruned_students_as_they_would_be_and_tests_them_
     def planned(pruned_only: bool) -> tuple[dict, list]:
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                                   student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
-                                  prune_students=True, finetune_steps=300, decoder_prune=0.75,
+                                  prune_students=True, finetune_steps=300, decoder_prune=0.75, encoder_prune=None,
                                   pruned_only=pruned_only, sequence_kd=False, override=[])
         return fast_students.runs(args), fast_students.pairs(args)
 
@@ -317,7 +317,7 @@ def test_sequence_kd_students_train_on_the_teachers_translations_and_fine_tune_o
     def planned(sequence_kd: bool) -> tuple[dict, list]:
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "corpus", base=None, teacher=Path("teacher.ckpt"),
                                   steps=1000, student_steps=1400, seeds=[1], students=[2], jobs=1, distill=False,
-                                  prune_students=True, finetune_steps=300, decoder_prune=None, pruned_only=False,
+                                  prune_students=True, finetune_steps=300, decoder_prune=None, encoder_prune=None, pruned_only=False,
                                   sequence_kd=sequence_kd, override=[])
         return fast_students.runs(args), fast_students.pairs(args)
 
@@ -336,3 +336,40 @@ def test_sequence_kd_students_train_on_the_teachers_translations_and_fine_tune_o
                      ("student_6_2_seqkd_pruned", "student_6_2_seqkd"), ("student_6_2_seqkd_ft", "teacher_ft"),
                      ("student_6_2_seqkd_pruned_ft", "teacher_ft"), ("student_6_2_seqkd_pruned_ft", "student_6_2_seqkd_ft")]
     assert fast_students.label("student_6_2_seqkd_pruned_ft") == "student 6+2 (sequence-level KD), half removed, fine-tuned"
+
+
+def test_encoder_prune_prunes_the_encoder_to_its_own_fraction(tmp_path: Path) -> None:
+    """--encoder-prune 0.75: another run (student_6_2_pruned_encoder75) whose encoder loses three
+    quarters of its units and its decoder half, in two callbacks; with --decoder-prune too, each
+    part its own fraction. The fine-tune keeps both parts' structure."""
+    import argparse
+
+    fast_students = import_benchmark("fast_students")
+
+    def planned(encoder: float, decoder: float | None) -> dict:
+        args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
+                                  student_steps=1400, seeds=[1], students=[2], jobs=1, distill=False,
+                                  prune_students=True, finetune_steps=300, decoder_prune=decoder, encoder_prune=encoder,
+                                  pruned_only=True, sequence_kd=False, override=[])
+        return fast_students.runs(args)
+
+    def fractions(run: dict) -> dict[str, float]:
+        found = {}
+        for add_on in run["add_ons"]:
+            callback = json.loads(add_on)["trainer"]["callbacks+"][0]
+            if callback["class_path"] == "callbacks.StructuredPruning":
+                arguments = callback["init_args"]
+                assert arguments["prune_heads"] == arguments["prune_neurons"]
+                found[arguments["include"][0]] = arguments["prune_heads"]
+        return found
+
+    runs = planned(0.75, None)
+    assert sorted(runs) == ["student_6_2_pruned_encoder75", "student_6_2_pruned_encoder75_ft", "teacher_ft"]
+    expected = {"model.encoder_layers.*": 0.75, "model.decoder_layers.*": 0.5}
+    assert fractions(runs["student_6_2_pruned_encoder75"]) == fractions(runs["student_6_2_pruned_encoder75_ft"]) == expected
+    assert fast_students.label("student_6_2_pruned_encoder75_ft") == \
+        "student 6+2, encoder 75%, decoder half removed, fine-tuned"
+    both = planned(0.75, 0.625)
+    assert fractions(both["student_6_2_pruned_encoder75_decoder62"]) == {"model.encoder_layers.*": 0.75,
+                                                                        "model.decoder_layers.*": 0.625}
+    assert fast_students.label("student_6_2_pruned_encoder75_decoder62") == "student 6+2, encoder 75%, decoder 62% removed"

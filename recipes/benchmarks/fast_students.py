@@ -22,8 +22,9 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
 - with ``--prune-students``: each student again, the same start, KD, steps and seed, with
   ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
   against the teacher and against the unpruned student); ``--decoder-prune F`` removes ``F`` of
-  the decoder's instead (half of the encoder's; two callbacks), where beam search spends most of
-  its time (run ``student_6_N_pruned_decoderPP``);
+  the decoder's instead, where beam search spends most of its time, and ``--encoder-prune F``
+  ``F`` of the encoder's (each part half otherwise; two callbacks; runs
+  ``student_6_N_pruned_encoderPP``, ``..._decoderPP`` or both);
 - with ``--pruned-only`` (and ``--prune-students``): only the pruned students, tested against the
   teacher, when the unpruned students' runs are not needed (a second pruning fraction, say);
 - with ``--sequence-kd``: the students (pruned or not) train on sequence-level KD data (Kim & Rush
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -86,23 +88,25 @@ def student(args: argparse.Namespace, decoder_layers: int) -> str:
 
 
 def pruned(args: argparse.Namespace, decoder_layers: int) -> str:
-    """The plain name of the pruned 6+N student: ``student_6_N_pruned``, or with ``--decoder-prune``
-    (another run, so another name) ``student_6_N_pruned_decoderPP``, PP the decoder's percentage."""
-    suffix = "" if args.decoder_prune is None else f"_decoder{round(100 * args.decoder_prune)}"
+    """The plain name of the pruned 6+N student: ``student_6_N_pruned``, or with ``--encoder-prune``
+    or ``--decoder-prune`` (another run, so another name) ``student_6_N_pruned_encoderPP``,
+    ``..._decoderPP`` or ``..._encoderPP_decoderPP``, PP that part's percentage."""
+    suffix = "".join(f"_{part}{round(100 * fraction)}" for part, fraction in
+                     (("encoder", args.encoder_prune), ("decoder", args.decoder_prune)) if fraction is not None)
     return f"{student(args, decoder_layers)}_pruned{suffix}"
 
 
 def label(name: str) -> str:
-    """A plain run name as the tables show it (``NAMES``; a ``_decoderPP`` student says its fractions,
-    a ``_seqkd`` one its data)."""
+    """A plain run name as the tables show it (``NAMES``; an ``_encoderPP`` or ``_decoderPP`` student
+    says its fractions, a ``_seqkd`` one its data)."""
     sequence_kd = SEQUENCE_KD in name
-    base, marker, percent = name.replace(SEQUENCE_KD, "").partition("_decoder")
-    if marker:
-        percent, _, tuned = percent.partition("_")
-        text = NAMES[base + (f"_{tuned}" if tuned else "")].replace("half removed",
-                                                                    f"encoder half, decoder {percent}% removed")
-    else:
-        text = NAMES[base]
+    name = name.replace(SEQUENCE_KD, "")
+    percents = dict(re.findall(r"_(encoder|decoder)(\d+)", name))
+    text = NAMES[re.sub(r"_(encoder|decoder)\d+", "", name)]
+    if percents:
+        encoder, decoder = (percents.get(part, "50") for part in ("encoder", "decoder"))
+        text = text.replace("half removed", f"encoder {'half' if encoder == '50' else encoder + '%'}, "
+                                            f"decoder {'half' if decoder == '50' else decoder + '%'} removed")
     if sequence_kd:  # "student 6+2, half removed" -> "student 6+2 (sequence-level KD), half removed"
         shape, comma, rest = text.partition(",")
         text = f"{shape} (sequence-level KD){comma}{rest}"
@@ -116,11 +120,12 @@ def sequence_kd_dir(args: argparse.Namespace) -> Path:
 
 def per_part(args: argparse.Namespace, callback_of) -> list[str]:
     """The StructuredPruning add-ons of a pruned student, ``callback_of(fraction, include)`` each:
-    half of every layer's units, or with ``--decoder-prune`` half of the encoder's and that
-    fraction of the decoder's (two callbacks)."""
-    if args.decoder_prune is None:
+    half of every layer's units, or with ``--encoder-prune`` / ``--decoder-prune`` one fraction for
+    the encoder's and one for the decoder's (two callbacks; half where not given)."""
+    if args.encoder_prune is None and args.decoder_prune is None:
         return [callback_of(STRUCTURED_FRACTION, ("model.*",))]
-    return [callback_of(STRUCTURED_FRACTION, ENCODER_LAYERS), callback_of(args.decoder_prune, DECODER_LAYERS)]
+    encoder, decoder = (STRUCTURED_FRACTION if f is None else f for f in (args.encoder_prune, args.decoder_prune))
+    return [callback_of(encoder, ENCODER_LAYERS), callback_of(decoder, DECODER_LAYERS)]
 
 
 def run_name(name: str, seed: int) -> str:
@@ -296,6 +301,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="with --prune-students: remove this fraction of the decoder's heads and neurons and half "
                              "of the encoder's (default: half of every layer's); another run, named "
                              "student_6_N_pruned_decoderPP")
+    parser.add_argument("--encoder-prune", type=float, metavar="FRACTION",
+                        help="with --prune-students: remove this fraction of the encoder's heads and neurons (default: "
+                             "half); another run, named student_6_N_pruned_encoderPP")
     parser.add_argument("--pruned-only", action="store_true",
                         help="with --prune-students: train only the pruned students (and their fine-tunes), not the "
                              "unpruned ones; the pruned student is then tested against the teacher only")
@@ -326,14 +334,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--distill prunes the --base with KD from it: give --base")
     if args.prune_students and args.teacher is None:
         parser.error("--prune-students prunes the students of the --teacher: give --teacher")
-    if args.decoder_prune is not None and not args.prune_students:
-        parser.error("--decoder-prune sets how much --prune-students removes from the decoder: give --prune-students")
+    for option, fraction in (("--encoder-prune", args.encoder_prune), ("--decoder-prune", args.decoder_prune)):
+        if fraction is not None and not args.prune_students:
+            parser.error(f"{option} sets how much --prune-students removes: give --prune-students")
+        if fraction is not None and not 0.0 < fraction < 1.0:
+            parser.error(f"{option} is a fraction in (0, 1), got {fraction}")
     if args.sequence_kd and args.teacher is None:
         parser.error("--sequence-kd trains the students of the --teacher on its translations: give --teacher")
     if args.pruned_only and not args.prune_students:
         parser.error("--pruned-only leaves out the unpruned students of --prune-students: give --prune-students")
-    if args.decoder_prune is not None and not 0.0 < args.decoder_prune < 1.0:
-        parser.error(f"--decoder-prune is a fraction in (0, 1), got {args.decoder_prune}")
     if min(args.steps, args.student_steps, args.jobs) < 1:
         parser.error("--steps, --student-steps and --jobs must be >= 1")
     if args.finetune_steps < 0:
