@@ -370,6 +370,7 @@ def test_encoder_prune_prunes_the_encoder_to_its_own_fraction(tmp_path: Path) ->
     assert fast_students.label("student_6_2_pruned_encoder75_ft") == \
         "student 6+2, encoder 75%, decoder half removed, fine-tuned"
     both = planned(0.75, 0.625)
-    assert fractions(both["student_6_2_pruned_encoder75_decoder62"]) == {"model.encoder_layers.*": 0.75,
-                                                                        "model.decoder_layers.*": 0.625}
-    assert fast_students.label("student_6_2_pruned_encoder75_decoder62") == "student 6+2, encoder 75%, decoder 62% removed"
+    assert fractions(both["student_6_2_pruned_encoder75_decoder62p5"]) == {"model.encoder_layers.*": 0.75,
+                                                                          "model.decoder_layers.*": 0.625}
+    assert fast_students.label("student_6_2_pruned_encoder75_decoder62p5_ft") == \
+        "student 6+2, encoder 75%, decoder 62.5% removed, fine-tuned"

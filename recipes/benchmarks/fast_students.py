@@ -87,11 +87,16 @@ def student(args: argparse.Namespace, decoder_layers: int) -> str:
     return f"student_6_{decoder_layers}" + (SEQUENCE_KD if args.sequence_kd else "")
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a run name's percentage: 0.75 -> "75", 0.625 -> "62p5" (no dot in a file name)."""
+    return f"{100 * fraction:g}".replace(".", "p")
+
+
 def pruned(args: argparse.Namespace, decoder_layers: int) -> str:
     """The plain name of the pruned 6+N student: ``student_6_N_pruned``, or with ``--encoder-prune``
     or ``--decoder-prune`` (another run, so another name) ``student_6_N_pruned_encoderPP``,
     ``..._decoderPP`` or ``..._encoderPP_decoderPP``, PP that part's percentage."""
-    suffix = "".join(f"_{part}{round(100 * fraction)}" for part, fraction in
+    suffix = "".join(f"_{part}{percent(fraction)}" for part, fraction in
                      (("encoder", args.encoder_prune), ("decoder", args.decoder_prune)) if fraction is not None)
     return f"{student(args, decoder_layers)}_pruned{suffix}"
 
@@ -101,8 +106,8 @@ def label(name: str) -> str:
     says its fractions, a ``_seqkd`` one its data)."""
     sequence_kd = SEQUENCE_KD in name
     name = name.replace(SEQUENCE_KD, "")
-    percents = dict(re.findall(r"_(encoder|decoder)(\d+)", name))
-    text = NAMES[re.sub(r"_(encoder|decoder)\d+", "", name)]
+    percents = {part: value.replace("p", ".") for part, value in re.findall(r"_(encoder|decoder)(\d+(?:p\d+)?)", name)}
+    text = NAMES[re.sub(r"_(encoder|decoder)\d+(?:p\d+)?", "", name)]
     if percents:
         encoder, decoder = (percents.get(part, "50") for part in ("encoder", "decoder"))
         text = text.replace("half removed", f"encoder {'half' if encoder == '50' else encoder + '%'}, "
