@@ -60,8 +60,10 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
         if record.get("cut", True) is False:
             weights = _zero_units(weights, keep, width, record, module)
             continue
-        kept = _kept_rows(keep, width)
         fused = record.get("fused_rows")
+        if fused and bool((keep > 0).all()):  # no head removed: torch's attention stays, with its fused kernels
+            continue
+        kept = _kept_rows(keep, width)
         row_blocks = 3 if fused else int(record.get("row_blocks", 1))
         # q, k and v in one tensor: the kept rows of each of its blocks of units * width rows
         rows = torch.cat([block * keep.numel() * width + kept for block in range(row_blocks)])

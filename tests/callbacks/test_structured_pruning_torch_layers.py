@@ -267,6 +267,23 @@ def test_the_export_cuts_multihead_attention_heads_and_neurons(tmp_path: Path) -
         torch.testing.assert_close(attention.out_proj.weight.view(WIDTH, HEADS // 2, HEAD_DIM), columns, rtol=0, atol=0)
 
 
+def test_an_attention_that_lost_no_head_stays_torchs(tmp_path: Path) -> None:
+    """A record whose heads are all kept (a layer the schedule left whole) changes nothing: that
+    layer keeps its nn.MultiheadAttention (and torch's fused kernels), the other is cut."""
+    from nmt_lightning.export.pruned_attention import PrunedMultiheadAttention
+
+    trained_encoder(tmp_path)
+    checkpoint = torch.load(tmp_path / "trained.ckpt", weights_only=False)
+    whole = "encoder.layers.0.self_attn."
+    for name in [n for n in checkpoint["state_dict"] if n.startswith(whole) and n.endswith(".keep")]:
+        checkpoint["state_dict"][name] = torch.ones_like(checkpoint["state_dict"][name])
+    export_module(checkpoint, TorchEncoder(), tmp_path / "one_whole.safetensors")
+    loaded = load_module(TorchEncoder(), tmp_path / "one_whole.safetensors")
+    first, second = (layer.self_attn for layer in loaded.encoder.layers)
+    assert isinstance(first, nn.MultiheadAttention) and tuple(first.in_proj_weight.shape) == (3 * WIDTH, WIDTH)
+    assert isinstance(second, PrunedMultiheadAttention) and second.num_heads == HEADS // 2
+
+
 def test_a_record_of_earlier_versions_not_cut_still_exports_zeros(tmp_path: Path) -> None:
     """Checkpoints written before the heads were cut record nn.MultiheadAttention with ``cut: False``:
     their export keeps the attention's shapes and writes the removed heads as zeros."""
