@@ -5,7 +5,7 @@ heads fill ``embed_dim``, so it cannot hold fewer heads of the same width: its q
 are ``3 x embed_dim``. After ``StructuredPruning`` removed heads of one, the export keeps only
 the kept heads' rows (``3 x num_heads x head_dim``) and columns (of ``out_proj``), and
 ``load_module`` puts this module in the attention's place. It takes the same call and returns
-the same output; only its attention weights (``need_weights=True``) cover the kept heads only.
+the same output; its attention weights (``need_weights=True``) cover the kept heads only.
 
 Not torch's code: torch's ``F.multi_head_attention_forward`` has the same width check. The
 attention itself is ``F.scaled_dot_product_attention`` (the explicit softmax where the weights

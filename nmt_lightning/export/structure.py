@@ -7,8 +7,8 @@ and the file lists each module's new size, so loading first shrinks the freshly 
 those shapes (``shrink_modules``) and then fills it. Nothing here knows our model: the record
 names the layers and the attribute that counts the units.
 
-A torch.nn.MultiheadAttention (record ``fused_rows: "in_proj"``) loses the kept heads' rows in each
-of the q, k and v blocks of its own ``in_proj_weight``; it cannot hold fewer heads of the same
+A torch.nn.MultiheadAttention (record ``fused_rows: "in_proj"``) loses the removed heads' rows in
+each of the q, k and v blocks of its own ``in_proj_weight``; it cannot hold fewer heads of the same
 width, so loading puts a ``PrunedMultiheadAttention`` (same call, same output) in its place. A
 record marked ``cut: False`` (such attentions, as checkpoints of earlier versions recorded them)
 keeps its shapes, with the removed units' rows and columns written as zeros.
