@@ -83,7 +83,7 @@ def test_the_students_start_from_the_teachers_encoder_and_chosen_decoder_layers(
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=2, seeds=[1], students=[2, 1], jobs=2, distill=False,
                               prune_students=True, finetune_steps=1, decoder_prune=None, encoder_prune=None, pruned_only=False,
-                              sequence_kd=False,
+                              sequence_kd=False, encoder_layers=6,
                               override=[option for option in SMALL if "_layers=" not in option]
                               + ["--model.lr=1e-9", "--model.warmup_steps=1"])  # one step that barely moves
     planned = fast_students.runs(args)
@@ -132,7 +132,7 @@ def test_a_pruned_student_is_its_student_with_structured_pruning_added(tmp_path:
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                               prune_students=True, finetune_steps=0, decoder_prune=None, encoder_prune=None, pruned_only=False,
-                              sequence_kd=False,
+                              sequence_kd=False, encoder_layers=6,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_pruned", "student_6_2_pruned_s2", "student_6_2_s2"]
@@ -162,7 +162,7 @@ def test_fine_tuning_gives_the_teacher_and_each_student_the_same_phase(tmp_path:
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                               student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                               prune_students=True, finetune_steps=300, decoder_prune=None, encoder_prune=None, pruned_only=False,
-                              sequence_kd=False,
+                              sequence_kd=False, encoder_layers=6,
                               override=[])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_ft_s2", "student_6_2_pruned",
@@ -214,7 +214,7 @@ def test_decoder_prune_prunes_the_decoder_to_its_own_fraction_and_keeps_it_throu
     args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
                               student_steps=4, seeds=[1], students=[2], jobs=2, distill=False, prune_students=True,
                               finetune_steps=2, decoder_prune=0.75, encoder_prune=None, pruned_only=False,
-                              sequence_kd=False,
+                              sequence_kd=False, encoder_layers=6,
                               override=[option for option in SMALL if "_layers=" not in option])
     planned = fast_students.runs(args)
     assert sorted(planned) == ["student_6_2", "student_6_2_ft", "student_6_2_pruned_decoder75",
@@ -249,7 +249,7 @@ def test_pruned_only_trains_the_pruned_students_as_they_would_be_and_tests_them_
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                                   student_steps=1400, seeds=[1, 2], students=[2], jobs=1, distill=False,
                                   prune_students=True, finetune_steps=300, decoder_prune=0.75, encoder_prune=None,
-                                  pruned_only=pruned_only, sequence_kd=False, override=[])
+                                  pruned_only=pruned_only, sequence_kd=False, encoder_layers=6, override=[])
         return fast_students.runs(args), fast_students.pairs(args)
 
     (alone, alone_pairs), (full, _) = planned(True), planned(False)
@@ -298,7 +298,7 @@ def test_the_seed_summary_is_the_mean_and_sample_deviation_of_each_seeds_paired_
             {"system_bleu": bleu, "baseline_bleu": baseline_bleu, "bleu_p_value": p_value}))
     args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "data", base=Path("base.ckpt"), teacher=None,
                               distill=False, students=[2, 1], seeds=[1, 2, 3], prune_students=False,
-                              pruned_only=False, sequence_kd=False)
+                              pruned_only=False, sequence_kd=False, encoder_layers=6)
     lines = fast_students.paired_tests(args)
     assert "| half heads and neurons removed | unpruned (control) | 2 | 22.00 | 26.00 | -4.00 | 0.0200 |" in lines
     # mean 23, deviations -3, -1, 4: sqrt(26 / 2) = 3.61; baseline 25 ± 1; the largest p-value 0.3
@@ -318,7 +318,7 @@ def test_sequence_kd_students_train_on_the_teachers_translations_and_fine_tune_o
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path / "corpus", base=None, teacher=Path("teacher.ckpt"),
                                   steps=1000, student_steps=1400, seeds=[1], students=[2], jobs=1, distill=False,
                                   prune_students=True, finetune_steps=300, decoder_prune=None, encoder_prune=None, pruned_only=False,
-                                  sequence_kd=sequence_kd, override=[])
+                                  sequence_kd=sequence_kd, encoder_layers=6, override=[])
         return fast_students.runs(args), fast_students.pairs(args)
 
     (word, _), (sequence, pairs) = planned(False), planned(True)
@@ -350,7 +350,7 @@ def test_encoder_prune_prunes_the_encoder_to_its_own_fraction(tmp_path: Path) ->
         args = argparse.Namespace(out=tmp_path, data_dir=tmp_path, base=None, teacher=Path("teacher.ckpt"), steps=1000,
                                   student_steps=1400, seeds=[1], students=[2], jobs=1, distill=False,
                                   prune_students=True, finetune_steps=300, decoder_prune=decoder, encoder_prune=encoder,
-                                  pruned_only=True, sequence_kd=False, override=[])
+                                  pruned_only=True, sequence_kd=False, encoder_layers=6, override=[])
         return fast_students.runs(args)
 
     def fractions(run: dict) -> dict[str, float]:
@@ -374,3 +374,39 @@ def test_encoder_prune_prunes_the_encoder_to_its_own_fraction(tmp_path: Path) ->
                                                                           "model.decoder_layers.*": 0.625}
     assert fast_students.label("student_6_2_pruned_encoder75_decoder62p5_ft") == \
         "student 6+2, encoder 75%, decoder 62.5% removed, fine-tuned"
+
+
+def test_encoder_layers_start_a_shallower_encoder_from_teacher_layers_spread_to_the_top(
+        prepared_dir: Path, tmp_path: Path) -> None:
+    """--encoder-layers 4: the students are 4+N runs (student_4_N...) whose encoder starts from the
+    teacher's encoder layers [1, 2, 3, 5] (spread evenly up to the top one, as the decoder's [2, 5]):
+    after two steps at a learning rate of 1e-9 each student layer is its teacher layer."""
+    import argparse
+
+    import torch
+
+    from tests.conftest import train_tiny_checkpoint
+
+    fast_students = import_benchmark("fast_students")
+    assert [fast_students.encoder_picks(n) for n in (6, 4, 3, 2, 1)] == [
+        [0, 1, 2, 3, 4, 5], [1, 2, 3, 5], [1, 3, 5], [2, 5], [5]]
+    teacher = train_tiny_checkpoint(prepared_dir, tmp_path / "teacher", max_steps=2, encoder_layers=6, decoder_layers=6)
+    args = argparse.Namespace(out=tmp_path / "out", data_dir=prepared_dir, base=None, teacher=teacher, steps=1,
+                              student_steps=2, seeds=[1], students=[2], jobs=1, distill=False, prune_students=True,
+                              finetune_steps=0, decoder_prune=None, encoder_prune=None, pruned_only=False,
+                              sequence_kd=False, encoder_layers=4,
+                              override=[option for option in SMALL if "_layers=" not in option]
+                              + ["--model.lr=1e-9", "--model.warmup_steps=1"])
+    planned = fast_students.runs(args)
+    assert sorted(planned) == ["student_4_2", "student_4_2_pruned"]
+    assert fast_students.pairs(args) == [("student_4_2", "teacher"), ("student_4_2_pruned", "teacher"),
+                                         ("student_4_2_pruned", "student_4_2")]
+    assert fast_students.label("student_4_2_pruned") == "student 4+2, half removed"
+    del planned["student_4_2_pruned"]  # the start is the same
+    checkpoints = fast_students.train(args, planned)
+    taught = torch.load(teacher, map_location="cpu", weights_only=False)["state_dict"]
+    student = torch.load(checkpoints["student_4_2"], map_location="cpu", weights_only=False)["state_dict"]
+    assert not any("encoder_layers.4." in key for key in student)
+    for index, source in enumerate([1, 2, 3, 5]):
+        key = "model.encoder_layers.{}.ffn.fc1.weight"
+        assert torch.allclose(student[key.format(index)], taught[key.format(source)], atol=1e-6)

@@ -18,7 +18,9 @@ interruption (``side_by_side.run_fit``), ``--jobs`` side by side, for each of ``
 - with ``--distill``: ``structured`` with word-level KD from the base alongside (the model being
   pruned learns from itself unpruned);
 - with ``--teacher``: the 6+2 and 6+1 students (``--students``: the teacher's whole encoder and
-  its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each;
+  its decoder layers [2, 5] or [5], word-level KD), ``--student-steps`` steps each; with
+  ``--encoder-layers E`` the E+2 and E+1 students instead, their encoder from E of the teacher's
+  layers spread evenly up to its top one (``student_E_N``);
 - with ``--prune-students``: each student again, the same start, KD, steps and seed, with
   ``StructuredPruning`` removing half of its heads and neurons on the same schedule (tested
   against the teacher and against the unpruned student); ``--decoder-prune F`` removes ``F`` of
@@ -71,20 +73,25 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 NAMES = {"teacher": "teacher 6+6", "control": "unpruned (control)", "structured": "half heads and neurons removed",
-         "structured_kd": "half removed, KD from the base", "student_6_2": "student 6+2", "student_6_1": "student 6+1",
-         "student_6_2_pruned": "student 6+2, half removed", "student_6_1_pruned": "student 6+1, half removed",
-         "teacher_ft": "teacher 6+6, fine-tuned", "student_6_2_ft": "student 6+2, fine-tuned",
-         "student_6_1_ft": "student 6+1, fine-tuned", "student_6_2_pruned_ft": "student 6+2, half removed, fine-tuned",
-         "student_6_1_pruned_ft": "student 6+1, half removed, fine-tuned"}
-
-
+         "structured_kd": "half removed, KD from the base", "teacher_ft": "teacher 6+6, fine-tuned"}
+# a student's run: student_E_D[_seqkd][_pruned[_encoderPP][_decoderPP]][_ft]
+STUDENT_RUN = re.compile(r"student_(?P<encoder_layers>\d+)_(?P<decoder_layers>\d+)(?P<sequence_kd>_seqkd)?"
+                         r"(?:(?P<pruned>_pruned)(?:_encoder(?P<encoder>\d+(?:p\d+)?))?(?:_decoder(?P<decoder>\d+(?:p\d+)?))?)?"
+                         r"(?P<tuned>_ft)?")
 SEQUENCE_KD = "_seqkd"  # in the name of a student trained on sequence-level KD data
+TEACHER_ENCODER_LAYERS = 6
+
+
+def encoder_picks(layers: int) -> list[int]:
+    """The teacher encoder layers an ``layers``-layer student encoder starts from: spread evenly,
+    ending at the top one, as the decoder's ([2, 5] for 2, [5] for 1): 3 -> [1, 3, 5], 4 -> [1, 2, 3, 5]."""
+    return [round((k + 1) * TEACHER_ENCODER_LAYERS / layers) - 1 for k in range(layers)]
 
 
 def student(args: argparse.Namespace, decoder_layers: int) -> str:
-    """The plain name of the 6+N student: ``student_6_N``, or with ``--sequence-kd`` (another run)
-    ``student_6_N_seqkd``."""
-    return f"student_6_{decoder_layers}" + (SEQUENCE_KD if args.sequence_kd else "")
+    """The plain name of the E+N student: ``student_E_N`` (E: ``--encoder-layers``), or with
+    ``--sequence-kd`` (another run) ``student_E_N_seqkd``."""
+    return f"student_{args.encoder_layers}_{decoder_layers}" + (SEQUENCE_KD if args.sequence_kd else "")
 
 
 def percent(fraction: float) -> str:
@@ -102,20 +109,22 @@ def pruned(args: argparse.Namespace, decoder_layers: int) -> str:
 
 
 def label(name: str) -> str:
-    """A plain run name as the tables show it (``NAMES``; an ``_encoderPP`` or ``_decoderPP`` student
-    says its fractions, a ``_seqkd`` one its data)."""
-    sequence_kd = SEQUENCE_KD in name
-    name = name.replace(SEQUENCE_KD, "")
-    percents = {part: value.replace("p", ".") for part, value in re.findall(r"_(encoder|decoder)(\d+(?:p\d+)?)", name)}
-    text = NAMES[re.sub(r"_(encoder|decoder)\d+(?:p\d+)?", "", name)]
-    if percents:
-        encoder, decoder = (percents.get(part, "50") for part in ("encoder", "decoder"))
-        text = text.replace("half removed", f"encoder {'half' if encoder == '50' else encoder + '%'}, "
-                                            f"decoder {'half' if decoder == '50' else decoder + '%'} removed")
-    if sequence_kd:  # "student 6+2, half removed" -> "student 6+2 (sequence-level KD), half removed"
-        shape, comma, rest = text.partition(",")
-        text = f"{shape} (sequence-level KD){comma}{rest}"
-    return text
+    """A plain run name as the tables show it: ``NAMES``, or a student's shape, data, removed
+    fractions and fine-tuning (``student_6_2_seqkd_pruned_decoder75_ft`` -> "student 6+2
+    (sequence-level KD), encoder half, decoder 75% removed, fine-tuned")."""
+    if name in NAMES:
+        return NAMES[name]
+    found = STUDENT_RUN.fullmatch(name)
+    if found is None:
+        raise ValueError(f"not a run name of fast_students.py: {name!r}")
+    text = f"student {found['encoder_layers']}+{found['decoder_layers']}"
+    text += " (sequence-level KD)" if found["sequence_kd"] else ""
+    if found["pruned"]:
+        encoder, decoder = ((found[part] or "50").replace("p", ".") for part in ("encoder", "decoder"))
+        text += (", half removed" if encoder == decoder == "50" else
+                 f", encoder {'half' if encoder == '50' else encoder + '%'}, "
+                 f"decoder {'half' if decoder == '50' else decoder + '%'} removed")
+    return text + (", fine-tuned" if found["tuned"] else "")
 
 
 def sequence_kd_dir(args: argparse.Namespace) -> Path:
@@ -163,12 +172,13 @@ def planned_for_seed(args: argparse.Namespace, seed: int) -> dict[str, dict]:
         data = [f"--data.data_dir={sequence_kd_dir(args)}", *common[1:]] if args.sequence_kd else common
         for decoder_layers in args.students:
             name, picked = student(args, decoder_layers), STUDENT_DECODER_LAYERS[decoder_layers]
-            shape = ["--model.encoder_layers=6", f"--model.decoder_layers={decoder_layers}"]
+            shape = [f"--model.encoder_layers={args.encoder_layers}", f"--model.decoder_layers={decoder_layers}"]
             taught = {
                 "configs": [ROOT / TINY], "result": Path(RESULT["student"]), "steps": args.student_steps,
                 "add_ons": [distillation(teacher)],
                 "overrides": data + shape + [f"--model.init_from={teacher}",
-                                             f"--model.init_layers={{encoder: [0, 1, 2, 3, 4, 5], decoder: {picked}}}"]}
+                                             f"--model.init_layers={{encoder: {encoder_picks(args.encoder_layers)}, "
+                                             f"decoder: {picked}}}"]}
             variants = []  # the runs that get a fine-tune; with --pruned-only, the pruned ones alone
             if not args.pruned_only:
                 planned[name], variants = taught, [name]
@@ -300,6 +310,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--teacher", type=Path, help="a trained 6+6 teacher: adds the 6+N students")
     parser.add_argument("--students", type=int, nargs="+", default=list(STUDENT_DECODER_LAYERS),
                         choices=list(STUDENT_DECODER_LAYERS), help="the students' decoder layers (default: %(default)s)")
+    parser.add_argument("--encoder-layers", type=int, default=TEACHER_ENCODER_LAYERS, choices=range(1, 7),
+                        metavar="E", help="the students' encoder layers, from the teacher's spread evenly up to its top "
+                                          "one (encoder_picks; default: %(default)s, the whole encoder); runs "
+                                          "student_E_N")
     parser.add_argument("--prune-students", action="store_true",
                         help="also each student with StructuredPruning alongside its KD (student_6_N_pruned)")
     parser.add_argument("--decoder-prune", type=float, metavar="FRACTION",
