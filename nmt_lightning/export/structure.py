@@ -36,10 +36,18 @@ def structure_records(checkpoint: Mapping[str, Any], prefix: str) -> dict[str, d
     return {name[len(prefix):]: dict(record) for name, record in records.items() if name.startswith(prefix)}
 
 
-def _kept_rows(keep: torch.Tensor, width: int) -> torch.Tensor:
-    """The row (or column) indices of the kept units: unit u spans rows u * width .. u * width + width - 1."""
-    units = torch.nonzero(keep.flatten() > 0).flatten()
+def _kept_rows(units: torch.Tensor, width: int) -> torch.Tensor:
+    """The row (or column) indices of the kept ``units`` (indices): unit u spans rows u * width .. u * width + width - 1."""
     return (units[:, None] * width + torch.arange(width)).flatten()
+
+
+def _unit_tensor_names(module: str, record: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(the tensors whose rows hold the record's units: its ``rows`` children's weights and biases and
+    the module's own fused q/k/v tensors, the tensors whose columns hold them: its ``columns`` children's weights)."""
+    rows = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
+    if record.get("fused_rows"):
+        rows += [f"{module}.{record['fused_rows']}_{part}" for part in ("weight", "bias")]
+    return rows, [f"{module}.{child}.weight" for child in record["columns"]]
 
 
 def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]], state: Mapping[str, torch.Tensor],
@@ -63,13 +71,12 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
         fused = record.get("fused_rows")
         if fused and bool((keep > 0).all()):  # no head removed: torch's attention stays, with its fused kernels
             continue
-        kept = _kept_rows(keep, width)
+        units = torch.nonzero(keep.flatten() > 0).flatten()  # the kept units' indices
+        kept = _kept_rows(units, width)
         row_blocks = 3 if fused else int(record.get("row_blocks", 1))
         # q, k and v in one tensor: the kept rows of each of its blocks of units * width rows
         rows = torch.cat([block * keep.numel() * width + kept for block in range(row_blocks)])
-        row_tensors = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
-        row_tensors += [f"{module}.{fused}_{part}" for part in ("weight", "bias")] if fused else []
-        column_tensors = [f"{module}.{child}.weight" for child in record["columns"]]
+        row_tensors, column_tensors = _unit_tensor_names(module, record)
         for axis, names, index in ((0, row_tensors, rows), (1, column_tensors, kept)):
             for tensor_name in names:
                 if tensor_name not in weights:
@@ -84,10 +91,10 @@ def cut_units(weights: Mapping[str, torch.Tensor], plan: Mapping[str, list[dict]
                     for value in step.values():
                         if isinstance(value, str) and value in state and state[value].shape == original.shape:
                             state[value] = state[value].index_select(axis, index.to(state[value].device))
-        sizes[module] = {"units": int((keep > 0).sum()), "width": width, "rows": list(record["rows"]),
+        sizes[module] = {"units": len(units), "width": width, "rows": list(record["rows"]),
                          "columns": list(record["columns"]), "count_attribute": record.get("count_attribute")}
         if fused:  # loading swaps the module for one of the kept heads: which, for 3-D attention masks
-            sizes[module].update(fused_rows=fused, kept_units=torch.nonzero(keep.flatten() > 0).flatten().tolist())
+            sizes[module].update(fused_rows=fused, kept_units=units.tolist())
         elif row_blocks != 1:
             sizes[module]["row_blocks"] = row_blocks
     return weights, state, sizes
@@ -100,10 +107,7 @@ def _zero_units(weights: Mapping[str, torch.Tensor], keep: torch.Tensor, width: 
     the same: its out_proj columns were masked, so a removed head added nothing."""
     weights = dict(weights)
     dropped = (keep.flatten() <= 0).repeat_interleave(width)  # (units * width,): the complement of _kept_rows
-    row_tensors = [f"{module}.{child}.{part}" for child in record["rows"] for part in ("weight", "bias")]
-    if record.get("fused_rows"):
-        row_tensors += [f"{module}.{record['fused_rows']}_{part}" for part in ("weight", "bias")]
-    for axis, names in ((0, row_tensors), (1, [f"{module}.{child}.weight" for child in record["columns"]])):
+    for axis, names in zip((0, 1), _unit_tensor_names(module, record)):
         for name in names:
             if name not in weights:
                 continue
